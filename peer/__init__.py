@@ -1,0 +1,1 @@
+"""The corolla peer: serves a span of transformer blocks to the swarm."""

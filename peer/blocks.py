@@ -1,0 +1,249 @@
+"""A peer's span of blocks: loads only the span's weights and runs `forward(hidden, cache, positions)` through
+the family's own transformers code. Pure torch: no asyncio, no gRPC, no I/O besides reading weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING,
+    Cache,
+    DummyLayer,
+    DynamicCache,
+    get_layer_types_and_kwargs,
+)
+
+from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
+from protos.errors import InvalidInputError
+from protos.partition import (
+    Anatomy,
+    Role,
+    StopForward,
+    checkpoint_key_filter,
+    detect_tuple_output,
+    hidden_argument,
+    install_slots,
+    locate,
+    materialized_bytes,
+    module_filter,
+    replace_hidden,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class SpanCache(DynamicCache):
+    """K/V of blocks [start, end) for one session; `DummyLayer` (no memory) at every other block index.
+
+    Indices stay global because attention modules call `update(k, v, self.layer_idx)`. transformers
+    redirects `get_seq_length()` and mask sizing on a dummy layer 0 to the first real attention layer.
+    """
+
+    def __init__(self, config: Any, start: int, end: int) -> None:
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        layers = [
+            DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) if start <= i < end else DummyLayer()
+            for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True))
+        ]
+        Cache.__init__(self, layers=layers)
+        self.start, self.end = start, end
+
+    def nbytes(self) -> int:
+        total = 0
+        for layer in self.layers[self.start : self.end]:
+            for tensor in (layer.keys, layer.values):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+    def batch_size(self) -> int | None:
+        for layer in self.layers[self.start : self.end]:
+            if isinstance(layer.keys, torch.Tensor) and layer.keys.numel():
+                return int(layer.keys.shape[0])
+        return None
+
+
+@dataclass
+class _Call:
+    start: int
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden]
+
+
+class HostedSpan:
+    """Blocks [start, end) of one model, loaded alone, run through the family's own forward.
+
+    The owner's block list is replaced by slots for good: slots before the called sub-span pass their input
+    through (the family's pre-block code still runs: masks, rotary, alibi, from the session's cache), the
+    first called block receives the real hidden states, and the last one stops the forward with its output.
+    """
+
+    def __init__(self, model: nn.Module, anatomy: Anatomy, start: int, end: int, dtype: torch.dtype) -> None:
+        self.model = model
+        self.anatomy = anatomy
+        self.start, self.end = start, end
+        self.dtype = dtype
+        self.config = model.config
+        self._call: _Call | None = None
+        self._lock = threading.Lock()  # one forward at a time: `_call` is per forward
+        self.blocks = install_slots(model, anatomy, self._dispatch)
+        self.tuple_output = detect_tuple_output(model, anatomy, self._run_probe)
+
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        start: int,
+        end: int,
+        *,
+        dtype: str | torch.dtype = torch.float32,
+    ) -> HostedSpan:
+        """Load blocks [start, end) and the small modules around the block loop; never the vocabulary-sized
+        embeddings or LM head."""
+        torch_dtype = parse_dtype(dtype)
+        folder = resolve_model_path(name_or_path)
+        skeleton = build_skeleton(load_config(folder), torch_dtype)
+        anatomy = locate(skeleton)
+        if not 0 <= start < end <= anatomy.num_blocks:
+            raise InvalidInputError(
+                f"span [{start}, {end}) is outside the model's blocks [0, {anatomy.num_blocks})"
+            )
+        load_weights(
+            skeleton,
+            Path(folder),
+            wanted_key=checkpoint_key_filter(anatomy, Role.PEER, start, end),
+            wanted_module=module_filter(anatomy, Role.PEER, start, end),
+            dtype=torch_dtype,
+        )
+        span = cls(skeleton, anatomy, start, end, torch_dtype)
+        logger.info(
+            "span loaded model=%s blocks=[%d,%d) dtype=%s bytes=%d",
+            folder.name,
+            start,
+            end,
+            str(torch_dtype).removeprefix("torch."),
+            span.parameter_bytes(),
+        )
+        return span
+
+    @classmethod
+    def from_model(cls, model: nn.Module, start: int, end: int) -> HostedSpan:
+        """Wrap an already loaded full model (tests, benchmarks); the model's block list is replaced."""
+        anatomy = locate(model)
+        if not 0 <= start < end <= anatomy.num_blocks:
+            raise InvalidInputError(
+                f"span [{start}, {end}) is outside the model's blocks [0, {anatomy.num_blocks})"
+            )
+        return cls(model, anatomy, start, end, next(model.parameters()).dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.anatomy.hidden_size
+
+    def parameter_bytes(self) -> int:
+        """Bytes of weights and buffers this span holds in memory."""
+        hosted = self.blocks[self.start : self.end]
+        return materialized_bytes(self.model) + sum(materialized_bytes(block) for block in hosted)
+
+    def new_cache(self, *, start: int | None = None, end: int | None = None) -> SpanCache:
+        start, end = self._check_span(start, end)
+        return SpanCache(self.config, start, end)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Run blocks [start, end) (default: the hosted span) on `hidden` [batch, seq, hidden_size].
+
+        `cache` (from `new_cache`) holds earlier positions and is extended in place; without it the call is
+        stateless. `positions` are absolute position ids [batch, seq]; without them the family derives them
+        from the cache length. Returns the hidden states after block end-1 [batch, seq, hidden_size].
+        """
+        start, end = self._check_span(start, end)
+        self._check_inputs(hidden, cache, positions, start, end)
+        kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None}
+        if positions is not None and "position_ids" in self.anatomy.owner_params:
+            kwargs["position_ids"] = positions
+        dummy = hidden.new_zeros(*hidden.shape[:-1], self.anatomy.embed_dim)
+        with self._lock:
+            self._call = _Call(start, end, hidden)
+            try:
+                self.anatomy.owner(self.model)(inputs_embeds=dummy, **kwargs)
+            except StopForward as stop:
+                return stop.value
+            finally:
+                self._call = None
+        raise RuntimeError("the model's forward returned before reaching the span's last block")
+
+    def _dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = self._call
+        if call is None or index < call.start:
+            # before the span: the value is replaced at the first block, only its structure matters
+            hidden = hidden_argument(args, kwargs)
+            return (hidden, None) if self.tuple_output else hidden
+        if index >= call.end:
+            raise RuntimeError(f"block {index} runs after the span's last block")
+        if index == call.start:
+            args, kwargs = replace_hidden(args, kwargs, call.hidden)
+        output = self.blocks[index](*args, **kwargs)
+        if index == call.end - 1:
+            raise StopForward(output[0] if isinstance(output, tuple) else output)
+        return output
+
+    def _run_probe(self) -> None:
+        dummy = torch.zeros(1, 2, self.anatomy.embed_dim, dtype=self.dtype)
+        with torch.inference_mode():
+            self.anatomy.owner(self.model)(inputs_embeds=dummy, use_cache=False)
+
+    def _check_span(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise InvalidInputError(
+                f"span [{start}, {end}) is not inside the hosted span [{self.start}, {self.end})"
+            )
+        return start, end
+
+    def _check_inputs(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        positions: torch.Tensor | None,
+        start: int,
+        end: int,
+    ) -> None:
+        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
+            raise InvalidInputError("hidden must be a tensor [batch, seq, hidden_size]")
+        batch, seq, width = hidden.shape
+        if width != self.hidden_size:
+            raise InvalidInputError(f"hidden size {width} does not match the model's {self.hidden_size}")
+        if batch < 1 or seq < 1:
+            raise InvalidInputError(f"hidden has an empty batch or sequence: shape {tuple(hidden.shape)}")
+        if hidden.dtype != self.dtype:
+            raise InvalidInputError(f"hidden dtype {hidden.dtype} does not match the span's {self.dtype}")
+        if positions is not None and (
+            positions.shape != (batch, seq) or positions.dtype not in (torch.int64, torch.int32)
+        ):
+            raise InvalidInputError(
+                f"positions must be integer ids of shape {(batch, seq)}, got {positions.dtype} "
+                f"{tuple(positions.shape)}"
+            )
+        if cache is not None:
+            if not isinstance(cache, SpanCache) or (cache.start, cache.end) != (start, end):
+                raise InvalidInputError(f"the cache is not one of blocks [{start}, {end})")
+            cached_batch = cache.batch_size()
+            if cached_batch is not None and cached_batch != batch:
+                raise InvalidInputError(f"batch {batch} does not match the session's batch {cached_batch}")

@@ -1,0 +1,45 @@
+"""The `corolla` command: dispatches each subcommand to the side it drives, importing only that side."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with `main(argv, prog)`, one-line help); modules load lazily so `--help` stays fast
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare-model": (
+        "protos.prepare",
+        "build a local safetensors folder (the default SmolLM2-135M-Instruct, or from a GGUF file)",
+    ),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: corolla COMMAND [options]",
+        "",
+        "Run large language models as a peer-to-peer swarm.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `corolla COMMAND --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"corolla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest, prog=f"corolla {name}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
