@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
@@ -34,7 +34,7 @@ class ClientModules:
     """Embeddings and head of a causal LM; `embed` gives the hidden states entering block 0 and `head` the
     logits from the hidden states leaving the last block, each computed by the family's own forward."""
 
-    def __init__(self, model: nn.Module, anatomy: Anatomy) -> None:
+    def __init__(self, model: PreTrainedModel, anatomy: Anatomy) -> None:
         self.model = model
         self.anatomy = anatomy
         self._lock = threading.Lock()
@@ -63,7 +63,7 @@ class ClientModules:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+        return self.model.dtype
 
     def parameter_bytes(self) -> int:
         return materialized_bytes(self.model)

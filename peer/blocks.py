@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 from transformers.cache_utils import (
     DYNAMIC_LAYER_TYPE_MAPPING,
     Cache,
@@ -58,15 +58,17 @@ class SpanCache(DynamicCache):
     def nbytes(self) -> int:
         total = 0
         for layer in self.layers[self.start : self.end]:
-            for tensor in (layer.keys, layer.values):
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
                 if isinstance(tensor, torch.Tensor):
                     total += tensor.numel() * tensor.element_size()
         return total
 
-    def batch_size(self) -> int | None:
+    def cached_batch(self) -> int | None:
+        """Batch size of the cached positions; None while the cache is empty."""
         for layer in self.layers[self.start : self.end]:
-            if isinstance(layer.keys, torch.Tensor) and layer.keys.numel():
-                return int(layer.keys.shape[0])
+            keys = getattr(layer, "keys", None)
+            if isinstance(keys, torch.Tensor) and keys.numel():
+                return int(keys.shape[0])
         return None
 
 
@@ -85,7 +87,9 @@ class HostedSpan:
     first called block receives the real hidden states, and the last one stops the forward with its output.
     """
 
-    def __init__(self, model: nn.Module, anatomy: Anatomy, start: int, end: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: PreTrainedModel, anatomy: Anatomy, start: int, end: int, dtype: torch.dtype
+    ) -> None:
         self.model = model
         self.anatomy = anatomy
         self.start, self.end = start, end
@@ -134,7 +138,7 @@ class HostedSpan:
         return span
 
     @classmethod
-    def from_model(cls, model: nn.Module, start: int, end: int) -> HostedSpan:
+    def from_model(cls, model: PreTrainedModel, start: int, end: int) -> HostedSpan:
         """Wrap an already loaded full model (tests, benchmarks); the model's block list is replaced."""
         anatomy = locate(model)
         if not 0 <= start < end <= anatomy.num_blocks:
@@ -244,6 +248,6 @@ class HostedSpan:
         if cache is not None:
             if not isinstance(cache, SpanCache) or (cache.start, cache.end) != (start, end):
                 raise InvalidInputError(f"the cache is not one of blocks [{start}, {end})")
-            cached_batch = cache.batch_size()
+            cached_batch = cache.cached_batch()
             if cached_batch is not None and cached_batch != batch:
                 raise InvalidInputError(f"batch {batch} does not match the session's batch {cached_batch}")

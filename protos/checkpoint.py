@@ -8,13 +8,15 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from protos.errors import CheckpointError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike[str]) -> Path:
-    """A local folder as is; otherwise a hub name, fetched without weights (shards come with `weight_files`)."""
+    """A local folder as is; otherwise a hub name, fetched without weights (`weight_files` gets shards)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if not (path / CONFIG_FILE).is_file():
@@ -112,7 +114,7 @@ def _hub_repo_of(folder: Path) -> str | None:
     return None
 
 
-def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+def build_skeleton(config: Any, dtype: torch.dtype) -> PreTrainedModel:
     """The whole causal-LM model on the meta device: structure without memory."""
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +126,7 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def init_buffers(model: nn.Module, wanted_module: Callable[[str], bool]) -> None:
+def init_buffers(model: PreTrainedModel, wanted_module: Callable[[str], bool]) -> None:
     """Materialize and compute non-persistent buffers (rotary `inv_freq`, Gemma's `embed_scale`).
 
     Must run before weights load: `_init_weights(module)` also re-initializes that module's parameters.
@@ -137,7 +139,7 @@ def init_buffers(model: nn.Module, wanted_module: Callable[[str], bool]) -> None
 
 @torch.no_grad()
 def load_weights(
-    model: nn.Module,
+    model: PreTrainedModel,
     folder: Path,
     *,
     wanted_key: Callable[[str], bool],
@@ -166,14 +168,14 @@ def load_weights(
     load_config = LoadStateDictConfig(
         pretrained_model_name_or_path=str(folder),
         dtype=dtype,
-        weight_mapping=get_model_conversion_mapping(model, None, None),
+        weight_mapping=get_model_conversion_mapping(model, None, None),  # type: ignore[arg-type]
     )
     convert_and_load_state_dict_in_model(model, state, load_config)
     _tie_head(model)
     _check_complete(model, wanted_module, folder)
 
 
-def _tie_head(model: nn.Module) -> None:
+def _tie_head(model: PreTrainedModel) -> None:
     # tied checkpoints store the embeddings once; the head shares them where the role holds both
     if not getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False):
         return
@@ -182,7 +184,7 @@ def _tie_head(model: nn.Module) -> None:
         head.weight = embeddings.weight
 
 
-def _check_complete(model: nn.Module, wanted_module: Callable[[str], bool], folder: Path) -> None:
+def _check_complete(model: PreTrainedModel, wanted_module: Callable[[str], bool], folder: Path) -> None:
     missing = []
     for module_name, module in model.named_modules():
         if not wanted_module(module_name):

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from protos.errors import UnsupportedModelError
 
@@ -26,7 +27,7 @@ class Role(Enum):
     PEER = "peer"  # a span of blocks and the small modules the family runs before its block loop
 
 
-class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopForward(Exception):
     """Raised inside a slot to leave the family's forward once the value we need exists."""
 
     def __init__(self, value: Any) -> None:
@@ -58,8 +59,8 @@ class Anatomy:
         return getattr(self.owner(model), self.layers_attr)
 
 
-def locate(model: nn.Module) -> Anatomy:
-    """Find the block list generically: every transformers model names its block class in `_no_split_modules`."""
+def locate(model: PreTrainedModel) -> Anatomy:
+    """Find the block list generically: a transformers model names its block class in `_no_split_modules`."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "get_input_embeddings"):
         raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model")
@@ -78,14 +79,14 @@ def locate(model: nn.Module) -> Anatomy:
     if not found or not num_blocks:
         raise UnsupportedModelError(
             f"{type(model).__name__}: no list of {num_blocks} decoder blocks "
-            f"(of {sorted(block_names)}) found; corolla runs decoder-only models whose forward loops over blocks"
+            f"(of {sorted(block_names)}) found; corolla runs decoder-only models that loop over their blocks"
         )
     owner_path, _, layers_attr = found.rpartition(".")
     names = {id(module): name for name, module in model.named_modules()}
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     owner = model.get_submodule(owner_path) if owner_path else model
-    embed_dim = getattr(embeddings, "embedding_dim", None) or embeddings.weight.shape[-1]
+    embed_dim = getattr(embeddings, "embedding_dim", None) or next(embeddings.parameters()).shape[-1]
     return Anatomy(
         owner_path=owner_path,
         layers_attr=layers_attr,

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from families import save  # noqa: E402
+from families import save
 
 
 @pytest.fixture(autouse=True, scope="session")
