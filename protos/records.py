@@ -1,0 +1,153 @@
+"""What peers announce in the DHT (`PeerRecord`) and the key scheme; readers drop invalid records.
+
+Knows nothing of the DHT client itself: values go in and out as plain msgpack-serializable dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import logging
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from protos.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+MODEL_INDEX_KEY = "corolla.models"  # cannot clash with a block key: those end in ".<int>"
+MAX_MODEL_ID_CHARS = 128
+MAX_PINGS = 32  # pings to likely next hops, not to the whole swarm
+MAX_ADAPTERS = 16
+MAX_PUBLIC_NAME_CHARS = 64
+
+_MODEL_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_ID_CHARS}}}")
+_HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+# version, quantization, adapter names and ping peer ids; pydantic searches patterns, hence the anchors
+_TOKEN_PATTERN = r"^[A-Za-z0-9._+/-]+$"
+
+_UINT32_LIMIT = 2**32  # spans travel as uint32 on the wire
+_UINT64_LIMIT = 2**64
+
+_NonNegativeFinite = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+
+
+class PeerState(enum.StrEnum):
+    """Lifecycle of a peer as announced: only ONLINE peers take new sessions."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+class PeerRecord(BaseModel):
+    """One peer's announcement under each block key of its span (the subkey is the peer's DHT id)."""
+
+    # strict: a value from the DHT is untrusted; "5" is not an int. The enum and the tuple accept their
+    # JSON forms (a string, a list) because that is what msgpack gives back.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    state: Annotated[PeerState, Strict(False)]
+    address: str = Field(max_length=260, description="host:port of the peer's gRPC server")
+    start: int = Field(ge=0, lt=_UINT32_LIMIT, description="first block of the span")
+    end: int = Field(gt=0, lt=_UINT32_LIMIT, description="one past the last block of the span")
+    throughput: _NonNegativeFinite = Field(description="tokens per second through the span")
+    free_cache_tokens: int = Field(ge=0, lt=_UINT64_LIMIT)
+    max_length: int = Field(ge=1, lt=_UINT32_LIMIT, description="longest session, in positions")
+    dtype: Literal["float32", "float16", "bfloat16"]
+    quantization: str = Field(default="none", min_length=1, max_length=32, pattern=_TOKEN_PATTERN)
+    adapters: Annotated[
+        tuple[Annotated[StrictStr, Field(min_length=1, max_length=128, pattern=_TOKEN_PATTERN)], ...],
+        Strict(False),
+    ] = Field(default=(), max_length=MAX_ADAPTERS)
+    version: str = Field(min_length=1, max_length=64, pattern=_TOKEN_PATTERN)
+    public_name: str | None = Field(default=None, max_length=MAX_PUBLIC_NAME_CHARS)
+    pings: dict[
+        Annotated[str, Field(min_length=1, max_length=128, pattern=_TOKEN_PATTERN)], _NonNegativeFinite
+    ] = Field(default_factory=dict, max_length=MAX_PINGS, description="peer_id -> round trip in seconds")
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, address: str) -> str:
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"address {address!r} is not host:port with a port in 1..65535")
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise ValueError(f"address {address!r} has an invalid IPv6 host") from None
+        elif not _HOST.fullmatch(host) or len(host) > 253:
+            raise ValueError(f"address {address!r} has an invalid host")
+        return address
+
+    @field_validator("public_name")
+    @classmethod
+    def _check_public_name(cls, public_name: str | None) -> str | None:
+        if public_name is not None and not public_name.isprintable():
+            raise ValueError("public_name has non-printable characters")
+        return public_name
+
+    @model_validator(mode="after")
+    def _check_span(self) -> PeerRecord:
+        if self.start >= self.end:
+            raise ValueError(f"span [{self.start}, {self.end}) is empty: start must be < end")
+        return self
+
+
+def record_to_dht(record: PeerRecord) -> dict[str, Any]:
+    """A plain dict of str, int, float, list and None: what the DHT stores (msgpack-serializable)."""
+    return record.model_dump(mode="json")
+
+
+def record_from_dht(value: object) -> PeerRecord | None:
+    """Parse a value read from the DHT; None (logged at DEBUG) for anything that is not a valid record."""
+    try:
+        return PeerRecord.model_validate(value)
+    except ValidationError as e:
+        logger.debug("dropped invalid peer record errors=%d first=%r", e.error_count(), e.errors()[0]["msg"])
+        return None
+
+
+def validate_model_id(model_id: str) -> str:
+    """Return `model_id` if it is 1..128 chars of `[A-Za-z0-9._-]`; `InvalidInputError` otherwise."""
+    if not isinstance(model_id, str) or not _MODEL_ID.fullmatch(model_id):
+        raise InvalidInputError(
+            f"invalid model_id {model_id!r}: use 1..{MAX_MODEL_ID_CHARS} characters of [A-Za-z0-9._-]"
+        )
+    return model_id
+
+
+def model_id_from_path(path_or_name: str) -> str:
+    """The model id of a local model folder (its last path component) or hub name ("org/name" -> "org--name").
+
+    A string is a hub name when it has exactly one "/", does not start with "/", "." or "~", and
+    names nothing on disk; anything else is a path.
+    """
+    text = path_or_name.rstrip("/")
+    is_hub_name = (
+        text.count("/") == 1
+        and not text.startswith((".", "~", "/"))
+        and not Path(path_or_name).expanduser().exists()
+    )
+    return validate_model_id(text.replace("/", "--") if is_hub_name else Path(text).name)
+
+
+def block_key(model_id: str, block: int) -> str:
+    """DHT key of one block of a model: `{model_id}.{block}`, blocks numbered globally from 0."""
+    if isinstance(block, bool) or not isinstance(block, int) or block < 0:
+        raise InvalidInputError(f"block must be an int >= 0, got {block!r}")
+    return f"{validate_model_id(model_id)}.{block}"
