@@ -5,12 +5,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-# name -> (module with `main(argv, prog)`, one-line help); modules load lazily so `--help` stays fast
+# name -> ("module:function" taking (argv, prog), one-line help); modules load lazily so `--help` is fast
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-model": (
-        "protos.prepare",
+        "protos.prepare:main",
         "build a local safetensors folder (the default SmolLM2-135M-Instruct, or from a GGUF file)",
     ),
+    "dht": ("peer.main:dht_main", "run a bootstrap DHT node and print its multiaddresses"),
+    "serve": ("peer.main:serve_main", "serve a span of a model's blocks to the swarm"),
 }
 
 
@@ -37,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"corolla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest, prog=f"corolla {name}") or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")
+    entry = getattr(importlib.import_module(module_name), function)
+    return int(entry(rest, prog=f"corolla {name}") or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""`PeerConfig`: everything a peer can be told, each knob documented once; the CLI is generated from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from protos.dht import is_loopback
+from protos.records import model_id_from_path
+
+
+class PeerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        description="checkpoint folder (config + safetensors), or a hub name where a hub is reachable"
+    )
+    initial_peers: list[str] = Field(
+        default_factory=list,
+        description="DHT multiaddresses to join (`corolla dht` prints them); none starts a new swarm",
+    )
+    blocks: str = Field(
+        description="the span of blocks to serve, START:END (half-open, global block numbers)"
+    )
+    host: str = Field(default="0.0.0.0", description="address the gRPC server listens on")
+    port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    announce_host: str | None = Field(
+        default=None,
+        description="address other peers and clients use to reach this peer; default: --host, or 127.0.0.1 "
+        "when --host is 0.0.0.0",
+    )
+    dht_port: int = Field(
+        default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
+    )
+    identity: Path | None = Field(
+        default=None, description="file holding this peer's DHT private key, created if missing (a stable id)"
+    )
+    nat_port_map: bool | None = Field(
+        default=None,
+        description="ask the home router for a port mapping (UPnP/NAT-PMP); default: on, except on loopback",
+    )
+    dtype: str = Field(
+        default="float32", description="dtype of weights and activations: float32, bfloat16, float16"
+    )
+    model_id: str | None = Field(
+        default=None, description="the swarm's name for this model; default: derived from MODEL's last part"
+    )
+    public_name: str | None = Field(
+        default=None, max_length=64, description="a name shown to others in `corolla health` (e.g. a website)"
+    )
+    max_cache_tokens: int = Field(
+        default=16384,
+        ge=1,
+        description="KV-cache budget in tokens over all sessions (batch x length); each session reserves "
+        "batch x max_length when it opens",
+    )
+    max_batch_size: int = Field(default=16, ge=1, description="largest batch one session or forward may send")
+    max_length: int = Field(default=8192, ge=1, description="longest session (prompt + generated positions)")
+    max_forward_tokens: int = Field(
+        default=16384, ge=1, description="largest batch x sequence one stateless Forward/Backward may send"
+    )
+    max_message_bytes: int = Field(
+        default=64 * 2**20, ge=2**16, description="largest gRPC message accepted; larger ones are refused"
+    )
+    session_timeout: float = Field(
+        default=600.0, gt=0, description="seconds a session may stay idle before its cache is freed"
+    )
+    step_timeout: float = Field(
+        default=60.0, gt=0, description="seconds a push to the next hop may take before it counts as failed"
+    )
+    announce_period: float = Field(
+        default=30.0, gt=0, description="seconds between DHT announcements; records expire after twice this"
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, seconds to wait for steps in flight before exiting"
+    )
+    throughput: float | None = Field(
+        default=None, ge=0, description="announced throughput (requests/s); default: a quick measurement"
+    )
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks_form(cls, value: str) -> str:
+        start, sep, end = value.partition(":")
+        if not sep or not start.strip().isdigit() or not end.strip().isdigit():
+            raise ValueError("must be START:END, e.g. 0:10")
+        if int(start) >= int(end):
+            raise ValueError("START must be below END")
+        return f"{int(start)}:{int(end)}"
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError("must be float32, bfloat16 or float16")
+        return value
+
+    @model_validator(mode="after")
+    def _derived(self) -> PeerConfig:
+        if self.announce_host is None:
+            object.__setattr__(self, "announce_host", "127.0.0.1" if self.host == "0.0.0.0" else self.host)
+        if self.model_id is None:
+            object.__setattr__(self, "model_id", model_id_from_path(self.model))
+        if self.nat_port_map is None:
+            object.__setattr__(self, "nat_port_map", not is_loopback(self.announce_host or self.host))
+        return self
+
+    @property
+    def span(self) -> tuple[int, int]:
+        start, _, end = self.blocks.partition(":")
+        return int(start), int(end)

@@ -1,0 +1,88 @@
+"""Starting a hivemind DHT node inside the caller's asyncio loop, with the options both sides need.
+
+The node runs in-process (no forked DHT process, no IPC, no pickling); see shared/research/hivemind.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils import timed_storage
+
+logger = logging.getLogger(__name__)
+
+
+def _store_keeping_newer(self: Any, key: Any, value: Any, expiration_time: float) -> bool:
+    """`TimedStorage.store` of hivemind 1.1.12 re-points the eviction entry before deciding to reject a
+    store, so a rejected older record evicts the newer one early on every replica. Same logic, with the
+    eviction entry moved only when the store is accepted."""
+    if expiration_time < timed_storage.get_dht_time() and not self.frozen:
+        return False
+    if key in self.data and self.data[key].expiration_time >= expiration_time:
+        return False
+    self.key_to_heap[key] = timed_storage.HeapEntry(expiration_time, key)
+    heapq.heappush(self.expiration_heap, self.key_to_heap[key])
+    self.data[key] = timed_storage.ValueWithExpiration(value, expiration_time)
+    self._remove_outdated()
+    return True
+
+
+timed_storage.TimedStorage.store = _store_keeping_newer  # type: ignore[method-assign]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def host_maddr(host: str, port: int) -> str:
+    version = "ip6" if ":" in host else "ip4"
+    return f"/{version}/{host}/tcp/{port}"
+
+
+async def start_dht_node(
+    *,
+    initial_peers: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    port: int = 0,
+    client_mode: bool = False,
+    identity_path: Path | None = None,
+    nat_port_map: bool | None = None,
+) -> DHTNode:
+    """A DHT node listening on host:port (servers) or dialing out only (`client_mode`).
+
+    Port mapping (UPnP/NAT-PMP) sends packets beyond loopback, so it is off for loopback hosts unless asked.
+    """
+    loopback = is_loopback(host)
+    if nat_port_map is None:
+        nat_port_map = not loopback
+    options: dict[str, Any] = {
+        "host_maddrs": [host_maddr(host, port)],
+        "nat_port_map": nat_port_map,
+        "identity_path": str(identity_path) if identity_path else None,
+    }
+    if loopback:
+        options.update(auto_nat=False, use_relay=False)
+    node = await DHTNode.create(
+        initial_peers=list(initial_peers),
+        client_mode=client_mode,
+        cache_locally=not client_mode,
+        **options,
+    )
+    logger.info("dht node started id=%s client_mode=%s", node.peer_id, client_mode)
+    return node
+
+
+async def visible_maddrs(node: DHTNode) -> list[str]:
+    """Multiaddresses (with the /p2p/ peer id) others pass as `initial_peers`."""
+    return [str(maddr) for maddr in await node.get_visible_maddrs()]

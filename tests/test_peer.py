@@ -1,0 +1,356 @@
+"""A real `corolla dht` and real `corolla serve` processes on 127.0.0.1, driven over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import torch
+from swarm import Process, start_dht, start_peer
+
+from peer.blocks import HostedSpan
+from protos import peer_pb2, peer_pb2_grpc
+from protos.dht import start_dht_node
+from protos.records import PeerState, block_key, record_from_dht
+from protos.tensors import from_message, to_message
+
+HIDDEN = 64
+MAX_MESSAGE = 1 << 20
+LIMITS = ["--max-batch-size", "4", "--max-length", "128", "--max-message-bytes", str(MAX_MESSAGE)]
+LIMITS += ["--max-cache-tokens", "1024", "--throughput", "100", "--announce-period", "2"]
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
+    folder = checkpoint("llama")
+    logs = tmp_path_factory.mktemp("peer-logs")
+    started: dict[str, Process] = {"dht": start_dht(logs)}
+    try:
+        maddrs = started["dht"].maddrs
+        started["full"] = start_peer(logs, folder, "0:4", maddrs, *LIMITS)
+        started["first"] = start_peer(logs, folder, "0:2", maddrs, *LIMITS)
+        started["second"] = start_peer(logs, folder, "2:4", maddrs, *LIMITS)
+        yield started
+    finally:
+        for process in reversed(started.values()):
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint) -> HostedSpan:
+    return HostedSpan.load(checkpoint("llama"), 0, 4)
+
+
+def stub(process: Process) -> peer_pb2_grpc.PeerStub:
+    channel = grpc.insecure_channel(
+        process.address, options=[("grpc.max_send_message_length", 4 * MAX_MESSAGE)]
+    )
+    return peer_pb2_grpc.PeerStub(channel)
+
+
+class Stream:
+    """A Session stream driven one message at a time."""
+
+    def __init__(self, process: Process) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = stub(process).Session(iter(self._requests.get, None), timeout=60)
+        self.error: grpc.RpcError | None = None
+
+    def send(self, **kind) -> None:
+        self._requests.put(peer_pb2.SessionRequest(**kind))
+
+    def receive(self) -> peer_pb2.SessionReply:
+        return next(self._replies)
+
+    def open(self, session_id: str, *, start=0, end=4, batch=1, max_length=64, next_hops=()):
+        self.send(
+            open=peer_pb2.OpenSession(
+                session_id=session_id,
+                start=start,
+                end=end,
+                batch_size=batch,
+                max_length=max_length,
+                dtype="float32",
+                next_hops=list(next_hops),
+            )
+        )
+        return self.receive()
+
+    def step(self, step_id: int, position: int, hidden: torch.Tensor, **fields) -> peer_pb2.SessionReply:
+        self.send(step=peer_pb2.Step(step_id=step_id, position=position, hidden=to_message(hidden), **fields))
+        return self.receive()
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+def _hidden(batch: int, seq: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def _result(reply: peer_pb2.SessionReply) -> torch.Tensor:
+    assert reply.WhichOneof("kind") == "result", reply
+    return from_message(reply.result.hidden, max_bytes=MAX_MESSAGE)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_session_prefill_and_decode_match_local_span(swarm, local: HostedSpan, batch: int) -> None:
+    stream = Stream(swarm["full"])
+    assert stream.open(f"parity-{batch}", batch=batch).opened.max_length == 64
+    cache = local.new_cache()
+    position = 0
+    for step_id, seq in enumerate([7] + [1] * 10):
+        hidden = _hidden(batch, seq, step_id)
+        positions = torch.arange(position, position + seq).expand(batch, -1)
+        reply = stream.step(step_id, position, hidden, position_ids=to_message(positions))
+        torch.testing.assert_close(_result(reply), local.forward(hidden, cache, positions), atol=1e-5, rtol=0)
+        position += seq
+        assert reply.result.position == position
+    stream.close()
+
+
+def test_forward_matches_local_span(swarm, local: HostedSpan) -> None:
+    hidden = _hidden(2, 9, 42)
+    reply = stub(swarm["full"]).Forward(peer_pb2.ForwardRequest(start=1, end=3, hidden=to_message(hidden)))
+    expected = local.forward(hidden, start=1, end=3)
+    torch.testing.assert_close(from_message(reply.hidden, max_bytes=MAX_MESSAGE), expected, atol=1e-5, rtol=0)
+
+
+def test_push_chain_matches_both_spans_locally(swarm, local: HostedSpan) -> None:
+    first, second = swarm["first"], swarm["second"]
+    last = Stream(second)
+    assert last.open("chain", start=2, end=4).WhichOneof("kind") == "opened"
+    head = Stream(first)
+    hop = peer_pb2.Hop(peer_id=second.peer_id, address=second.address, start=2, end=4)
+    assert head.open("chain", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
+    cache = local.new_cache()
+    position = 0
+    for step_id, seq in enumerate([6, 1, 1, 1]):
+        hidden = _hidden(1, seq, 100 + step_id)
+        head.send(step=peer_pb2.Step(step_id=step_id, position=position, hidden=to_message(hidden)))
+        reply = last.receive()  # the last hop answers the client on its own stream
+        assert reply.result.step_id == step_id and reply.result.peer_id == second.peer_id
+        torch.testing.assert_close(_result(reply), local.forward(hidden, cache), atol=1e-5, rtol=0)
+        position += seq
+    head.close()
+    last.close()
+
+
+def test_dht_shows_records_and_offline_after_sigterm(checkpoint, swarm, tmp_path) -> None:
+    records = _read_records(swarm["dht"].maddrs, "llama", 4)
+    by_peer = {peer_id: record for block in records for peer_id, record in block.items()}
+    full = by_peer[swarm["full"].peer_id]
+    assert (full.start, full.end, full.address, full.dtype) == (0, 4, swarm["full"].address, "float32")
+    assert full.state is PeerState.ONLINE and full.throughput == 100.0 and full.free_cache_tokens == 1024
+    assert all(swarm["second"].peer_id in records[block] for block in (2, 3))
+    assert swarm["second"].peer_id not in records[0]
+
+    extra = start_peer(tmp_path, checkpoint("llama"), "1:2", swarm["dht"].maddrs, *LIMITS, name="extra")
+    try:
+        assert extra.peer_id in _read_records(swarm["dht"].maddrs, "llama", 4)[1]
+    finally:
+        assert extra.stop() == 0
+    after = _read_records(swarm["dht"].maddrs, "llama", 4)[1].get(extra.peer_id)
+    assert after is None or after.state is PeerState.OFFLINE
+    assert "stopped" in extra.text()
+
+
+def _read_records(maddrs: list[str], model_id: str, num_blocks: int) -> list[dict]:
+    async def read() -> list[dict]:
+        node = await start_dht_node(initial_peers=maddrs, client_mode=True)
+        try:
+            keys = [block_key(model_id, block) for block in range(num_blocks)]
+            found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+            blocks = []
+            for key in keys:
+                entry = found.get(key)
+                value = entry.value if entry is not None else {}
+                blocks.append(
+                    {sub: record_from_dht(item.value) for sub, item in (value or {}).items()}
+                    if isinstance(value, dict)
+                    else {}
+                )
+            return blocks
+        finally:
+            await node.shutdown()
+
+    return asyncio.run(read())
+
+
+def _open(**overrides) -> peer_pb2.SessionRequest:
+    fields = dict(session_id="bad", start=0, end=4, batch_size=1, max_length=64, dtype="float32")
+    fields.update(overrides)
+    return peer_pb2.SessionRequest(open=peer_pb2.OpenSession(**fields))
+
+
+def _step(hidden=None, **overrides) -> peer_pb2.SessionRequest:
+    message = (
+        hidden
+        if isinstance(hidden, peer_pb2.Tensor)
+        else to_message(_hidden(1, 1, 0) if hidden is None else hidden)
+    )
+    fields = dict(step_id=7, position=0, hidden=message)
+    fields.update(overrides)
+    return peer_pb2.SessionRequest(step=peer_pb2.Step(**fields))
+
+
+def _garbage_bytes() -> peer_pb2.Tensor:
+    message = to_message(_hidden(1, 1, 0))
+    message.data = message.data[:-3]
+    return message
+
+
+OPEN_ERRORS = [
+    ("span not hosted", _open(start=0, end=5), grpc.StatusCode.INVALID_ARGUMENT, "not served here"),
+    ("batch over limit", _open(batch_size=5), grpc.StatusCode.INVALID_ARGUMENT, "batch_size 5"),
+    ("length over limit", _open(max_length=129), grpc.StatusCode.INVALID_ARGUMENT, "max_length 129"),
+    ("unknown wire dtype", _open(dtype="float64"), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    ("first message not open", _step(), grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+    ("empty session id", _open(session_id=""), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+    (
+        "next hop not contiguous",
+        _open(end=2, next_hops=[peer_pb2.Hop(address="127.0.0.1:1", start=3, end=4)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "continue the route",
+    ),
+]
+
+STEP_ERRORS = [
+    ("wrong dtype", _step(_hidden(1, 1, 0).to(torch.int32)), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
+    (
+        "wrong hidden size",
+        _step(torch.zeros(1, 1, HIDDEN + 1)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hidden size",
+    ),
+    ("position skips ahead", _step(position=3), grpc.StatusCode.FAILED_PRECONDITION, "position 3"),
+    ("batch differs", _step(torch.zeros(2, 1, HIDDEN)), grpc.StatusCode.INVALID_ARGUMENT, "batch 2"),
+    (
+        "longer than max_length",
+        _step(torch.zeros(1, 65, HIDDEN)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_length",
+    ),
+    ("truncated tensor bytes", _step(_garbage_bytes()), grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+    (
+        "garbage shape",
+        _step(peer_pb2.Tensor(dtype="float32", shape=[10**6, 10**6, 64], data=b"\0" * 8)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hidden",
+    ),
+    (
+        "beam indices out of range",
+        _step(beam_indices=to_message(torch.tensor([3]))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "beam_indices",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "message"), OPEN_ERRORS, ids=[c[0] for c in OPEN_ERRORS]
+)
+def test_bad_open_gets_a_clear_status(swarm, case, request_, code, message) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub(swarm["full"]).Session(iter([request_]), timeout=30))
+    assert caught.value.code() == code
+    assert message in caught.value.details()
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "message"), STEP_ERRORS, ids=[c[0] for c in STEP_ERRORS]
+)
+def test_bad_step_gets_a_clear_status_and_changes_nothing(
+    swarm, local, case, request_, code, message
+) -> None:
+    stream = Stream(swarm["full"])
+    stream.open(f"bad-step-{case}")
+    stream.send(**{"step": request_.step})
+    reply = stream.receive()
+    assert reply.WhichOneof("kind") == "error", reply
+    assert reply.error.code == code.value[0] and message in reply.error.message
+    # the session is unchanged: a correct first step still works and matches
+    hidden = _hidden(1, 3, 5)
+    torch.testing.assert_close(_result(stream.step(8, 0, hidden)), local.forward(hidden, local.new_cache()))
+    stream.close()
+
+
+def test_unknown_session_push_is_not_found(swarm) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(swarm["full"]).Push(peer_pb2.PushRequest(step=_step(session_id="nobody").step), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_no_cache_room_until_a_session_closes(swarm) -> None:
+    holders = [Stream(swarm["full"]) for _ in range(2)]
+    for number, holder in enumerate(holders):  # 2 x (batch 4 x 128 positions) fill the 1024-token budget
+        assert holder.open(f"holder-{number}", batch=4, max_length=128).WhichOneof("kind") == "opened"
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub(swarm["full"]).Session(iter([_open(session_id="one-too-many")]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "no cache room" in caught.value.details()
+    holders[0].close()
+    deadline = time.monotonic() + 10
+    while stub(swarm["full"]).Info(peer_pb2.InfoRequest()).free_cache_tokens < 512:
+        assert time.monotonic() < deadline, "the closed session's room was not freed"
+        time.sleep(0.05)
+    fits = Stream(swarm["full"])
+    assert fits.open("fits-now", max_length=64).WhichOneof("kind") == "opened"
+    fits.close()
+    holders[1].close()
+
+
+def test_session_opened_twice(swarm) -> None:
+    stream = Stream(swarm["full"])
+    stream.open("twice")
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub(swarm["full"]).Session(iter([_open(session_id="twice")]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    stream.close()
+
+
+def test_message_over_the_size_cap(swarm) -> None:
+    big = torch.zeros(1, MAX_MESSAGE // (4 * HIDDEN) + 1, HIDDEN)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub(swarm["full"]).Forward(
+            peer_pb2.ForwardRequest(start=0, end=4, hidden=to_message(big)), timeout=30
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_peer_survives_bad_input_and_serves_others(swarm) -> None:
+    info = stub(swarm["full"]).Info(peer_pb2.InfoRequest(), timeout=30)
+    assert info.start == 0 and info.end == 4 and info.num_blocks == 4
+    assert info.free_cache_tokens == info.max_cache_tokens  # every session above was freed
+    assert swarm["full"].popen.poll() is None
+
+
+def test_concurrent_sessions_do_not_mix(swarm, local: HostedSpan) -> None:
+    errors: list[BaseException] = []
+
+    def run(seed: int) -> None:
+        try:
+            stream = Stream(swarm["full"])
+            stream.open(f"concurrent-{seed}")
+            cache, position = local.new_cache(), 0
+            for step_id, seq in enumerate([5, 1, 1, 1, 1]):
+                hidden = _hidden(1, seq, seed * 100 + step_id)
+                expected = local.forward(hidden, cache)
+                torch.testing.assert_close(_result(stream.step(step_id, position, hidden)), expected)
+                position += seq
+            stream.close()
+        except BaseException as e:  # collected and re-raised in the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    time.sleep(0.2)
