@@ -1,18 +1,36 @@
 """The client's side of a model: input embeddings, final norm, LM head and the family's code around the
-block loop (learned positions, embedding norms, logit soft-capping), loaded without any block."""
+block loop (learned positions, embedding norms, logit soft-capping), loaded without any block; and
+`AutoDistributedModelForCausalLM`, the same transformers model with its blocks run by the swarm."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from hivemind.dht.node import DHTNode
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
 
-from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
+from client.config import ClientConfig
+from client.discovery import BanList, DhtDiscovery, Discovery
+from client.finetune import forward_through_route
+from client.runtime import Runtime
+from client.session import ChannelPool, InferenceSession
+from protos.checkpoint import (
+    build_skeleton,
+    causal_lm_class,
+    load_config,
+    load_weights,
+    parse_dtype,
+    resolve_model_path,
+)
+from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
 from protos.partition import (
     Anatomy,
@@ -26,8 +44,35 @@ from protos.partition import (
     materialized_bytes,
     module_filter,
 )
+from protos.records import model_id_from_path
 
 logger = logging.getLogger(__name__)
+
+
+def load_client_model(
+    name_or_path: str | os.PathLike[str],
+    dtype: torch.dtype,
+    *,
+    model_class: type[PreTrainedModel] | None = None,
+) -> tuple[PreTrainedModel, Anatomy]:
+    """The causal-LM model with only its client-side weights materialized; the blocks stay on meta."""
+    folder = resolve_model_path(name_or_path)
+    skeleton = build_skeleton(load_config(folder), dtype, model_class=model_class)
+    anatomy = locate(skeleton)
+    load_weights(
+        skeleton,
+        Path(folder),
+        wanted_key=checkpoint_key_filter(anatomy, Role.CLIENT),
+        wanted_module=module_filter(anatomy, Role.CLIENT),
+        dtype=dtype,
+    )
+    return skeleton, anatomy
+
+
+def _run_owner_probe(model: PreTrainedModel, anatomy: Anatomy) -> None:
+    dummy = torch.zeros(1, 2, anatomy.embed_dim, dtype=model.dtype)
+    with torch.inference_mode():
+        anatomy.owner(model)(inputs_embeds=dummy, use_cache=False)
 
 
 class ClientModules:
@@ -40,25 +85,15 @@ class ClientModules:
         self._lock = threading.Lock()
         self._final_hidden: torch.Tensor | None = None  # set for the duration of one `head` call
         install_slots(model, anatomy, self._dispatch)
-        self.tuple_output = detect_tuple_output(model, anatomy, self._run_probe)
+        self.tuple_output = detect_tuple_output(model, anatomy, lambda: _run_owner_probe(model, anatomy))
 
     @classmethod
     def load(
         cls, name_or_path: str | os.PathLike[str], *, dtype: str | torch.dtype = torch.float32
     ) -> ClientModules:
-        torch_dtype = parse_dtype(dtype)
-        folder = resolve_model_path(name_or_path)
-        skeleton = build_skeleton(load_config(folder), torch_dtype)
-        anatomy = locate(skeleton)
-        load_weights(
-            skeleton,
-            Path(folder),
-            wanted_key=checkpoint_key_filter(anatomy, Role.CLIENT),
-            wanted_module=module_filter(anatomy, Role.CLIENT),
-            dtype=torch_dtype,
-        )
-        modules = cls(skeleton, anatomy)
-        logger.info("client modules loaded model=%s bytes=%d", folder.name, modules.parameter_bytes())
+        model, anatomy = load_client_model(name_or_path, parse_dtype(dtype))
+        modules = cls(model, anatomy)
+        logger.info("client modules loaded bytes=%d", modules.parameter_bytes())
         return modules
 
     @property
@@ -73,7 +108,9 @@ class ClientModules:
         """Hidden states entering block 0 [batch, seq, hidden] for `input_ids` [batch, seq]."""
         if input_ids.ndim != 2:
             raise InvalidInputError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        kwargs = self._owner_kwargs(positions)
+        kwargs = {}
+        if positions is not None and "position_ids" in self.anatomy.owner_params:
+            kwargs["position_ids"] = positions
         with self._lock:
             try:
                 self.anatomy.owner(self.model)(input_ids=input_ids, use_cache=False, **kwargs)
@@ -105,12 +142,243 @@ class ClientModules:
         hidden = self._final_hidden if last else hidden_argument(args, kwargs)
         return (hidden, None) if self.tuple_output else hidden
 
-    def _owner_kwargs(self, positions: torch.Tensor | None) -> dict[str, Any]:
-        if positions is not None and "position_ids" in self.anatomy.owner_params:
-            return {"position_ids": positions}
-        return {}
 
-    def _run_probe(self) -> None:
-        dummy = torch.zeros(1, 2, self.anatomy.embed_dim, dtype=self.dtype)
-        with torch.inference_mode():
-            self.anatomy.owner(self.model)(inputs_embeds=dummy, use_cache=False)
+class _LengthLayer(CacheLayerMixin):
+    """A cache layer that holds no K/V, only the number of positions the peers hold."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the remote cache holds no K/V: the blocks run on peers")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RemoteCache(Cache):
+    """What `generate()` sees as `past_key_values`: the length of the peers' caches, and the cache edits
+    (beam reorder, rollback) it asks for, sent to the peers with the next step."""
+
+    def __init__(self, session: InferenceSession) -> None:
+        self._length = _LengthLayer()
+        super().__init__(layers=[self._length])
+        self.session = session
+        self._length.length = session.position
+        self.pending_beam: torch.Tensor | None = None
+        self.pending_rollback: int | None = None
+
+    def crop(self, max_length: int) -> None:
+        # transformers 5: crop(-n) drops the last n positions; crop(0) only trims sliding windows
+        if max_length > 0:
+            raise InvalidInputError("crop() takes the negative number of positions to drop")
+        if max_length < 0:
+            self.pending_rollback = self.get_seq_length() + max_length
+            self._length.length = self.pending_rollback
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam = beam_idx.to(torch.int64).cpu()
+        self.pending_beam = beam if self.pending_beam is None else self.pending_beam[beam]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("repeating the batch of a remote cache is not supported")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("selecting rows of a remote cache is not supported")
+
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+        beam, rollback = self.pending_beam, self.pending_rollback
+        output = runtime.run(self.session.astep(hidden, positions, beam_indices=beam, rollback_to=rollback))
+        self.pending_beam = self.pending_rollback = None
+        self._length.length = self.session.position
+        return output
+
+
+class DistributedModelMixin:
+    """Mixed into the family's `*ForCausalLM`: block 0's slot sends the hidden states through the swarm and
+    the later slots pass the result on, so the family's own post-block code and `generate()` run locally."""
+
+    _corolla: _SwarmLink
+
+    def _swarm_dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        link = self._corolla
+        hidden = hidden_argument(args, kwargs)
+        if index == 0:
+            cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
+            if cache is None:
+                cache = next((arg for arg in args if isinstance(arg, RemoteCache)), None)
+            if isinstance(cache, RemoteCache):
+                batch, seq = hidden.shape[:2]
+                positions = kwargs.get("position_ids")
+                if not isinstance(positions, torch.Tensor) or positions.shape[-1] != seq:
+                    start = (
+                        cache.pending_rollback
+                        if cache.pending_rollback is not None
+                        else cache.session.position
+                    )
+                    positions = torch.arange(start, start + seq).expand(batch, -1)
+                hidden = cache.step(hidden, positions.expand(batch, -1), link.runtime)
+            elif cache is None:
+                hidden = link.runtime.run(
+                    forward_through_route(link.discovery, link.bans, link.channels, link.config, hidden)
+                )
+            else:
+                raise InvalidInputError(
+                    f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
+                    "inference_session(), or run the model without a cache"
+                )
+        return (hidden, None) if link.tuple_output else hidden
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("past_key_values") is None:
+            kwargs["use_cache"] = False  # a plain forward is stateless: one Forward per hop, no session
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
+        """Keep the peers' caches across `generate()` calls; each call continues the same sequence."""
+        link = self._corolla
+        session = link.new_session(max_length)
+        previous, link.active_session = link.active_session, session
+        try:
+            yield session
+        finally:
+            link.active_session = previous
+            link.runtime.run(session.aclose())
+
+    def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        link = self._corolla
+        if kwargs.get("past_key_values") is not None:
+            return super().generate(inputs, *args, **kwargs)  # type: ignore[misc]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+            raise InvalidInputError(
+                "padded batches are not supported over the swarm yet; send rows separately"
+            )
+        if link.active_session is not None:
+            return super().generate(  # type: ignore[misc]
+                inputs, *args, past_key_values=RemoteCache(link.active_session), **kwargs
+            )
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_length = int(input_ids.shape[-1]) if isinstance(input_ids, torch.Tensor) else 0
+        generation_config = kwargs.get("generation_config") or self.generation_config  # type: ignore[attr-defined]
+        new_tokens = kwargs.get("max_new_tokens") or generation_config.max_new_tokens
+        max_length = (
+            prompt_length + new_tokens
+            if new_tokens
+            else kwargs.get("max_length") or generation_config.max_length
+        )
+        session = link.new_session(int(max_length))
+        try:
+            return super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
+        finally:
+            link.runtime.run(session.aclose())
+
+    def shutdown(self) -> None:
+        """Leave the swarm: close streams, channels and the DHT node. Also done at interpreter exit."""
+        self._corolla.close()
+
+
+if TYPE_CHECKING:
+
+    class DistributedCausalLM(DistributedModelMixin, PreTrainedModel):
+        """What `AutoDistributedModelForCausalLM.from_pretrained` returns, for type checkers."""
+
+
+class _SwarmLink:
+    """What a distributed model holds to reach the swarm."""
+
+    def __init__(self, config: ClientConfig, model_id: str, num_blocks: int, wire_dtype: str) -> None:
+        self.config = config
+        self.wire_dtype = wire_dtype
+        self.runtime = Runtime()
+        self.channels = ChannelPool(max_message_bytes=config.max_message_bytes)
+        self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
+        self.tuple_output = False
+        self.active_session: InferenceSession | None = None
+
+        async def connect() -> tuple[DHTNode, Discovery]:
+            node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True)
+            discovery = DhtDiscovery(
+                node, model_id, num_blocks=num_blocks, refresh_period=config.refresh_period
+            )
+            discovery.start()
+            return node, discovery
+
+        self.node, self.discovery = self.runtime.run(connect(), timeout=60)
+
+    def new_session(self, max_length: int) -> InferenceSession:
+        return InferenceSession(
+            discovery=self.discovery,
+            bans=self.bans,
+            channels=self.channels,
+            config=self.config,
+            max_length=max_length,
+            wire_dtype=self.wire_dtype,
+        )
+
+    def close(self) -> None:
+        async def close() -> None:
+            await self.channels.close()
+            await self.discovery.close()
+            await self.node.shutdown()
+
+        with contextlib.suppress(Exception):
+            self.runtime.run(close(), timeout=30)
+        self.runtime.close()
+
+
+class AutoDistributedModelForCausalLM:
+    """Loads a causal LM whose blocks run on a swarm; the result is the family's own transformers class
+    (e.g. `LlamaForCausalLM`) with local embeddings and head, so `generate()` works as with transformers."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        initial_peers: list[str],
+        dtype: str | torch.dtype = torch.float32,
+        model_id: str | None = None,
+        **config: Any,
+    ) -> DistributedCausalLM:
+        torch_dtype = parse_dtype(dtype)
+        family_class = causal_lm_class(load_config(resolve_model_path(name_or_path)))
+        distributed_class = type(
+            f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {}
+        )
+        model, anatomy = load_client_model(name_or_path, torch_dtype, model_class=distributed_class)
+        client_config = ClientConfig(initial_peers=list(initial_peers), **config)
+        link = _SwarmLink(
+            client_config,
+            model_id or client_config.model_id or model_id_from_path(str(name_or_path)),
+            anatomy.num_blocks,
+            client_config.wire_dtype or str(torch_dtype).removeprefix("torch."),
+        )
+        distributed = cast("DistributedCausalLM", model)
+        distributed._corolla = link
+        install_slots(distributed, anatomy, distributed._swarm_dispatch)
+        link.tuple_output = _probe_tuple_output(distributed, anatomy)
+        logger.info("client ready model=%s blocks=%d", name_or_path, anatomy.num_blocks)
+        return distributed
+
+
+def _probe_tuple_output(model: PreTrainedModel, anatomy: Anatomy) -> bool:
+    return detect_tuple_output(model, anatomy, lambda: _run_owner_probe(model, anatomy))

@@ -7,7 +7,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
@@ -29,7 +28,7 @@ class Announcer:
         node: DHTNode,
         *,
         model_id: str,
-        num_blocks: int,
+        num_blocks: int | None,
         span: tuple[int, int],
         make_record: Callable[[PeerState], PeerRecord],
         period: float,
@@ -53,12 +52,15 @@ class Announcer:
             self.state = state
         record = record_to_dht(self.make_record(self.state))
         expiration = get_dht_time() + 2 * self.period
-        keys = [block_key(self.model_id, block) for block in range(*self.span)]
-        keys.append(MODEL_INDEX_KEY)
-        values: list[dict[str, Any]] = [record] * (len(keys) - 1) + [{"num_blocks": self.num_blocks}]
-        subkeys = [self.peer_id] * (len(keys) - 1) + [self.model_id]
+        block_keys = [block_key(self.model_id, block) for block in range(*self.span)]
+        keys, values = list(block_keys), [record] * len(block_keys)
+        subkeys: list[str] = [self.peer_id] * len(block_keys)
+        if self.num_blocks is not None:  # known once the model's config is read
+            keys.append(MODEL_INDEX_KEY)
+            values.append({"num_blocks": self.num_blocks})
+            subkeys.append(self.model_id)
         stored = await self.node.store_many(keys, values, expiration, subkeys=subkeys)
-        ok = all(stored.get((key, self.peer_id), False) for key in keys[:-1])
+        ok = all(stored.get((key, self.peer_id), False) for key in block_keys)
         if not ok:
             logger.warning("announce incomplete model=%s state=%s", self.model_id, self.state)
         return ok

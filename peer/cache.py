@@ -34,6 +34,7 @@ class PeerSession:
     last_used: float = field(default_factory=time.monotonic)
     reply: Callable[[Any], None] = lambda _: None  # delivers a reply on the session's own stream
     wire_dtype: Any = None  # dtype of the hidden states this peer sends on
+    report_outputs: bool = False  # send every step's output to the client too
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, in order
 
     @property

@@ -104,7 +104,7 @@ async def serve(config: PeerConfig) -> None:
     announcer = Announcer(
         node,
         model_id=config.model_id or "",
-        num_blocks=end,  # corrected once the span is loaded
+        num_blocks=None,  # announced once the span is loaded
         span=(start, end),
         make_record=make_record,
         period=config.announce_period,

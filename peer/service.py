@@ -136,6 +136,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "close":
                     break
+                if kind == "reroute":
+                    hops = self._check_hops(session.end, list(request.reroute.next_hops))
+                    async with session.lock:  # after the steps already queued
+                        session.next_hops = hops
+                    logger.info(
+                        "session reroute id=%s next=%s", session.session_id, [h.address for h in hops]
+                    )
+                    continue
                 if kind != "step":
                     raise RequestError(
                         grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} in an open session"
@@ -169,7 +177,24 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             raise InvalidInputError(f"max_length {request.max_length} is outside 1..{self.config.max_length}")
         if request.dtype and request.dtype not in ("float32", "float16", "bfloat16"):
             raise InvalidInputError(f"unknown wire dtype {request.dtype!r}")
-        hops = list(request.next_hops)
+        hops = self._check_hops(end, list(request.next_hops))
+        session = PeerSession(
+            session_id=session_id,
+            start=start,
+            end=end,
+            batch_size=request.batch_size,
+            max_length=request.max_length,
+            cache=None,
+            next_hops=hops,
+            reply=reply,
+            wire_dtype=dtype_from_name(request.dtype or dtype_name(self.span.dtype)),
+            report_outputs=request.report_outputs,
+        )
+        self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
+        session.cache = self.span.new_cache(start=start, end=end)
+        return session
+
+    def _check_hops(self, end: int, hops: list[peer_pb2.Hop]) -> list[peer_pb2.Hop]:
         if len(hops) > self.span.anatomy.num_blocks:
             raise InvalidInputError("more next hops than blocks in the model")
         previous_end = end
@@ -181,20 +206,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 )
             _check_address(hop.address)
             previous_end = hop.end
-        session = PeerSession(
-            session_id=session_id,
-            start=start,
-            end=end,
-            batch_size=request.batch_size,
-            max_length=request.max_length,
-            cache=None,
-            next_hops=hops,
-            reply=reply,
-            wire_dtype=dtype_from_name(request.dtype or dtype_name(self.span.dtype)),
-        )
-        self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
-        session.cache = self.span.new_cache(start=start, end=end)
-        return session
+        return hops
 
     # ---- steps -------------------------------------------------------------------------------------
 
@@ -228,11 +240,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             output = await self.executor.run(compute)
             session.position = base + seq
             session.touch()
-        if session.next_hops:
-            task = asyncio.create_task(self._push(session, step, output))
+        push = bool(session.next_hops) and not step.local_only
+        if push:
+            task = asyncio.create_task(self._push(session, step, output, session.next_hops[0]))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
-        else:
+        if not push or session.report_outputs:  # the report goes out before the push can fail
             session.reply(
                 peer_pb2.SessionReply(
                     result=peer_pb2.StepResult(
@@ -311,10 +324,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- Push --------------------------------------------------------------------------------------
 
-    async def _push(self, session: PeerSession, step: peer_pb2.Step, output: torch.Tensor) -> None:
-        hop = session.next_hops[0]  # its own session knows the hops after it
+    async def _push(
+        self, session: PeerSession, step: peer_pb2.Step, output: torch.Tensor, hop: peer_pb2.Hop
+    ) -> None:
         pushed = peer_pb2.Step(
-            session_id=session.session_id,
+            session_id=hop.session_id or session.session_id,
             step_id=step.step_id,
             position=step.position,
             hidden=tensor_message(output, dtype=session.wire_dtype),

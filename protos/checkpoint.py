@@ -114,15 +114,24 @@ def _hub_repo_of(folder: Path) -> str | None:
     return None
 
 
-def build_skeleton(config: Any, dtype: torch.dtype) -> PreTrainedModel:
-    """The whole causal-LM model on the meta device: structure without memory."""
+def causal_lm_class(config: Any) -> type[PreTrainedModel]:
+    """The transformers `*ForCausalLM` class of a config."""
     from transformers import AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
 
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as e:
+        return _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    except (ValueError, KeyError) as e:
         raise UnsupportedModelError(f"{type(config).__name__} is not a causal language model ({e})") from e
+
+
+def build_skeleton(
+    config: Any, dtype: torch.dtype, *, model_class: type[PreTrainedModel] | None = None
+) -> PreTrainedModel:
+    """The whole causal-LM model on the meta device: structure without memory."""
+    model_class = model_class or causal_lm_class(config)
+    with torch.device("meta"):
+        model = model_class._from_config(config, dtype=dtype)
     return model.eval()
 
 

@@ -13,6 +13,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "dht": ("peer.main:dht_main", "run a bootstrap DHT node and print its multiaddresses"),
     "serve": ("peer.main:serve_main", "serve a span of a model's blocks to the swarm"),
+    "generate": ("client.cli:main", "generate text through the swarm, streamed to stdout"),
+    "health": ("client.health:health_main", "show which peers serve a model and which blocks nobody serves"),
 }
 
 

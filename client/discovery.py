@@ -1,0 +1,276 @@
+"""Who serves which blocks: `PeerRecord`s read from the DHT and validated off the per-token path, and the ban
+list of peers that failed. Knows nothing of routes or gRPC; `InMemoryDiscovery` is the fake for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from hivemind.dht.node import DHTNode
+from hivemind.utils.timed_storage import ValueWithExpiration
+
+from client.errors import SwarmError
+from protos.errors import InvalidInputError
+from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, block_key, record_from_dht
+
+logger = logging.getLogger(__name__)
+
+MAX_NUM_BLOCKS = 4096  # bounds the keys read for a model index value that came from the network
+_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")  # base58
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    """A snapshot of one model's swarm: `blocks[b]` maps peer_id -> record for every peer whose announced
+    span contains block b (each peer has one record, the same object in every block of its span).
+    `fetched_at` is the `time.monotonic()` at which the read began."""
+
+    num_blocks: int
+    blocks: tuple[dict[str, PeerRecord], ...]
+    fetched_at: float
+
+    def __post_init__(self) -> None:
+        if len(self.blocks) != self.num_blocks:
+            raise InvalidInputError(
+                f"a view of {self.num_blocks} blocks has {len(self.blocks)} block entries"
+            )
+
+    @classmethod
+    def from_records(
+        cls, num_blocks: int, records: Mapping[str, PeerRecord], *, fetched_at: float | None = None
+    ) -> SwarmView:
+        """Place each peer's record under every block of its span; spans must lie within `[0, num_blocks)`."""
+        if not 1 <= num_blocks <= MAX_NUM_BLOCKS:
+            raise InvalidInputError(f"num_blocks must be in 1..{MAX_NUM_BLOCKS}, got {num_blocks}")
+        blocks: list[dict[str, PeerRecord]] = [{} for _ in range(num_blocks)]
+        for peer_id in sorted(records):
+            record = records[peer_id]
+            if record.end > num_blocks:
+                raise InvalidInputError(
+                    f"peer {peer_id} announces blocks [{record.start}, {record.end}) "
+                    f"of a {num_blocks}-block model"
+                )
+            for block in range(record.start, record.end):
+                blocks[block][peer_id] = record
+        return cls(num_blocks, tuple(blocks), time.monotonic() if fetched_at is None else fetched_at)
+
+    def peers(self) -> dict[str, PeerRecord]:
+        """peer_id -> record, one per peer (its announced span is in the record), sorted by peer_id."""
+        found = {peer_id: record for block in self.blocks for peer_id, record in block.items()}
+        return dict(sorted(found.items()))
+
+    def coverage(self) -> list[int]:
+        """Number of ONLINE peers per block."""
+        return [sum(r.state is PeerState.ONLINE for r in block.values()) for block in self.blocks]
+
+
+class Discovery(Protocol):
+    """Where a client gets its view of the swarm; `view()` is cheap, `view(refresh=True)` reads now."""
+
+    async def view(self, *, refresh: bool = False) -> SwarmView: ...
+
+    async def close(self) -> None: ...
+
+
+def _not_found(model_id: str) -> SwarmError:
+    return SwarmError(f"no peer announces model {model_id}; check --initial-peers and the model id")
+
+
+class DhtDiscovery:
+    """Reads every block key of one model with a single `get_many` (latest values) and keeps the result.
+
+    For each peer the record with the latest expiration wins (a peer that moved or went offline left older
+    records behind); a record stored under a block outside its own span, or beyond the model, is dropped.
+    After `start()` a background task re-reads every `refresh_period`; `close()` stops it (the node stays
+    the caller's).
+    """
+
+    def __init__(
+        self,
+        node: DHTNode,
+        model_id: str,
+        *,
+        num_blocks: int | None = None,
+        refresh_period: float,
+        fetch_timeout: float = 30.0,
+    ) -> None:
+        if num_blocks is not None and not 1 <= num_blocks <= MAX_NUM_BLOCKS:
+            raise InvalidInputError(f"num_blocks must be in 1..{MAX_NUM_BLOCKS}, got {num_blocks}")
+        if refresh_period <= 0 or fetch_timeout <= 0:
+            raise InvalidInputError("refresh_period and fetch_timeout must be positive")
+        self.node = node
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.refresh_period = refresh_period
+        self.fetch_timeout = fetch_timeout
+        self._view: SwarmView | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    async def view(self, *, refresh: bool = False) -> SwarmView:
+        """The latest snapshot; reads the DHT only when there is none yet or `refresh` is set.
+
+        Raises `SwarmError` when no record of the model was found.
+        """
+        if refresh or self._view is None:
+            await self._refresh(since=time.monotonic() if refresh else None)
+        view = self._view
+        if view is None or not any(view.blocks):
+            raise _not_found(self.model_id)
+        return view
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._refresh_forever(), name="corolla-discovery")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_period)
+            try:
+                await self._refresh(since=time.monotonic())
+            except Exception as e:  # keep the last snapshot through a transient DHT failure
+                logger.warning("swarm refresh failed model=%s reason=%r", self.model_id, e)
+
+    async def _refresh(self, *, since: float | None) -> None:
+        """Read unless a read that began at or after `since` (any read, when None) already finished."""
+        async with self._lock:
+            current = self._view
+            if current is not None and (since is None or current.fetched_at >= since):
+                return
+            try:
+                self._view = await asyncio.wait_for(self._fetch(), self.fetch_timeout)
+            except TimeoutError:
+                raise SwarmError(
+                    f"reading the DHT for model {self.model_id} took over {self.fetch_timeout}s"
+                ) from None
+            except SwarmError:
+                raise
+            except Exception as e:  # hivemind's own failures, as the one error callers handle
+                raise SwarmError(f"reading the DHT for model {self.model_id} failed: {e!r}") from e
+
+    async def _fetch(self) -> SwarmView:
+        fetched_at = time.monotonic()
+        num_blocks = self.num_blocks or await self._read_num_blocks()
+        keys = [block_key(self.model_id, block) for block in range(num_blocks)]
+        found = await self.node.get_many(keys, sufficient_expiration_time=float("inf"))
+        latest: dict[str, tuple[float, PeerRecord]] = {}
+        dropped = 0
+        for block, key in enumerate(keys):
+            for peer_id, record, expiration in _entries(found.get(key)):
+                if record is None or not record.start <= block < record.end or record.end > num_blocks:
+                    dropped += 1
+                    continue
+                if peer_id not in latest or expiration > latest[peer_id][0]:
+                    latest[peer_id] = (expiration, record)
+        view = SwarmView.from_records(
+            num_blocks, {peer_id: record for peer_id, (_, record) in latest.items()}, fetched_at=fetched_at
+        )
+        logger.debug(
+            "swarm read model=%s peers=%d dropped=%d coverage=%s",
+            self.model_id,
+            len(latest),
+            dropped,
+            view.coverage(),
+        )
+        return view
+
+    async def _read_num_blocks(self) -> int:
+        entry = await self.node.get(MODEL_INDEX_KEY, latest=True)
+        models = entry.value if isinstance(entry, ValueWithExpiration) else None
+        item = models.get(self.model_id) if isinstance(models, dict) else None
+        if not isinstance(item, ValueWithExpiration):
+            raise _not_found(self.model_id)
+        value = item.value
+        num_blocks = value.get("num_blocks") if isinstance(value, dict) else None
+        if type(num_blocks) is not int or not 1 <= num_blocks <= MAX_NUM_BLOCKS:
+            raise SwarmError(f"the model index entry of {self.model_id} is invalid: {value!r:.200}")
+        return num_blocks
+
+
+def _entries(entry: object) -> list[tuple[str, PeerRecord | None, float]]:
+    """(peer_id, record or None when invalid, expiration) of one block key's value, as read from the DHT."""
+    value = entry.value if isinstance(entry, ValueWithExpiration) else None
+    if not isinstance(value, dict):
+        return []
+    entries = []
+    for peer_id, item in value.items():
+        if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
+            continue
+        if isinstance(item, ValueWithExpiration):
+            entries.append((peer_id, record_from_dht(item.value), float(item.expiration_time)))
+    return entries
+
+
+class InMemoryDiscovery:
+    """A `Discovery` whose view the test sets; counts forced refreshes."""
+
+    def __init__(self, view: SwarmView | None = None) -> None:
+        self.current = view
+        self.num_refreshes = 0
+        self.closed = False
+
+    def set(self, view: SwarmView) -> None:
+        self.current = view
+
+    async def view(self, *, refresh: bool = False) -> SwarmView:
+        if refresh:
+            self.num_refreshes += 1
+        if self.current is None:
+            raise SwarmError("no view set")
+        return self.current
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class BanList:
+    """Peers to avoid for a while. Each further ban of a peer lasts `backoff` times longer, up to
+    `max_ban_timeout`; `unban` (after a success) lifts the ban and resets the backoff."""
+
+    def __init__(
+        self,
+        ban_timeout: float,
+        backoff: float,
+        max_ban_timeout: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ban_timeout <= 0 or backoff < 1 or max_ban_timeout < ban_timeout:
+            raise InvalidInputError("need ban_timeout > 0, backoff >= 1 and max_ban_timeout >= ban_timeout")
+        self.ban_timeout = ban_timeout
+        self.backoff = backoff
+        self.max_ban_timeout = max_ban_timeout
+        self.clock = clock
+        self._until: dict[str, float] = {}
+        self._next_timeout: dict[str, float] = {}  # a peer's next ban length, set by its previous ban
+
+    def ban(self, peer_id: str, reason: str) -> float:
+        """Ban `peer_id` now; returns the ban's length in seconds."""
+        timeout = self._next_timeout.get(peer_id, self.ban_timeout)
+        self._next_timeout[peer_id] = min(timeout * self.backoff, self.max_ban_timeout)
+        self._until[peer_id] = self.clock() + timeout
+        logger.warning("peer banned peer=%s timeout=%.1f reason=%s", peer_id, timeout, reason)
+        return timeout
+
+    def is_banned(self, peer_id: str) -> bool:
+        return self._until.get(peer_id, float("-inf")) > self.clock()
+
+    def banned(self) -> set[str]:
+        now = self.clock()
+        return {peer_id for peer_id, until in self._until.items() if until > now}
+
+    def unban(self, peer_id: str) -> None:
+        if self._next_timeout.pop(peer_id, None) is not None:
+            logger.debug("peer unbanned peer=%s", peer_id)
+        self._until.pop(peer_id, None)

@@ -1,0 +1,150 @@
+"""`corolla health MODEL --initial-peers ...`: which peers announce a model, and which blocks nobody serves.
+
+Reads the DHT once as a client; exit code 0 when ONLINE peers cover every block, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from client.config import ClientConfig
+from client.discovery import DhtDiscovery, SwarmView
+from client.errors import NoRouteError, SwarmError, format_ranges
+from client.route import missing_blocks
+from protos.dht import start_dht_node
+from protos.errors import InvalidInputError
+from protos.records import model_id_from_path
+from protos.settings import add_config_arguments, config_from_arguments
+
+logger = logging.getLogger(__name__)
+
+_OPTIONS = ("initial_peers", "model_id")  # the ClientConfig fields this command uses
+SHORT_PEER_ID_CHARS = 10
+
+
+async def read_view(config: ClientConfig, model_id: str) -> SwarmView:
+    """Join the DHT as a client, read the model's records once, leave."""
+    try:
+        node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True)
+    except Exception as e:  # hivemind reports unreachable or malformed initial peers in several types
+        raise SwarmError(f"cannot join the DHT through --initial-peers: {e}") from e
+    try:
+        discovery = DhtDiscovery(node, model_id, refresh_period=config.refresh_period)
+        try:
+            return await discovery.view()
+        finally:
+            await discovery.close()
+    finally:
+        await node.shutdown()
+
+
+def report(view: SwarmView, model_id: str) -> dict[str, Any]:
+    """The health of one model's swarm as plain data (what `--json` prints)."""
+    missing = missing_blocks(view)
+    return {
+        "model_id": model_id,
+        "num_blocks": view.num_blocks,
+        "served": not missing,
+        "missing": [list(blocks) for blocks in missing],
+        "coverage": view.coverage(),
+        "peers": [
+            {"peer_id": peer_id, **record.model_dump(mode="json", exclude={"pings"})}
+            for peer_id, record in sorted(view.peers().items(), key=lambda item: (item[1].start, item[1].end))
+        ],
+    }
+
+
+def format_report(health: dict[str, Any]) -> str:
+    """A table of peers, then the blocks grouped by how many ONLINE peers serve them."""
+    num_blocks = health["num_blocks"]
+    lines = [f"model {health['model_id']}: {num_blocks} blocks, {len(health['peers'])} peers", ""]
+    header = ("PEER", "STATE", "ADDRESS", "SPAN", "THROUGHPUT", "FREE CACHE", "NAME")
+    rows = [
+        (
+            peer["peer_id"][-SHORT_PEER_ID_CHARS:],
+            peer["state"],
+            peer["address"],
+            f"[{peer['start']},{peer['end']})",
+            f"{peer['throughput']:.1f}",
+            str(peer["free_cache_tokens"]),
+            peer["public_name"] or "-",
+        )
+        for peer in health["peers"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines += [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.append("")
+    coverage: list[int] = health["coverage"]
+    start = 0
+    for block in range(1, num_blocks + 1):
+        if block == num_blocks or coverage[block] != coverage[start]:
+            count = coverage[start]
+            served = f"{count} online peer{'s' if count > 1 else ''}" if count else "NOT SERVED"
+            lines.append(f"blocks {format_ranges([(start, block)])}: {served}")
+            start = block
+    missing = [tuple(blocks) for blocks in health["missing"]]
+    if missing:
+        lines.append(f"missing: {NoRouteError(missing, num_blocks=num_blocks)}")
+    else:
+        lines.append(f"ok: blocks 0..{num_blocks - 1} are all served by ONLINE peers")
+    return "\n".join(lines)
+
+
+def health_main(argv: Sequence[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Show the peers that announce a model and the blocks nobody serves. Exits 0 when ONLINE "
+        "peers serve every block, 1 otherwise. Options may also be set through COROLLA_<OPTION> environment "
+        "variables (e.g. COROLLA_INITIAL_PEERS).",
+    )
+    parser.add_argument(
+        "model", metavar="MODEL", help="model folder or hub name; its last part is the model id by default"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    add_config_arguments(
+        parser, ClientConfig, skip=[name for name in ClientConfig.model_fields if name not in _OPTIONS]
+    )
+    args = parser.parse_args(list(argv))
+    try:
+        config = config_from_arguments(ClientConfig, args)
+        model_id = config.model_id or model_id_from_path(args.model)
+    except ValidationError as e:
+        parser.error("; ".join(_problem(err["loc"], err["msg"]) for err in e.errors()))
+    except InvalidInputError as e:
+        parser.error(str(e))
+    if not config.initial_peers:
+        parser.error("--initial-peers is required: the multiaddresses `corolla dht` or a peer printed")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    try:
+        health = report(asyncio.run(read_view(config, model_id)), model_id)
+    except SwarmError as e:
+        if args.json:
+            _emit(json.dumps({"model_id": model_id, "served": False, "error": str(e)}))
+        else:
+            sys.stderr.write(f"{prog}: {e}\n")
+        return 1
+    _emit(json.dumps(health, indent=2) if args.json else format_report(health))
+    return 0 if health["served"] else 1
+
+
+def _problem(location: tuple[int | str, ...], message: str) -> str:
+    return f"--{str(location[0]).replace('_', '-')}: {message}" if location else message
+
+
+def _emit(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,276 @@
+"""Route planning from a `SwarmView`: the fastest chain of hops for inference, a throughput-weighted random
+one for forward/backward. Pure bookkeeping: no I/O, no clocks; only ONLINE peers that are not banned."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from client.discovery import SwarmView
+from client.errors import NoRouteError
+from protos.errors import InvalidInputError
+from protos.records import PeerRecord, PeerState
+
+__all__ = [
+    "Hop",
+    "NoRouteError",
+    "missing_blocks",
+    "plan_forward_route",
+    "plan_inference_route",
+    "usable_peers",
+]
+
+MIN_THROUGHPUT = 1e-6  # a peer announcing 0 counts as very slow, not as unusable
+_REL_TOLERANCE = 1e-9  # sums of equal costs may differ in the last bits; fewer hops decide those ties
+MAX_LABELS = 8  # partial routes kept per state when no peer may appear twice; bounds the planning work
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One peer carrying blocks `[start, end)` of a route (a sub-span of the span it announces)."""
+
+    peer_id: str
+    address: str
+    start: int
+    end: int
+
+
+def usable_peers(view: SwarmView, *, banned: Collection[str] = frozenset()) -> dict[str, PeerRecord]:
+    """ONLINE peers that are not banned, sorted by peer_id."""
+    return {
+        peer_id: record
+        for peer_id, record in view.peers().items()
+        if record.state is PeerState.ONLINE and peer_id not in banned
+    }
+
+
+def missing_blocks(
+    view: SwarmView, *, start: int = 0, end: int | None = None, banned: Collection[str] = frozenset()
+) -> list[tuple[int, int]]:
+    """Maximal half-open ranges of `[start, end)` that no usable peer serves."""
+    start, end = _bounds(view, start, end)
+    served = [False] * (end - start)
+    for record in usable_peers(view, banned=banned).values():
+        for block in range(max(record.start, start), min(record.end, end)):
+            served[block - start] = True
+    missing: list[tuple[int, int]] = []
+    for offset, is_served in enumerate(served):
+        block = start + offset
+        if is_served:
+            continue
+        if missing and missing[-1][1] == block:
+            missing[-1] = (missing[-1][0], block + 1)
+        else:
+            missing.append((block, block + 1))
+    return missing
+
+
+def plan_inference_route(
+    view: SwarmView,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    banned: Collection[str] = frozenset(),
+    rtt: Mapping[str, float] | None = None,
+    default_rtt: float = 0.005,
+) -> list[Hop]:
+    """The route over `[start, end)` with the least expected time of one decode step, fewest hops on ties.
+
+    A hop through peer p over n blocks costs `rtt[p] + n / (throughput_p * len(span_p))`: the announced
+    throughput is steps per second through p's whole span. Hops may use any sub-span of an announced span,
+    but each peer appears at most once (a peer keys its caches by session id). Deterministic for equal
+    inputs; raises `NoRouteError` when some block has no usable peer.
+    """
+    start, end = _bounds(view, start, end)
+    peers = _require_route(view, start, end, banned)
+    costs = _hop_costs(peers, rtt or {}, default_rtt)
+    # An optimal route exists whose hop boundaries are all span boundaries or start/end: moving a boundary
+    # between two hops changes the cost linearly, and where it would stop inside a span the two hops merge.
+    points = sorted({start, end} | {b for r in peers.values() for b in (r.start, r.end) if start < b < end})
+    fastest = _sweep(points, peers, costs, distinct=False)
+    if fastest is None:  # every block is served, so this cannot happen
+        raise NoRouteError([(start, end)], num_blocks=view.num_blocks)
+    hops = fastest
+    if len({peer_id for peer_id, _, _ in fastest}) < len(fastest):  # rare: a fast span nested in a slow one
+        # the capped search may miss a route; merging the repeats always gives one
+        hops = _merge_repeats(fastest)
+        distinct = _sweep(points, peers, costs, distinct=True)
+        if distinct is not None and _cheaper(
+            (_route_cost(distinct, costs), len(distinct)), (_route_cost(hops, costs), len(hops))
+        ):
+            hops = distinct
+    return [Hop(peer_id, peers[peer_id].address, hop_start, hop_end) for peer_id, hop_start, hop_end in hops]
+
+
+def plan_forward_route(
+    view: SwarmView,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    banned: Collection[str] = frozenset(),
+    rng: random.Random | None = None,
+) -> list[Hop]:
+    """A route over `[start, end)` that spreads load: from each block, a usable peer serving it is drawn
+    with probability proportional to its throughput and carries the blocks up to the end of its span."""
+    start, end = _bounds(view, start, end)
+    peers = _require_route(view, start, end, banned)
+    rng = rng or random.Random()
+    route: list[Hop] = []
+    block = start
+    while block < end:
+        candidates = [(peer_id, r) for peer_id, r in peers.items() if r.start <= block < r.end]
+        weights = [max(record.throughput, MIN_THROUGHPUT) for _, record in candidates]
+        peer_id, record = rng.choices(candidates, weights=weights)[0]
+        hop_end = min(record.end, end)
+        route.append(Hop(peer_id, record.address, block, hop_end))
+        block = hop_end
+    return route
+
+
+def _bounds(view: SwarmView, start: int, end: int | None) -> tuple[int, int]:
+    end = view.num_blocks if end is None else end
+    if not 0 <= start < end <= view.num_blocks:
+        raise InvalidInputError(f"blocks [{start}, {end}) are not a non-empty range of 0..{view.num_blocks}")
+    return start, end
+
+
+def _require_route(view: SwarmView, start: int, end: int, banned: Collection[str]) -> dict[str, PeerRecord]:
+    """The usable peers, or `NoRouteError` naming the blocks they leave unserved (and any banned peers
+    that would have served part of the range)."""
+    missing = missing_blocks(view, start=start, end=end, banned=banned)
+    if missing:
+        excluded = [
+            peer_id
+            for peer_id, record in view.peers().items()
+            if peer_id in banned
+            and record.state is PeerState.ONLINE
+            and record.start < end
+            and start < record.end
+        ]
+        raise NoRouteError(missing, num_blocks=view.num_blocks, banned=excluded)
+    return usable_peers(view, banned=banned)
+
+
+@dataclass(frozen=True)
+class _Label:
+    """A route from the planning start to some point: its cost, hop count, the peers it used that could
+    still serve later blocks, and its last hop (`peer_id` from block `start`, reached from `previous`)."""
+
+    cost: float
+    hops: int
+    used: frozenset[str]
+    previous: _Label | None
+    peer_id: str
+    start: int
+
+    def extended(self, cost: float) -> _Label:
+        return _Label(self.cost + cost, self.hops, self.used, self.previous, self.peer_id, self.start)
+
+
+def _sweep(
+    points: list[int],
+    peers: Mapping[str, PeerRecord],
+    costs: Mapping[str, tuple[float, float]],
+    *,
+    distinct: bool,
+) -> list[tuple[str, int, int]] | None:
+    """The cheapest route from points[0] to points[-1] as (peer_id, start, end) hops; with `distinct`, no peer
+    twice (labels of one state then differ in the peers they used; the cap bounds the work, so this may find
+    nothing)."""
+    # Left to right: `closed` holds routes whose last hop ends at the point, `inside[q]` routes in the
+    # middle of a hop through q.
+    closed = [_Label(0.0, 0, frozenset(), None, "", points[0])]
+    inside: dict[str, list[_Label]] = {}
+    for point, next_point in itertools.pairwise(points):
+        advanced: dict[str, list[_Label]] = {}
+        for peer_id, labels in inside.items():
+            if peers[peer_id].end >= next_point:
+                step = (next_point - point) * costs[peer_id][1]
+                advanced[peer_id] = [label.extended(step) for label in labels]
+        opening = [(peer_id, *costs[peer_id]) for peer_id, r in peers.items() if r.start <= point < r.end]
+        for label in closed:
+            for peer_id, hop_rtt, block_time in opening:
+                if peer_id not in label.used:
+                    cost = label.cost + hop_rtt + (next_point - point) * block_time
+                    used = label.used | {peer_id} if distinct else label.used
+                    opened = _Label(cost, label.hops + 1, used, label, peer_id, point)
+                    advanced.setdefault(peer_id, []).append(opened)
+        inside = {peer_id: _select(labels) for peer_id, labels in advanced.items()}
+        # a peer whose span ends here cannot serve a later hop: forget it
+        ending = [
+            _Label(label.cost, label.hops, used, label.previous, label.peer_id, label.start)
+            for labels in inside.values()
+            for label in labels
+            for used in [frozenset(q for q in label.used if peers[q].end > next_point)]
+        ]
+        closed = _select(ending)
+    hops: list[tuple[str, int, int]] = []
+    best = None
+    for label in closed:
+        if best is None or _better(label, best):
+            best = label
+    stop = points[-1]
+    while best is not None and best.previous is not None:
+        hops.append((best.peer_id, best.start, stop))
+        stop, best = best.start, best.previous
+    return hops[::-1] or None
+
+
+def _merge_repeats(hops: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """A peer's hops and everything between them become one hop of that peer (its span covers them all)."""
+    merged: list[tuple[str, int, int]] = []
+    for peer_id, start, end in hops:
+        earlier = next((i for i, hop in enumerate(merged) if hop[0] == peer_id), None)
+        if earlier is not None:
+            start = merged[earlier][1]
+            del merged[earlier:]
+        merged.append((peer_id, start, end))
+    return merged
+
+
+def _route_cost(hops: list[tuple[str, int, int]], costs: Mapping[str, tuple[float, float]]) -> float:
+    return sum(costs[peer_id][0] + (end - start) * costs[peer_id][1] for peer_id, start, end in hops)
+
+
+def _hop_costs(
+    peers: Mapping[str, PeerRecord], rtt: Mapping[str, float], default_rtt: float
+) -> dict[str, tuple[float, float]]:
+    """peer_id -> (round trip in seconds, seconds per block)."""
+    costs = {}
+    for peer_id, record in peers.items():
+        hop_rtt = rtt.get(peer_id, default_rtt)
+        if not (math.isfinite(hop_rtt) and hop_rtt >= 0):
+            raise InvalidInputError(f"rtt of peer {peer_id} must be finite and >= 0, got {hop_rtt}")
+        costs[peer_id] = (
+            hop_rtt,
+            1.0 / (max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start)),
+        )
+    return costs
+
+
+def _select(labels: list[_Label]) -> list[_Label]:
+    """Up to `MAX_LABELS` labels, cheapest first, dropping each that a kept one dominates (no more
+    expensive and used no more peers); stable, so ties go to the label found first."""
+    kept: list[_Label] = []
+    for label in sorted(labels, key=lambda label: (label.cost, label.hops)):
+        if len(kept) == MAX_LABELS:
+            break
+        if not any(not _better(label, old) and old.used <= label.used for old in kept):
+            # costs equal up to rounding sort either way; the one with fewer hops dominates
+            kept = [old for old in kept if _better(old, label) or not label.used <= old.used]
+            kept.append(label)
+    return kept
+
+
+def _better(candidate: _Label, incumbent: _Label) -> bool:
+    return _cheaper((candidate.cost, candidate.hops), (incumbent.cost, incumbent.hops))
+
+
+def _cheaper(candidate: tuple[float, int], incumbent: tuple[float, int]) -> bool:
+    """(cost, hops): cheaper, or as cheap up to float rounding with fewer hops."""
+    if math.isclose(candidate[0], incumbent[0], rel_tol=_REL_TOLERANCE, abs_tol=1e-12):
+        return candidate[1] < incumbent[1]
+    return candidate[0] < incumbent[0]

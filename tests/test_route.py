@@ -1,0 +1,334 @@
+"""Route planning on small synthetic swarms: exact routes for inference, weighted draws for forward."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from collections import Counter
+
+import pytest
+
+import client.route
+from client.discovery import SwarmView
+from client.route import (
+    Hop,
+    NoRouteError,
+    missing_blocks,
+    plan_forward_route,
+    plan_inference_route,
+)
+from protos.errors import InvalidInputError
+from protos.records import PeerRecord, PeerState
+
+ONLINE, JOINING, DRAINING, OFFLINE = (
+    PeerState.ONLINE,
+    PeerState.JOINING,
+    PeerState.DRAINING,
+    PeerState.OFFLINE,
+)
+
+
+def record(start: int, end: int, throughput: float = 10.0, state: PeerState = ONLINE) -> PeerRecord:
+    return PeerRecord(
+        state=state,
+        address=f"127.0.0.1:{7000 + start * 100 + end}",
+        start=start,
+        end=end,
+        throughput=throughput,
+        free_cache_tokens=4096,
+        max_length=2048,
+        dtype="float32",
+        version="0.1.0",
+    )
+
+
+def view(num_blocks: int, **peers: PeerRecord) -> SwarmView:
+    return SwarmView.from_records(num_blocks, peers, fetched_at=0.0)
+
+
+def hops(route: list[Hop]) -> list[tuple[str, int, int]]:
+    return [(hop.peer_id, hop.start, hop.end) for hop in route]
+
+
+ZERO_RTT = {name: 0.0 for name in "ABCDE"}
+
+INFERENCE_CASES = {
+    "single peer covers all": (view(16, A=record(0, 16)), {}, [("A", 0, 16)]),
+    "three disjoint spans": (
+        view(16, C=record(10, 16), A=record(0, 4), B=record(4, 10)),
+        {},
+        [("A", 0, 4), ("B", 4, 10), ("C", 10, 16)],
+    ),
+    "faster of two full spans": (view(16, A=record(0, 16, 10), B=record(0, 16, 20)), {}, [("B", 0, 16)]),
+    "lower rtt of two equal spans": (
+        view(16, A=record(0, 16), B=record(0, 16)),
+        {"rtt": {"A": 0.050, "B": 0.001}},
+        [("B", 0, 16)],
+    ),
+    # A+B: 8/(10*8) + 8/(10*8) = 0.2 s; C: 16/(5*16) = 0.2 s; equal cost, one hop fewer
+    "fewer hops on a tie": (
+        view(16, A=record(0, 8), B=record(8, 16), C=record(0, 16, 5)),
+        {"rtt": ZERO_RTT},
+        [("C", 0, 16)],
+    ),
+    # after Z[0,1): B[1,6) costs 0.1 + 5 * 0.1 = 0.6 s, B[1,3) D[3,6) 0.1 + 2 * 0.1 + 0.1 + 3 / 15 = 0.6 s
+    "fewer hops on a tie with rtt": (
+        view(6, Z=record(0, 6, 0.5), B=record(1, 6, 2.0), D=record(3, 6, 5.0)),
+        {"rtt": {"Z": 0.1, "B": 0.1, "D": 0.1}},
+        [("Z", 0, 1), ("B", 1, 6)],
+    ),
+    "no tie: the two faster hops win": (
+        view(16, A=record(0, 8), B=record(8, 16), C=record(0, 16, 4.9)),
+        {"rtt": ZERO_RTT},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "equal routes: lowest peer ids": (view(16, B=record(0, 16), A=record(0, 16)), {}, [("A", 0, 16)]),
+    "banned peer avoided": (
+        view(16, A=record(0, 16, 20), B=record(0, 16, 10)),
+        {"banned": {"A"}},
+        [("B", 0, 16)],
+    ),
+    "only ONLINE peers": (
+        view(
+            16,
+            A=record(0, 16, 99, JOINING),
+            B=record(0, 16, 99, DRAINING),
+            C=record(0, 16, 99, OFFLINE),
+            D=record(0, 16, 1),
+        ),
+        {},
+        [("D", 0, 16)],
+    ),
+    # per block: A 1/(10*12) < B 1/(10*8), so A carries as much as it can
+    "overlap: A carries the shared blocks": (
+        view(16, A=record(0, 12), B=record(8, 16)),
+        {},
+        [("A", 0, 12), ("B", 12, 16)],
+    ),
+    # per block: B 1/(30*8) < A 1/(10*12), so B takes over where its span starts
+    "overlap: B carries the shared blocks": (
+        view(16, A=record(0, 12), B=record(8, 16, 30)),
+        {},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "throughput 0 is slow but usable": (
+        view(16, A=record(0, 8, 0.0), B=record(8, 16)),
+        {},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "throughput 0 loses to any other peer": (
+        view(16, A=record(0, 16, 0.0), B=record(0, 16, 0.001)),
+        {},
+        [("B", 0, 16)],
+    ),
+    # the fast B inside the slow A: A[0,4) B[4,8) A[8,16) (0.775 s) would beat A B C (0.801 s) but repeats
+    # A, and a peer holds one cache per session id
+    "a peer appears at most once": (
+        view(16, A=record(0, 16, 1), B=record(4, 8, 100), C=record(8, 16, 1.9)),
+        {},
+        [("A", 0, 4), ("B", 4, 8), ("C", 8, 16)],
+    ),
+    "a peer appears at most once, even if slower": (
+        view(16, A=record(0, 16, 1), B=record(4, 8, 100)),
+        {},
+        [("A", 0, 16)],
+    ),
+    "partial route inside a span": (
+        view(16, A=record(0, 8), B=record(8, 16)),
+        {"start": 6, "end": 10},
+        [("A", 6, 8), ("B", 8, 10)],
+    ),
+    "partial route ignores blocks outside it": (
+        view(16, A=record(2, 10)),
+        {"start": 3, "end": 5},
+        [("A", 3, 5)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("swarm", "options", "expected"), INFERENCE_CASES.values(), ids=INFERENCE_CASES)
+def test_inference_route(swarm: SwarmView, options: dict, expected: list[tuple[str, int, int]]) -> None:
+    route = plan_inference_route(swarm, **options)
+    assert hops(route) == expected
+    assert all(hop.address == swarm.peers()[hop.peer_id].address for hop in route)
+    assert hops(plan_inference_route(swarm, **options)) == expected  # deterministic
+
+
+NO_ROUTE_CASES = {
+    "a gap in the middle": (
+        view(30, A=record(0, 10), B=record(20, 30)),
+        {},
+        [(10, 20)],
+        "no peer serves blocks 10..19 (of 30)",
+    ),
+    "two gaps, one a single block": (
+        view(30, A=record(1, 10), B=record(11, 30)),
+        {},
+        [(0, 1), (10, 11)],
+        "no peer serves blocks 0, 10 (of 30)",
+    ),
+    "the only peer is banned": (
+        view(30, A=record(0, 30), B=record(0, 10)),
+        {"banned": {"A"}},
+        [(10, 30)],
+        "no peer serves blocks 10..29 (of 30); 1 banned peer(s) excluded: A",
+    ),
+    "non-ONLINE peers do not count": (
+        view(30, A=record(0, 15), B=record(15, 30, state=DRAINING)),
+        {},
+        [(15, 30)],
+        "no peer serves blocks 15..29 (of 30)",
+    ),
+    "only the asked range counts": (
+        view(30, A=record(0, 10)),
+        {"start": 5, "end": 12},
+        [(10, 12)],
+        "no peer serves blocks 10..11 (of 30)",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("swarm", "options", "missing", "message"), NO_ROUTE_CASES.values(), ids=NO_ROUTE_CASES
+)
+@pytest.mark.parametrize("plan", [plan_inference_route, plan_forward_route])
+def test_no_route_names_missing_blocks(plan, swarm: SwarmView, options: dict, missing, message: str) -> None:
+    with pytest.raises(NoRouteError) as caught:
+        plan(swarm, **options)
+    assert caught.value.missing == missing
+    assert str(caught.value) == message
+    banned = options.get("banned", frozenset())
+    bounds = {key: options[key] for key in ("start", "end") if key in options}
+    assert missing_blocks(swarm, banned=banned, **bounds) == missing
+
+
+def test_missing_blocks_whole_model() -> None:
+    swarm = view(30, A=record(0, 10), B=record(5, 12), C=record(20, 29, state=JOINING))
+    assert missing_blocks(swarm) == [(12, 30)]
+    assert missing_blocks(swarm, banned={"B"}) == [(10, 30)]
+    assert missing_blocks(view(30, A=record(0, 30))) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"start": 5, "end": 5}, InvalidInputError),
+        ({"start": 0, "end": 17}, InvalidInputError),
+        ({"start": -1}, InvalidInputError),
+        ({"rtt": {"A": -0.1}}, InvalidInputError),
+        ({"rtt": {"A": float("nan")}}, InvalidInputError),
+    ],
+)
+def test_inference_route_rejects_bad_arguments(options: dict, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        plan_inference_route(view(16, A=record(0, 16)), **options)
+
+
+def _brute_force_cost(swarm: SwarmView, rtt: dict[str, float]) -> tuple[float, int]:
+    """Least (cost, hops) over every route with any block boundaries and no repeated peer."""
+    peers = {p: r for p, r in swarm.peers().items() if r.state is ONLINE}
+    best = (math.inf, 0)
+
+    def extend(block: int, cost: float, num_hops: int, used: frozenset[str]) -> None:
+        nonlocal best
+        if block == swarm.num_blocks:
+            if cost < best[0] - 1e-12 or (math.isclose(cost, best[0]) and num_hops < best[1]):
+                best = (cost, num_hops)
+            return
+        for peer_id, r in peers.items():
+            if r.start <= block < r.end and peer_id not in used:
+                for end in range(block + 1, r.end + 1):
+                    hop = rtt[peer_id] + (end - block) / (max(r.throughput, 1e-6) * (r.end - r.start))
+                    extend(end, cost + hop, num_hops + 1, used | {peer_id})
+
+    extend(0, 0.0, 0, frozenset())
+    return best
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_inference_route_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    num_blocks = rng.randint(2, 8)
+    records = {}
+    for name in "ABCDE"[: rng.randint(1, 5)]:
+        start = rng.randrange(num_blocks)
+        records[name] = record(start, rng.randint(start + 1, num_blocks), rng.choice([0.0, 1.0, 2.0, 5.0]))
+    records["Z"] = record(0, num_blocks, 0.5)  # a route always exists
+    rtt = {name: rng.choice([0.0, 0.01, 0.1]) for name in records}
+    swarm = view(num_blocks, **records)
+    route = plan_inference_route(swarm, rtt=rtt)
+    cost = sum(
+        rtt[hop.peer_id] + (hop.end - hop.start) / (max(r.throughput, 1e-6) * (r.end - r.start))
+        for hop in route
+        for r in [records[hop.peer_id]]
+    )
+    assert route[0].start == 0 and route[-1].end == num_blocks
+    assert all(a.end == b.start for a, b in itertools.pairwise(route))
+    assert len({hop.peer_id for hop in route}) == len(route)
+    expected_cost, expected_hops = _brute_force_cost(swarm, rtt)
+    assert cost == pytest.approx(expected_cost, rel=1e-9)
+    assert len(route) == expected_hops
+
+
+NESTED = view(16, A=record(0, 16, 1), B=record(2, 6, 100), C=record(8, 12, 100), D=record(6, 16, 1.5))
+
+
+def test_inference_route_with_nested_fast_spans() -> None:
+    # fastest would be A B A C A (0.545 s); without repeats A[0,8) C D (0.792 s) beats A B D (0.817 s)
+    assert hops(plan_inference_route(NESTED)) == [("A", 0, 8), ("C", 8, 12), ("D", 12, 16)]
+
+
+def test_inference_route_merges_repeats_when_the_search_finds_nothing(monkeypatch) -> None:
+    sweep = client.route._sweep
+    monkeypatch.setattr(
+        "client.route._sweep", lambda *args, distinct: None if distinct else sweep(*args, distinct=False)
+    )
+    assert hops(plan_inference_route(NESTED)) == [("A", 0, 16)]
+
+
+def test_forward_route_draws_peers_by_throughput() -> None:
+    # from block 0: A (1), B (2) or C (7); B ends at 8, so D or E (equal) carry the rest after B
+    swarm = view(
+        16,
+        A=record(0, 16, 1.0),
+        B=record(0, 8, 2.0),
+        C=record(0, 16, 7.0),
+        D=record(8, 16, 5.0),
+        E=record(4, 16, 5.0),
+    )
+    rng = random.Random(1234)
+    routes = Counter(tuple(hops(plan_forward_route(swarm, rng=rng))) for _ in range(1000))
+    first = Counter()
+    for route, count in routes.items():
+        first[route[0][0]] += count
+        assert route[0][1] == 0 and route[-1][2] == 16
+        assert all(a[2] == b[1] for a, b in itertools.pairwise(route))
+    assert set(routes) == {
+        (("A", 0, 16),),
+        (("C", 0, 16),),
+        (("B", 0, 8), ("A", 8, 16)),
+        (("B", 0, 8), ("C", 8, 16)),
+        (("B", 0, 8), ("D", 8, 16)),
+        (("B", 0, 8), ("E", 8, 16)),
+    }
+    assert first["A"] / 1000 == pytest.approx(0.1, abs=0.03)
+    assert first["B"] / 1000 == pytest.approx(0.2, abs=0.04)
+    assert first["C"] / 1000 == pytest.approx(0.7, abs=0.04)
+    after_b = {name: routes[(("B", 0, 8), (name, 8, 16))] / first["B"] for name in "ACDE"}
+    # from block 8: A 1, C 7, D 5, E 5 -> 1/18, 7/18, 5/18, 5/18
+    assert after_b == pytest.approx({"A": 1 / 18, "C": 7 / 18, "D": 5 / 18, "E": 5 / 18}, abs=0.08)
+
+
+def test_forward_route_partial_and_banned() -> None:
+    swarm = view(16, A=record(0, 16, 100.0), B=record(0, 16, 1.0, OFFLINE), C=record(2, 12, 1.0))
+    route = plan_forward_route(swarm, start=3, end=9, banned={"A"}, rng=random.Random(0))
+    assert hops(route) == [("C", 3, 9)]
+
+
+def test_forward_route_is_seeded() -> None:
+    swarm = view(16, A=record(0, 8), B=record(0, 8), C=record(8, 16), D=record(4, 16))
+    first = [hops(plan_forward_route(swarm, rng=random.Random(seed))) for seed in range(20)]
+    again = [hops(plan_forward_route(swarm, rng=random.Random(seed))) for seed in range(20)]
+    assert first == again
+    assert len({tuple(route) for route in first}) > 1

@@ -1,0 +1,59 @@
+"""The real SmolLM2-135M-Instruct checkpoint, split into 3 spans of 10 blocks, generates like transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from client.model import ClientModules
+from peer.blocks import HostedSpan
+from protos.prepare import prepare_default_model
+
+NEW_TOKENS = 32
+SPANS = [(0, 10), (10, 20), (20, 30)]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return prepare_default_model()
+
+
+def test_three_spans_generate_like_transformers(smollm2) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    input_ids = input_ids["input_ids"] if not isinstance(input_ids, torch.Tensor) else input_ids
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    expected = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=NEW_TOKENS,
+        min_new_tokens=NEW_TOKENS,
+        do_sample=False,
+    )[0, input_ids.shape[1] :]
+    del model
+
+    client = ClientModules.load(smollm2)
+    spans = [HostedSpan.load(smollm2, start, end) for start, end in SPANS]
+    caches = [span.new_cache() for span in spans]
+    positions = torch.arange(input_ids.shape[1])[None]
+    step_ids, tokens = input_ids, []
+    for _ in range(NEW_TOKENS):
+        hidden = client.embed(step_ids, positions)
+        for span, cache in zip(spans, caches, strict=True):
+            hidden = span.forward(hidden, cache, positions)
+        step_ids = client.head(hidden[:, -1:])[:, -1].argmax(-1, keepdim=True)
+        tokens.append(int(step_ids))
+        positions = positions[:, -1:] + 1
+    assert tokens == expected.tolist(), (tokenizer.decode(tokens), tokenizer.decode(expected))
+
+
+def test_span_of_ten_blocks_holds_a_third_of_the_blocks(smollm2) -> None:
+    span = HostedSpan.load(smollm2, 10, 20)
+    per_block = sum(p.numel() * p.element_size() for p in span.blocks[10].parameters())
+    embeddings = 49152 * 576 * 4
+    assert 10 * per_block <= span.parameter_bytes() < 10 * per_block + embeddings // 10
+    assert span.parameter_bytes() < 0.4 * (30 * per_block + embeddings)
