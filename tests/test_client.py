@@ -136,7 +136,9 @@ def test_inference_session_keeps_peer_caches(local, remote) -> None:
             follow_up, attention_mask=torch.ones_like(follow_up), max_new_tokens=6, do_sample=False
         )
         # the second call sent only the positions the peers did not hold yet
-        assert session.history[len(session.history) - 6].positions.shape[1] == follow_up.shape[1] - sent_before
+        assert (
+            session.history[len(session.history) - 6].positions.shape[1] == follow_up.shape[1] - sent_before
+        )
     expected = local.generate(
         follow_up, attention_mask=torch.ones_like(follow_up), max_new_tokens=6, do_sample=False
     )
