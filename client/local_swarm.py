@@ -104,8 +104,8 @@ def start_peers(
     """Start several peers at once (they load in parallel), then wait for each to serve."""
     started = []
     try:
-        for blocks in spans:
-            log = log_dir / f"peer-{blocks.replace(':', '-')}.log"
+        for number, blocks in enumerate(spans):
+            log = log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
             args = [
                 "serve",
                 str(model),

@@ -191,6 +191,7 @@ class InferenceSession:
         self._session_ids = (f"{prefix}-{n}" for n in itertools.count())
         self._step_ids = itertools.count()
         self._waiting: dict[int, _Waiting] = {}
+        self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
         self._lock = asyncio.Lock()
 
     @property
@@ -226,7 +227,7 @@ class InferenceSession:
         return output.to(hidden.dtype)
 
     async def _with_failover(self, log: StepLog, batch_size: int) -> torch.Tensor:
-        failures: list[PeerFailure] = []
+        failures: list[CorollaError] = []
         recovering: PeerFailure | None = None
         while True:
             try:
@@ -234,9 +235,17 @@ class InferenceSession:
                     await self._recover(recovering)
                 elif not self.streams:
                     self.batch_size = batch_size
-                    await self._replace(0, 0, None)
+                    await self._replace(0, 0, None, refresh=bool(failures))
                 recovering = None
                 return await self._run(log)
+            except NoRouteError as error:
+                # the view may miss peers (a frozen DHT replica, peers still joining): look again, later
+                failures.append(error)
+                await self._reset()
+                recovering = None
+                if len(failures) > self.config.max_retries:
+                    raise
+                await asyncio.sleep(min(0.25 * 2 ** len(failures), 4.0))
             except PeerFailure as failure:
                 if failure.code == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidInputError(str(failure)) from failure
@@ -271,13 +280,21 @@ class InferenceSession:
                 raise
             await self._replace(0, len(self.streams), failure)  # the rest of the route may do better
 
-    async def _replace(self, first: int, last: int, failure: PeerFailure | None) -> None:
+    async def _replace(
+        self, first: int, last: int, failure: PeerFailure | None, *, refresh: bool = False
+    ) -> None:
         """Put freshly planned hops in place of streams[first:last] and rebuild their caches from history."""
+        if any(
+            self.streams[first].hop.start not in log.inputs
+            for log in self.history
+            if first < len(self.streams)
+        ):
+            first, last = 0, len(self.streams)  # a hop died before reporting: rebuild from the embeddings
         old = self.streams[first:last]
         start = old[0].hop.start if old else 0
         end = old[-1].hop.end if old else None
         others = {s.hop.peer_id for s in self.streams[:first] + self.streams[last:]}
-        view = await self.discovery.view(refresh=failure is not None)
+        view = await self.discovery.view(refresh=refresh or failure is not None)
         banned = frozenset(self.bans.banned() | others)  # a peer holds one session per id
         hops = plan_inference_route(view, start=start, end=end, banned=banned)
         for stream in old:
@@ -373,6 +390,7 @@ class InferenceSession:
             step.rollback_to = log.rollback_to
         waiting = _Waiting(log, until, asyncio.get_running_loop().create_future())
         self._waiting[step_id] = waiting
+        self._sent[step_id] = log
         started = time.perf_counter()
         try:
             stream.send(peer_pb2.SessionRequest(step=step))
@@ -390,11 +408,12 @@ class InferenceSession:
         return log.inputs[until.hop.end]
 
     def _on_result(self, stream: _HopStream, step_id: int, hidden: torch.Tensor) -> None:
-        waiting = self._waiting.get(step_id)
-        if waiting is None or stream.closed:
+        log = self._sent.get(step_id)
+        if log is None or stream.closed:
             return
-        waiting.log.inputs[stream.hop.end] = hidden
-        if stream is waiting.until and not waiting.done.done():
+        log.inputs.setdefault(stream.hop.end, hidden)
+        waiting = self._waiting.get(step_id)
+        if waiting is not None and stream is waiting.until and not waiting.done.done():
             waiting.done.set_result(None)
 
     def _on_error(self, step_id: int, failure: PeerFailure) -> None:
@@ -425,6 +444,7 @@ class InferenceSession:
 
     async def aclose(self) -> None:
         self.closed = True
+        self._sent.clear()
         streams, self.streams = self.streams, []
         for stream in streams:
             stream.send(peer_pb2.SessionRequest(close=peer_pb2.Close()))

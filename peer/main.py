@@ -139,7 +139,7 @@ async def serve(config: PeerConfig) -> None:
         )
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), EXPIRY_CHECK_PERIOD)
+                await asyncio.wait_for(stop.wait(), min(EXPIRY_CHECK_PERIOD, config.session_timeout / 2))
             except TimeoutError:
                 service.expire_idle()
         logger.info("draining sessions=%d", len(sessions))

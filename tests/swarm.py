@@ -8,7 +8,7 @@ from pathlib import Path
 from client import local_swarm
 from client.local_swarm import LocalProcess as Process
 
-__all__ = ["Process", "start_dht", "start_peer"]
+__all__ = ["Process", "start_dht", "start_peer", "start_peers"]
 
 # one thread per peer: tests run several processes on a 2-core machine
 _ENV = {
@@ -26,3 +26,10 @@ def start_peer(
     log_dir: Path, model: Path, blocks: str, initial_peers: list[str], *extra: str, name=None
 ) -> Process:
     return local_swarm.start_peer(log_dir, model, blocks, initial_peers, *extra, name=name, env=_ENV)
+
+
+def start_peers(
+    log_dir: Path, model: Path, spans: list[str], initial_peers: list[str], *extra: str
+) -> list[Process]:
+    """Several peers started at once (they load in parallel)."""
+    return local_swarm.start_peers(log_dir, model, spans, initial_peers, *extra, env=_ENV)

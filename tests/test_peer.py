@@ -146,7 +146,10 @@ def test_dht_shows_records_and_offline_after_sigterm(checkpoint, swarm, tmp_path
     by_peer = {peer_id: record for block in records for peer_id, record in block.items()}
     full = by_peer[swarm["full"].peer_id]
     assert (full.start, full.end, full.address, full.dtype) == (0, 4, swarm["full"].address, "float32")
-    assert full.state is PeerState.ONLINE and full.throughput == 100.0 and full.free_cache_tokens == 1024
+    assert full.state is PeerState.ONLINE and full.throughput == 100.0
+    assert (
+        0 < full.free_cache_tokens <= 1024 and full.max_length == 128
+    )  # sessions of other tests may be open
     assert all(swarm["second"].peer_id in records[block] for block in (2, 3))
     assert swarm["second"].peer_id not in records[0]
 
