@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hivemind.dht.node import DHTNode
-from hivemind.utils.timed_storage import ValueWithExpiration
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from client.errors import SwarmError
 from protos.errors import InvalidInputError
@@ -109,6 +109,7 @@ class DhtDiscovery:
         self.refresh_period = refresh_period
         self.fetch_timeout = fetch_timeout
         self._view: SwarmView | None = None
+        self._latest: dict[str, tuple[float, PeerRecord]] = {}  # peer -> (DHT expiration, record)
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -164,7 +165,9 @@ class DhtDiscovery:
         num_blocks = self.num_blocks or await self._read_num_blocks()
         keys = [block_key(self.model_id, block) for block in range(num_blocks)]
         found = await self.node.get_many(keys, sufficient_expiration_time=float("inf"))
-        latest: dict[str, tuple[float, PeerRecord]] = {}
+        # a read can miss records (a frozen replica): what the last read saw stays until it expires
+        now = get_dht_time()
+        latest = {peer_id: entry for peer_id, entry in self._latest.items() if entry[0] > now}
         dropped = 0
         for block, key in enumerate(keys):
             for peer_id, record, expiration in _entries(found.get(key)):
@@ -173,6 +176,7 @@ class DhtDiscovery:
                     continue
                 if peer_id not in latest or expiration > latest[peer_id][0]:
                     latest[peer_id] = (expiration, record)
+        self._latest = latest
         view = SwarmView.from_records(
             num_blocks, {peer_id: record for peer_id, (_, record) in latest.items()}, fetched_at=fetched_at
         )

@@ -238,7 +238,7 @@ class InferenceSession:
                     await self._replace(0, 0, None, refresh=bool(failures))
                 recovering = None
                 return await self._run(log)
-            except NoRouteError as error:
+            except SwarmError as error:
                 # the view may miss peers (a frozen DHT replica, peers still joining): look again, later
                 failures.append(error)
                 await self._reset()

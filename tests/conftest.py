@@ -32,3 +32,15 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    """The tiny Llama as plain transformers loads it: the reference every swarm run is compared with."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint("llama"), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model

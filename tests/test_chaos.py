@@ -11,7 +11,6 @@ import pytest
 import torch
 from families import VOCAB
 from swarm import Process, start_dht, start_peers
-from transformers import AutoModelForCausalLM
 
 from client.errors import NoRouteError
 from client.model import AutoDistributedModelForCausalLM
@@ -31,14 +30,6 @@ def dht(tmp_path_factory) -> Iterator[Process]:
     process = start_dht(tmp_path_factory.mktemp("chaos-dht"))
     yield process
     process.stop()
-
-
-@pytest.fixture(scope="module")
-def local(checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint("llama"), dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 class Swarm:
@@ -309,3 +300,40 @@ def _wait_for_free_tokens(peer: Process, tokens: int, *, timeout: float) -> peer
         if info.free_cache_tokens == tokens or time.monotonic() > deadline:
             return info
         time.sleep(0.2)
+
+
+def test_session_expired_on_a_peer_is_reopened_and_replayed(make_swarm, local) -> None:
+    """NOT_FOUND: the peer dropped the session (idle expiry here; a restart looks the same)."""
+    swarm = make_swarm(["0:1", "1:3", "3:4"], "--session-timeout", "1")
+    model = swarm.client()
+    prompt = _prompt(seed=10)
+    try:
+        with model.inference_session(max_length=64) as session:
+            first = _generate(model, prompt)
+            time.sleep(3)  # every peer expires the idle session
+            second = _generate(model, first)
+            assert session.num_failovers >= 1
+    finally:
+        model.shutdown()
+    assert torch.equal(second, _generate(local, _generate(local, prompt)))
+
+
+def test_full_peer_is_skipped(make_swarm, local) -> None:
+    """RESOURCE_EXHAUSTED: the fast peer has no cache room; the slower one serves."""
+    full = make_swarm(["0:4"], "--max-cache-tokens", "8", "--throughput", "1000")
+    roomy = start_peers(
+        full.peers[0].log.parent,
+        full.folder,
+        ["0:4"],
+        full.dht.maddrs,
+        "--model-id",
+        full.model_id,
+        "--throughput",
+        "10",
+    )
+    full.peers += roomy
+    prompt = _prompt(seed=11)
+    out, session, bans = _run_with_faults(full, prompt, {})
+    assert torch.equal(out, _generate(local, prompt))
+    assert bans.is_banned(full.peers[0].peer_id)
+    assert [hop.peer_id for hop in session.final_route] == [roomy[0].peer_id]

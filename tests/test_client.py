@@ -34,14 +34,6 @@ def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
 
 
 @pytest.fixture(scope="module")
-def local(checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint("llama"), dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
-
-
-@pytest.fixture(scope="module")
 def remote(checkpoint, swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         checkpoint("llama"), initial_peers=swarm["dht"].maddrs, model_id="llama"

@@ -42,7 +42,7 @@ def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
 
 
 @pytest.fixture(scope="module")
-def local(checkpoint) -> HostedSpan:
+def local_span(checkpoint) -> HostedSpan:
     return HostedSpan.load(checkpoint("llama"), 0, 4)
 
 
@@ -99,43 +99,45 @@ def _result(reply: peer_pb2.SessionReply) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("batch", [1, 2])
-def test_session_prefill_and_decode_match_local_span(swarm, local: HostedSpan, batch: int) -> None:
+def test_session_prefill_and_decode_match_local_span(swarm, local_span: HostedSpan, batch: int) -> None:
     stream = Stream(swarm["full"])
     assert stream.open(f"parity-{batch}", batch=batch).opened.max_length == 64
-    cache = local.new_cache()
+    cache = local_span.new_cache()
     position = 0
     for step_id, seq in enumerate([7] + [1] * 10):
         hidden = _hidden(batch, seq, step_id)
         positions = torch.arange(position, position + seq).expand(batch, -1)
         reply = stream.step(step_id, position, hidden, position_ids=to_message(positions))
-        torch.testing.assert_close(_result(reply), local.forward(hidden, cache, positions), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            _result(reply), local_span.forward(hidden, cache, positions), atol=1e-5, rtol=0
+        )
         position += seq
         assert reply.result.position == position
     stream.close()
 
 
-def test_forward_matches_local_span(swarm, local: HostedSpan) -> None:
+def test_forward_matches_local_span(swarm, local_span: HostedSpan) -> None:
     hidden = _hidden(2, 9, 42)
     reply = stub(swarm["full"]).Forward(peer_pb2.ForwardRequest(start=1, end=3, hidden=to_message(hidden)))
-    expected = local.forward(hidden, start=1, end=3)
+    expected = local_span.forward(hidden, start=1, end=3)
     torch.testing.assert_close(from_message(reply.hidden, max_bytes=MAX_MESSAGE), expected, atol=1e-5, rtol=0)
 
 
-def test_push_chain_matches_both_spans_locally(swarm, local: HostedSpan) -> None:
+def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) -> None:
     first, second = swarm["first"], swarm["second"]
     last = Stream(second)
     assert last.open("chain", start=2, end=4).WhichOneof("kind") == "opened"
     head = Stream(first)
     hop = peer_pb2.Hop(peer_id=second.peer_id, address=second.address, start=2, end=4)
     assert head.open("chain", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
-    cache = local.new_cache()
+    cache = local_span.new_cache()
     position = 0
     for step_id, seq in enumerate([6, 1, 1, 1]):
         hidden = _hidden(1, seq, 100 + step_id)
         head.send(step=peer_pb2.Step(step_id=step_id, position=position, hidden=to_message(hidden)))
         reply = last.receive()  # the last hop answers the client on its own stream
         assert reply.result.step_id == step_id and reply.result.peer_id == second.peer_id
-        torch.testing.assert_close(_result(reply), local.forward(hidden, cache), atol=1e-5, rtol=0)
+        torch.testing.assert_close(_result(reply), local_span.forward(hidden, cache), atol=1e-5, rtol=0)
         position += seq
     head.close()
     last.close()
@@ -269,7 +271,7 @@ def test_bad_open_gets_a_clear_status(swarm, case, request_, code, message) -> N
     ("case", "request_", "code", "message"), STEP_ERRORS, ids=[c[0] for c in STEP_ERRORS]
 )
 def test_bad_step_gets_a_clear_status_and_changes_nothing(
-    swarm, local, case, request_, code, message
+    swarm, local_span, case, request_, code, message
 ) -> None:
     stream = Stream(swarm["full"])
     stream.open(f"bad-step-{case}")
@@ -279,7 +281,9 @@ def test_bad_step_gets_a_clear_status_and_changes_nothing(
     assert reply.error.code == code.value[0] and message in reply.error.message
     # the session is unchanged: a correct first step still works and matches
     hidden = _hidden(1, 3, 5)
-    torch.testing.assert_close(_result(stream.step(8, 0, hidden)), local.forward(hidden, local.new_cache()))
+    torch.testing.assert_close(
+        _result(stream.step(8, 0, hidden)), local_span.forward(hidden, local_span.new_cache())
+    )
     stream.close()
 
 
@@ -333,17 +337,17 @@ def test_peer_survives_bad_input_and_serves_others(swarm) -> None:
     assert swarm["full"].popen.poll() is None
 
 
-def test_concurrent_sessions_do_not_mix(swarm, local: HostedSpan) -> None:
+def test_concurrent_sessions_do_not_mix(swarm, local_span: HostedSpan) -> None:
     errors: list[BaseException] = []
 
     def run(seed: int) -> None:
         try:
             stream = Stream(swarm["full"])
             stream.open(f"concurrent-{seed}")
-            cache, position = local.new_cache(), 0
+            cache, position = local_span.new_cache(), 0
             for step_id, seq in enumerate([5, 1, 1, 1, 1]):
                 hidden = _hidden(1, seq, seed * 100 + step_id)
-                expected = local.forward(hidden, cache)
+                expected = local_span.forward(hidden, cache)
                 torch.testing.assert_close(_result(stream.step(step_id, position, hidden)), expected)
                 position += seq
             stream.close()
