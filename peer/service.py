@@ -241,8 +241,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             session.position = base + seq
             session.touch()
         push = bool(session.next_hops) and not step.local_only
+        hidden_message = tensor_message(output, dtype=session.wire_dtype)  # serialized once for both uses
         if push:
-            task = asyncio.create_task(self._push(session, step, output, session.next_hops[0]))
+            task = asyncio.create_task(self._push(session, step, hidden_message, session.next_hops[0]))
             self._pushes.add(task)
             task.add_done_callback(self._pushes.discard)
         if not push or session.report_outputs:  # the report goes out before the push can fail
@@ -250,7 +251,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 peer_pb2.SessionReply(
                     result=peer_pb2.StepResult(
                         step_id=step.step_id,
-                        hidden=tensor_message(output, dtype=session.wire_dtype),
+                        hidden=hidden_message,
                         position=session.position,
                         peer_id=self.peer_id,
                     )
@@ -325,13 +326,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     # ---- Push --------------------------------------------------------------------------------------
 
     async def _push(
-        self, session: PeerSession, step: peer_pb2.Step, output: torch.Tensor, hop: peer_pb2.Hop
+        self, session: PeerSession, step: peer_pb2.Step, hidden: peer_pb2.Tensor, hop: peer_pb2.Hop
     ) -> None:
         pushed = peer_pb2.Step(
             session_id=hop.session_id or session.session_id,
             step_id=step.step_id,
             position=step.position,
-            hidden=tensor_message(output, dtype=session.wire_dtype),
+            hidden=hidden,
             position_ids=step.position_ids,
         )
         if step.HasField("rollback_to"):

@@ -57,3 +57,56 @@ def test_span_of_ten_blocks_holds_a_third_of_the_blocks(smollm2) -> None:
     embeddings = 49152 * 576 * 4
     assert 10 * per_block <= span.parameter_bytes() < 10 * per_block + embeddings // 10
     assert span.parameter_bytes() < 0.4 * (30 * per_block + embeddings)
+
+
+class _Collect:
+    """A streamer that keeps every token it is given."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.tokens += value.flatten().tolist()
+
+    def end(self) -> None:
+        pass
+
+
+def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
+    from swarm import start_dht, start_peers
+
+    from client.model import AutoDistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    local = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    options = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = local.generate(**inputs, **options)
+    stopped_expected = local.generate(**inputs, stop_strings=["."], tokenizer=tokenizer, **options)
+    del local
+
+    dht = start_dht(tmp_path)
+    peers = []
+    try:
+        peers = start_peers(tmp_path, smollm2, [f"{s}:{e}" for s, e in SPANS], dht.maddrs)
+        model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=dht.maddrs)
+        try:
+            streamer = _Collect()
+            out = model.generate(**inputs, streamer=streamer, **options)
+            stopped = model.generate(**inputs, stop_strings=["."], tokenizer=tokenizer, **options)
+        finally:
+            model.shutdown()
+    finally:
+        for process in [*peers, dht]:
+            process.stop()
+    assert (
+        out[0, inputs["input_ids"].shape[1] :].shape[0] == NEW_TOKENS or out[0, -1] == tokenizer.eos_token_id
+    )
+    assert torch.equal(out, expected), tokenizer.decode(out[0])
+    assert streamer.tokens == out[0].tolist()  # the prompt, then each token as it was generated
+    assert torch.equal(stopped, stopped_expected) and tokenizer.decode(stopped[0]).rstrip().endswith(".")
