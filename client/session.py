@@ -152,11 +152,14 @@ def _code(value: int) -> grpc.StatusCode:
 
 @dataclass
 class _Waiting:
-    """A step in flight: where its outputs go and which stream's answer completes it."""
+    """A step in flight: it is done when every expected hop has reported its output."""
 
     log: StepLog
-    until: _HopStream  # the stream whose result completes the step
+    expect: list[_HopStream]  # the last one's output is the step's result
     done: asyncio.Future[None]
+
+    def complete(self) -> bool:
+        return all(stream.hop.end in self.log.inputs for stream in self.expect)
 
 
 class InferenceSession:
@@ -192,6 +195,7 @@ class InferenceSession:
         self._step_ids = itertools.count()
         self._waiting: dict[int, _Waiting] = {}
         self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
+        self._restart_from = 0  # the first block of hops opened since the step in flight was sent
         self._lock = asyncio.Lock()
 
     @property
@@ -294,9 +298,15 @@ class InferenceSession:
         start = old[0].hop.start if old else 0
         end = old[-1].hop.end if old else None
         others = {s.hop.peer_id for s in self.streams[:first] + self.streams[last:]}
-        view = await self.discovery.view(refresh=refresh or failure is not None)
         banned = frozenset(self.bans.banned() | others)  # a peer holds one session per id
-        hops = plan_inference_route(view, start=start, end=end, banned=banned)
+        try:  # the last view usually knows a replacement; a DHT read can stall on a frozen node
+            view = await self.discovery.view(refresh=refresh)
+            hops = plan_inference_route(view, start=start, end=end, banned=banned)
+        except NoRouteError:
+            if refresh:
+                raise
+            view = await self.discovery.view(refresh=True)
+            hops = plan_inference_route(view, start=start, end=end, banned=banned)
         for stream in old:
             await stream.close()
         following = self.streams[last:]
@@ -312,6 +322,7 @@ class InferenceSession:
             await self._reset()
             raise
         self.streams[first:last] = new
+        self._restart_from = min(self._restart_from, start)
         if first > 0:  # the hop before the new ones pushes to them from now on
             request = peer_pb2.Reroute(next_hops=[s.message() for s in [*new, *following]])
             self.streams[first - 1].send(peer_pb2.SessionRequest(reroute=request))
@@ -344,7 +355,7 @@ class InferenceSession:
         """Resend every past step to the new hops, one hop at a time, with the very same chunks."""
         for log in self.history:
             for stream in streams:
-                output = await self._send(log, stream, until=stream, local_only=True, suspects=[stream])
+                output = await self._send(log, stream, expect=[stream], local_only=True)
                 expected = log.inputs.get(stream.hop.end)
                 if expected is not None and not torch.equal(output, expected):
                     logger.warning("replay differs at block %d position %d", stream.hop.end, log.position)
@@ -355,6 +366,10 @@ class InferenceSession:
         for stream in self.streams:
             if stream.failure is not None:
                 raise stream.failure
+        # hops opened since this step was first sent have not seen it, whatever the old hops reported
+        for block in [b for b in log.inputs if b > self._restart_from]:
+            del log.inputs[block]
+        self._restart_from = self.num_blocks
         frontier = next(
             i for i, s in enumerate(self.streams) if s.hop.end not in log.inputs or i == len(self.streams) - 1
         )
@@ -362,18 +377,15 @@ class InferenceSession:
         for block in [b for b in log.inputs if b > self.streams[frontier].hop.start]:
             del log.inputs[block]
         streams = self.streams
-        return await self._send(
-            log, streams[frontier], until=streams[-1], local_only=False, suspects=streams[frontier:]
-        )
+        return await self._send(log, streams[frontier], expect=streams[frontier:], local_only=False)
 
     async def _send(
         self,
         log: StepLog,
         stream: _HopStream,
         *,
-        until: _HopStream,
+        expect: list[_HopStream],
         local_only: bool,
-        suspects: list[_HopStream],
     ) -> torch.Tensor:
         step_id = next(self._step_ids)  # a fresh id per send: late errors about an abandoned send are ignored
         step = peer_pb2.Step(
@@ -388,16 +400,13 @@ class InferenceSession:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
         if log.rollback_to is not None:
             step.rollback_to = log.rollback_to
-        waiting = _Waiting(log, until, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(log, expect, asyncio.get_running_loop().create_future())
         self._waiting[step_id] = waiting
         self._sent[step_id] = log
         started = time.perf_counter()
         try:
             stream.send(peer_pb2.SessionRequest(step=step))
-            try:
-                await asyncio.wait_for(asyncio.shield(waiting.done), self.config.step_timeout)
-            except TimeoutError:
-                raise await self._blame_timeout(log, suspects) from None
+            await self._wait(waiting)
         finally:
             del self._waiting[step_id]
             if not waiting.done.done():
@@ -405,7 +414,7 @@ class InferenceSession:
         logger.debug(
             "step positions=%d ms=%.2f", log.positions.shape[1], (time.perf_counter() - started) * 1000
         )
-        return log.inputs[until.hop.end]
+        return log.inputs[expect[-1].hop.end]
 
     def _on_result(self, stream: _HopStream, step_id: int, hidden: torch.Tensor) -> None:
         log = self._sent.get(step_id)
@@ -413,7 +422,7 @@ class InferenceSession:
             return
         log.inputs.setdefault(stream.hop.end, hidden)
         waiting = self._waiting.get(step_id)
-        if waiting is not None and stream is waiting.until and not waiting.done.done():
+        if waiting is not None and waiting.complete() and not waiting.done.done():
             waiting.done.set_result(None)
 
     def _on_error(self, step_id: int, failure: PeerFailure) -> None:
@@ -426,21 +435,33 @@ class InferenceSession:
             return
         for waiting in self._waiting.values():
             # a step this hop already passed on can still complete downstream
-            passed = stream.hop.end in waiting.log.inputs and stream is not waiting.until
+            passed = stream.hop.end in waiting.log.inputs
             if not passed and not waiting.done.done():
                 waiting.done.set_exception(failure)
 
-    async def _blame_timeout(self, log: StepLog, suspects: list[_HopStream]) -> PeerFailure:
-        """No answer in time: the stuck hop is the first that has not reported the step and ignores a ping."""
-        pending = [s for s in suspects if s.hop.end not in log.inputs]
-        for stream in pending:
-            stub = peer_pb2_grpc.PeerStub(self.channels.get(stream.hop.address))
+    async def _wait(self, waiting: _Waiting) -> None:
+        """Wait for the step. Every `step_timeout` without an answer, ping the hops that have not reported
+        it: one that does not answer is stuck and blamed; hops that answer are busy (a long prefill) and
+        are given up to `forward_timeout` in all."""
+        deadline = time.monotonic() + self.config.forward_timeout
+        while True:
             try:
-                await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.connect_timeout)
-            except grpc.aio.AioRpcError:
-                return PeerFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "step timed out", stream.hop.peer_id)
-        culprit = pending[0] if pending else suspects[-1]
-        return PeerFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "step timed out", culprit.hop.peer_id)
+                await asyncio.wait_for(asyncio.shield(waiting.done), self.config.step_timeout)
+                return
+            except TimeoutError:
+                pending = [s for s in waiting.expect if s.hop.end not in waiting.log.inputs] or waiting.expect
+                for stream in pending:
+                    stub = peer_pb2_grpc.PeerStub(self.channels.get(stream.hop.address))
+                    try:
+                        await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.connect_timeout)
+                    except grpc.aio.AioRpcError:
+                        stuck = grpc.StatusCode.DEADLINE_EXCEEDED
+                        raise PeerFailure(
+                            stuck, "no answer to a step or a ping", stream.hop.peer_id
+                        ) from None
+                if time.monotonic() > deadline:
+                    slow = grpc.StatusCode.DEADLINE_EXCEEDED
+                    raise PeerFailure(slow, "step over forward_timeout", pending[0].hop.peer_id) from None
 
     async def aclose(self) -> None:
         self.closed = True

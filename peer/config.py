@@ -67,7 +67,9 @@ class PeerConfig(BaseModel):
         default=600.0, gt=0, description="seconds a session may stay idle before its cache is freed"
     )
     step_timeout: float = Field(
-        default=60.0, gt=0, description="seconds a push to the next hop may take before it counts as failed"
+        default=15.0,
+        gt=0,
+        description="seconds the next hop may take to accept a pushed step before it counts as failed",
     )
     announce_period: float = Field(
         default=30.0, gt=0, description="seconds between DHT announcements; records expire after twice this"

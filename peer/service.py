@@ -89,7 +89,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.accepting = True
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
-        self._pushes: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
 
     # ---- Session ---------------------------------------------------------------------------------
 
@@ -210,16 +210,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- steps -------------------------------------------------------------------------------------
 
-    async def _step_or_report(self, session: PeerSession, step: peer_pb2.Step) -> bool:
+    async def _step_or_report(self, session: PeerSession, step: peer_pb2.Step) -> None:
         """Run a step; a failure is reported on the session's stream and leaves the session as it was."""
         try:
             await self._step(session, step)
-            return True
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
             session.reply(self._step_error(step.step_id, e))
-            return False
 
     async def _step(self, session: PeerSession, step: peer_pb2.Step) -> None:
         async with session.lock:
@@ -244,8 +242,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         hidden_message = tensor_message(output, dtype=session.wire_dtype)  # serialized once for both uses
         if push:
             task = asyncio.create_task(self._push(session, step, hidden_message, session.next_hops[0]))
-            self._pushes.add(task)
-            task.add_done_callback(self._pushes.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if not push or session.report_outputs:  # the report goes out before the push can fail
             session.reply(
                 peer_pb2.SessionReply(
@@ -344,8 +342,6 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 peer_pb2.PushRequest(step=pushed), timeout=self.config.step_timeout
             )
         except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.ABORTED:
-                return  # the next hop reported the failure to the client itself
             logger.warning(
                 "push failed session=%s step=%d next=%s code=%s",
                 session.session_id,
@@ -362,8 +358,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         session = self.sessions.get(request.step.session_id)
         if session is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.step.session_id!r}")
-        elif not await self._step_or_report(session, request.step):
-            await context.abort(grpc.StatusCode.ABORTED, "the step failed here; the error went to the client")
+        else:
+            # accepted: the step runs in order behind the session's earlier steps, and a failure goes to
+            # the client on this hop's stream, so the sender waits only for delivery, never for compute
+            task = asyncio.create_task(self._step_or_report(session, request.step))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return peer_pb2.PushReply()
 
     def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
@@ -437,7 +437,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             session.reply(_End(grpc.StatusCode.NOT_FOUND, "session expired after being idle"))
 
     async def close(self) -> None:
-        await asyncio.gather(*self._pushes, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for channel in self._channels.values():
             await channel.close()
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,6 +104,10 @@ def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
             stopped = model.generate(**inputs, stop_strings=["."], tokenizer=tokenizer, **options)
         finally:
             model.shutdown()
+        question = "What is the capital of France? Answer in one sentence."
+        command = [sys.executable, "-m", "protos.cli", "generate", str(smollm2), question, "--chat"]
+        command += ["--max-new-tokens", str(NEW_TOKENS), "--initial-peers", *dht.maddrs]
+        printed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     finally:
         for process in [*peers, dht]:
             process.stop()
@@ -110,3 +117,6 @@ def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
     assert torch.equal(out, expected), tokenizer.decode(out[0])
     assert streamer.tokens == out[0].tolist()  # the prompt, then each token as it was generated
     assert torch.equal(stopped, stopped_expected) and tokenizer.decode(stopped[0]).rstrip().endswith(".")
+    answer = tokenizer.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.strip() == answer.strip()
