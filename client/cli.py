@@ -73,7 +73,9 @@ def main(argv: Sequence[str], prog: str) -> int:
         if args.seed is not None:
             torch.manual_seed(args.seed)
     try:
-        model.generate(**inputs, streamer=TextStreamer(tokenizer, skip_prompt=True), **options)
+        model.generate(
+            **inputs, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **options
+        )
     except CorollaError as e:
         print(f"\n{prog}: {e}", file=sys.stderr)
         return 1
