@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from hivemind.dht.node import DHTNode
-from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from client.errors import SwarmError
 from protos.errors import InvalidInputError
-from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, block_key, record_from_dht
+from protos.records import PeerRecord, PeerState
+from protos.swarm import MAX_NUM_BLOCKS, Latest, SwarmReadError, read_num_blocks, read_records
 
 logger = logging.getLogger(__name__)
-
-MAX_NUM_BLOCKS = 4096  # bounds the keys read for a model index value that came from the network
-_PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")  # base58
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ class DhtDiscovery:
         self.refresh_period = refresh_period
         self.fetch_timeout = fetch_timeout
         self._view: SwarmView | None = None
-        self._latest: dict[str, tuple[float, PeerRecord]] = {}  # peer -> (DHT expiration, record)
+        self._latest: Latest = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -162,58 +158,20 @@ class DhtDiscovery:
 
     async def _fetch(self) -> SwarmView:
         fetched_at = time.monotonic()
-        num_blocks = self.num_blocks or await self._read_num_blocks()
-        keys = [block_key(self.model_id, block) for block in range(num_blocks)]
-        found = await self.node.get_many(keys, sufficient_expiration_time=float("inf"))
-        # a read can miss records (a frozen replica): what the last read saw stays until it expires
-        now = get_dht_time()
-        latest = {peer_id: entry for peer_id, entry in self._latest.items() if entry[0] > now}
-        dropped = 0
-        for block, key in enumerate(keys):
-            for peer_id, record, expiration in _entries(found.get(key)):
-                if record is None or not record.start <= block < record.end or record.end > num_blocks:
-                    dropped += 1
-                    continue
-                if peer_id not in latest or expiration > latest[peer_id][0]:
-                    latest[peer_id] = (expiration, record)
-        self._latest = latest
+        try:
+            num_blocks = self.num_blocks or await read_num_blocks(self.node, self.model_id)
+        except SwarmReadError as e:
+            raise SwarmError(str(e)) from None
+        self._latest = await read_records(self.node, self.model_id, num_blocks, previous=self._latest)
         view = SwarmView.from_records(
-            num_blocks, {peer_id: record for peer_id, (_, record) in latest.items()}, fetched_at=fetched_at
+            num_blocks,
+            {peer_id: record for peer_id, (_, record) in self._latest.items()},
+            fetched_at=fetched_at,
         )
         logger.debug(
-            "swarm read model=%s peers=%d dropped=%d coverage=%s",
-            self.model_id,
-            len(latest),
-            dropped,
-            view.coverage(),
+            "swarm read model=%s peers=%d coverage=%s", self.model_id, len(self._latest), view.coverage()
         )
         return view
-
-    async def _read_num_blocks(self) -> int:
-        entry = await self.node.get(MODEL_INDEX_KEY, latest=True)
-        models = entry.value if isinstance(entry, ValueWithExpiration) else None
-        item = models.get(self.model_id) if isinstance(models, dict) else None
-        if not isinstance(item, ValueWithExpiration):
-            raise _not_found(self.model_id)
-        value = item.value
-        num_blocks = value.get("num_blocks") if isinstance(value, dict) else None
-        if type(num_blocks) is not int or not 1 <= num_blocks <= MAX_NUM_BLOCKS:
-            raise SwarmError(f"the model index entry of {self.model_id} is invalid: {value!r:.200}")
-        return num_blocks
-
-
-def _entries(entry: object) -> list[tuple[str, PeerRecord | None, float]]:
-    """(peer_id, record or None when invalid, expiration) of one block key's value, as read from the DHT."""
-    value = entry.value if isinstance(entry, ValueWithExpiration) else None
-    if not isinstance(value, dict):
-        return []
-    entries = []
-    for peer_id, item in value.items():
-        if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
-            continue
-        if isinstance(item, ValueWithExpiration):
-            entries.append((peer_id, record_from_dht(item.value), float(item.expiration_time)))
-    return entries
 
 
 class InMemoryDiscovery:

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
+from protos.errors import InvalidInputError
 from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, block_key, record_to_dht
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ class Announcer:
     """Stores this peer's records under `{model_id}.{block}` with subkey = the peer's DHT id.
 
     Records expire after twice the period, so a peer that dies without a word disappears on its own.
-    `make_record(state)` builds the record with current numbers (free cache, throughput).
+    `make_record(state, span)` builds the record with current numbers (free cache, throughput); `span` is
+    what the peer serves or, while it loads one, the span it claimed.
     """
 
     def __init__(
@@ -30,7 +32,7 @@ class Announcer:
         model_id: str,
         num_blocks: int | None,
         span: tuple[int, int],
-        make_record: Callable[[PeerState], PeerRecord],
+        make_record: Callable[[PeerState, tuple[int, int]], PeerRecord],
         period: float,
     ) -> None:
         self.node = node
@@ -50,7 +52,7 @@ class Announcer:
         """Store the records now; True when every block's record was stored somewhere."""
         if state is not None:
             self.state = state
-        record = record_to_dht(self.make_record(self.state))
+        record = record_to_dht(self.make_record(self.state, self.span))
         expiration = get_dht_time() + 2 * self.period
         block_keys = [block_key(self.model_id, block) for block in range(*self.span)]
         keys, values = list(block_keys), [record] * len(block_keys)
@@ -86,3 +88,186 @@ class Announcer:
             await asyncio.wait_for(self.announce(final_state), timeout=5)
         except (TimeoutError, OSError) as e:
             logger.warning("final announce failed state=%s reason=%r", final_state, e)
+
+
+# ---- where to serve: pure placement arithmetic -------------------------------------------------------
+
+MIN_CONTRIBUTION = 1e-6  # a peer that announces 0 (still measuring) still counts as covering its blocks
+_COUNTED = (PeerState.ONLINE, PeerState.JOINING)  # a joining peer has claimed its span
+
+
+def block_throughputs(
+    records: Mapping[str, PeerRecord], num_blocks: int, *, exclude: str | None = None
+) -> list[float]:
+    """Summed throughput (steps/s) per block of the ONLINE and JOINING peers, leaving out `exclude`."""
+    totals = [0.0] * num_blocks
+    for peer_id, record in records.items():
+        if peer_id == exclude or record.state not in _COUNTED or record.end > num_blocks:
+            continue
+        for block in range(record.start, record.end):
+            totals[block] += max(record.throughput, MIN_CONTRIBUTION)
+    return totals
+
+
+def choose_span(throughputs: Sequence[float], length: int) -> tuple[int, int]:
+    """The `length` contiguous blocks where a new peer helps most: the window whose throughputs, sorted
+    ascending, are lexicographically smallest (the most blocks at the weakest level); ties go to the
+    lowest start. `length` is clipped to the model."""
+    if not throughputs or length < 1:
+        raise InvalidInputError("need at least one block and a span length >= 1")
+    length = min(length, len(throughputs))
+    best = min(range(len(throughputs) - length + 1), key=lambda s: (sorted(throughputs[s : s + length]), s))
+    return best, best + length
+
+
+def swarm_quality(throughputs: Sequence[float]) -> tuple[float, int]:
+    """(bottleneck throughput, minus the number of unserved blocks): larger is better."""
+    return min(throughputs), -sum(value <= 0 for value in throughputs)
+
+
+def plan_move(
+    others: Sequence[float], current: tuple[int, int], throughput: float, margin: float
+) -> tuple[int, int] | None:
+    """Where this peer should move, or None. `others` is every other peer's per-block throughput.
+
+    A move must raise the swarm's bottleneck by more than `margin` (relative), or serve blocks that nobody
+    serves without leaving any unserved: small gains are not worth a reload and would make peers flap.
+    """
+    length = current[1] - current[0]
+    target = choose_span(others, length)
+    if target == current:
+        return None
+    contribution = max(throughput, MIN_CONTRIBUTION)
+
+    def with_me(span: tuple[int, int]) -> list[float]:
+        return [value + contribution * (span[0] <= b < span[1]) for b, value in enumerate(others)]
+
+    (now_min, now_unserved), (then_min, then_unserved) = (
+        swarm_quality(with_me(current)),
+        swarm_quality(with_me(target)),
+    )
+    if then_min > now_min * (1.0 + margin) and then_min > now_min:
+        return target
+    if now_min <= 0 and then_unserved > now_unserved:  # fewer unserved blocks (counts are negated)
+        return target
+    return None
+
+
+# ---- claiming a span and moving: the peer's side of balancing ----------------------------------------
+
+ReadRecords = Callable[[], Awaitable[Mapping[str, PeerRecord]]]
+CLAIM_ROUNDS = 6  # bounds the claim protocol; rebalancing fixes whatever it leaves
+QUIET_READS = 2  # reads in a row without a reason to move that end a claim
+
+
+async def claim_span(
+    announcer: Announcer,
+    read: ReadRecords,
+    *,
+    num_blocks: int,
+    length: int,
+    settle: float,
+    jitter: float,
+) -> tuple[int, int]:
+    """Choose this peer's span from the swarm's coverage and claim it (JOINING records) before loading.
+
+    Peers that start together could all see the same empty swarm and choose the same span, so each claim
+    is read back after `settle` seconds: a peer whose span overlaps the claim of a peer with a smaller id
+    takes the next best span when one is clearly better, until two reads in a row find nothing to change.
+    """
+    me = announcer.peer_id
+    await asyncio.sleep(random.uniform(0.0, jitter))
+    span = choose_span(block_throughputs(await read(), num_blocks, exclude=me), length)
+    quiet = 0
+    for _ in range(CLAIM_ROUNDS):
+        announcer.span = span
+        await announcer.announce(PeerState.JOINING)
+        await asyncio.sleep(settle)
+        records = await read()
+        others = block_throughputs(records, num_blocks, exclude=me)
+        better = choose_span(others, length)
+        yields = any(
+            peer_id < me and record.state in _COUNTED and record.start < span[1] and span[0] < record.end
+            for peer_id, record in records.items()
+        )
+        if yields and better != span and sorted(others[slice(*better)]) < sorted(others[slice(*span)]):
+            logger.info("span claim moved from=[%d,%d) to=[%d,%d)", *span, *better)
+            span, quiet = better, 0
+            continue
+        quiet += 1
+        if quiet >= QUIET_READS:
+            break
+    return span
+
+
+class Rebalancer:
+    """Every `period` (with jitter) re-reads the swarm; when `plan_move` finds a clearly better span, claims
+    it, confirms the gain after `settle` seconds, and calls `move(span)` (load, swap, drain, free)."""
+
+    def __init__(
+        self,
+        announcer: Announcer,
+        read: ReadRecords,
+        *,
+        num_blocks: int,
+        throughput: Callable[[], float],
+        move: Callable[[tuple[int, int]], Awaitable[None]],
+        period: float,
+        margin: float,
+        settle: float,
+    ) -> None:
+        self.announcer = announcer
+        self.read = read
+        self.num_blocks = num_blocks
+        self.throughput = throughput
+        self.move = move
+        self.period = period
+        self.margin = margin
+        self.settle = settle
+        self.moves = 0
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.period * random.uniform(0.5, 1.5))
+            try:
+                await self.check()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a failed check or move leaves the peer serving its span
+                logger.warning("rebalance check failed", exc_info=True)
+
+    async def check(self) -> tuple[int, int] | None:
+        """One evaluation; returns the new span when the peer moved."""
+        current = self.announcer.span
+        me = self.announcer.peer_id
+        others = block_throughputs(await self.read(), self.num_blocks, exclude=me)
+        target = plan_move(others, current, self.throughput(), self.margin)
+        if target is None:
+            return None
+        self.announcer.span = target
+        moved = False
+        try:
+            await self.announcer.announce(PeerState.JOINING)
+            await asyncio.sleep(self.settle)
+            others = block_throughputs(await self.read(), self.num_blocks, exclude=me)
+            if plan_move(others, current, self.throughput(), self.margin) != target:
+                logger.info("move abandoned: the swarm changed meanwhile span=[%d,%d)", *current)
+                return None
+            logger.warning(
+                "rebalancing: moving blocks=[%d,%d) -> [%d,%d) bottleneck=%.3g",
+                *current,
+                *target,
+                min(others),
+            )
+            await self.move(target)
+            moved = True
+        except asyncio.CancelledError:
+            moved = True  # shutting down: the final announcement says OFFLINE
+            self.announcer.span = current
+            raise
+        finally:
+            if not moved:  # abandoned or failed: serve and announce the current span again
+                self.announcer.span = current
+                await self.announcer.announce(PeerState.ONLINE)
+        self.moves += 1
+        return target

@@ -79,6 +79,12 @@ class _Call:
     hidden: torch.Tensor  # [batch, seq, hidden]
 
 
+def count_blocks(name_or_path: str | os.PathLike[str]) -> int:
+    """Number of blocks of a model, from its config alone (nothing is loaded)."""
+    folder = resolve_model_path(name_or_path)
+    return locate(build_skeleton(load_config(folder), torch.float32)).num_blocks
+
+
 class HostedSpan:
     """Blocks [start, end) of one model, loaded alone, run through the family's own forward.
 

@@ -29,6 +29,7 @@ class PeerSession:
     batch_size: int
     max_length: int
     cache: Any  # the span's KV cache, owned by this session
+    span: Any = None  # the HostedSpan the session runs on (the peer may move to another span meanwhile)
     next_hops: list[Any] = field(default_factory=list)
     position: int = 0  # positions already in the cache
     last_used: float = field(default_factory=time.monotonic)

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from peer.throughput import parse_option
 from protos.dht import is_loopback
+from protos.errors import InvalidInputError
 from protos.records import model_id_from_path
 
 
@@ -20,8 +22,16 @@ class PeerConfig(BaseModel):
         default_factory=list,
         description="DHT multiaddresses to join (`corolla dht` prints them); none starts a new swarm",
     )
-    blocks: str = Field(
-        description="the span of blocks to serve, START:END (half-open, global block numbers)"
+    blocks: str | None = Field(
+        default=None,
+        description="the span of blocks to serve, START:END (half-open, global block numbers); fixed: the "
+        "peer never moves. Give this or --num-blocks",
+    )
+    num_blocks: int | None = Field(
+        default=None,
+        ge=1,
+        description="serve this many blocks where the swarm needs them most (read from the DHT), and move "
+        "when the swarm changes. Give this or --blocks",
     )
     host: str = Field(default="0.0.0.0", description="address the gRPC server listens on")
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -77,13 +87,43 @@ class PeerConfig(BaseModel):
     drain_timeout: float = Field(
         default=30.0, ge=0, description="on SIGTERM, seconds to wait for steps in flight before exiting"
     )
-    throughput: float | None = Field(
-        default=None, ge=0, description="announced throughput (requests/s); default: a quick measurement"
+    throughput: str = Field(
+        default="auto",
+        description="decode steps per second through one block: auto (measure on the first run for this "
+        "model, dtype, device and version, then reuse the cached result), eval (measure again and update the "
+        "cache), or a number. The announced throughput divides it by the number of blocks served",
+    )
+    bandwidth: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="network bandwidth in Mbit/s; caps the announced throughput at the decode steps the link "
+        "can carry (default: no cap)",
+    )
+    balance_period: float = Field(
+        default=120.0,
+        gt=0,
+        description="with --num-blocks: mean seconds between checks whether moving would help the swarm "
+        "(each wait is drawn between half and 1.5 times this)",
+    )
+    balance_margin: float = Field(
+        default=0.2,
+        ge=0,
+        allow_inf_nan=False,
+        description="with --num-blocks: move only when it raises the swarm's bottleneck throughput by more "
+        "than this fraction (or serves blocks nobody serves); guards against flapping",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where the throughput measurement is cached; default: $COROLLA_CACHE_DIR or "
+        "~/.cache/corolla",
     )
 
     @field_validator("blocks")
     @classmethod
-    def _blocks_form(cls, value: str) -> str:
+    def _blocks_form(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         start, sep, end = value.partition(":")
         if not sep or not start.strip().isdigit() or not end.strip().isdigit():
             raise ValueError("must be START:END, e.g. 0:10")
@@ -98,8 +138,19 @@ class PeerConfig(BaseModel):
             raise ValueError("must be float32, bfloat16 or float16")
         return value
 
+    @field_validator("throughput")
+    @classmethod
+    def _throughput_form(cls, value: str) -> str:
+        try:
+            parse_option(value)
+        except InvalidInputError as e:
+            raise ValueError(str(e)) from None
+        return value
+
     @model_validator(mode="after")
     def _derived(self) -> PeerConfig:
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise ValueError("give exactly one of --blocks START:END and --num-blocks K")
         if self.announce_host is None:
             object.__setattr__(self, "announce_host", "127.0.0.1" if self.host == "0.0.0.0" else self.host)
         if self.model_id is None:
@@ -109,6 +160,9 @@ class PeerConfig(BaseModel):
         return self
 
     @property
-    def span(self) -> tuple[int, int]:
+    def span(self) -> tuple[int, int] | None:
+        """The fixed span of --blocks; None with --num-blocks (the peer chooses)."""
+        if self.blocks is None:
+            return None
         start, _, end = self.blocks.partition(":")
         return int(start), int(end)

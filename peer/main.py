@@ -5,31 +5,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import grpc
-import torch
 
-from peer.announce import Announcer
-from peer.blocks import HostedSpan
+from peer import throughput
+from peer.announce import Announcer, Rebalancer, claim_span
+from peer.blocks import HostedSpan, count_blocks
 from peer.cache import SessionTable
 from peer.config import PeerConfig
 from peer.executor import Executor
 from peer.service import PeerService
+from peer.throughput import Throughput, network_rps
 from protos import peer_pb2_grpc
 from protos.dht import start_dht_node, visible_maddrs
+from protos.errors import InvalidInputError
+from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
 from protos.settings import parse_config
+from protos.swarm import read_records as read_latest
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_CHECK_PERIOD = 5.0
+START_JITTER = 1.0  # seconds: peers started together read the swarm at different moments
+CLAIM_SETTLE = 1.0  # seconds between announcing a claimed span and reading the swarm back
 
 
 def corolla_version() -> str:
@@ -47,17 +54,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def measure_throughput(span: HostedSpan, *, steps: int = 5) -> float:
-    """Single-token forwards per second through the whole span (a quick prior; clients measure too)."""
-    cache = span.new_cache()
-    hidden = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype)
-    span.forward(hidden, cache)  # warm up
-    started = time.perf_counter()
-    for _ in range(steps):
-        span.forward(hidden, cache)
-    return steps / max(time.perf_counter() - started, 1e-9)
-
-
 def _stop_event() -> asyncio.Event:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -66,9 +62,25 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+@dataclass
+class _Speed:
+    """What this peer announces about its speed, for the span it serves now."""
+
+    per_block: Throughput | None = None
+    decode: float = 0.0  # steps per second through the span
+    forward: float = 0.0  # tokens per second of a forward through the span
+
+    def update(self, per_block: Throughput, num_blocks: int, network: float | None) -> None:
+        self.per_block = per_block
+        self.decode, self.forward = per_block.for_span(num_blocks, network)
+
+
 async def serve(config: PeerConfig) -> None:
     stop = _stop_event()
-    start, end = config.span
+    total_blocks = await asyncio.to_thread(count_blocks, config.model)
+    if config.span is not None and config.span[1] > total_blocks:
+        raise InvalidInputError(f"--blocks {config.blocks} is outside the model's blocks [0, {total_blocks})")
+    model_id = config.model_id or ""
     node = await start_dht_node(
         initial_peers=config.initial_peers,
         host=config.host,
@@ -84,15 +96,16 @@ async def serve(config: PeerConfig) -> None:
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     address = f"{config.announce_host}:{port}"
     sessions = SessionTable(config.max_cache_tokens, idle_timeout=config.session_timeout)
-    throughput = config.throughput or 0.0
+    speed = _Speed()
 
-    def make_record(state: PeerState = PeerState.ONLINE) -> PeerRecord:
+    def make_record(state: PeerState, span: tuple[int, int]) -> PeerRecord:
         return PeerRecord(
             state=state,
             address=address,
-            start=start,
-            end=end,
-            throughput=throughput,
+            start=span[0],
+            end=span[1],
+            throughput=speed.decode,
+            forward_throughput=speed.forward,
             free_cache_tokens=max(sessions.free_tokens, 0),
             max_length=config.max_length,
             dtype=config.dtype,  # type: ignore[arg-type]
@@ -100,28 +113,53 @@ async def serve(config: PeerConfig) -> None:
             public_name=config.public_name,
         )
 
+    async def read_records() -> dict[str, PeerRecord]:
+        latest = await read_latest(node, model_id, total_blocks)
+        return {other: record for other, (_, record) in latest.items()}
+
     executor = Executor()
     announcer = Announcer(
         node,
-        model_id=config.model_id or "",
-        num_blocks=None,  # announced once the span is loaded
-        span=(start, end),
+        model_id=model_id,
+        num_blocks=total_blocks,
+        span=config.span or (0, 1),
         make_record=make_record,
         period=config.announce_period,
     )
+    rebalancing: asyncio.Task[None] | None = None
     try:
-        await announcer.announce(PeerState.JOINING)
-        span = await asyncio.to_thread(HostedSpan.load, config.model, start, end, dtype=config.dtype)
-        announcer.num_blocks = span.anatomy.num_blocks
-        if config.throughput is None:
-            throughput = await executor.run(lambda: measure_throughput(span))
+        if config.span is None:
+            span = await claim_span(
+                announcer,
+                read_records,
+                num_blocks=total_blocks,
+                length=config.num_blocks or 1,
+                settle=CLAIM_SETTLE,
+                jitter=START_JITTER,
+            )
+        else:
+            span = config.span
+            await announcer.announce(PeerState.JOINING)
+        hosted = await asyncio.to_thread(HostedSpan.load, config.model, *span, dtype=config.dtype)
+        network = (
+            network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
+            if config.bandwidth is not None
+            else None
+        )
+        key = throughput.cache_key(model_id, config.dtype, corolla_version())
+        option = throughput.parse_option(config.throughput)
+        cache_dir = config.cache_dir or default_cache_dir()
+        per_block = await executor.run(
+            lambda: throughput.resolve(option, hosted, key=key, cache_dir=cache_dir)
+        )
+        speed.update(per_block, span[1] - span[0], network)
         service = PeerService(
-            span=span,
+            span=hosted,
             config=config,
             sessions=sessions,
             executor=executor,
             peer_id=peer_id,
-            make_record=make_record,
+            make_record=lambda: make_record(announcer.state, announcer.span),
             version=corolla_version(),
         )
         peer_pb2_grpc.add_PeerServicer_to_server(service, server)
@@ -131,17 +169,50 @@ async def serve(config: PeerConfig) -> None:
         logger.info(
             "serving model=%s blocks=[%d,%d) address=%s peer_id=%s throughput=%.1f",
             config.model_id,
-            start,
-            end,
+            *span,
             address,
             peer_id,
-            throughput,
+            speed.decode,
         )
+
+        async def move(target: tuple[int, int]) -> None:
+            """Load the new span first, serve and announce it, then end the old span's sessions, free it."""
+            new = await asyncio.to_thread(HostedSpan.load, config.model, *target, dtype=config.dtype)
+            old_span, old_sessions = service.swap_span(new)
+            speed.update(per_block, target[1] - target[0], network)
+            await announcer.announce(PeerState.ONLINE)
+            await service.retire(old_sessions, f"peer moved to blocks [{target[0]}, {target[1]})")
+            logger.warning(
+                "moved blocks=[%d,%d) -> [%d,%d) address=%s sessions_moved=%d",
+                old_span.start,
+                old_span.end,
+                *target,
+                address,
+                len(old_sessions),
+            )
+            del old_span
+            gc.collect()
+
+        if config.num_blocks is not None:
+            rebalancer = Rebalancer(
+                announcer,
+                read_records,
+                num_blocks=total_blocks,
+                throughput=lambda: speed.decode,
+                move=move,
+                period=config.balance_period,
+                margin=config.balance_margin,
+                settle=CLAIM_SETTLE,
+            )
+            rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), min(EXPIRY_CHECK_PERIOD, config.session_timeout / 2))
             except TimeoutError:
                 service.expire_idle()
+        if rebalancing is not None:
+            rebalancing.cancel()
+            await asyncio.gather(rebalancing, return_exceptions=True)
         logger.info("draining sessions=%d", len(sessions))
         service.accepting = False
         await announcer.announce(PeerState.DRAINING)
@@ -149,6 +220,9 @@ async def serve(config: PeerConfig) -> None:
         await server.stop(grace=min(config.drain_timeout, 5.0))
         await service.close()
     finally:
+        if rebalancing is not None:
+            rebalancing.cancel()
+            await asyncio.gather(rebalancing, return_exceptions=True)
         await announcer.stop(final_state=PeerState.OFFLINE)
         executor.shutdown()
         await server.stop(grace=None)

@@ -191,6 +191,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             report_outputs=request.report_outputs,
         )
         self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
+        session.span = self.span
         session.cache = self.span.new_cache(start=start, end=end)
         return session
 
@@ -231,7 +232,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     session.cache.crop(base - session.position)
                 if beam is not None:
                     session.cache.reorder_cache(beam)
-                return self.span.forward(
+                return session.span.forward(
                     hidden, session.cache, positions, start=session.start, end=session.end
                 )
 
@@ -431,6 +432,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def swap_span(self, span: HostedSpan) -> tuple[HostedSpan, list[PeerSession]]:
+        """Serve `span` from now on; returns the old span and the sessions still open on it."""
+        old, self.span = self.span, span
+        sessions = [s for sid in self.sessions.session_ids() if (s := self.sessions.get(sid)) is not None]
+        return old, [session for session in sessions if session.span is old]
+
+    async def retire(self, sessions: list[PeerSession], reason: str) -> None:
+        """End sessions of a span this peer no longer serves: each finishes the step it is running, then
+        its client gets UNAVAILABLE and moves the hop elsewhere by the normal failover."""
+        for session in sessions:
+            async with session.lock:
+                if self.sessions.close(session.session_id, reason="span moved") is not None:
+                    session.reply(_End(grpc.StatusCode.UNAVAILABLE, reason))
 
     def expire_idle(self) -> None:
         for session in self.sessions.expire():

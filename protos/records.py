@@ -64,7 +64,10 @@ class PeerRecord(BaseModel):
     address: str = Field(max_length=260, description="host:port of the peer's gRPC server")
     start: int = Field(ge=0, lt=_UINT32_LIMIT, description="first block of the span")
     end: int = Field(gt=0, lt=_UINT32_LIMIT, description="one past the last block of the span")
-    throughput: _NonNegativeFinite = Field(description="tokens per second through the span")
+    throughput: _NonNegativeFinite = Field(description="decode steps per second through the whole span")
+    forward_throughput: _NonNegativeFinite = Field(
+        default=0.0, description="tokens per second of a stateless forward through the span; 0: not measured"
+    )
     free_cache_tokens: int = Field(ge=0, lt=_UINT64_LIMIT)
     max_length: int = Field(ge=1, lt=_UINT32_LIMIT, description="longest session, in positions")
     dtype: Literal["float32", "float16", "bfloat16"]

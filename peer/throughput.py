@@ -1,0 +1,143 @@
+"""How fast this peer is: decode steps and forward tokens per second through one block, measured once per
+model, dtype, device and software version and cached on disk (`--throughput auto|eval|NUMBER`).
+
+The announced throughput is steps per second through the peer's whole span: the per-block rate divided by
+the number of blocks served, capped by what the network link can carry when its bandwidth is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from peer.blocks import HostedSpan
+from protos.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+DECODE_STEPS = 8
+FORWARD_TOKENS = 128
+CACHE_FILE = "throughput.json"
+_MAX_CACHE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Throughput:
+    decode_rps: float  # single-token decode steps per second through one block
+    forward_tps: float  # tokens per second of a stateless forward through one block; 0: unknown
+
+    def for_span(self, num_blocks: int, network_rps: float | None = None) -> tuple[float, float]:
+        """(decode steps/s, forward tokens/s) through `num_blocks` blocks, decode capped by the network."""
+        decode = self.decode_rps / num_blocks
+        if network_rps is not None:
+            decode = min(decode, network_rps)
+        return decode, self.forward_tps / num_blocks
+
+
+def parse_option(value: str) -> str | float:
+    """`auto`, `eval`, or a positive number of decode steps per second through one block."""
+    if value in ("auto", "eval"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidInputError(f"throughput must be auto, eval or a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise InvalidInputError(f"throughput must be a positive finite number, got {value!r}")
+    return number
+
+
+def network_rps(bandwidth_mbit: float, hidden_size: int, bytes_per_value: int) -> float:
+    """Decode steps per second a link of `bandwidth_mbit` carries: each step receives and sends one
+    hidden vector per sequence."""
+    bits_per_step = 2 * hidden_size * bytes_per_value * 8
+    return bandwidth_mbit * 1e6 / bits_per_step
+
+
+def device_name() -> str:
+    """What the measurement depends on besides the model: the device and the threads torch uses."""
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def cache_key(model_id: str, dtype: str, version: str) -> str:
+    return f"{model_id}|{dtype}|{device_name()}|corolla-{version}|torch-{torch.__version__}"
+
+
+@torch.inference_mode()
+def measure(span: HostedSpan) -> Throughput:
+    """Time decode steps (median) and one 128-token forward through the loaded span, per block."""
+    blocks = span.end - span.start
+    cache = span.new_cache()
+    span.forward(torch.zeros(1, 16, span.hidden_size, dtype=span.dtype), cache)  # a short prompt, warm-up
+    step = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype)
+    times = []
+    for _ in range(DECODE_STEPS):
+        started = time.perf_counter()
+        span.forward(step, cache)
+        times.append(time.perf_counter() - started)
+    decode = blocks / max(statistics.median(times), 1e-9)
+    prompt = torch.zeros(1, FORWARD_TOKENS, span.hidden_size, dtype=span.dtype)
+    started = time.perf_counter()
+    span.forward(prompt)
+    forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
+    return Throughput(decode_rps=decode, forward_tps=forward)
+
+
+def resolve(option: str | float, span: HostedSpan, *, key: str, cache_dir: Path) -> Throughput:
+    """The throughput to announce per `--throughput`: a given number, the cached measurement (`auto`), or a
+    fresh one (`eval`, or `auto` with nothing cached) saved for later runs."""
+    if isinstance(option, float):
+        return Throughput(decode_rps=option, forward_tps=0.0)  # forward speed unknown: not announced
+    path = cache_dir / CACHE_FILE
+    if option == "auto":
+        cached = _read(path).get(key)
+        if cached is not None:
+            logger.info("throughput from cache key=%s %s", key, cached)
+            return cached
+    measured = measure(span)
+    logger.info(
+        "throughput measured decode=%.1f steps/s forward=%.0f tokens/s per block",
+        measured.decode_rps,
+        measured.forward_tps,
+    )
+    _write(path, key, measured)
+    return measured
+
+
+def _read(path: Path) -> dict[str, Throughput]:
+    try:
+        if path.stat().st_size > _MAX_CACHE_BYTES:
+            return {}
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    entries: dict[str, Throughput] = {}
+    for key, value in raw.items() if isinstance(raw, dict) else ():
+        with contextlib.suppress(TypeError, ValueError, KeyError):
+            entry = Throughput(float(value["decode_rps"]), float(value["forward_tps"]))
+            if entry.decode_rps > 0 and entry.forward_tps >= 0:
+                entries[key] = entry
+    return entries
+
+
+def _write(path: Path, key: str, value: Throughput) -> None:
+    """Add one entry; the file is replaced atomically so a concurrent reader never sees half of it."""
+    entries = {k: asdict(v) for k, v in _read(path).items()}
+    entries[key] = asdict(value)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            json.dump(entries, handle, indent=1, sort_keys=True)
+        os.replace(handle.name, path)
+    except OSError as e:  # a read-only home does not stop the peer
+        logger.warning("cannot cache the throughput path=%s reason=%r", path, e)
