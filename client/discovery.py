@@ -64,6 +64,12 @@ class SwarmView:
         """Number of ONLINE peers per block."""
         return [sum(r.state is PeerState.ONLINE for r in block.values()) for block in self.blocks]
 
+    def throughput(self) -> list[float]:
+        """Summed decode throughput (steps/s) of the ONLINE peers per block; the minimum is the bottleneck."""
+        return [
+            sum(r.throughput for r in block.values() if r.state is PeerState.ONLINE) for block in self.blocks
+        ]
+
 
 class Discovery(Protocol):
     """Where a client gets its view of the swarm; `view()` is cheap, `view(refresh=True)` reads now."""

@@ -49,12 +49,19 @@ async def read_view(config: ClientConfig, model_id: str) -> SwarmView:
 def report(view: SwarmView, model_id: str) -> dict[str, Any]:
     """The health of one model's swarm as plain data (what `--json` prints)."""
     missing = missing_blocks(view)
+    per_block = view.throughput()
+    weakest = min(per_block)
     return {
         "model_id": model_id,
         "num_blocks": view.num_blocks,
         "served": not missing,
         "missing": [list(blocks) for blocks in missing],
         "coverage": view.coverage(),
+        "throughput": per_block,
+        "bottleneck": {
+            "throughput": weakest,
+            "blocks": [list(r) for r in _ranges([b for b, t in enumerate(per_block) if t == weakest])],
+        },
         "peers": [
             {"peer_id": peer_id, **record.model_dump(mode="json", exclude={"pings"})}
             for peer_id, record in sorted(view.peers().items(), key=lambda item: (item[1].start, item[1].end))
@@ -66,7 +73,7 @@ def format_report(health: dict[str, Any]) -> str:
     """A table of peers, then the blocks grouped by how many ONLINE peers serve them."""
     num_blocks = health["num_blocks"]
     lines = [f"model {health['model_id']}: {num_blocks} blocks, {len(health['peers'])} peers", ""]
-    header = ("PEER", "STATE", "ADDRESS", "SPAN", "THROUGHPUT", "FREE CACHE", "NAME")
+    header = ("PEER", "STATE", "ADDRESS", "SPAN", "STEPS/S", "FREE CACHE", "NAME")
     rows = [
         (
             peer["peer_id"][-SHORT_PEER_ID_CHARS:],
@@ -86,13 +93,21 @@ def format_report(health: dict[str, Any]) -> str:
     ]
     lines.append("")
     coverage: list[int] = health["coverage"]
+    per_block: list[float] = health["throughput"]
     start = 0
     for block in range(1, num_blocks + 1):
-        if block == num_blocks or coverage[block] != coverage[start]:
+        if block == num_blocks or (coverage[block], per_block[block]) != (coverage[start], per_block[start]):
             count = coverage[start]
-            served = f"{count} online peer{'s' if count > 1 else ''}" if count else "NOT SERVED"
+            served = (
+                f"{count} online peer{'s' if count > 1 else ''}, {per_block[start]:.1f} steps/s"
+                if count
+                else "NOT SERVED"
+            )
             lines.append(f"blocks {format_ranges([(start, block)])}: {served}")
             start = block
+    bottleneck = health["bottleneck"]
+    weakest = format_ranges([tuple(r) for r in bottleneck["blocks"]])
+    lines.append(f"bottleneck: {bottleneck['throughput']:.1f} steps/s at blocks {weakest}")
     missing = [tuple(blocks) for blocks in health["missing"]]
     if missing:
         lines.append(f"missing: {NoRouteError(missing, num_blocks=num_blocks)}")
@@ -139,6 +154,17 @@ def health_main(argv: Sequence[str], prog: str) -> int:
         return 1
     _emit(json.dumps(health, indent=2) if args.json else format_report(health))
     return 0 if health["served"] else 1
+
+
+def _ranges(blocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers as maximal half-open ranges."""
+    ranges: list[tuple[int, int]] = []
+    for block in blocks:
+        if ranges and ranges[-1][1] == block:
+            ranges[-1] = (ranges[-1][0], block + 1)
+        else:
+            ranges.append((block, block + 1))
+    return ranges
 
 
 def _problem(location: tuple[int | str, ...], message: str) -> str:

@@ -24,6 +24,7 @@ class LocalProcess:
     log: Path
     address: str = ""
     peer_id: str = ""
+    span: tuple[int, int] = (0, 0)  # the span it served when it started
     maddrs: list[str] = field(default_factory=list)
 
     def text(self) -> str:
@@ -68,6 +69,17 @@ def _wait_for(process: LocalProcess, pattern: re.Pattern[str], timeout: float) -
     raise TimeoutError(f"no {pattern.pattern!r} within {timeout}s:\n{process.text()[-3000:]}")
 
 
+def _placement(blocks: str) -> list[str]:
+    """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--num-blocks`)."""
+    return ["--blocks", blocks] if ":" in blocks else ["--num-blocks", blocks]
+
+
+def _serving(process: LocalProcess) -> None:
+    match = _wait_for(process, _SERVING, STARTUP_TIMEOUT)
+    process.address, process.peer_id = match.group(4), match.group(5)
+    process.span = (int(match.group(2)), int(match.group(3)))
+
+
 def start_dht(log_dir: Path, *, env: dict[str, str] | None = None) -> LocalProcess:
     log = log_dir / "dht.log"
     process = LocalProcess(_spawn(["dht", "--host", "127.0.0.1"], log, env), log)
@@ -86,10 +98,17 @@ def start_peer(
     env: dict[str, str] | None = None,
 ) -> LocalProcess:
     log = log_dir / f"peer-{name or blocks.replace(':', '-')}.log"
-    args = ["serve", str(model), "--blocks", blocks, "--host", "127.0.0.1", "--initial-peers", *initial_peers]
+    args = [
+        "serve",
+        str(model),
+        *_placement(blocks),
+        "--host",
+        "127.0.0.1",
+        "--initial-peers",
+        *initial_peers,
+    ]
     process = LocalProcess(_spawn([*args, *extra], log, env), log)
-    match = _wait_for(process, _SERVING, STARTUP_TIMEOUT)
-    process.address, process.peer_id = match.group(4), match.group(5)
+    _serving(process)
     return process
 
 
@@ -101,25 +120,18 @@ def start_peers(
     *extra: str,
     env: dict[str, str] | None = None,
 ) -> list[LocalProcess]:
-    """Start several peers at once (they load in parallel), then wait for each to serve."""
+    """Start several peers at once (they load in parallel), then wait for each to serve. Each entry of
+    `spans` is START:END, or a number of blocks the peer places itself."""
     started = []
     try:
         for number, blocks in enumerate(spans):
             log = log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
-            args = [
-                "serve",
-                str(model),
-                "--blocks",
-                blocks,
-                "--host",
-                "127.0.0.1",
-                "--initial-peers",
-                *initial_peers,
-            ]
-            started.append(LocalProcess(_spawn([*args, *extra], log, env), log))
+            args = ["serve", str(model), *_placement(blocks), "--host", "127.0.0.1"]
+            started.append(
+                LocalProcess(_spawn([*args, "--initial-peers", *initial_peers, *extra], log, env), log)
+            )
         for process in started:
-            match = _wait_for(process, _SERVING, STARTUP_TIMEOUT)
-            process.address, process.peer_id = match.group(4), match.group(5)
+            _serving(process)
     except BaseException:
         for process in started:
             process.stop()

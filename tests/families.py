@@ -148,3 +148,17 @@ def save(name: str, folder: Path, *, seed: int = 0, max_shard_size: str | None =
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return folder
+
+
+def save_deep_llama(folder: Path, num_blocks: int, *, seed: int = 0) -> Path:
+    """A tiny Llama with many blocks (span choice and balancing need more than 4)."""
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**_ROPE, "num_hidden_layers": num_blocks})).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim >= 2:
+                parameter.mul_(3.0)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(folder)
+    return folder

@@ -1,0 +1,160 @@
+"""Balancing with real peer processes: peers started with `--num-blocks` cover the model, and when one
+leaves, another moves to its blocks while a client keeps generating the same tokens."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from families import VOCAB, save_deep_llama
+from swarm import Process, start_dht, start_peer, start_peers
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+from client.model import AutoDistributedModelForCausalLM
+
+NUM_BLOCKS = 30
+PEER_OPTIONS = (
+    "--model-id",
+    "deep",
+    "--throughput",
+    "100",
+    "--announce-period",
+    "2",
+    "--balance-period",
+    "1",
+    "--step-timeout",
+    "2",
+)
+CLIENT_OPTIONS = dict(step_timeout=4.0, connect_timeout=2.0, max_retries=12, refresh_period=1.0)
+NEW_TOKENS = 40
+MOVED = re.compile(r"moved blocks=\[(\d+),(\d+)\) -> \[(\d+),(\d+)\)")
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("balance")
+    folder = save_deep_llama(root / "deep", NUM_BLOCKS)
+    dht = start_dht(root)
+    peers: list[Process] = []
+    try:
+        peers += start_peers(root, folder, ["10", "10", "10"], dht.maddrs, *PEER_OPTIONS)
+        yield {"root": root, "folder": folder, "dht": dht, "peers": peers}
+    finally:
+        for peer in peers:  # all drain at once
+            if peer.popen.poll() is None:
+                peer.popen.terminate()
+        for peer in peers:
+            peer.stop()
+        dht.stop()
+
+
+def _health(deep: dict) -> dict:
+    command = [sys.executable, "-m", "protos.cli", "health", str(deep["folder"]), "--model-id", "deep"]
+    command += ["--initial-peers", *deep["dht"].maddrs, "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return json.loads(result.stdout)
+
+
+def _wait_served(deep: dict, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _health(deep)
+        if health.get("served") or time.monotonic() > deadline:
+            return health
+        time.sleep(1.0)
+
+
+def test_peers_started_together_cover_every_block(deep) -> None:
+    assert sorted(peer.span for peer in deep["peers"]) == [(0, 10), (10, 20), (20, 30)]
+    health = _wait_served(deep, 30)
+    assert health["served"] and health["coverage"] == [1] * NUM_BLOCKS
+    assert health["bottleneck"]["throughput"] == pytest.approx(10.0)  # 100 steps/s per block, 10 blocks
+
+
+def test_stable_swarm_does_not_move(deep) -> None:
+    time.sleep(8)  # about eight balancing periods of every peer
+    for peer in deep["peers"]:
+        assert "rebalancing:" not in peer.text() and not MOVED.search(peer.text())
+
+
+class _At(LogitsProcessor):
+    """Runs `action` once, when the `at`-th token is generated; every token waits a little so that what the
+    action sets off happens while the client is generating."""
+
+    def __init__(self, prompt_length: int, at: int, action: Callable[[], object]) -> None:
+        self.prompt_length, self.at, self.action = prompt_length, at, action
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_length == self.at:
+            self.action()
+        time.sleep(0.05)
+        return scores
+
+
+def _generate(deep: dict, prompt: torch.Tensor, processor: LogitsProcessor) -> torch.Tensor:
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        deep["folder"], initial_peers=deep["dht"].maddrs, model_id="deep", **CLIENT_OPTIONS
+    )
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    try:
+        processors = LogitsProcessorList([processor])
+        return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=processors)
+    finally:
+        model.shutdown()
+
+
+def _expected(deep: dict, prompt: torch.Tensor) -> torch.Tensor:
+    local = AutoModelForCausalLM.from_pretrained(deep["folder"], dtype=torch.float32).eval()
+    return local.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def test_a_peer_moves_to_blocks_left_unserved_without_changing_the_output(deep) -> None:
+    # a slower peer with a fixed span doubles [0,10); fixed peers never move, so only the other one may
+    options = (*PEER_OPTIONS, "--throughput", "50")
+    extra = start_peer(deep["root"], deep["folder"], "0:10", deep["dht"].maddrs, *options, name="extra")
+    deep["peers"].append(extra)
+    mover = next(peer for peer in deep["peers"] if peer.span == (0, 10) and peer is not extra)
+    leaving = next(peer for peer in deep["peers"] if peer.span == (10, 20))
+
+    prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    output = _generate(deep, prompt, _At(prompt.shape[1], 5, leaving.popen.terminate))
+    assert leaving.popen.wait(30) == 0
+    deep["peers"].remove(leaving)
+    assert torch.equal(output, _expected(deep, prompt))
+
+    assert [peer for peer in deep["peers"] if MOVED.search(peer.text())] == [mover]
+    assert MOVED.search(mover.text()).groups() == ("0", "10", "10", "20")  # type: ignore[union-attr]
+    health = _wait_served(deep, 30)
+    assert health["served"] and min(health["coverage"]) == 1
+
+
+def test_a_move_carries_the_sessions_on_the_old_span_over_by_failover(deep) -> None:
+    """The moved peer now serves [10,20) and the client routes through it (faster than the new fixed peer
+    there). A fixed peer joining [10,20) makes [0,10) the bottleneck, so the moved peer moves back while
+    the client's session is open on it: that session ends and the client fails over to the fixed peer."""
+    mover = next(peer for peer in deep["peers"] if MOVED.search(peer.text()))
+    moves_before = len(MOVED.findall(mover.text()))
+    joined: list[Process] = []
+
+    def join_and_wait_for_the_move() -> None:
+        options = (*PEER_OPTIONS, "--throughput", "80")
+        joined.append(start_peer(deep["root"], deep["folder"], "10:20", deep["dht"].maddrs, *options))
+        deep["peers"].append(joined[0])
+        deadline = time.monotonic() + 60
+        while len(MOVED.findall(mover.text())) == moves_before and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+    output = _generate(deep, prompt, _At(prompt.shape[1], 5, join_and_wait_for_the_move))
+    assert torch.equal(output, _expected(deep, prompt))
+    assert MOVED.findall(mover.text())[-1] == ("10", "20", "0", "10")
+    assert "sessions_moved=1" in mover.text()
+    health = _wait_served(deep, 30)
+    assert health["served"] and health["bottleneck"]["throughput"] == pytest.approx(8.0)
