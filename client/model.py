@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from client.config import ClientConfig
 from client.discovery import BanList, DhtDiscovery, Discovery
 from client.finetune import forward_through_route
+from client.route import PeerStats
 from client.runtime import Runtime
 from client.session import ChannelPool, InferenceSession
 from protos.checkpoint import (
@@ -311,6 +312,7 @@ class _SwarmLink:
         self.runtime = Runtime()
         self.channels = ChannelPool(max_message_bytes=config.max_message_bytes)
         self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
+        self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
         self.tuple_output = False
         self.active_session: InferenceSession | None = None
 
@@ -332,6 +334,7 @@ class _SwarmLink:
             config=self.config,
             max_length=max_length,
             wire_dtype=self.wire_dtype,
+            stats=self.stats,
         )
 
     def close(self) -> None:

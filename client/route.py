@@ -17,6 +17,7 @@ from protos.records import PeerRecord, PeerState
 __all__ = [
     "Hop",
     "NoRouteError",
+    "PeerStats",
     "missing_blocks",
     "plan_forward_route",
     "plan_inference_route",
@@ -36,6 +37,35 @@ class Hop:
     address: str
     start: int
     end: int
+
+
+class PeerStats:
+    """What this client measured of each peer: seconds per block of one decode step, hop delivery included.
+
+    An exponential moving average (weight `alpha` for each new sample) over the client's own steps; planning
+    uses it in place of the announced throughput, which stays the prior for peers not measured yet.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        if not 0 < alpha <= 1:
+            raise InvalidInputError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._block_time: dict[str, float] = {}
+        self.samples: dict[str, int] = {}
+
+    def observe_step(self, peer_id: str, blocks: int, seconds: float) -> None:
+        if blocks < 1 or not (math.isfinite(seconds) and seconds >= 0):
+            return
+        sample = seconds / blocks
+        previous = self._block_time.get(peer_id)
+        self._block_time[peer_id] = (
+            sample if previous is None else previous + self.alpha * (sample - previous)
+        )
+        self.samples[peer_id] = self.samples.get(peer_id, 0) + 1
+
+    def block_times(self) -> dict[str, float]:
+        """peer_id -> measured seconds per block of a decode step."""
+        return dict(self._block_time)
 
 
 def usable_peers(view: SwarmView, *, banned: Collection[str] = frozenset()) -> dict[str, PeerRecord]:
@@ -76,17 +106,19 @@ def plan_inference_route(
     banned: Collection[str] = frozenset(),
     rtt: Mapping[str, float] | None = None,
     default_rtt: float = 0.005,
+    block_time: Mapping[str, float] | None = None,
 ) -> list[Hop]:
     """The route over `[start, end)` with the least expected time of one decode step, fewest hops on ties.
 
-    A hop through peer p over n blocks costs `rtt[p] + n / (throughput_p * len(span_p))`: the announced
-    throughput is steps per second through p's whole span. Hops may use any sub-span of an announced span,
-    but each peer appears at most once (a peer keys its caches by session id). Deterministic for equal
-    inputs; raises `NoRouteError` when some block has no usable peer.
+    A hop through peer p over n blocks costs `rtt[p] + n * t_p`, where t_p is the seconds per block this
+    client measured (`block_time`, see `PeerStats`) or else the announced prior `1 / (throughput_p *
+    len(span_p))` (the announced throughput is steps per second through p's whole span). Hops may use any
+    sub-span of an announced span, but each peer appears at most once (a peer keys its caches by session
+    id). Deterministic for equal inputs; raises `NoRouteError` when some block has no usable peer.
     """
     start, end = _bounds(view, start, end)
     peers = _require_route(view, start, end, banned)
-    costs = _hop_costs(peers, rtt or {}, default_rtt)
+    costs = _hop_costs(peers, rtt or {}, default_rtt, block_time or {})
     # An optimal route exists whose hop boundaries are all span boundaries or start/end: moving a boundary
     # between two hops changes the cost linearly, and where it would stop inside a span the two hops merge.
     points = sorted({start, end} | {b for r in peers.values() for b in (r.start, r.end) if start < b < end})
@@ -122,7 +154,10 @@ def plan_forward_route(
     block = start
     while block < end:
         candidates = [(peer_id, r) for peer_id, r in peers.items() if r.start <= block < r.end]
-        weights = [max(record.throughput, MIN_THROUGHPUT) for _, record in candidates]
+        # forward speed where the peer measured it, else its decode speed
+        weights = [
+            max(record.forward_throughput or record.throughput, MIN_THROUGHPUT) for _, record in candidates
+        ]
         peer_id, record = rng.choices(candidates, weights=weights)[0]
         hop_end = min(record.end, end)
         route.append(Hop(peer_id, record.address, block, hop_end))
@@ -236,7 +271,10 @@ def _route_cost(hops: list[tuple[str, int, int]], costs: Mapping[str, tuple[floa
 
 
 def _hop_costs(
-    peers: Mapping[str, PeerRecord], rtt: Mapping[str, float], default_rtt: float
+    peers: Mapping[str, PeerRecord],
+    rtt: Mapping[str, float],
+    default_rtt: float,
+    block_time: Mapping[str, float],
 ) -> dict[str, tuple[float, float]]:
     """peer_id -> (round trip in seconds, seconds per block)."""
     costs = {}
@@ -244,10 +282,12 @@ def _hop_costs(
         hop_rtt = rtt.get(peer_id, default_rtt)
         if not (math.isfinite(hop_rtt) and hop_rtt >= 0):
             raise InvalidInputError(f"rtt of peer {peer_id} must be finite and >= 0, got {hop_rtt}")
-        costs[peer_id] = (
-            hop_rtt,
-            1.0 / (max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start)),
-        )
+        measured = block_time.get(peer_id)
+        if measured is not None and math.isfinite(measured) and measured >= 0:
+            per_block = measured
+        else:
+            per_block = 1.0 / (max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start))
+        costs[peer_id] = (hop_rtt, per_block)
     return costs
 
 

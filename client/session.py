@@ -26,7 +26,7 @@ import torch
 from client.config import ClientConfig
 from client.discovery import BanList, Discovery
 from client.errors import NoRouteError, SwarmError
-from client.route import Hop, plan_inference_route
+from client.route import Hop, PeerStats, plan_inference_route
 from protos import peer_pb2, peer_pb2_grpc
 from protos.errors import CorollaError, InvalidInputError
 from protos.tensors import dtype_from_name, from_message, to_message
@@ -157,6 +157,8 @@ class _Waiting:
     log: StepLog
     expect: list[_HopStream]  # the last one's output is the step's result
     done: asyncio.Future[None]
+    sent_at: float = 0.0  # time.perf_counter() when the step left the client
+    arrivals: dict[int, float] = field(default_factory=dict)  # block -> when the output entering it came
 
     def complete(self) -> bool:
         return all(stream.hop.end in self.log.inputs for stream in self.expect)
@@ -177,8 +179,10 @@ class InferenceSession:
         config: ClientConfig,
         max_length: int,
         wire_dtype: str,
+        stats: PeerStats | None = None,
     ) -> None:
         self.discovery = discovery
+        self.stats = stats
         self.bans = bans
         self.channels = channels
         self.config = config
@@ -299,14 +303,15 @@ class InferenceSession:
         end = old[-1].hop.end if old else None
         others = {s.hop.peer_id for s in self.streams[:first] + self.streams[last:]}
         banned = frozenset(self.bans.banned() | others)  # a peer holds one session per id
+        measured = self.stats.block_times() if self.stats is not None else None
         try:  # the last view usually knows a replacement; a DHT read can stall on a frozen node
             view = await self.discovery.view(refresh=refresh)
-            hops = plan_inference_route(view, start=start, end=end, banned=banned)
+            hops = plan_inference_route(view, start=start, end=end, banned=banned, block_time=measured)
         except NoRouteError:
             if refresh:
                 raise
             view = await self.discovery.view(refresh=True)
-            hops = plan_inference_route(view, start=start, end=end, banned=banned)
+            hops = plan_inference_route(view, start=start, end=end, banned=banned, block_time=measured)
         for stream in old:
             await stream.close()
         following = self.streams[last:]
@@ -400,7 +405,7 @@ class InferenceSession:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
         if log.rollback_to is not None:
             step.rollback_to = log.rollback_to
-        waiting = _Waiting(log, expect, asyncio.get_running_loop().create_future())
+        waiting = _Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._waiting[step_id] = waiting
         self._sent[step_id] = log
         started = time.perf_counter()
@@ -422,8 +427,21 @@ class InferenceSession:
             return
         log.inputs.setdefault(stream.hop.end, hidden)
         waiting = self._waiting.get(step_id)
-        if waiting is not None and waiting.complete() and not waiting.done.done():
+        if waiting is None:
+            return
+        self._measure(waiting, stream)
+        if waiting.complete() and not waiting.done.done():
             waiting.done.set_result(None)
+
+    def _measure(self, waiting: _Waiting, stream: _HopStream) -> None:
+        """A decode step's time at one hop: from the previous hop's output (or the send) to this one's."""
+        now = time.perf_counter()
+        waiting.arrivals[stream.hop.end] = now
+        if self.stats is None or waiting.log.positions.shape[1] != 1:
+            return  # prefills and replays are not comparable with decode steps
+        started = waiting.sent_at if stream is waiting.expect[0] else waiting.arrivals.get(stream.hop.start)
+        if started is not None:
+            self.stats.observe_step(stream.hop.peer_id, stream.hop.end - stream.hop.start, now - started)
 
     def _on_error(self, step_id: int, failure: PeerFailure) -> None:
         waiting = self._waiting.get(step_id)

@@ -105,7 +105,11 @@ def _generate(deep: dict, prompt: torch.Tensor, processor: LogitsProcessor) -> t
     model.generation_config.pad_token_id = 0
     try:
         processors = LogitsProcessorList([processor])
-        return model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=processors)
+        output = model.generate(
+            prompt, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=processors
+        )
+        assert model._corolla.stats.block_times()  # the client measured the peers it used
+        return output
     finally:
         model.shutdown()
 

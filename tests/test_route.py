@@ -332,3 +332,29 @@ def test_forward_route_is_seeded() -> None:
     again = [hops(plan_forward_route(swarm, rng=random.Random(seed))) for seed in range(20)]
     assert first == again
     assert len({tuple(route) for route in first}) > 1
+
+
+def test_measured_block_times_override_the_announced_prior() -> None:
+    swarm = view(8, A=record(0, 8, throughput=100.0), B=record(0, 8, throughput=10.0))
+    assert hops(plan_inference_route(swarm, rtt=ZERO_RTT)) == [("A", 0, 8)]  # announced: A is faster
+    stats = client.route.PeerStats(alpha=0.5)
+    for _ in range(3):
+        stats.observe_step("A", 8, 0.8)  # A measures at 0.1 s per block, B at 0.01
+        stats.observe_step("B", 4, 0.04)
+    assert stats.block_times() == pytest.approx({"A": 0.1, "B": 0.01})
+    assert hops(plan_inference_route(swarm, rtt=ZERO_RTT, block_time=stats.block_times())) == [("B", 0, 8)]
+    # an unmeasured peer keeps its prior: C announces faster than B measures
+    swarm = view(8, B=record(0, 8, throughput=10.0), C=record(0, 8, throughput=1000.0))
+    assert hops(plan_inference_route(swarm, rtt=ZERO_RTT, block_time=stats.block_times())) == [("C", 0, 8)]
+
+
+def test_peer_stats_average_and_ignore_bad_samples() -> None:
+    stats = client.route.PeerStats(alpha=0.5)
+    stats.observe_step("A", 2, 2.0)
+    stats.observe_step("A", 1, 3.0)
+    assert stats.block_times()["A"] == pytest.approx(2.0)  # 1.0, then halfway to 3.0
+    for blocks, seconds in [(0, 1.0), (1, -1.0), (1, math.nan), (1, math.inf)]:
+        stats.observe_step("B", blocks, seconds)
+    assert "B" not in stats.block_times() and stats.samples == {"A": 2}
+    with pytest.raises(InvalidInputError):
+        client.route.PeerStats(alpha=0.0)
