@@ -125,17 +125,69 @@ def swarm_quality(throughputs: Sequence[float]) -> tuple[float, int]:
     return min(throughputs), -sum(value <= 0 for value in throughputs)
 
 
+Placement = Mapping[str, tuple[int, int, float]]  # peer_id -> (start, end, steps/s through the span)
+SIMULATED_PEERS = 32  # larger swarms skip the simulation of everyone's replies (quadratic work)
+SIMULATED_ROUNDS = 8
+
+
+def placement_of(records: Mapping[str, PeerRecord], num_blocks: int) -> dict[str, tuple[int, int, float]]:
+    """The spans of the ONLINE and JOINING peers, as `plan_move` simulates them."""
+    return {
+        peer_id: (r.start, r.end, max(r.throughput, MIN_CONTRIBUTION))
+        for peer_id, r in records.items()
+        if r.state in _COUNTED and r.end <= num_blocks
+    }
+
+
+def _totals(placement: Placement, num_blocks: int) -> list[float]:
+    totals = [0.0] * num_blocks
+    for start, end, speed in placement.values():
+        for block in range(start, end):
+            totals[block] += speed
+    return totals
+
+
+def _settle(placement: dict[str, tuple[int, int, float]], num_blocks: int) -> list[float]:
+    """Every peer in turn (by id) takes its best span given the others, until a round changes nothing;
+    returns the per-block totals reached."""
+    totals = _totals(placement, num_blocks)
+    for _ in range(SIMULATED_ROUNDS):
+        changed = False
+        for peer_id in sorted(placement):
+            start, end, speed = placement[peer_id]
+            for block in range(start, end):
+                totals[block] -= speed
+            best = choose_span(totals, end - start)
+            if best != (start, end) and sorted(totals[slice(*best)]) < sorted(totals[start:end]):
+                placement[peer_id] = (*best, speed)
+                start, end, changed = *best, True
+            for block in range(start, end):
+                totals[block] += speed
+        if not changed:
+            break
+    return totals
+
+
 def plan_move(
-    others: Sequence[float], current: tuple[int, int], throughput: float, margin: float
+    others: Sequence[float],
+    current: tuple[int, int],
+    throughput: float,
+    margin: float,
+    *,
+    placement: Placement | None = None,
+    me: str = "",
 ) -> tuple[int, int] | None:
     """Where this peer should move, or None. `others` is every other peer's per-block throughput.
 
     A move must raise the swarm's bottleneck by more than `margin` (relative), or serve blocks that nobody
     serves without leaving any unserved: small gains are not worth a reload and would make peers flap.
+    When this move alone does not, but `placement` (every peer's span, this one's under `me`) is given for
+    a swarm of at most `SIMULATED_PEERS`, the move also counts with the moves it lets other peers make:
+    the swarm is simulated with this peer moved and every peer then taking its best span in turn.
     """
     length = current[1] - current[0]
     target = choose_span(others, length)
-    if target == current:
+    if target == current or not sorted(others[slice(*target)]) < sorted(others[slice(*current)]):
         return None
     contribution = max(throughput, MIN_CONTRIBUTION)
 
@@ -146,11 +198,21 @@ def plan_move(
         swarm_quality(with_me(current)),
         swarm_quality(with_me(target)),
     )
-    if then_min > now_min * (1.0 + margin) and then_min > now_min:
+    if _clearly_better(now_min, then_min, margin):
         return target
     if now_min <= 0 and then_unserved > now_unserved:  # fewer unserved blocks (counts are negated)
         return target
+    if placement is None or len(placement) > SIMULATED_PEERS or me not in placement:
+        return None
+    simulated = dict(placement)
+    simulated[me] = (*target, contribution)
+    if _clearly_better(now_min, min(_settle(simulated, len(others))), margin):
+        return target
     return None
+
+
+def _clearly_better(now: float, then: float, margin: float) -> bool:
+    return then > now * (1.0 + margin) and then > now
 
 
 # ---- claiming a span and moving: the peer's side of balancing ----------------------------------------
@@ -239,9 +301,7 @@ class Rebalancer:
     async def check(self) -> tuple[int, int] | None:
         """One evaluation; returns the new span when the peer moved."""
         current = self.announcer.span
-        me = self.announcer.peer_id
-        others = block_throughputs(await self.read(), self.num_blocks, exclude=me)
-        target = plan_move(others, current, self.throughput(), self.margin)
+        target = self._plan(await self.read(), current)
         if target is None:
             return None
         self.announcer.span = target
@@ -249,16 +309,10 @@ class Rebalancer:
         try:
             await self.announcer.announce(PeerState.JOINING)
             await asyncio.sleep(self.settle)
-            others = block_throughputs(await self.read(), self.num_blocks, exclude=me)
-            if plan_move(others, current, self.throughput(), self.margin) != target:
+            if self._plan(await self.read(), current) != target:
                 logger.info("move abandoned: the swarm changed meanwhile span=[%d,%d)", *current)
                 return None
-            logger.warning(
-                "rebalancing: moving blocks=[%d,%d) -> [%d,%d) bottleneck=%.3g",
-                *current,
-                *target,
-                min(others),
-            )
+            logger.warning("rebalancing: moving blocks=[%d,%d) -> [%d,%d)", *current, *target)
             await self.move(target)
             moved = True
         except asyncio.CancelledError:
@@ -271,3 +325,11 @@ class Rebalancer:
                 await self.announcer.announce(PeerState.ONLINE)
         self.moves += 1
         return target
+
+    def _plan(self, records: Mapping[str, PeerRecord], current: tuple[int, int]) -> tuple[int, int] | None:
+        me = self.announcer.peer_id
+        speed = self.throughput()
+        placement = placement_of(records, self.num_blocks)
+        placement[me] = (*current, max(speed, MIN_CONTRIBUTION))  # where this peer serves, not its claim
+        others = block_throughputs(records, self.num_blocks, exclude=me)
+        return plan_move(others, current, speed, self.margin, placement=placement, me=me)

@@ -95,6 +95,9 @@ def parse_config(
         return config_from_arguments(config_class, namespace)
     except ValidationError as e:
         problems = "; ".join(
-            f"{_option(str(err['loc'][0]))}: {err['msg']}" for err in e.errors() if err["loc"]
+            f"{_option(str(err['loc'][0]))}: {err['msg']}"
+            if err["loc"]
+            else err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
         )
-        parser.error(problems or str(e))
+        parser.error(problems)

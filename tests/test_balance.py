@@ -246,3 +246,13 @@ def test_announced_throughput_divides_by_blocks_and_respects_bandwidth() -> None
 def test_throughput_option_rejects(value: str) -> None:
     with pytest.raises(InvalidInputError):
         throughput.parse_option(value)
+
+
+def test_plan_move_counts_the_moves_it_lets_others_make() -> None:
+    """A at [2,5) moving to [0,3) leaves the bottleneck at 1 by itself, but then D and C can take better
+    spans, which together raise it by more than the margin; alone, the move is not worth it."""
+    placement = {"A": (2, 5, 4.0), "B": (4, 6, 3.0), "C": (0, 3, 1.0), "D": (2, 5, 1.0)}
+    others = [1.0, 1.0, 2.0, 1.0, 4.0, 3.0]  # B, C and D per block
+    assert plan_move(others, (2, 5), 4.0, 0.2) is None
+    assert plan_move(others, (2, 5), 4.0, 0.2, placement=placement, me="A") == (0, 3)
+    assert plan_move(others, (2, 5), 4.0, 10.0, placement=placement, me="A") is None  # under a huge margin
