@@ -266,7 +266,10 @@ def test_health_names_missing_blocks(dht: list[str], capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "model gappy-model: 6 blocks, 3 peers" in out
     assert f"{GOOD[-10:]}" in out and "127.0.0.1:5003" in out and "offline" in out and "peer-5002" in out
-    assert "blocks 0..1: 1 online peer\nblocks 2..3: NOT SERVED\nblocks 4..5: 1 online peer" in out
+    assert (
+        "blocks 0..1: 1 online peer, 12.5 steps/s\nblocks 2..3: NOT SERVED\n"
+        "blocks 4..5: 1 online peer, 12.5 steps/s\nbottleneck: 0.0 steps/s at blocks 2..3"
+    ) in out
     assert "missing: no peer serves blocks 2..3 (of 6)" in out
 
     assert health_main(["anything", "--model-id", GAPPY, "--initial-peers", *dht, "--json"], prog="h") == 1
@@ -275,6 +278,8 @@ def test_health_names_missing_blocks(dht: list[str], capsys: pytest.CaptureFixtu
         report["served"] is False
         and report["missing"] == [[2, 4]]
         and report["coverage"] == [1, 1, 0, 0, 1, 1]
+        and report["throughput"] == [12.5, 12.5, 0.0, 0.0, 12.5, 12.5]
+        and report["bottleneck"] == {"throughput": 0.0, "blocks": [[2, 4]]}
     )
     assert [(peer["peer_id"], peer["state"]) for peer in report["peers"]] == [
         (GOOD, "online"),
