@@ -235,17 +235,26 @@ async def claim_span(
 
     Peers that start together could all see the same empty swarm and choose the same span, so each claim
     is read back after `settle` seconds: a peer whose span overlaps the claim of a peer with a smaller id
-    takes the next best span when one is clearly better, until two reads in a row find nothing to change.
+    takes a less covered span when there is one, until two reads in a row find nothing to change.
+    A failed read counts as an empty swarm; rebalancing corrects a poor choice later.
     """
     me = announcer.peer_id
+
+    async def read_or_empty() -> Mapping[str, PeerRecord]:
+        try:
+            return await read()
+        except Exception as e:  # a DHT hiccup must not stop the peer from starting
+            logger.warning("reading the swarm failed while choosing a span reason=%r", e)
+            return {}
+
     await asyncio.sleep(random.uniform(0.0, jitter))
-    span = choose_span(block_throughputs(await read(), num_blocks, exclude=me), length)
+    span = choose_span(block_throughputs(await read_or_empty(), num_blocks, exclude=me), length)
     quiet = 0
     for _ in range(CLAIM_ROUNDS):
         announcer.span = span
         await announcer.announce(PeerState.JOINING)
         await asyncio.sleep(settle)
-        records = await read()
+        records = await read_or_empty()
         others = block_throughputs(records, num_blocks, exclude=me)
         better = choose_span(others, length)
         yields = any(

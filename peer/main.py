@@ -140,6 +140,7 @@ async def serve(config: PeerConfig) -> None:
         else:
             span = config.span
             await announcer.announce(PeerState.JOINING)
+        announcer.start()  # keeps the claim alive while a large span loads
         hosted = await asyncio.to_thread(HostedSpan.load, config.model, *span, dtype=config.dtype)
         network = (
             network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
@@ -165,7 +166,6 @@ async def serve(config: PeerConfig) -> None:
         peer_pb2_grpc.add_PeerServicer_to_server(service, server)
         await server.start()
         await announcer.announce(PeerState.ONLINE)
-        announcer.start()
         logger.info(
             "serving model=%s blocks=[%d,%d) address=%s peer_id=%s throughput=%.1f",
             config.model_id,
