@@ -251,6 +251,11 @@ class DistributedModelMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is None:
             kwargs["use_cache"] = False  # a plain forward is stateless: one Forward per hop, no session
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+            raise InvalidInputError(
+                "padded batches are not supported over the swarm yet; send rows separately"
+            )
         link = self._corolla
         tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
         if tuning is None and link.causal:

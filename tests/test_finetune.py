@@ -113,27 +113,51 @@ def test_prompt_gradients_match_local_autograd(checkpoint, swarm, local, mode) -
         model.shutdown()
 
 
-def test_classifier_head_gradients_match_local_autograd(checkpoint, swarm) -> None:
+@pytest.mark.parametrize("mode", [None, "deep_ptune"])
+def test_classifier_head_gradients_match_local_autograd(checkpoint, swarm, mode) -> None:
     torch.manual_seed(0)
     model = AutoDistributedModelForSequenceClassification.from_pretrained(
-        checkpoint("llama"), initial_peers=swarm["dht"].maddrs, model_id="ft", num_labels=3
+        checkpoint("llama"),
+        initial_peers=swarm["dht"].maddrs,
+        model_id="ft",
+        num_labels=3,
+        tuning_mode=mode,
+        pre_seq_len=PRE_SEQ_LEN if mode else 0,
     )
     try:
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        assert trainable == {"score.weight"}
+        tuned = {"prompt_tuning.input_prompts", "prompt_tuning.deep_prompts"} if mode else set()
+        assert trainable == {"score.weight"} | tuned
         assert model.score.weight.dtype == torch.float32
         reference = AutoModelForSequenceClassification.from_pretrained(
             checkpoint("llama"), num_labels=3, pad_token_id=0, dtype=torch.float32
         ).eval()
+        score = reference.score.weight
         with torch.no_grad():
-            reference.score.weight.copy_(model.score.weight)
+            score.copy_(model.score.weight)
         ids, labels = _ids(4, 7, seed=3), torch.tensor([0, 2, 1, 2])
         output = model(input_ids=ids, labels=labels)
         output.loss.backward()
-        expected = reference(input_ids=ids, labels=labels)
-        expected.loss.backward()
-        torch.testing.assert_close(output.logits, expected.logits, atol=1e-5, rtol=0)
-        torch.testing.assert_close(model.score.weight.grad, reference.score.weight.grad, atol=1e-5, rtol=0)
+        if mode is None:
+            expected = reference(input_ids=ids).logits
+            torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
+            (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(expected, labels), [score])
+        else:
+            tuning = model.prompt_tuning
+            with torch.no_grad():
+                tuning.deep_prompts.normal_(generator=torch.Generator().manual_seed(1))
+            model.zero_grad()
+            output = model(input_ids=ids, labels=labels)
+            output.loss.backward()
+            prompts = tuning.input_prompts.detach().clone().requires_grad_(True)
+            deep = tuning.deep_prompts.detach().clone().requires_grad_(True)
+            expected = _reference_logits(reference, ids, prompts, deep)
+            torch.testing.assert_close(output.logits, expected, atol=1e-5, rtol=0)
+            loss = torch.nn.functional.cross_entropy(expected, labels)
+            grad, grad_prompts, grad_deep = torch.autograd.grad(loss, [score, prompts, deep])
+            torch.testing.assert_close(tuning.input_prompts.grad, grad_prompts, atol=1e-5, rtol=0)
+            torch.testing.assert_close(tuning.deep_prompts.grad, grad_deep, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.score.weight.grad, grad, atol=1e-5, rtol=0)
     finally:
         model.shutdown()
 
