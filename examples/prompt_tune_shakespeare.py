@@ -75,8 +75,11 @@ def main() -> None:
             torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, args.save)
             print(f"saved the prompts to {args.save}")
             ids = tokenizer("KING:\n", return_tensors="pt", add_special_tokens=False)["input_ids"]
+            torch.manual_seed(0)
             with torch.no_grad():
-                out = model.generate(ids, max_new_tokens=40, do_sample=False)
+                out = model.generate(
+                    ids, max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.9, repetition_penalty=1.2
+                )
             print(tokenizer.decode(out[0]))
             model.shutdown()
         finally:
