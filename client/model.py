@@ -296,6 +296,8 @@ class DistributedModelMixin:
         tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
         if tuning is None:
             return self._generate(inputs, *args, **kwargs)
+        if self._corolla.active_session is not None or kwargs.get("past_key_values") is not None:
+            raise InvalidInputError("generate() with tuned prompts cannot continue a session yet")
         # the prompts enter as `pre_seq_len` placeholder tokens whose embeddings `forward` replaces
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if not isinstance(input_ids, torch.Tensor):

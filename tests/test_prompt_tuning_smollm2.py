@@ -15,7 +15,7 @@ from client.model import AutoDistributedModelForCausalLM
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
-STEPS, BATCH, SEQ_LEN, PRE_SEQ_LEN, LR = 30, 2, 16, 4, 0.02
+STEPS, BATCH, SEQ_LEN, PRE_SEQ_LEN, LR = 20, 2, 16, 4, 0.03
 
 pytestmark = pytest.mark.slow
 
@@ -81,6 +81,7 @@ def test_prompt_tuning_lowers_held_out_loss_like_local_training(smollm2, swarm) 
             after = remote_loss(held_out).item()
     finally:
         model.shutdown()
+    print(f"held-out loss through the swarm: {before:.3f} -> {after:.3f}")
     assert after < before - 0.3, (before, after)
 
     # the same run on transformers' own model, prompts written by hand
