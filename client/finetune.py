@@ -116,7 +116,7 @@ class RemoteSpans:
             banned = frozenset(self.bans.banned())
             route = plan_forward_route(view, start=span.start, end=span.end, banned=banned)
             if len(route) > 1:
-                # no usable peer serves the whole span any more: recompute the inputs of the new hops first
+                # the span now takes several hops (say its peer died): recompute their inputs first
                 logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))
                 _, inner = await self.aforward(span.hidden, prompts, start=span.start, end=span.end)
                 for hop_input in reversed(inner):
