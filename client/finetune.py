@@ -1,16 +1,27 @@
-"""Stateless passes through remote spans (`Forward`), used for scoring and as the base of fine-tuning;
-a failed hop is retried on another peer for the same blocks."""
+"""Autograd through remote spans: stateless `Forward` hop by hop and `Backward` in reverse, each retried on
+another peer for the same blocks; and the trainable prompts (`ptune`, `deep_ptune`) that live on the client.
+
+    forward:   hidden ─▶ [0, a) ─▶ [a, b) ─▶ [b, n) ─▶ output      (client relays; keeps each hop's input)
+    backward:  grad_in ◀─ [0, a) ◀─ [a, b) ◀─ [b, n) ◀─ grad_out   (each peer recomputes its forward)
+Peers keep nothing between calls, so a failed hop is re-run on any peer serving its blocks; when no single
+peer serves them any more, the span's forward is re-run through the new hops first to get their inputs.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import torch
+from torch import nn
 
 from client.config import ClientConfig
 from client.discovery import BanList, Discovery
-from client.route import plan_forward_route
+from client.route import Hop, plan_forward_route
+from client.runtime import Runtime
 from client.session import ChannelPool, PeerFailure, SwarmUnavailableError
 from protos import peer_pb2, peer_pb2_grpc
 from protos.errors import InvalidInputError
@@ -18,46 +29,255 @@ from protos.tensors import from_message, to_message
 
 logger = logging.getLogger(__name__)
 
+TUNING_MODES = ("ptune", "deep_ptune")
+MAX_RETRY_DELAY = 2.0  # seconds; retries back off exponentially from 0.1 s up to this
 
-async def forward_through_route(
-    discovery: Discovery,
-    bans: BanList,
-    channels: ChannelPool,
-    config: ClientConfig,
-    hidden: torch.Tensor,
-) -> torch.Tensor:
-    """Hidden states [batch, seq, hidden] through every block, hop by hop; the client relays between hops."""
-    view = await discovery.view()
-    block, failures = 0, 0
-    while block < view.num_blocks:
-        hop = plan_forward_route(view, start=block, banned=frozenset(bans.banned()))[0]
-        stub = peer_pb2_grpc.PeerStub(channels.get(hop.address))
-        request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
-        try:
-            reply = await stub.Forward(request, timeout=config.forward_timeout)
-        except grpc.aio.AioRpcError as e:
-            failure = PeerFailure(e.code(), e.details() or "forward failed", hop.peer_id)
-            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidInputError(str(failure)) from e
-            failures += 1
-            bans.ban(hop.peer_id, e.code().name)
-            logger.warning(
-                "forward retry blocks=[%d,%d) peer=%s reason=%s",
-                hop.start,
-                hop.end,
-                hop.peer_id[-8:],
-                e.code().name,
+
+@dataclass(frozen=True)
+class HopInput:
+    """What a hop of a forward received: enough to run its backward on any peer serving its blocks."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, in the wire dtype
+
+
+class RemoteSpans:
+    """Stateless passes through blocks [0, num_blocks) of the swarm, differentiable through `__call__`."""
+
+    def __init__(
+        self,
+        *,
+        discovery: Discovery,
+        bans: BanList,
+        channels: ChannelPool,
+        config: ClientConfig,
+        runtime: Runtime,
+        wire_dtype: torch.dtype,
+    ) -> None:
+        self.discovery = discovery
+        self.bans = bans
+        self.channels = channels
+        self.config = config
+        self.runtime = runtime
+        self.wire_dtype = wire_dtype
+
+    def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden` [batch, seq, hidden] through every block; `prompts` [num_blocks, batch or 1, pre_seq_len,
+        hidden] are added to the first positions entering each block. Gradients flow to both."""
+        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self)
+        return output
+
+    # ---- forward -----------------------------------------------------------------------------------
+
+    async def aforward(
+        self,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        *,
+        start: int = 0,
+        end: int | None = None,
+    ) -> tuple[torch.Tensor, list[HopInput]]:
+        """Blocks [start, end) hop by hop; returns the output (in `hidden`'s dtype) and each hop's input."""
+        view = await self.discovery.view()
+        end = view.num_blocks if end is None else end
+        current = hidden.to(self.wire_dtype)
+        hops: list[HopInput] = []
+        block = start
+        while block < end:
+            hop, output = await self._forward_hop(block, end, current, prompts)
+            hops.append(HopInput(hop.start, hop.end, current))
+            current, block = output.to(self.wire_dtype), hop.end
+        return current.to(hidden.dtype), hops
+
+    # ---- backward ----------------------------------------------------------------------------------
+
+    async def abackward(
+        self, hops: list[HopInput], grad_output: torch.Tensor, prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of the inputs and prompts of a forward whose hops are `hops`, from the gradient of its
+        output [batch, seq, hidden]; the hops are visited in reverse."""
+        grad = grad_output.to(self.wire_dtype)
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32)
+        for hop in reversed(hops):
+            grad = await self._backward_span(hop, grad, prompts, grad_prompts)
+        return grad.to(grad_output.dtype), grad_prompts
+
+    async def _backward_span(
+        self,
+        span: HopInput,
+        grad: torch.Tensor,
+        prompts: torch.Tensor | None,
+        grad_prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        failures = 0
+        while True:
+            view = await self.discovery.view(refresh=failures > 0)
+            banned = frozenset(self.bans.banned())
+            route = plan_forward_route(view, start=span.start, end=span.end, banned=banned)
+            if len(route) > 1:
+                # the span now takes several hops (say its peer died): recompute their inputs first
+                logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))
+                _, inner = await self.aforward(span.hidden, prompts, start=span.start, end=span.end)
+                for hop_input in reversed(inner):
+                    grad = await self._backward_span(hop_input, grad, prompts, grad_prompts)
+                return grad
+            hop = route[0]
+            request = peer_pb2.BackwardRequest(
+                start=hop.start, end=hop.end, hidden=to_message(span.hidden), grad_output=to_message(grad)
             )
-            if failures > config.max_retries:
-                raise SwarmUnavailableError(f"forward failed {failures} times; last: {failure}") from e
-            view = await discovery.view(refresh=True)
-            continue
-        output = from_message(
-            reply.hidden, max_bytes=config.max_message_bytes, expected_ndim=3, name="hidden"
+            if prompts is not None:
+                request.prompts.CopyFrom(self._prompts_message(prompts, hop))
+            stub = peer_pb2_grpc.PeerStub(self.channels.get(hop.address))
+            try:
+                reply = await stub.Backward(request, timeout=self.config.forward_timeout)
+            except grpc.aio.AioRpcError as e:
+                failures = await self._failed("backward", hop, e, failures)
+                continue
+            grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop)
+            if prompts is not None and grad_prompts is not None:
+                expected = prompts[hop.start : hop.end].shape
+                piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop)
+                grad_prompts[hop.start : hop.end] += piece.float()
+            return grad_input.to(self.wire_dtype)
+
+    async def _forward_hop(
+        self, block: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None
+    ) -> tuple[Hop, torch.Tensor]:
+        """One Forward from `block` on a peer serving it, retried on others; returns the hop and output."""
+        failures = 0
+        while True:
+            view = await self.discovery.view(refresh=failures > 0)
+            banned = frozenset(self.bans.banned())
+            hop = plan_forward_route(view, start=block, end=end, banned=banned)[0]
+            request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
+            if prompts is not None:
+                request.prompts.CopyFrom(self._prompts_message(prompts, hop))
+            stub = peer_pb2_grpc.PeerStub(self.channels.get(hop.address))
+            try:
+                reply = await stub.Forward(request, timeout=self.config.forward_timeout)
+            except grpc.aio.AioRpcError as e:
+                failures = await self._failed("forward", hop, e, failures)
+                continue
+            return hop, self._decode(reply.hidden, "hidden", hidden.shape, hop)
+
+    async def _failed(self, kind: str, hop: Hop, error: grpc.aio.AioRpcError, failures: int) -> int:
+        """Ban the peer and wait before the next try; raises when the request is wrong or retries ran out."""
+        failure = PeerFailure(error.code(), error.details() or f"{kind} failed", hop.peer_id)
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            raise InvalidInputError(str(failure)) from error
+        failures += 1
+        self.bans.ban(hop.peer_id, error.code().name)
+        logger.warning(
+            "%s retry blocks=[%d,%d) peer=%s reason=%s",
+            kind,
+            hop.start,
+            hop.end,
+            hop.peer_id[-8:],
+            error.code().name,
         )
-        if output.shape != hidden.shape:
+        if failures > self.config.max_retries:
+            raise SwarmUnavailableError(f"{kind} failed {failures} times; last: {failure}") from error
+        await asyncio.sleep(min(0.1 * 2 ** (failures - 1), MAX_RETRY_DELAY))
+        return failures
+
+    def _prompts_message(self, prompts: torch.Tensor, hop: Hop) -> peer_pb2.Tensor:
+        return to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype)
+
+    def _decode(self, message: peer_pb2.Tensor, name: str, shape: torch.Size, hop: Hop) -> torch.Tensor:
+        tensor = from_message(
+            message, max_bytes=self.config.max_message_bytes, expected_ndim=len(shape), name=name
+        )
+        if tensor.shape != shape:
             raise PeerFailure(
-                grpc.StatusCode.INTERNAL, f"forward returned shape {list(output.shape)}", hop.peer_id
+                grpc.StatusCode.INTERNAL, f"{name} came back with shape {list(tensor.shape)}", hop.peer_id
             )
-        hidden, block = output.to(hidden.dtype), hop.end
-    return hidden
+        return tensor
+
+
+class _ThroughSwarm(torch.autograd.Function):
+    """Forward through the swarm; backward through the same blocks in reverse (possibly other peers)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, remote: RemoteSpans
+    ) -> torch.Tensor:
+        detached = None if prompts is None else prompts.detach()
+        output, hops = remote.runtime.run(remote.aforward(hidden.detach(), detached))
+        ctx.remote, ctx.hops, ctx.prompts = remote, hops, detached
+        return output
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        remote: RemoteSpans = ctx.remote
+        grad_input, grad_prompts = remote.runtime.run(remote.abackward(ctx.hops, grad_output, ctx.prompts))
+        if grad_prompts is not None and ctx.prompts is not None:
+            grad_prompts = grad_prompts.to(ctx.prompts.dtype)
+        return grad_input, grad_prompts, None
+
+
+class PromptTuning(nn.Module):
+    """Trainable prompts on the client, float32 whatever dtype the model runs in.
+
+    `ptune`: `input_prompts` [pre_seq_len, embed_dim] are prepended to the input embeddings.
+    `deep_ptune`: also `deep_prompts` [num_blocks, pre_seq_len, hidden], added by the peers to the first
+    `pre_seq_len` hidden states entering each block (zeros at first: training starts from plain `ptune`).
+    """
+
+    def __init__(
+        self, mode: str, pre_seq_len: int, *, embeddings: nn.Module, num_blocks: int, hidden_size: int
+    ) -> None:
+        super().__init__()
+        if mode not in TUNING_MODES:
+            raise InvalidInputError(f"tuning_mode must be one of {', '.join(TUNING_MODES)}, got {mode!r}")
+        if pre_seq_len < 1:
+            raise InvalidInputError(f"tuning_mode={mode!r} needs pre_seq_len >= 1, got {pre_seq_len}")
+        self.mode = mode
+        self.pre_seq_len = pre_seq_len
+        weight = embeddings.get_parameter("weight")
+        # start from the embeddings of random tokens: prompts of the scale the blocks were trained on
+        tokens = torch.randint(0, weight.shape[0], (pre_seq_len,))
+        self.input_prompts = nn.Parameter(weight.detach()[tokens].to(torch.float32).clone())
+        self.deep_prompts: nn.Parameter | None = None
+        if mode == "deep_ptune":
+            self.deep_prompts = nn.Parameter(torch.zeros(num_blocks, pre_seq_len, hidden_size))
+
+    def remote_prompts(self) -> torch.Tensor | None:
+        """The per-block prompts as sent to the peers: [num_blocks, 1, pre_seq_len, hidden]."""
+        return None if self.deep_prompts is None else self.deep_prompts.unsqueeze(1)
+
+    def prepend(
+        self, inputs_embeds: torch.Tensor, kwargs: dict[str, Any], *, extend_labels: bool
+    ) -> dict[str, Any]:
+        """The family forward's keyword arguments with the prompts before the inputs [batch, seq, embed]."""
+        if kwargs.get("position_ids") is not None:
+            raise InvalidInputError("position_ids cannot be combined with prompt tuning")
+        batch = inputs_embeds.shape[0]
+        prompts = self.input_prompts.to(inputs_embeds.dtype).expand(batch, -1, -1)
+        kwargs = dict(kwargs, inputs_embeds=torch.cat([prompts, inputs_embeds], dim=1))
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, self.pre_seq_len), mask], dim=1)
+        labels = kwargs.get("labels")
+        if extend_labels and isinstance(labels, torch.Tensor):
+            ignored = labels.new_full((batch, self.pre_seq_len), -100)  # transformers' ignore index
+            kwargs["labels"] = torch.cat([ignored, labels], dim=1)
+        return kwargs
+
+    def replace_placeholders(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Inputs [batch, seq, embed] whose first `pre_seq_len` positions are placeholders, with the prompts
+        in their place (generation: transformers' `generate` sees `pre_seq_len` extra tokens)."""
+        batch = inputs_embeds.shape[0]
+        prompts = self.input_prompts.to(inputs_embeds.dtype).expand(batch, -1, -1)
+        return torch.cat([prompts, inputs_embeds[:, self.pre_seq_len :]], dim=1)
+
+
+def freeze_except(model: nn.Module, trainable: list[nn.Module]) -> None:
+    """Only the parameters of `trainable` require gradients; everything else on the client is frozen."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in trainable:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from client.config import ClientConfig
 from client.discovery import BanList, DhtDiscovery, Discovery
-from client.finetune import forward_through_route
+from client.finetune import PromptTuning, RemoteSpans, freeze_except
 from client.route import PeerStats
 from client.runtime import Runtime
 from client.session import ChannelPool, InferenceSession
@@ -30,6 +30,7 @@ from protos.checkpoint import (
     load_weights,
     parse_dtype,
     resolve_model_path,
+    sequence_classification_class,
 )
 from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
@@ -46,6 +47,7 @@ from protos.partition import (
     module_filter,
 )
 from protos.records import model_id_from_path
+from protos.tensors import dtype_from_name
 
 logger = logging.getLogger(__name__)
 
@@ -237,9 +239,9 @@ class DistributedModelMixin:
                     positions = torch.arange(start, start + seq).expand(batch, -1)
                 hidden = cache.step(hidden, positions.expand(batch, -1), link.runtime)
             elif cache is None:
-                hidden = link.runtime.run(
-                    forward_through_route(link.discovery, link.bans, link.channels, link.config, hidden)
-                )
+                # differentiable: a loss on the output backpropagates through the peers to the client
+                tuning = getattr(self, "prompt_tuning", None)
+                hidden = link.remote(hidden, tuning.remote_prompts() if tuning is not None else None)
             else:
                 raise InvalidInputError(
                     f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
@@ -250,7 +252,34 @@ class DistributedModelMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is None:
             kwargs["use_cache"] = False  # a plain forward is stateless: one Forward per hop, no session
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+            raise InvalidInputError(
+                "padded batches are not supported over the swarm yet; send rows separately"
+            )
+        link = self._corolla
+        tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
+        if tuning is None and link.causal:
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        if len(args) > 1:
+            raise InvalidInputError("pass the arguments after input_ids by keyword")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise InvalidInputError("pass input_ids or inputs_embeds")
+            embeds = self.get_input_embeddings()(input_ids)  # type: ignore[attr-defined]
+        if tuning is None:  # a classifier pools the last position of an unpadded batch
+            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]
+        if link.placeholders:  # generate(): the first pre_seq_len positions stand for the prompts
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:
+                embeds = tuning.replace_placeholders(embeds)
+            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]
+        output = super().forward(**tuning.prepend(embeds, kwargs, extend_labels=link.causal))  # type: ignore[misc]
+        if link.causal and getattr(output, "logits", None) is not None:
+            output.logits = output.logits[:, tuning.pre_seq_len :]  # logits of the caller's positions only
+        return output
 
     @contextlib.contextmanager
     def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
@@ -265,6 +294,40 @@ class DistributedModelMixin:
             link.runtime.run(session.aclose())
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
+        if tuning is None:
+            return self._generate(inputs, *args, **kwargs)
+        if self._corolla.active_session is not None or kwargs.get("past_key_values") is not None:
+            raise InvalidInputError("generate() with tuned prompts cannot continue a session yet")
+        # the prompts enter as `pre_seq_len` placeholder tokens whose embeddings `forward` replaces
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if not isinstance(input_ids, torch.Tensor):
+            raise InvalidInputError("generate() with tuned prompts needs input_ids")
+        placeholders = input_ids.new_zeros(input_ids.shape[0], tuning.pre_seq_len)
+        input_ids = torch.cat([placeholders, input_ids], dim=1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            kwargs["attention_mask"] = torch.cat(
+                [torch.ones_like(placeholders, dtype=mask.dtype), mask], dim=1
+            )
+        if kwargs.get("max_length") is not None:
+            kwargs["max_length"] += tuning.pre_seq_len
+        link = self._corolla
+        link.placeholders = True
+        try:
+            if tuning.deep_prompts is not None:
+                # sessions carry no per-block prompts: each token is a stateless Forward of the whole sequence
+                output = super().generate(input_ids, *args, use_cache=False, **kwargs)  # type: ignore[misc]
+            else:
+                output = self._generate(input_ids, *args, **kwargs)
+        finally:
+            link.placeholders = False
+        if isinstance(output, torch.Tensor):
+            return output[:, tuning.pre_seq_len :]
+        output.sequences = output.sequences[:, tuning.pre_seq_len :]
+        return output
+
+    def _generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         link = self._corolla
         if kwargs.get("past_key_values") is not None:
             return super().generate(inputs, *args, **kwargs)  # type: ignore[misc]
@@ -315,6 +378,8 @@ class _SwarmLink:
         self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
         self.tuple_output = False
         self.active_session: InferenceSession | None = None
+        self.causal = True  # a causal LM; False: a classifier (always runs from input embeddings)
+        self.placeholders = False  # inside generate() with tuned prompts
 
         async def connect() -> tuple[DHTNode, Discovery]:
             node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True)
@@ -325,6 +390,14 @@ class _SwarmLink:
             return node, discovery
 
         self.node, self.discovery = self.runtime.run(connect(), timeout=60)
+        self.remote = RemoteSpans(
+            discovery=self.discovery,
+            bans=self.bans,
+            channels=self.channels,
+            config=config,
+            runtime=self.runtime,
+            wire_dtype=dtype_from_name(wire_dtype),
+        )
 
     def new_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(
@@ -350,7 +423,12 @@ class _SwarmLink:
 
 class AutoDistributedModelForCausalLM:
     """Loads a causal LM whose blocks run on a swarm; the result is the family's own transformers class
-    (e.g. `LlamaForCausalLM`) with local embeddings and head, so `generate()` works as with transformers."""
+    (e.g. `LlamaForCausalLM`) with local embeddings and head, so `generate()` works as with transformers.
+
+    `tuning_mode="ptune"` adds `pre_seq_len` trainable prompt embeddings before the inputs; `"deep_ptune"`
+    also trainable prompts added to the hidden states entering every block (on the peers). Only the prompts
+    require gradients; they stay float32 whatever `dtype` the model runs in.
+    """
 
     @classmethod
     def from_pretrained(
@@ -360,6 +438,8 @@ class AutoDistributedModelForCausalLM:
         initial_peers: list[str],
         dtype: str | torch.dtype = torch.float32,
         model_id: str | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
         **config: Any,
     ) -> DistributedCausalLM:
         torch_dtype = parse_dtype(dtype)
@@ -368,19 +448,142 @@ class AutoDistributedModelForCausalLM:
             f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {}
         )
         model, anatomy = load_client_model(name_or_path, torch_dtype, model_class=distributed_class)
-        client_config = ClientConfig(initial_peers=list(initial_peers), **config)
-        link = _SwarmLink(
-            client_config,
-            model_id or client_config.model_id or model_id_from_path(str(name_or_path)),
-            anatomy.num_blocks,
-            client_config.wire_dtype or str(torch_dtype).removeprefix("torch."),
+        return _join_swarm(
+            model,
+            anatomy,
+            name_or_path,
+            initial_peers=initial_peers,
+            dtype=torch_dtype,
+            model_id=model_id,
+            tuning_mode=tuning_mode,
+            pre_seq_len=pre_seq_len,
+            config=config,
         )
-        distributed = cast("DistributedCausalLM", model)
-        distributed._corolla = link
-        install_slots(distributed, anatomy, distributed._swarm_dispatch)
-        link.tuple_output = _probe_tuple_output(distributed, anatomy)
-        logger.info("client ready model=%s blocks=%d", name_or_path, anatomy.num_blocks)
-        return distributed
+
+
+class AutoDistributedModelForSequenceClassification:
+    """The family's `*ForSequenceClassification` over the swarm: a trainable float32 head (new, initialized
+    as transformers does) on the client's last position, optionally with tuned prompts as for a causal LM.
+    Batches must be unpadded (every row the same length)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike[str],
+        *,
+        initial_peers: list[str],
+        num_labels: int = 2,
+        dtype: str | torch.dtype = torch.float32,
+        model_id: str | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        **config: Any,
+    ) -> DistributedCausalLM:
+        torch_dtype = parse_dtype(dtype)
+        folder = resolve_model_path(name_or_path)
+        hf_config = load_config(folder)
+        hf_config.num_labels = num_labels
+        if hf_config.pad_token_id is None:
+            hf_config.pad_token_id = 0  # transformers asks for one with batches > 1; unused from embeddings
+        family_class = sequence_classification_class(hf_config)
+        distributed_class = type(
+            f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {}
+        )
+        skeleton = build_skeleton(hf_config, torch_dtype, model_class=distributed_class)
+        anatomy = locate(skeleton)
+        heads = [name for name, _ in skeleton.named_children() if name != skeleton.base_model_prefix]
+
+        def is_head(name: str) -> bool:
+            return any(name == head or name.startswith(head + ".") for head in heads)
+
+        client_modules, client_keys = (
+            module_filter(anatomy, Role.CLIENT),
+            checkpoint_key_filter(anatomy, Role.CLIENT),
+        )
+        load_weights(
+            skeleton,
+            Path(folder),
+            wanted_key=lambda key: client_keys(key) and key.startswith(skeleton.base_model_prefix + "."),
+            wanted_module=lambda name: client_modules(name) and not is_head(name),
+            dtype=torch_dtype,
+        )
+        trainable = []
+        for name in heads:
+            head = skeleton.get_submodule(name)
+            head.to_empty(device="cpu")
+            head.to(torch.float32)
+            for module in head.modules():
+                skeleton._init_weights(module)
+            head.register_forward_pre_hook(_inputs_to_float32)
+            trainable.append(head)
+        return _join_swarm(
+            skeleton,
+            anatomy,
+            name_or_path,
+            initial_peers=initial_peers,
+            dtype=torch_dtype,
+            model_id=model_id,
+            tuning_mode=tuning_mode,
+            pre_seq_len=pre_seq_len,
+            config=config,
+            causal=False,
+            trainable=trainable,
+        )
+
+
+def _inputs_to_float32(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _join_swarm(
+    model: PreTrainedModel,
+    anatomy: Anatomy,
+    name_or_path: str | os.PathLike[str],
+    *,
+    initial_peers: list[str],
+    dtype: torch.dtype,
+    model_id: str | None,
+    tuning_mode: str | None,
+    pre_seq_len: int,
+    config: dict[str, Any],
+    causal: bool = True,
+    trainable: list[torch.nn.Module] | None = None,
+) -> DistributedCausalLM:
+    """Connect a loaded client model to the swarm, add the prompts of `tuning_mode` and freeze the rest."""
+    client_config = ClientConfig(initial_peers=list(initial_peers), **config)
+    trainable = list(trainable or [])
+    if tuning_mode is not None:
+        tuning = PromptTuning(
+            tuning_mode,
+            pre_seq_len,
+            embeddings=model.get_input_embeddings(),
+            num_blocks=anatomy.num_blocks,
+            hidden_size=anatomy.hidden_size,
+        )
+        model.prompt_tuning = tuning
+        trainable.append(tuning)
+    elif pre_seq_len:
+        raise InvalidInputError("pre_seq_len needs a tuning_mode (ptune or deep_ptune)")
+    freeze_except(model, trainable)
+    link = _SwarmLink(
+        client_config,
+        model_id or client_config.model_id or model_id_from_path(str(name_or_path)),
+        anatomy.num_blocks,
+        client_config.wire_dtype or str(dtype).removeprefix("torch."),
+    )
+    link.causal = causal
+    distributed = cast("DistributedCausalLM", model)
+    distributed._corolla = link
+    install_slots(distributed, anatomy, distributed._swarm_dispatch)
+    link.tuple_output = _probe_tuple_output(distributed, anatomy)
+    logger.info(
+        "client ready model=%s blocks=%d tuning=%s trainable=%d",
+        name_or_path,
+        anatomy.num_blocks,
+        tuning_mode,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
+    )
+    return distributed
 
 
 def _probe_tuple_output(model: PreTrainedModel, anatomy: Anatomy) -> bool:

@@ -77,6 +77,7 @@ class _Call:
     start: int
     end: int
     hidden: torch.Tensor  # [batch, seq, hidden]
+    prompts: torch.Tensor | None = None  # [end - start, batch or 1, pre_seq_len, hidden]
 
 
 def count_blocks(name_or_path: str | os.PathLike[str]) -> int:
@@ -104,6 +105,8 @@ class HostedSpan:
         self._call: _Call | None = None
         self._lock = threading.Lock()  # one forward at a time: `_call` is per forward
         self.blocks = install_slots(model, anatomy, self._dispatch)
+        for parameter in [*model.parameters(), *self.blocks.parameters()]:
+            parameter.requires_grad_(False)  # frozen and shared: a backward computes input grads only
         self.tuple_output = detect_tuple_output(model, anatomy, self._run_probe)
 
     @classmethod
@@ -175,21 +178,69 @@ class HostedSpan:
         *,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (default: the hosted span) on `hidden` [batch, seq, hidden_size].
 
         `cache` (from `new_cache`) holds earlier positions and is extended in place; without it the call is
         stateless. `positions` are absolute position ids [batch, seq]; without them the family derives them
-        from the cache length. Returns the hidden states after block end-1 [batch, seq, hidden_size].
+        from the cache length. `prompts` [end - start, batch or 1, pre_seq_len, hidden_size] are added to the
+        first positions of the hidden states entering each block (deep prompt tuning).
+        Returns the hidden states after block end-1 [batch, seq, hidden_size].
         """
         start, end = self._check_span(start, end)
         self._check_inputs(hidden, cache, positions, start, end)
+        self._check_prompts(prompts, hidden, start, end)
+        return self._run(hidden, cache, positions, start, end, prompts)
+
+    def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients of a stateless forward of blocks [start, end): recomputes the forward of `hidden`
+        [batch, seq, hidden_size] with autograd on and backpropagates `grad_output` (same shape) into the
+        inputs. Returns (grad of hidden, grad of prompts or None); the weights stay frozen, nothing is kept.
+        """
+        start, end = self._check_span(start, end)
+        self._check_inputs(hidden, None, None, start, end)
+        self._check_prompts(prompts, hidden, start, end)
+        if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
+            raise InvalidInputError(
+                f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
+                f"{grad_output.dtype} {tuple(grad_output.shape)}"
+            )
+        # the executor runs jobs in inference mode; clones outside it are tensors autograd accepts
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = hidden.detach().clone().requires_grad_(True)
+            wrt = [inputs]
+            prompt_leaf = None
+            if prompts is not None:
+                prompt_leaf = prompts.detach().clone().requires_grad_(True)
+                wrt.append(prompt_leaf)
+            output = self._run(inputs, None, None, start, end, prompt_leaf)
+            grads = torch.autograd.grad(output, wrt, grad_outputs=grad_output.detach().clone())
+        return grads[0], (grads[1] if prompt_leaf is not None else None)
+
+    def _run(
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        positions: torch.Tensor | None,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None}
         if positions is not None and "position_ids" in self.anatomy.owner_params:
             kwargs["position_ids"] = positions
         dummy = hidden.new_zeros(*hidden.shape[:-1], self.anatomy.embed_dim)
         with self._lock:
-            self._call = _Call(start, end, hidden)
+            self._call = _Call(start, end, hidden, prompts)
             try:
                 self.anatomy.owner(self.model)(inputs_embeds=dummy, **kwargs)
             except StopForward as stop:
@@ -206,8 +257,13 @@ class HostedSpan:
             return (hidden, None) if self.tuple_output else hidden
         if index >= call.end:
             raise RuntimeError(f"block {index} runs after the span's last block")
-        if index == call.start:
-            args, kwargs = replace_hidden(args, kwargs, call.hidden)
+        if index == call.start or call.prompts is not None:
+            hidden = call.hidden if index == call.start else hidden_argument(args, kwargs)
+            if call.prompts is not None:
+                prompt = call.prompts[index - call.start]  # [batch or 1, pre_seq_len, hidden]
+                length = prompt.shape[1]
+                hidden = torch.cat([hidden[:, :length] + prompt, hidden[:, length:]], dim=1)
+            args, kwargs = replace_hidden(args, kwargs, hidden)
         output = self.blocks[index](*args, **kwargs)
         if index == call.end - 1:
             raise StopForward(output[0] if isinstance(output, tuple) else output)
@@ -226,6 +282,27 @@ class HostedSpan:
                 f"span [{start}, {end}) is not inside the hosted span [{self.start}, {self.end})"
             )
         return start, end
+
+    def _check_prompts(
+        self, prompts: torch.Tensor | None, hidden: torch.Tensor, start: int, end: int
+    ) -> None:
+        if prompts is None:
+            return
+        batch, seq, width = hidden.shape
+        if (
+            prompts.ndim != 4
+            or prompts.shape[0] != end - start
+            or prompts.shape[1] not in (1, batch)
+            or not 1 <= prompts.shape[2] <= seq
+            or prompts.shape[3] != width
+        ):
+            raise InvalidInputError(
+                f"prompts must be [{end - start}, 1 or {batch}, 1..{seq}, {width}] for blocks "
+                f"[{start}, {end}), "
+                f"got {tuple(prompts.shape)}"
+            )
+        if prompts.dtype != self.dtype:
+            raise InvalidInputError(f"prompts dtype {prompts.dtype} does not match the span's {self.dtype}")
 
     def _check_inputs(
         self,

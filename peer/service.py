@@ -378,37 +378,98 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             self._stubs[address] = peer_pb2_grpc.PeerStub(channel)
         return self._stubs[address]
 
-    # ---- Forward / Info ----------------------------------------------------------------------------
+    # ---- Forward / Backward / Info -------------------------------------------------------------------
 
     async def Forward(
         self, request: peer_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.ForwardReply:
         try:
+            span = self.span  # the hosted span may be swapped at run time: one span per request
             start, end = self._check_span(request.start, request.end)
-            hidden = from_message(
-                request.hidden,
-                max_bytes=self.config.max_message_bytes,
-                expected_dtypes=FLOAT_DTYPES,
-                expected_ndim=3,
-                name="hidden",
-            )
-            batch, seq, _ = hidden.shape
-            if batch > self.config.max_batch_size or batch * seq > self.config.max_forward_tokens:
-                raise InvalidInputError(
-                    f"batch {batch} x {seq} positions exceed the peer's limits (batch <= "
-                    f"{self.config.max_batch_size}, batch x positions <= {self.config.max_forward_tokens})"
-                )
-            if request.HasField("prompts"):
-                raise InvalidInputError("deep prompts are not served by this peer version")
+            hidden = self._stateless_tensor(request.hidden, "hidden")
+            self._check_stateless_size(hidden, span)
+            prompts = self._optional_prompts(request, "prompts")
             wire = hidden.dtype
             output = await self.executor.run(
-                lambda: self.span.forward(hidden.to(self.span.dtype), start=start, end=end)
+                lambda: span.forward(
+                    hidden.to(span.dtype),
+                    start=start,
+                    end=end,
+                    prompts=None if prompts is None else prompts.to(span.dtype),
+                )
             )
             return peer_pb2.ForwardReply(hidden=tensor_message(output, dtype=wire))
         except Exception as e:  # mapped to a status in one place
             code, message = _status(e)
             await context.abort(code, message)
             raise  # unreachable: abort raises
+
+    async def Backward(
+        self, request: peer_pb2.BackwardRequest, context: grpc.aio.ServicerContext
+    ) -> peer_pb2.BackwardReply:
+        """Gradients of a stateless Forward: the peer recomputes the span's forward and keeps nothing."""
+        try:
+            span = self.span
+            start, end = self._check_span(request.start, request.end)
+            hidden = self._stateless_tensor(request.hidden, "hidden")
+            self._check_stateless_size(hidden, span)
+            grad_output = self._stateless_tensor(request.grad_output, "grad_output")
+            if grad_output.shape != hidden.shape:
+                raise InvalidInputError(
+                    f"grad_output shape {list(grad_output.shape)} does not match hidden {list(hidden.shape)}"
+                )
+            prompts = self._optional_prompts(request, "prompts")
+            wire = hidden.dtype
+
+            def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
+                return span.backward(
+                    hidden.to(span.dtype),
+                    grad_output.to(span.dtype),
+                    start=start,
+                    end=end,
+                    prompts=None if prompts is None else prompts.to(span.dtype),
+                )
+
+            grad_input, grad_prompts = await self.executor.run(compute)
+            reply = peer_pb2.BackwardReply(grad_input=tensor_message(grad_input, dtype=wire))
+            if grad_prompts is not None and prompts is not None:
+                reply.grad_prompts.CopyFrom(tensor_message(grad_prompts, dtype=prompts.dtype))
+            return reply
+        except Exception as e:  # mapped to a status in one place
+            code, message = _status(e)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    def _stateless_tensor(self, message: peer_pb2.Tensor, name: str) -> torch.Tensor:
+        return from_message(
+            message,
+            max_bytes=self.config.max_message_bytes,
+            expected_dtypes=FLOAT_DTYPES,
+            expected_ndim=3,
+            name=name,
+        )
+
+    def _check_stateless_size(self, hidden: torch.Tensor, span: HostedSpan) -> None:
+        batch, seq, width = hidden.shape
+        if batch > self.config.max_batch_size or batch * seq > self.config.max_forward_tokens:
+            raise InvalidInputError(
+                f"batch {batch} x {seq} positions exceed the peer's limits (batch <= "
+                f"{self.config.max_batch_size}, batch x positions <= {self.config.max_forward_tokens})"
+            )
+        if width != span.hidden_size:
+            raise InvalidInputError(f"hidden size {width} does not match the model's {span.hidden_size}")
+
+    def _optional_prompts(
+        self, request: peer_pb2.ForwardRequest | peer_pb2.BackwardRequest, name: str
+    ) -> torch.Tensor | None:
+        # shapes are checked against the hidden states and the span by `HostedSpan` before any compute
+        return optional_from_message(
+            getattr(request, name),
+            max_bytes=self.config.max_message_bytes,
+            expected_dtypes=FLOAT_DTYPES,
+            expected_ndim=4,
+            name=name,
+        )
 
     async def Info(
         self, request: peer_pb2.InfoRequest, context: grpc.aio.ServicerContext

@@ -125,6 +125,19 @@ def causal_lm_class(config: Any) -> type[PreTrainedModel]:
         raise UnsupportedModelError(f"{type(config).__name__} is not a causal language model ({e})") from e
 
 
+def sequence_classification_class(config: Any) -> type[PreTrainedModel]:
+    """The transformers `*ForSequenceClassification` class of a config."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    try:
+        return _get_model_class(config, AutoModelForSequenceClassification._model_mapping)
+    except (ValueError, KeyError) as e:
+        raise UnsupportedModelError(
+            f"{type(config).__name__} has no sequence classification model ({e})"
+        ) from e
+
+
 def build_skeleton(
     config: Any, dtype: torch.dtype, *, model_class: type[PreTrainedModel] | None = None
 ) -> PreTrainedModel:
