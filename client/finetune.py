@@ -40,6 +40,7 @@ class HopInput:
     start: int
     end: int
     hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, in the wire dtype
+    hop: Hop | None = None  # the peer that ran the forward: the backward tries it first
 
 
 class RemoteSpans:
@@ -86,7 +87,7 @@ class RemoteSpans:
         block = start
         while block < end:
             hop, output = await self._forward_hop(block, end, current, prompts)
-            hops.append(HopInput(hop.start, hop.end, current))
+            hops.append(HopInput(hop.start, hop.end, current, hop))
             current, block = output.to(self.wire_dtype), hop.end
         return current.to(hidden.dtype), hops
 
@@ -114,7 +115,10 @@ class RemoteSpans:
         while True:
             view = await self.discovery.view(refresh=failures > 0)
             banned = frozenset(self.bans.banned())
-            route = plan_forward_route(view, start=span.start, end=span.end, banned=banned)
+            if failures == 0 and span.hop is not None and span.hop.peer_id not in banned:
+                route = [span.hop]  # the forward's peer, unless it failed since
+            else:
+                route = plan_forward_route(view, start=span.start, end=span.end, banned=banned)
             if len(route) > 1:
                 # the span now takes several hops (say its peer died): recompute their inputs first
                 logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))

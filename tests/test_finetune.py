@@ -333,9 +333,9 @@ def test_bad_backward_gets_a_clear_status(swarm, fields, message) -> None:
 
 
 def test_peer_killed_mid_step_gives_the_same_gradients(checkpoint, swarm, tmp_path) -> None:
-    """The forward runs on one peer serving every block; then it dies, and its backward is split over a 0:2
-    and a 2:4 peer, which first re-run the forward of blocks 0..1 to get the input of block 2 (the backward
-    tries the dead peer first when the planner draws it, then bans it)."""
+    """The forward runs on one peer serving every block; then it dies. The backward tries it first (the
+    forward's peer), bans it, and is split over a 0:2 and a 2:4 peer, which first re-run the forward of
+    blocks 0..1 to get the input of block 2."""
     spans = ["0:4", "0:2", "2:4"]
     peers = start_peers(tmp_path, checkpoint("llama"), spans, swarm["dht"].maddrs, "--model-id", "ft-chaos")
     model = None
@@ -366,6 +366,7 @@ def test_peer_killed_mid_step_gives_the_same_gradients(checkpoint, swarm, tmp_pa
             bans.unban(peer.peer_id)
         whole.stop(signal.SIGKILL)
         loss.backward()
+        assert bans.is_banned(whole.peer_id)  # the dead peer was tried, and failed
         torch.testing.assert_close(tuning.input_prompts.grad, expected[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(tuning.deep_prompts.grad, expected[1], atol=1e-5, rtol=0)
     finally:
