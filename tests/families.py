@@ -129,18 +129,22 @@ FAMILIES: dict[str, Callable[[], tuple[Any, type]]] = {
 }
 
 
-def build(name: str, *, seed: int = 0) -> Any:
-    """A tiny random model of one family; weights scaled up so greedy decoding is not all ties."""
-    config, model_class = FAMILIES[name]()
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
+def _sharpened(model: Any) -> Any:
+    """Weights scaled up so greedy decoding is not all ties; no EOS, so generation runs its full length."""
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim >= 2:
                 parameter.mul_(3.0)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    return model
+    return model.eval()
+
+
+def build(name: str, *, seed: int = 0) -> Any:
+    """A tiny random model of one family."""
+    config, model_class = FAMILIES[name]()
+    torch.manual_seed(seed)
+    return _sharpened(model_class(config))
 
 
 def save(name: str, folder: Path, *, seed: int = 0, max_shard_size: str | None = None) -> Path:
@@ -153,12 +157,6 @@ def save(name: str, folder: Path, *, seed: int = 0, max_shard_size: str | None =
 def save_deep_llama(folder: Path, num_blocks: int, *, seed: int = 0) -> Path:
     """A tiny Llama with many blocks (span choice and balancing need more than 4)."""
     torch.manual_seed(seed)
-    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**_ROPE, "num_hidden_layers": num_blocks})).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.ndim >= 2:
-                parameter.mul_(3.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
+    model = _sharpened(tf.LlamaForCausalLM(tf.LlamaConfig(**{**_ROPE, "num_hidden_layers": num_blocks})))
     model.save_pretrained(folder)
     return folder
