@@ -17,15 +17,19 @@ even spread.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peer.announce import choose_span, plan_move
 
 MAX_ROUNDS = 20
+
+
+_names = itertools.count()
 
 
 @dataclass
@@ -33,6 +37,7 @@ class SimPeer:
     speed: float  # steps per second through its whole span (its contribution to each block it serves)
     length: int
     span: tuple[int, int] = (0, 0)
+    name: str = field(default_factory=lambda: f"peer{next(_names):06d}")  # a stable id, as peers have
 
 
 class Swarm:
@@ -65,7 +70,7 @@ class Swarm:
         self._add(peer, 1.0)
 
     def placement(self) -> dict[str, tuple[int, int, float]]:
-        return {str(id(peer)): (*peer.span, peer.speed) for peer in self.peers}
+        return {peer.name: (*peer.span, peer.speed) for peer in self.peers}
 
     def rebalance(self, rng: random.Random, margin: float) -> int:
         """Rounds of every peer's check until one moves nobody; returns the moves."""
@@ -79,7 +84,7 @@ class Swarm:
                     peer.speed,
                     margin,
                     placement=self.placement(),
-                    me=str(id(peer)),
+                    me=peer.name,
                 )
                 if target is not None:
                     self.move(peer, target)
