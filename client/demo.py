@@ -64,15 +64,15 @@ def main() -> int:
     processes: list[LocalProcess] = []
     with tempfile.TemporaryDirectory(prefix="corolla-demo-") as logs:
         try:
-            print("starting a DHT bootstrap and 3 peers on 127.0.0.1 ...", flush=True)
+            _say("starting a DHT bootstrap and 3 peers on 127.0.0.1 ...")
             dht = start_dht(Path(logs))
             processes.append(dht)
             processes += start_peers(Path(logs), model_dir, SPANS, dht.maddrs)
             for peer, span in zip(processes[1:], SPANS, strict=True):
-                print(f"  peer ...{peer.peer_id[-8:]}  blocks {span:>6}  at {peer.address}")
+                _say(f"  peer ...{peer.peer_id[-8:]}  blocks {span:>6}  at {peer.address}")
 
             model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=dht.maddrs)
-            print(f"\nuser: {args.prompt}\nassistant (through the swarm):", flush=True)
+            _say(f"\nuser: {args.prompt}\nassistant (through the swarm):")
             streamer = _TimedStreamer(tokenizer)
             with model.inference_session(
                 max_length=inputs["input_ids"].shape[1] + args.max_new_tokens
@@ -82,17 +82,23 @@ def main() -> int:
             swarm_speed = _tokens_per_second(streamer.times)
             model.shutdown()
 
-            print(f"\nroute: client -> {route} -> client")
-            print(
+            _say(f"\nroute: client -> {route} -> client")
+            _say(
                 f"through the swarm: {swarm_speed:.1f} tokens/s, "
                 f"local transformers: {local_speed:.1f} tokens/s"
             )
             same = torch.equal(swarm_out, local_out)
-            print(f"same tokens as local transformers: {'yes' if same else 'NO'}")
+            _say(f"same tokens as local transformers: {'yes' if same else 'NO'}")
             return 0 if same else 1
         finally:
             for process in reversed(processes):
                 process.stop()
+
+
+def _say(text: str) -> None:
+    """The demo's own output on stdout (logs go to stderr)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from client.config import ClientConfig
 from client.discovery import DhtDiscovery, SwarmView
 from client.errors import NoRouteError, SwarmError, format_ranges
-from client.route import missing_blocks
+from client.route import block_ranges, missing_blocks
 from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path
@@ -60,7 +60,7 @@ def report(view: SwarmView, model_id: str) -> dict[str, Any]:
         "throughput": per_block,
         "bottleneck": {
             "throughput": weakest,
-            "blocks": [list(r) for r in _ranges([b for b, t in enumerate(per_block) if t == weakest])],
+            "blocks": [list(r) for r in block_ranges(b for b, t in enumerate(per_block) if t == weakest)],
         },
         "peers": [
             {"peer_id": peer_id, **record.model_dump(mode="json", exclude={"pings"})}
@@ -154,17 +154,6 @@ def health_main(argv: Sequence[str], prog: str) -> int:
         return 1
     _emit(json.dumps(health, indent=2) if args.json else format_report(health))
     return 0 if health["served"] else 1
-
-
-def _ranges(blocks: list[int]) -> list[tuple[int, int]]:
-    """Sorted block numbers as maximal half-open ranges."""
-    ranges: list[tuple[int, int]] = []
-    for block in blocks:
-        if ranges and ranges[-1][1] == block:
-            ranges[-1] = (ranges[-1][0], block + 1)
-        else:
-            ranges.append((block, block + 1))
-    return ranges
 
 
 def _problem(location: tuple[int | str, ...], message: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from client.discovery import SwarmView
@@ -18,6 +18,7 @@ __all__ = [
     "Hop",
     "NoRouteError",
     "PeerStats",
+    "block_ranges",
     "missing_blocks",
     "plan_forward_route",
     "plan_inference_route",
@@ -86,16 +87,18 @@ def missing_blocks(
     for record in usable_peers(view, banned=banned).values():
         for block in range(max(record.start, start), min(record.end, end)):
             served[block - start] = True
-    missing: list[tuple[int, int]] = []
-    for offset, is_served in enumerate(served):
-        block = start + offset
-        if is_served:
-            continue
-        if missing and missing[-1][1] == block:
-            missing[-1] = (missing[-1][0], block + 1)
+    return block_ranges(start + offset for offset, is_served in enumerate(served) if not is_served)
+
+
+def block_ranges(blocks: Iterable[int]) -> list[tuple[int, int]]:
+    """Ascending block numbers as maximal half-open ranges: [2, 3, 7] -> [(2, 4), (7, 8)]."""
+    ranges: list[tuple[int, int]] = []
+    for block in blocks:
+        if ranges and ranges[-1][1] == block:
+            ranges[-1] = (ranges[-1][0], block + 1)
         else:
-            missing.append((block, block + 1))
-    return missing
+            ranges.append((block, block + 1))
+    return ranges
 
 
 def plan_inference_route(

@@ -120,6 +120,11 @@ def choose_span(throughputs: Sequence[float], length: int) -> tuple[int, int]:
     return best, best + length
 
 
+def _weaker(throughputs: Sequence[float], span: tuple[int, int], other: tuple[int, int]) -> bool:
+    """Whether `span` is strictly needier than `other`, by the order `choose_span` uses."""
+    return sorted(throughputs[span[0] : span[1]]) < sorted(throughputs[other[0] : other[1]])
+
+
 def swarm_quality(throughputs: Sequence[float]) -> tuple[float, int]:
     """(bottleneck throughput, minus the number of unserved blocks): larger is better."""
     return min(throughputs), -sum(value <= 0 for value in throughputs)
@@ -158,7 +163,7 @@ def _settle(placement: dict[str, tuple[int, int, float]], num_blocks: int) -> li
             for block in range(start, end):
                 totals[block] -= speed
             best = choose_span(totals, end - start)
-            if best != (start, end) and sorted(totals[slice(*best)]) < sorted(totals[start:end]):
+            if best != (start, end) and _weaker(totals, best, (start, end)):
                 placement[peer_id] = (*best, speed)
                 start, end, changed = *best, True
             for block in range(start, end):
@@ -187,7 +192,7 @@ def plan_move(
     """
     length = current[1] - current[0]
     target = choose_span(others, length)
-    if target == current or not sorted(others[slice(*target)]) < sorted(others[slice(*current)]):
+    if target == current or not _weaker(others, target, current):
         return None
     contribution = max(throughput, MIN_CONTRIBUTION)
 
@@ -261,7 +266,7 @@ async def claim_span(
             peer_id < me and record.state in _COUNTED and record.start < span[1] and span[0] < record.end
             for peer_id, record in records.items()
         )
-        if yields and better != span and sorted(others[slice(*better)]) < sorted(others[slice(*span)]):
+        if yields and better != span and _weaker(others, better, span):
             logger.info("span claim moved from=[%d,%d) to=[%d,%d)", *span, *better)
             span, quiet = better, 0
             continue
