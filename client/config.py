@@ -10,8 +10,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protos.records import validate_model_id
-
-WIRE_DTYPES = ("float32", "float16", "bfloat16")
+from protos.tensors import FLOAT_DTYPE_NAMES
 
 _Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -26,18 +25,40 @@ class ClientConfig(BaseModel):
     model_id: str | None = Field(
         default=None, description="the swarm's name for the model; default: derived from the model path"
     )
-    connect_timeout: _Seconds = Field(
-        default=5.0, description="seconds to join the DHT or open a stream to a peer"
+    connect_timeout: _Seconds = Field(default=5.0, description="seconds to open a stream to a peer")
+    join_timeout: _Seconds = Field(default=60.0, description="seconds to join the DHT when connecting")
+    min_hop_timeout: _Seconds = Field(
+        default=0.5,
+        description="least seconds a hop gets for a step before the client pings it; a hop that does not "
+        "answer the ping is stuck: it is banned and replaced",
     )
-    step_timeout: _Seconds = Field(
-        default=30.0, description="seconds to wait for the reply to one decode step or prefill"
+    hop_timeout_factor: float = Field(
+        default=4.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="a hop is pinged once a step takes this many times what the client expects of it (its "
+        "measured average step time, or the announced throughput before any measurement)",
+    )
+    max_hop_timeout: _Seconds = Field(
+        default=5.0, description="longest wait for a hop's output before pinging it (e.g. a long prefill)"
+    )
+    ping_timeout: _Seconds = Field(
+        default=1.0, description="seconds a pinged hop has to answer before it counts as stuck"
     )
     forward_timeout: _Seconds = Field(
-        default=120.0, description="seconds to wait for one stateless forward or backward through a hop"
+        default=120.0,
+        description="seconds one step or stateless forward/backward through a hop may take in all, even "
+        "when the hop keeps answering pings",
     )
     max_retries: int = Field(
         default=5, ge=0, description="times one step or forward is retried on other peers before giving up"
     )
+    retry_delay: _Seconds = Field(
+        default=0.25,
+        description="seconds before retrying when no route can be planned (the swarm view may be behind); "
+        "each further retry waits twice as long. A failed peer is replaced at once",
+    )
+    max_retry_delay: _Seconds = Field(default=4.0, description="longest wait between two retries, in seconds")
     ban_timeout: _Seconds = Field(
         default=15.0, description="seconds a failed peer is avoided after its first failure"
     )
@@ -50,6 +71,10 @@ class ClientConfig(BaseModel):
     max_ban_timeout: _Seconds = Field(default=300.0, description="longest ban of a peer, in seconds")
     refresh_period: _Seconds = Field(
         default=5.0, description="seconds between background reads of the peers' DHT records"
+    )
+    fetch_timeout: _Seconds = Field(default=30.0, description="seconds one read of the DHT records may take")
+    close_timeout: _Seconds = Field(
+        default=30.0, description="seconds `shutdown()` waits for streams, channels and the DHT node to close"
     )
     max_message_bytes: int = Field(
         default=256 * 2**20, ge=2**16, description="largest gRPC message sent or accepted"
@@ -75,8 +100,8 @@ class ClientConfig(BaseModel):
     @field_validator("wire_dtype")
     @classmethod
     def _wire_dtype(cls, dtype: str | None) -> str | None:
-        if dtype is not None and dtype not in WIRE_DTYPES:
-            raise ValueError(f"must be one of {', '.join(WIRE_DTYPES)}")
+        if dtype is not None and dtype not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"must be one of {', '.join(FLOAT_DTYPE_NAMES)}")
         return dtype
 
     @model_validator(mode="after")
@@ -84,5 +109,14 @@ class ClientConfig(BaseModel):
         if self.max_ban_timeout < self.ban_timeout:
             raise ValueError(
                 f"max_ban_timeout ({self.max_ban_timeout}) must be >= ban_timeout ({self.ban_timeout})"
+            )
+        if self.max_hop_timeout < self.min_hop_timeout:
+            raise ValueError(
+                f"max_hop_timeout ({self.max_hop_timeout}) must be >= min_hop_timeout "
+                f"({self.min_hop_timeout})"
+            )
+        if self.max_retry_delay < self.retry_delay:
+            raise ValueError(
+                f"max_retry_delay ({self.max_retry_delay}) must be >= retry_delay ({self.retry_delay})"
             )
         return self

@@ -9,28 +9,29 @@ peer serves them any more, the span's forward is re-run through the new hops fir
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import torch
 from torch import nn
 
-from client.config import ClientConfig
-from client.discovery import BanList, Discovery
-from client.route import Hop, plan_forward_route
-from client.runtime import Runtime
-from client.session import ChannelPool, PeerFailure, SwarmUnavailableError
-from protos import peer_pb2, peer_pb2_grpc
+from client.errors import PeerFailure, Retries, SwarmError
+from client.route import Hop, Needs, plan_forward_route
+from client.streams import rpc_failure
+from protos import peer_pb2
 from protos.errors import InvalidInputError
-from protos.tensors import from_message, to_message
+from protos.tensors import dtype_from_name, from_message, to_message
+
+if TYPE_CHECKING:
+    from client.swarm import SwarmConnection
 
 logger = logging.getLogger(__name__)
 
 TUNING_MODES = ("ptune", "deep_ptune")
-MAX_RETRY_DELAY = 2.0  # seconds; retries back off exponentially from 0.1 s up to this
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
@@ -46,30 +47,16 @@ class HopInput:
 class RemoteSpans:
     """Stateless passes through blocks [0, num_blocks) of the swarm, differentiable through `__call__`."""
 
-    def __init__(
-        self,
-        *,
-        discovery: Discovery,
-        bans: BanList,
-        channels: ChannelPool,
-        config: ClientConfig,
-        runtime: Runtime,
-        wire_dtype: torch.dtype,
-    ) -> None:
-        self.discovery = discovery
-        self.bans = bans
-        self.channels = channels
-        self.config = config
-        self.runtime = runtime
-        self.wire_dtype = wire_dtype
+    def __init__(self, swarm: SwarmConnection) -> None:
+        self.swarm = swarm
+        self.config = swarm.config
+        self.wire_dtype = dtype_from_name(swarm.wire_dtype)
 
     def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """`hidden` [batch, seq, hidden] through every block; `prompts` [num_blocks, batch or 1, pre_seq_len,
         hidden] are added to the first positions entering each block. Gradients flow to both."""
         output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self)
         return output
-
-    # ---- forward -----------------------------------------------------------------------------------
 
     async def aforward(
         self,
@@ -80,18 +67,20 @@ class RemoteSpans:
         end: int | None = None,
     ) -> tuple[torch.Tensor, list[HopInput]]:
         """Blocks [start, end) hop by hop; returns the output (in `hidden`'s dtype) and each hop's input."""
-        view = await self.discovery.view()
+        view = await self.swarm.discovery.view()
         end = view.num_blocks if end is None else end
         current = hidden.to(self.wire_dtype)
         hops: list[HopInput] = []
         block = start
         while block < end:
-            hop, output = await self._forward_hop(block, end, current, prompts)
+
+            async def forward(route: list[Hop], inputs: torch.Tensor = current) -> tuple[Hop, torch.Tensor]:
+                return route[0], await self._forward_hop(route[0], inputs, prompts)
+
+            hop, output = await self._retrying("forward", block, end, current, forward)
             hops.append(HopInput(hop.start, hop.end, current, hop))
             current, block = output.to(self.wire_dtype), hop.end
         return current.to(hidden.dtype), hops
-
-    # ---- backward ----------------------------------------------------------------------------------
 
     async def abackward(
         self, hops: list[HopInput], grad_output: torch.Tensor, prompts: torch.Tensor | None
@@ -111,87 +100,96 @@ class RemoteSpans:
         prompts: torch.Tensor | None,
         grad_prompts: torch.Tensor | None,
     ) -> torch.Tensor:
-        failures = 0
-        while True:
-            view = await self.discovery.view(refresh=failures > 0)
-            banned = frozenset(self.bans.banned())
-            if failures == 0 and span.hop is not None and span.hop.peer_id not in banned:
-                route = [span.hop]  # the forward's peer, unless it failed since
-            else:
-                route = plan_forward_route(view, start=span.start, end=span.end, banned=banned)
+        async def backward(route: list[Hop]) -> torch.Tensor:
             if len(route) > 1:
                 # the span now takes several hops (say its peer died): recompute their inputs first
                 logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))
                 _, inner = await self.aforward(span.hidden, prompts, start=span.start, end=span.end)
+                result = grad
                 for hop_input in reversed(inner):
-                    grad = await self._backward_span(hop_input, grad, prompts, grad_prompts)
-                return grad
-            hop = route[0]
-            request = peer_pb2.BackwardRequest(
-                start=hop.start, end=hop.end, hidden=to_message(span.hidden), grad_output=to_message(grad)
-            )
-            if prompts is not None:
-                request.prompts.CopyFrom(self._prompts_message(prompts, hop))
-            stub = peer_pb2_grpc.PeerStub(self.channels.get(hop.address))
+                    result = await self._backward_span(hop_input, result, prompts, grad_prompts)
+                return result
+            return await self._backward_hop(route[0], span, grad, prompts, grad_prompts)
+
+        return await self._retrying("backward", span.start, span.end, span.hidden, backward, first=span.hop)
+
+    async def _retrying(
+        self,
+        kind: str,
+        start: int,
+        end: int,
+        hidden: torch.Tensor,
+        attempt: Callable[[list[Hop]], Awaitable[Result]],
+        *,
+        first: Hop | None = None,
+    ) -> Result:
+        """`attempt` on a route over [start, end) from the current view (`first` alone on the first try,
+        unless it failed since), again on another route after each failure, under the failure policy."""
+        retries = Retries(self.config, self.swarm.bans, what=f"{kind} blocks=[{start},{end})")
+        batch, seq = hidden.shape[:2]
+        needs = Needs(batch_size=batch, forward_tokens=batch * seq)
+        while True:
             try:
-                reply = await stub.Backward(request, timeout=self.config.forward_timeout)
-            except grpc.aio.AioRpcError as e:
-                failures = await self._failed("backward", hop, e, failures)
-                continue
-            grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop)
-            if prompts is not None and grad_prompts is not None:
-                expected = prompts[hop.start : hop.end].shape
-                piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop)
-                grad_prompts[hop.start : hop.end] += piece.float()
-            return grad_input.to(self.wire_dtype)
+                view = await self.swarm.discovery.view(refresh=bool(retries.failures))
+                excluded = retries.excluded()
+                if first is not None and not retries.failures and first.peer_id not in excluded:
+                    route = [first]
+                else:
+                    route = plan_forward_route(view, start=start, end=end, banned=excluded, needs=needs)
+                return await attempt(route)
+            except (PeerFailure, SwarmError) as error:
+                await retries.failed(error)
 
     async def _forward_hop(
-        self, block: int, end: int, hidden: torch.Tensor, prompts: torch.Tensor | None
-    ) -> tuple[Hop, torch.Tensor]:
-        """One Forward from `block` on a peer serving it, retried on others; returns the hop and output."""
-        failures = 0
-        while True:
-            view = await self.discovery.view(refresh=failures > 0)
-            banned = frozenset(self.bans.banned())
-            hop = plan_forward_route(view, start=block, end=end, banned=banned)[0]
-            request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
-            if prompts is not None:
-                request.prompts.CopyFrom(self._prompts_message(prompts, hop))
-            stub = peer_pb2_grpc.PeerStub(self.channels.get(hop.address))
-            try:
-                reply = await stub.Forward(request, timeout=self.config.forward_timeout)
-            except grpc.aio.AioRpcError as e:
-                failures = await self._failed("forward", hop, e, failures)
-                continue
-            return hop, self._decode(reply.hidden, "hidden", hidden.shape, hop)
+        self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None
+    ) -> torch.Tensor:
+        request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
+        if prompts is not None:
+            request.prompts.CopyFrom(self._prompts_message(prompts, hop))
+        try:
+            reply = await self.swarm.channels.stub(hop.address).Forward(
+                request, timeout=self.config.forward_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            raise rpc_failure(e, hop.peer_id, "forward failed") from None
+        return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
-    async def _failed(self, kind: str, hop: Hop, error: grpc.aio.AioRpcError, failures: int) -> int:
-        """Ban the peer and wait before the next try; raises when the request is wrong or retries ran out."""
-        failure = PeerFailure(error.code(), error.details() or f"{kind} failed", hop.peer_id)
-        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            raise InvalidInputError(str(failure)) from error
-        failures += 1
-        self.bans.ban(hop.peer_id, error.code().name)
-        logger.warning(
-            "%s retry blocks=[%d,%d) peer=%s reason=%s",
-            kind,
-            hop.start,
-            hop.end,
-            hop.peer_id[-8:],
-            error.code().name,
+    async def _backward_hop(
+        self,
+        hop: Hop,
+        span: HopInput,
+        grad: torch.Tensor,
+        prompts: torch.Tensor | None,
+        grad_prompts: torch.Tensor | None,
+    ) -> torch.Tensor:
+        request = peer_pb2.BackwardRequest(
+            start=hop.start, end=hop.end, hidden=to_message(span.hidden), grad_output=to_message(grad)
         )
-        if failures > self.config.max_retries:
-            raise SwarmUnavailableError(f"{kind} failed {failures} times; last: {failure}") from error
-        await asyncio.sleep(min(0.1 * 2 ** (failures - 1), MAX_RETRY_DELAY))
-        return failures
+        if prompts is not None:
+            request.prompts.CopyFrom(self._prompts_message(prompts, hop))
+        try:
+            reply = await self.swarm.channels.stub(hop.address).Backward(
+                request, timeout=self.config.forward_timeout
+            )
+        except grpc.aio.AioRpcError as e:
+            raise rpc_failure(e, hop.peer_id, "backward failed") from None
+        grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop)
+        if prompts is not None and grad_prompts is not None:
+            expected = prompts[hop.start : hop.end].shape
+            piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop)
+            grad_prompts[hop.start : hop.end] += piece.float()
+        return grad_input.to(self.wire_dtype)
 
     def _prompts_message(self, prompts: torch.Tensor, hop: Hop) -> peer_pb2.Tensor:
         return to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype)
 
     def _decode(self, message: peer_pb2.Tensor, name: str, shape: torch.Size, hop: Hop) -> torch.Tensor:
-        tensor = from_message(
-            message, max_bytes=self.config.max_message_bytes, expected_ndim=len(shape), name=name
-        )
+        try:
+            tensor = from_message(
+                message, max_bytes=self.config.max_message_bytes, expected_ndim=len(shape), name=name
+            )
+        except InvalidInputError as e:  # the peer's reply is garbled, not the caller's request
+            raise PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", hop.peer_id) from None
         if tensor.shape != shape:
             raise PeerFailure(
                 grpc.StatusCode.INTERNAL, f"{name} came back with shape {list(tensor.shape)}", hop.peer_id
@@ -207,7 +205,7 @@ class _ThroughSwarm(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, remote: RemoteSpans
     ) -> torch.Tensor:
         detached = None if prompts is None else prompts.detach()
-        output, hops = remote.runtime.run(remote.aforward(hidden.detach(), detached))
+        output, hops = remote.swarm.runtime.run(remote.aforward(hidden.detach(), detached))
         ctx.remote, ctx.hops, ctx.prompts = remote, hops, detached
         return output
 
@@ -216,7 +214,9 @@ class _ThroughSwarm(torch.autograd.Function):
         ctx: Any, grad_output: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         remote: RemoteSpans = ctx.remote
-        grad_input, grad_prompts = remote.runtime.run(remote.abackward(ctx.hops, grad_output, ctx.prompts))
+        grad_input, grad_prompts = remote.swarm.runtime.run(
+            remote.abackward(ctx.hops, grad_output, ctx.prompts)
+        )
         if grad_prompts is not None and ctx.prompts is not None:
             grad_prompts = grad_prompts.to(ctx.prompts.dtype)
         return grad_input, grad_prompts, None

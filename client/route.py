@@ -16,6 +16,7 @@ from protos.records import PeerRecord, PeerState
 
 __all__ = [
     "Hop",
+    "Needs",
     "NoRouteError",
     "PeerStats",
     "block_ranges",
@@ -38,6 +39,34 @@ class Hop:
     address: str
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a request asks of a peer's announced limits; peers that cannot take it are not planned.
+
+    `max_length` > 0 is a session of that many positions (it needs `max_length` on the peer and, with
+    `free_cache`, `batch_size * max_length` free cache tokens); `forward_tokens` > 0 is a stateless pass of
+    that many batch x positions. Limits a record leaves unset (older peers) are not checked."""
+
+    batch_size: int = 1
+    max_length: int = 0
+    forward_tokens: int = 0
+    free_cache: bool = True
+
+    def admits(self, record: PeerRecord) -> bool:
+        if record.max_batch_size is not None and self.batch_size > record.max_batch_size:
+            return False
+        if self.max_length > record.max_length:
+            return False
+        if (
+            self.free_cache
+            and self.max_length
+            and self.batch_size * self.max_length > record.free_cache_tokens
+        ):
+            return False
+        limit = record.max_forward_tokens
+        return limit is None or self.forward_tokens <= limit
 
 
 class PeerStats:
@@ -69,22 +98,31 @@ class PeerStats:
         return dict(self._block_time)
 
 
-def usable_peers(view: SwarmView, *, banned: Collection[str] = frozenset()) -> dict[str, PeerRecord]:
-    """ONLINE peers that are not banned, sorted by peer_id."""
+def usable_peers(
+    view: SwarmView, *, banned: Collection[str] = frozenset(), needs: Needs | None = None
+) -> dict[str, PeerRecord]:
+    """ONLINE peers that are not banned and whose announced limits admit `needs`, sorted by peer_id."""
     return {
         peer_id: record
         for peer_id, record in view.peers().items()
-        if record.state is PeerState.ONLINE and peer_id not in banned
+        if record.state is PeerState.ONLINE
+        and peer_id not in banned
+        and (needs is None or needs.admits(record))
     }
 
 
 def missing_blocks(
-    view: SwarmView, *, start: int = 0, end: int | None = None, banned: Collection[str] = frozenset()
+    view: SwarmView,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    banned: Collection[str] = frozenset(),
+    needs: Needs | None = None,
 ) -> list[tuple[int, int]]:
     """Maximal half-open ranges of `[start, end)` that no usable peer serves."""
     start, end = _bounds(view, start, end)
     served = [False] * (end - start)
-    for record in usable_peers(view, banned=banned).values():
+    for record in usable_peers(view, banned=banned, needs=needs).values():
         for block in range(max(record.start, start), min(record.end, end)):
             served[block - start] = True
     return block_ranges(start + offset for offset, is_served in enumerate(served) if not is_served)
@@ -110,6 +148,7 @@ def plan_inference_route(
     rtt: Mapping[str, float] | None = None,
     default_rtt: float = 0.005,
     block_time: Mapping[str, float] | None = None,
+    needs: Needs | None = None,
 ) -> list[Hop]:
     """The route over `[start, end)` with the least expected time of one decode step, fewest hops on ties.
 
@@ -117,10 +156,11 @@ def plan_inference_route(
     client measured (`block_time`, see `PeerStats`) or else the announced prior `1 / (throughput_p *
     len(span_p))` (the announced throughput is steps per second through p's whole span). Hops may use any
     sub-span of an announced span, but each peer appears at most once (a peer keys its caches by session
-    id). Deterministic for equal inputs; raises `NoRouteError` when some block has no usable peer.
+    id). Only peers whose announced limits admit `needs` are used. Deterministic for equal inputs; raises
+    `NoRouteError` when some block has no usable peer.
     """
     start, end = _bounds(view, start, end)
-    peers = _require_route(view, start, end, banned)
+    peers = _require_route(view, start, end, banned, needs)
     costs = _hop_costs(peers, rtt or {}, default_rtt, block_time or {})
     # An optimal route exists whose hop boundaries are all span boundaries or start/end: moving a boundary
     # between two hops changes the cost linearly, and where it would stop inside a span the two hops merge.
@@ -147,11 +187,12 @@ def plan_forward_route(
     end: int | None = None,
     banned: Collection[str] = frozenset(),
     rng: random.Random | None = None,
+    needs: Needs | None = None,
 ) -> list[Hop]:
     """A route over `[start, end)` that spreads load: from each block, a usable peer serving it is drawn
     with probability proportional to its throughput and carries the blocks up to the end of its span."""
     start, end = _bounds(view, start, end)
-    peers = _require_route(view, start, end, banned)
+    peers = _require_route(view, start, end, banned, needs)
     rng = rng or random.Random()
     route: list[Hop] = []
     block = start
@@ -175,21 +216,26 @@ def _bounds(view: SwarmView, start: int, end: int | None) -> tuple[int, int]:
     return start, end
 
 
-def _require_route(view: SwarmView, start: int, end: int, banned: Collection[str]) -> dict[str, PeerRecord]:
+def _require_route(
+    view: SwarmView, start: int, end: int, banned: Collection[str], needs: Needs | None
+) -> dict[str, PeerRecord]:
     """The usable peers, or `NoRouteError` naming the blocks they leave unserved (and any banned peers
     that would have served part of the range)."""
-    missing = missing_blocks(view, start=start, end=end, banned=banned)
+    missing = missing_blocks(view, start=start, end=end, banned=banned, needs=needs)
     if missing:
-        excluded = [
-            peer_id
+        overlapping = {
+            peer_id: record
             for peer_id, record in view.peers().items()
-            if peer_id in banned
-            and record.state is PeerState.ONLINE
-            and record.start < end
-            and start < record.end
+            if record.state is PeerState.ONLINE and record.start < end and start < record.end
+        }
+        excluded = [peer_id for peer_id in overlapping if peer_id in banned]
+        too_small = [
+            peer_id
+            for peer_id, record in overlapping.items()
+            if peer_id not in banned and needs is not None and not needs.admits(record)
         ]
-        raise NoRouteError(missing, num_blocks=view.num_blocks, banned=excluded)
-    return usable_peers(view, banned=banned)
+        raise NoRouteError(missing, num_blocks=view.num_blocks, banned=excluded, too_small=too_small)
+    return usable_peers(view, banned=banned, needs=needs)
 
 
 @dataclass(frozen=True)

@@ -13,48 +13,28 @@ hop A is rerouted to them, and the failed step resumes at the first hop that has
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
-from client.config import ClientConfig
-from client.discovery import BanList, Discovery
-from client.errors import NoRouteError, SwarmError
-from client.route import Hop, PeerStats, plan_inference_route
-from protos import peer_pb2, peer_pb2_grpc
-from protos.errors import CorollaError, InvalidInputError
-from protos.tensors import dtype_from_name, from_message, to_message
+from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id
+from client.route import MIN_THROUGHPUT, Hop, Needs, plan_inference_route
+from client.streams import HopStream, rpc_failure
+from protos import peer_pb2
+from protos.errors import InvalidInputError
+from protos.tensors import dtype_from_name, to_message
+
+if TYPE_CHECKING:
+    from client.swarm import SwarmConnection
 
 logger = logging.getLogger(__name__)
-
-# codes after which the peer is banned and replaced; NOT_FOUND and FAILED_PRECONDITION reopen the hop
-_BAN_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-}
-
-
-class PeerFailure(CorollaError):
-    """A hop failed a request; `code` says what the client can do (see protos/peer.proto)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, peer_id: str) -> None:
-        super().__init__(f"{code.name} from peer ...{peer_id[-8:]}: {message}")
-        self.code = code
-        self.peer_id = peer_id
-
-
-class SwarmUnavailableError(SwarmError):
-    """The swarm could not serve the request within the retry budget."""
 
 
 @dataclass
@@ -68,94 +48,12 @@ class StepLog:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> hidden entering it [b, t, h]
 
 
-class _HopStream:
-    """One hop's Session stream; its replies go to the session, tagged with the stream."""
-
-    def __init__(
-        self, hop: Hop, channel: grpc.aio.Channel, session: InferenceSession, session_id: str
-    ) -> None:
-        self.hop = hop
-        self.session = session
-        self.session_id = session_id  # each hop has its own, so a reopened hop never meets an old one
-        self.failure: PeerFailure | None = None
-        self.closed = False
-        self._requests: asyncio.Queue[peer_pb2.SessionRequest | None] = asyncio.Queue()
-        self._call = peer_pb2_grpc.PeerStub(channel).Session(self._request_iterator())
-        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._reader = asyncio.create_task(self._read())
-
-    async def _request_iterator(self) -> AsyncIterator[peer_pb2.SessionRequest]:
-        while (request := await self._requests.get()) is not None:
-            yield request
-
-    def send(self, request: peer_pb2.SessionRequest) -> None:
-        self._requests.put_nowait(request)
-
-    async def open(self, request: peer_pb2.OpenSession, timeout: float) -> None:
-        self.send(peer_pb2.SessionRequest(open=request))
-        try:
-            await asyncio.wait_for(asyncio.shield(self._opened), timeout)
-        except TimeoutError:
-            raise PeerFailure(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to open", self.hop.peer_id
-            ) from None
-
-    async def _read(self) -> None:
-        max_bytes = self.session.config.max_message_bytes
-        try:
-            async for reply in self._call:
-                kind = reply.WhichOneof("kind")
-                if kind == "opened":
-                    self._opened.set_result(None)
-                elif kind == "result":
-                    hidden = from_message(
-                        reply.result.hidden, max_bytes=max_bytes, expected_ndim=3, name="hidden"
-                    )
-                    self.session._on_result(self, reply.result.step_id, hidden)
-                elif kind == "error":
-                    peer_id = reply.error.peer_id or self.hop.peer_id
-                    failure = PeerFailure(_code(reply.error.code), reply.error.message, peer_id)
-                    self.session._on_error(reply.error.step_id, failure)
-            self._end(PeerFailure(grpc.StatusCode.UNAVAILABLE, "stream ended", self.hop.peer_id))
-        except grpc.aio.AioRpcError as e:
-            self._end(PeerFailure(e.code(), e.details() or "stream failed", self.hop.peer_id))
-        except CorollaError as e:  # a garbled reply: this hop is not trusted for the rest of the session
-            self._end(PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", self.hop.peer_id))
-
-    def _end(self, failure: PeerFailure) -> None:
-        self.failure = failure
-        if not self._opened.done():
-            self._opened.set_exception(failure)
-        self.session._on_stream_end(self, failure)
-
-    def message(self) -> peer_pb2.Hop:
-        hop = self.hop
-        return peer_pb2.Hop(
-            peer_id=hop.peer_id, address=hop.address, start=hop.start, end=hop.end, session_id=self.session_id
-        )
-
-    async def close(self) -> None:
-        self.closed = True
-        self._requests.put_nowait(None)
-        self._call.cancel()
-        self._reader.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
-        if not self._opened.done():
-            self._opened.cancel()
-        elif not self._opened.cancelled():
-            self._opened.exception()  # retrieved, so asyncio does not warn about it
-
-
-def _code(value: int) -> grpc.StatusCode:
-    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
-
-
 @dataclass
 class _Waiting:
     """A step in flight: it is done when every expected hop has reported its output."""
 
     log: StepLog
-    expect: list[_HopStream]  # the last one's output is the step's result
+    expect: list[HopStream]  # the last one's output is the step's result
     done: asyncio.Future[None]
     sent_at: float = 0.0  # time.perf_counter() when the step left the client
     arrivals: dict[int, float] = field(default_factory=dict)  # block -> when the output entering it came
@@ -163,35 +61,25 @@ class _Waiting:
     def complete(self) -> bool:
         return all(stream.hop.end in self.log.inputs for stream in self.expect)
 
+    def pending(self) -> list[HopStream]:
+        """The expected hops that have not reported the step yet, in route order."""
+        return [stream for stream in self.expect if stream.hop.end not in self.log.inputs]
+
 
 class InferenceSession:
     """Peers' caches for one generation (or several calls that continue it) on a route of peers.
 
-    `position` counts what the caches hold. Runs on the client runtime's loop (`astep`, `aclose`).
+    `position` counts what the caches hold. Runs on the swarm connection's loop (`astep`, `aclose`).
     """
 
-    def __init__(
-        self,
-        *,
-        discovery: Discovery,
-        bans: BanList,
-        channels: ChannelPool,
-        config: ClientConfig,
-        max_length: int,
-        wire_dtype: str,
-        stats: PeerStats | None = None,
-    ) -> None:
-        self.discovery = discovery
-        self.stats = stats
-        self.bans = bans
-        self.channels = channels
-        self.config = config
+    def __init__(self, swarm: SwarmConnection, *, max_length: int) -> None:
+        self.swarm = swarm
+        self.config = swarm.config
         self.max_length = max_length
-        self.wire_dtype = wire_dtype
         self.position = 0
         self.batch_size: int | None = None
         self.history: list[StepLog] = []
-        self.streams: list[_HopStream] = []
+        self.streams: list[HopStream] = []
         self.num_failovers = 0
         self.closed = False
         prefix = uuid.uuid4().hex
@@ -200,6 +88,8 @@ class InferenceSession:
         self._waiting: dict[int, _Waiting] = {}
         self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
         self._restart_from = 0  # the first block of hops opened since the step in flight was sent
+        self._prior: dict[str, float] = {}  # peer_id -> announced seconds per block of a decode step
+        self._avoided: set[str] = set()  # peers that cannot take this session (full, limits too small)
         self._lock = asyncio.Lock()
 
     @property
@@ -235,7 +125,8 @@ class InferenceSession:
         return output.to(hidden.dtype)
 
     async def _with_failover(self, log: StepLog, batch_size: int) -> torch.Tensor:
-        failures: list[CorollaError] = []
+        retries = Retries(self.config, self.swarm.bans, what="step")
+        retries.avoided = self._avoided  # what this session learnt stays learnt for its later steps
         recovering: PeerFailure | None = None
         while True:
             try:
@@ -243,29 +134,20 @@ class InferenceSession:
                     await self._recover(recovering)
                 elif not self.streams:
                     self.batch_size = batch_size
-                    await self._replace(0, 0, None, refresh=bool(failures))
+                    await self._replace(0, 0, None, refresh=bool(retries.failures))
                 recovering = None
                 return await self._run(log)
             except SwarmError as error:
-                # the view may miss peers (a frozen DHT replica, peers still joining): look again, later
-                failures.append(error)
                 await self._reset()
                 recovering = None
-                if len(failures) > self.config.max_retries:
-                    raise
-                await asyncio.sleep(min(0.25 * 2 ** len(failures), 4.0))
+                await retries.failed(error)
             except PeerFailure as failure:
-                if failure.code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise InvalidInputError(str(failure)) from failure
-                failures.append(failure)
-                if len(failures) > self.config.max_retries:
+                try:
+                    await retries.failed(failure)
+                except SwarmError:
                     await self._reset()
-                    raise SwarmUnavailableError(
-                        f"gave up after {len(failures)} failures: " + "; ".join(map(str, failures[-3:]))
-                    ) from failure
+                    raise
                 self.num_failovers += 1
-                if failure.code in _BAN_CODES:
-                    self.bans.ban(failure.peer_id, failure.code.name)
                 if recovering is not None:  # the repair itself failed: rebuild the whole route next
                     await self._reset()
                     recovering = None
@@ -288,6 +170,29 @@ class InferenceSession:
                 raise
             await self._replace(0, len(self.streams), failure)  # the rest of the route may do better
 
+    async def _plan(self, start: int, end: int | None, banned: frozenset[str], *, refresh: bool) -> list[Hop]:
+        """Hops over [start, end) from the view; peers announcing too little free cache are used only when
+        no route avoids them (the announcement may be old; a full peer answers RESOURCE_EXHAUSTED)."""
+        needs = Needs(batch_size=self.batch_size or 1, max_length=self.max_length)
+        measured = self.swarm.stats.block_times()
+        view = await self.swarm.discovery.view(refresh=refresh)
+        try:
+            hops = plan_inference_route(
+                view, start=start, end=end, banned=banned, block_time=measured, needs=needs
+            )
+        except NoRouteError:
+            needs = dataclasses.replace(needs, free_cache=False)
+            hops = plan_inference_route(
+                view, start=start, end=end, banned=banned, block_time=measured, needs=needs
+            )
+        peers = view.peers()
+        for hop in hops:  # what to expect of each hop before this client has measured it
+            record = peers[hop.peer_id]
+            self._prior[hop.peer_id] = 1.0 / (
+                max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start)
+            )
+        return hops
+
     async def _replace(
         self, first: int, last: int, failure: PeerFailure | None, *, refresh: bool = False
     ) -> None:
@@ -302,20 +207,18 @@ class InferenceSession:
         start = old[0].hop.start if old else 0
         end = old[-1].hop.end if old else None
         others = {s.hop.peer_id for s in self.streams[:first] + self.streams[last:]}
-        banned = frozenset(self.bans.banned() | others)  # a peer holds one session per id
-        measured = self.stats.block_times() if self.stats is not None else None
+        # a peer holds one session per id, so a route uses each peer once
+        banned = frozenset(self.swarm.bans.banned() | self._avoided | others)
         try:  # the last view usually knows a replacement; a DHT read can stall on a frozen node
-            view = await self.discovery.view(refresh=refresh)
-            hops = plan_inference_route(view, start=start, end=end, banned=banned, block_time=measured)
+            hops = await self._plan(start, end, banned, refresh=refresh)
         except NoRouteError:
             if refresh:
                 raise
-            view = await self.discovery.view(refresh=True)
-            hops = plan_inference_route(view, start=start, end=end, banned=banned, block_time=measured)
+            hops = await self._plan(start, end, banned, refresh=True)
         for stream in old:
             await stream.close()
         following = self.streams[last:]
-        new = [_HopStream(hop, self.channels.get(hop.address), self, next(self._session_ids)) for hop in hops]
+        new = [self._stream(hop) for hop in hops]
         try:
             for index, stream in enumerate(new):
                 request = self._open_request(stream, [*new[index + 1 :], *following])
@@ -331,32 +234,38 @@ class InferenceSession:
         if first > 0:  # the hop before the new ones pushes to them from now on
             request = peer_pb2.Reroute(next_hops=[s.message() for s in [*new, *following]])
             self.streams[first - 1].send(peer_pb2.SessionRequest(reroute=request))
-        replaced = " ".join(f"...{h.peer_id[-8:]}[{h.start},{h.end})" for h in hops)
+        replaced = " ".join(f"{short_id(h.peer_id)}[{h.start},{h.end})" for h in hops)
         if failure is None:
             logger.info("route opened hops=%s", replaced)
         else:
             logger.warning(
-                "failover peer=...%s reason=%s replacement=%s replay_steps=%d replay_positions=%d",
-                failure.peer_id[-8:],
+                "failover peer=%s reason=%s replacement=%s replay_steps=%d replay_positions=%d",
+                short_id(failure.peer_id),
                 failure.code.name,
                 replaced,
                 len(self.history),
                 self.position,
             )
 
-    def _open_request(self, stream: _HopStream, next_streams: list[_HopStream]) -> peer_pb2.OpenSession:
+    def _stream(self, hop: Hop) -> HopStream:
+        stub = self.swarm.channels.stub(hop.address)
+        return HopStream(
+            hop, stub, self, next(self._session_ids), max_message_bytes=self.config.max_message_bytes
+        )
+
+    def _open_request(self, stream: HopStream, next_streams: list[HopStream]) -> peer_pb2.OpenSession:
         return peer_pb2.OpenSession(
             session_id=stream.session_id,
             start=stream.hop.start,
             end=stream.hop.end,
             max_length=self.max_length,
             batch_size=self.batch_size or 1,
-            dtype=self.wire_dtype,
+            dtype=self.swarm.wire_dtype,
             next_hops=[s.message() for s in next_streams],
             report_outputs=True,
         )
 
-    async def _replay(self, streams: list[_HopStream]) -> None:
+    async def _replay(self, streams: list[HopStream]) -> None:
         """Resend every past step to the new hops, one hop at a time, with the very same chunks."""
         for log in self.history:
             for stream in streams:
@@ -387,9 +296,9 @@ class InferenceSession:
     async def _send(
         self,
         log: StepLog,
-        stream: _HopStream,
+        stream: HopStream,
         *,
-        expect: list[_HopStream],
+        expect: list[HopStream],
         local_only: bool,
     ) -> torch.Tensor:
         step_id = next(self._step_ids)  # a fresh id per send: late errors about an abandoned send are ignored
@@ -397,7 +306,7 @@ class InferenceSession:
             session_id="",
             step_id=step_id,
             position=log.position,
-            hidden=to_message(log.inputs[stream.hop.start], dtype=dtype_from_name(self.wire_dtype)),
+            hidden=to_message(log.inputs[stream.hop.start], dtype=dtype_from_name(self.swarm.wire_dtype)),
             position_ids=to_message(log.positions),
             local_only=local_only,
         )
@@ -408,7 +317,6 @@ class InferenceSession:
         waiting = _Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._waiting[step_id] = waiting
         self._sent[step_id] = log
-        started = time.perf_counter()
         try:
             stream.send(peer_pb2.SessionRequest(step=step))
             await self._wait(waiting)
@@ -417,11 +325,15 @@ class InferenceSession:
             if not waiting.done.done():
                 waiting.done.cancel()
         logger.debug(
-            "step positions=%d ms=%.2f", log.positions.shape[1], (time.perf_counter() - started) * 1000
+            "step positions=%d ms=%.2f",
+            log.positions.shape[1],
+            (time.perf_counter() - waiting.sent_at) * 1000,
         )
         return log.inputs[expect[-1].hop.end]
 
-    def _on_result(self, stream: _HopStream, step_id: int, hidden: torch.Tensor) -> None:
+    # ---- replies (called by the hop streams) -----------------------------------------------------------
+
+    def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None:
         log = self._sent.get(step_id)
         if log is None or stream.closed:
             return
@@ -433,22 +345,23 @@ class InferenceSession:
         if waiting.complete() and not waiting.done.done():
             waiting.done.set_result(None)
 
-    def _measure(self, waiting: _Waiting, stream: _HopStream) -> None:
+    def _measure(self, waiting: _Waiting, stream: HopStream) -> None:
         """A decode step's time at one hop: from the previous hop's output (or the send) to this one's."""
         now = time.perf_counter()
         waiting.arrivals[stream.hop.end] = now
-        if self.stats is None or waiting.log.positions.shape[1] != 1:
+        if waiting.log.positions.shape[1] != 1:
             return  # prefills and replays are not comparable with decode steps
         started = waiting.sent_at if stream is waiting.expect[0] else waiting.arrivals.get(stream.hop.start)
         if started is not None:
-            self.stats.observe_step(stream.hop.peer_id, stream.hop.end - stream.hop.start, now - started)
+            blocks = stream.hop.end - stream.hop.start
+            self.swarm.stats.observe_step(stream.hop.peer_id, blocks, now - started)
 
-    def _on_error(self, step_id: int, failure: PeerFailure) -> None:
+    def on_error(self, step_id: int, failure: PeerFailure) -> None:
         waiting = self._waiting.get(step_id)
         if waiting is not None and not waiting.done.done():
             waiting.done.set_exception(failure)
 
-    def _on_stream_end(self, stream: _HopStream, failure: PeerFailure) -> None:
+    def on_stream_end(self, stream: HopStream, failure: PeerFailure) -> None:
         if stream.closed:
             return
         for waiting in self._waiting.values():
@@ -457,29 +370,60 @@ class InferenceSession:
             if not passed and not waiting.done.done():
                 waiting.done.set_exception(failure)
 
+    # ---- deadlines ---------------------------------------------------------------------------------
+
+    def hop_timeout(self, hop: Hop, positions: int) -> float:
+        """Seconds to wait for `hop`'s output of a step of `positions` new positions before pinging it:
+        `hop_timeout_factor` times what this client measured of the peer (its announced throughput before
+        any measurement), scaled by the positions, between `min_hop_timeout` and `max_hop_timeout`."""
+        per_block = self.swarm.stats.block_times().get(hop.peer_id, self._prior.get(hop.peer_id))
+        if per_block is None:
+            return self.config.max_hop_timeout
+        expected = per_block * (hop.end - hop.start) * max(positions, 1)
+        timeout = self.config.hop_timeout_factor * expected
+        return min(max(timeout, self.config.min_hop_timeout), self.config.max_hop_timeout)
+
     async def _wait(self, waiting: _Waiting) -> None:
-        """Wait for the step. Every `step_timeout` without an answer, ping the hops that have not reported
-        it: one that does not answer is stuck and blamed; hops that answer are busy (a long prefill) and
-        are given up to `forward_timeout` in all."""
-        deadline = time.monotonic() + self.config.forward_timeout
+        """Wait for the step. When the first hop that has not reported it takes longer than its
+        `hop_timeout`, ping the pending hops: one that does not answer within `ping_timeout` is stuck and
+        blamed; hops that answer are alive (a long prefill, a busy CPU) and waited on, up to
+        `forward_timeout` in all."""
+        give_up = waiting.sent_at + self.config.forward_timeout
+        checked = waiting.sent_at  # the last sign of progress: the send, an output, an answered ping
+        positions = int(waiting.log.positions.shape[1])
         while True:
+            pending = waiting.pending() or waiting.expect[-1:]
+            progress = max([checked, *waiting.arrivals.values()])
+            remaining = progress + self.hop_timeout(pending[0].hop, positions) - time.perf_counter()
             try:
-                await asyncio.wait_for(asyncio.shield(waiting.done), self.config.step_timeout)
+                await asyncio.wait_for(asyncio.shield(waiting.done), max(remaining, 0.0))
                 return
             except TimeoutError:
-                pending = [s for s in waiting.expect if s.hop.end not in waiting.log.inputs] or waiting.expect
-                for stream in pending:
-                    stub = peer_pb2_grpc.PeerStub(self.channels.get(stream.hop.address))
-                    try:
-                        await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.connect_timeout)
-                    except grpc.aio.AioRpcError:
-                        stuck = grpc.StatusCode.DEADLINE_EXCEEDED
-                        raise PeerFailure(
-                            stuck, "no answer to a step or a ping", stream.hop.peer_id
-                        ) from None
-                if time.monotonic() > deadline:
-                    slow = grpc.StatusCode.DEADLINE_EXCEEDED
-                    raise PeerFailure(slow, "step over forward_timeout", pending[0].hop.peer_id) from None
+                pass
+            if time.perf_counter() > give_up:
+                raise PeerFailure(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "step over forward_timeout", pending[0].hop.peer_id
+                )
+            if time.perf_counter() - progress >= self.hop_timeout(pending[0].hop, positions):
+                await self._ping(waiting.pending() or pending)
+                checked = time.perf_counter()
+
+    async def _ping(self, streams: list[HopStream]) -> None:
+        """Raise a `PeerFailure` for the first of `streams` whose peer does not answer an Info request."""
+
+        async def ping(stream: HopStream) -> PeerFailure | None:
+            stub = self.swarm.channels.stub(stream.hop.address)
+            try:
+                await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.ping_timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return PeerFailure(e.code(), "no answer to a step or a ping", stream.hop.peer_id)
+                return rpc_failure(e, stream.hop.peer_id, "ping failed")
+            return None
+
+        for failure in await asyncio.gather(*(ping(stream) for stream in streams)):
+            if failure is not None:
+                raise failure
 
     async def aclose(self) -> None:
         self.closed = True
@@ -489,24 +433,3 @@ class InferenceSession:
             stream.send(peer_pb2.SessionRequest(close=peer_pb2.Close()))
             await stream.close()
         self.history.clear()
-
-
-class ChannelPool:
-    """One gRPC channel per peer address, reused by every session and request of a client."""
-
-    def __init__(self, *, max_message_bytes: int) -> None:
-        self._options = [
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes),
-        ]
-        self._channels: dict[str, grpc.aio.Channel] = {}
-
-    def get(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self._options)
-        return self._channels[address]
-
-    async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()

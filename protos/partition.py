@@ -4,6 +4,8 @@ them. Knows nothing about networking or caches."""
 
 from __future__ import annotations
 
+import functools
+
 import inspect
 import re
 from collections.abc import Callable, Iterator
@@ -134,13 +136,18 @@ def replace_hidden(
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def detect_tuple_output(model: nn.Module, anatomy: Anatomy, run_owner: Callable[[], Any]) -> bool:
+def detect_tuple_output(
+    model: nn.Module, anatomy: Anatomy, run_owner: Callable[[], Any] | None = None
+) -> bool:
     """Does the family's loop take `outputs[0]` from each block (Bloom, Falcon) or thread a tensor through?
 
     Probe with slots: slot 0 returns the object it received; if slot 1 receives that very object, the loop
     threads tensors. Annotations are not trusted (Gemma3's says tuple but returns a tensor).
-    `run_owner` runs the owner's forward once on a dummy input; the slots must already be installed.
+    `run_owner` runs the owner's forward once on a dummy input (default: two positions of zero embeddings
+    in the model's dtype); the slots must already be installed.
     """
+    if run_owner is None:
+        run_owner = functools.partial(_run_owner_on_zeros, model, anatomy)
     if anatomy.num_blocks < 2:
         annotation = str(inspect.signature(type(anatomy.blocks(model)[0]).forward).return_annotation)
         return annotation.startswith("tuple")
@@ -226,3 +233,10 @@ def materialized_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
 
 def materialized_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in materialized_tensors(model))
+
+
+def _run_owner_on_zeros(model: nn.Module, anatomy: Anatomy) -> None:
+    dtype = next(model.parameters()).dtype
+    dummy = torch.zeros(1, 2, anatomy.embed_dim, dtype=dtype)
+    with torch.inference_mode():
+        anatomy.owner(model)(inputs_embeds=dummy, use_cache=False)

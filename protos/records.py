@@ -32,6 +32,7 @@ MAX_MODEL_ID_CHARS = 128
 MAX_PINGS = 32  # pings to likely next hops, not to the whole swarm
 MAX_ADAPTERS = 16
 MAX_PUBLIC_NAME_CHARS = 64
+MAX_ADDRESS_CHARS = 260  # a 253-character DNS name, ":" and a port
 
 _MODEL_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_ID_CHARS}}}")
 _HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
@@ -61,7 +62,7 @@ class PeerRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     state: Annotated[PeerState, Strict(False)]
-    address: str = Field(max_length=260, description="host:port of the peer's gRPC server")
+    address: str = Field(max_length=MAX_ADDRESS_CHARS, description="host:port of the peer's gRPC server")
     start: int = Field(ge=0, lt=_UINT32_LIMIT, description="first block of the span")
     end: int = Field(gt=0, lt=_UINT32_LIMIT, description="one past the last block of the span")
     throughput: _NonNegativeFinite = Field(description="decode steps per second through the whole span")
@@ -70,6 +71,15 @@ class PeerRecord(BaseModel):
     )
     free_cache_tokens: int = Field(ge=0, lt=_UINT64_LIMIT)
     max_length: int = Field(ge=1, lt=_UINT32_LIMIT, description="longest session, in positions")
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        lt=_UINT32_LIMIT,
+        description="largest batch of a session or forward; None: unknown",
+    )
+    max_forward_tokens: int | None = Field(
+        default=None, ge=1, lt=_UINT64_LIMIT, description="largest batch x positions of a Forward/Backward"
+    )
     dtype: Literal["float32", "float16", "bfloat16"]
     quantization: str = Field(default="none", min_length=1, max_length=32, pattern=_TOKEN_PATTERN)
     adapters: Annotated[
@@ -85,17 +95,7 @@ class PeerRecord(BaseModel):
     @field_validator("address")
     @classmethod
     def _check_address(cls, address: str) -> str:
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"address {address!r} is not host:port with a port in 1..65535")
-        if host.startswith("[") and host.endswith("]"):
-            try:
-                ipaddress.IPv6Address(host[1:-1])
-            except ValueError:
-                raise ValueError(f"address {address!r} has an invalid IPv6 host") from None
-        elif not _HOST.fullmatch(host) or len(host) > 253:
-            raise ValueError(f"address {address!r} has an invalid host")
-        return address
+        return validate_address(address)
 
     @field_validator("public_name")
     @classmethod
@@ -109,6 +109,24 @@ class PeerRecord(BaseModel):
         if self.start >= self.end:
             raise ValueError(f"span [{self.start}, {self.end}) is empty: start must be < end")
         return self
+
+
+def validate_address(address: str) -> str:
+    """Return `address` if it is host:port (a DNS name, IPv4, or [IPv6]; port 1..65535); `InvalidInputError`
+    otherwise. Used for announced addresses and for the next hops a client sends."""
+    if len(address) > MAX_ADDRESS_CHARS:
+        raise InvalidInputError(f"address of {len(address)} characters is longer than {MAX_ADDRESS_CHARS}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"address {address!r} is not host:port with a port in 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise InvalidInputError(f"address {address!r} has an invalid IPv6 host") from None
+    elif not _HOST.fullmatch(host) or len(host) > 253:
+        raise InvalidInputError(f"address {address!r} has an invalid host")
+    return address
 
 
 def record_to_dht(record: PeerRecord) -> dict[str, Any]:

@@ -31,7 +31,8 @@ WIRE_DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
 )
 WIRE_DTYPE_NAMES: Mapping[torch.dtype, str] = MappingProxyType({v: k for k, v in WIRE_DTYPES.items()})
 
-FLOAT_DTYPES: frozenset[torch.dtype] = frozenset({torch.float32, torch.float16, torch.bfloat16})
+FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")  # dtypes of weights and hidden states
+FLOAT_DTYPES: frozenset[torch.dtype] = frozenset(WIRE_DTYPES[name] for name in FLOAT_DTYPE_NAMES)
 INDEX_DTYPES: frozenset[torch.dtype] = frozenset({torch.int64})
 MAX_NDIM = 8
 

@@ -10,7 +10,7 @@ import torch
 from families import NUM_BLOCKS, save
 from transformers import AutoModelForCausalLM
 
-from client.model import ClientModules
+from client.modules import ClientModules
 from peer.blocks import HostedSpan
 from protos.checkpoint import weight_files
 from protos.errors import CheckpointError, InvalidInputError, UnsupportedModelError

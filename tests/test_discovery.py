@@ -81,7 +81,7 @@ def test_ban_list_rejects_bad_policy(arguments: tuple[float, float, float]) -> N
 @pytest.mark.parametrize(
     "fields",
     [
-        {"step_timeout": 0},
+        {"min_hop_timeout": 0},
         {"connect_timeout": float("inf")},
         {"max_retries": -1},
         {"ban_backoff": 0.5},

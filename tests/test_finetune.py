@@ -358,7 +358,7 @@ def test_peer_killed_mid_step_gives_the_same_gradients(checkpoint, swarm, tmp_pa
         expected = [tuning.input_prompts.grad.clone(), tuning.deep_prompts.grad.clone()]
         model.zero_grad()
 
-        bans = model._corolla.bans
+        bans = model.swarm.bans
         for peer in spares:  # the forward takes the peer of every block
             bans.ban(peer.peer_id, "test")
         loss = model(input_ids=ids, labels=ids).loss

@@ -7,7 +7,7 @@ import torch
 from families import FAMILIES, NUM_BLOCKS, VOCAB
 from transformers import AutoModelForCausalLM
 
-from client.model import ClientModules
+from client.modules import ClientModules
 from peer.blocks import HostedSpan
 
 SPANS = [(0, 1), (1, 3), (3, NUM_BLOCKS)]

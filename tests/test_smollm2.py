@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from client.model import ClientModules
+from client.modules import ClientModules
 from peer.blocks import HostedSpan
 from protos.prepare import prepare_default_model
 

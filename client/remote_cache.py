@@ -1,0 +1,82 @@
+"""What transformers' `generate()` sees as `past_key_values` when the blocks run on peers: a `Cache` that
+holds no K/V, only the length of the peers' caches, and passes cache edits (beam reorder, rollback) on to
+the inference session with the next step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from client.runtime import Runtime
+from client.session import InferenceSession
+from protos.errors import InvalidInputError
+
+
+class _LengthLayer(CacheLayerMixin):
+    """A cache layer that holds no K/V, only the number of positions the peers hold."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("the remote cache holds no K/V: the blocks run on peers")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # type: ignore[override]
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RemoteCache(Cache):
+    """What `generate()` sees as `past_key_values`: the length of the peers' caches, and the cache edits
+    (beam reorder, rollback) it asks for, sent to the peers with the next step."""
+
+    def __init__(self, session: InferenceSession) -> None:
+        self._length = _LengthLayer()
+        super().__init__(layers=[self._length])
+        self.session = session
+        self._length.length = session.position
+        self.pending_beam: torch.Tensor | None = None
+        self.pending_rollback: int | None = None
+
+    def crop(self, max_length: int) -> None:
+        # transformers 5: crop(-n) drops the last n positions; crop(0) only trims sliding windows
+        if max_length > 0:
+            raise InvalidInputError("crop() takes the negative number of positions to drop")
+        if max_length < 0:
+            self.pending_rollback = self.get_seq_length() + max_length
+            self._length.length = self.pending_rollback
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam = beam_idx.to(torch.int64).cpu()
+        self.pending_beam = beam if self.pending_beam is None else self.pending_beam[beam]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("repeating the batch of a remote cache is not supported")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("selecting rows of a remote cache is not supported")
+
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+        beam, rollback = self.pending_beam, self.pending_rollback
+        output = runtime.run(self.session.astep(hidden, positions, beam_indices=beam, rollback_to=rollback))
+        self.pending_beam = self.pending_rollback = None
+        self._length.length = self.session.position
+        return output

@@ -1,0 +1,120 @@
+"""One hop's `Session` stream: sends requests in order, decodes replies and hands them to a listener (the
+inference session), and turns every way a stream can end into a `PeerFailure`. Knows nothing of routes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import grpc
+import torch
+
+from client.errors import PeerFailure, status_code
+from client.route import Hop
+from protos import peer_pb2, peer_pb2_grpc
+from protos.errors import LIMIT_METADATA_KEY, CorollaError
+from protos.tensors import from_message
+
+
+class StreamListener(Protocol):
+    """Who receives what a hop's stream brings; called on the client's loop."""
+
+    def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None: ...
+
+    def on_error(self, step_id: int, failure: PeerFailure) -> None: ...
+
+    def on_stream_end(self, stream: HopStream, failure: PeerFailure) -> None: ...
+
+
+def rpc_failure(error: grpc.aio.AioRpcError, peer_id: str, default: str) -> PeerFailure:
+    """A failed RPC as a `PeerFailure`, with the peer's own limit when its trailing metadata names one."""
+    limit = None
+    for key, value in error.trailing_metadata() or ():
+        if key == LIMIT_METADATA_KEY:
+            limit = value if isinstance(value, str) else value.decode(errors="replace")
+    return PeerFailure(error.code(), error.details() or default, peer_id, limit=limit)
+
+
+class HopStream:
+    """One hop's Session stream; its replies go to the listener, tagged with the stream."""
+
+    def __init__(
+        self,
+        hop: Hop,
+        stub: peer_pb2_grpc.PeerStub,
+        listener: StreamListener,
+        session_id: str,
+        *,
+        max_message_bytes: int,
+    ) -> None:
+        self.hop = hop
+        self.listener = listener
+        self.session_id = session_id  # each hop has its own, so a reopened hop never meets an old one
+        self.max_message_bytes = max_message_bytes
+        self.failure: PeerFailure | None = None
+        self.closed = False
+        self._requests: asyncio.Queue[peer_pb2.SessionRequest | None] = asyncio.Queue()
+        self._call = stub.Session(self._request_iterator())
+        self._opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _request_iterator(self) -> AsyncIterator[peer_pb2.SessionRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def send(self, request: peer_pb2.SessionRequest) -> None:
+        self._requests.put_nowait(request)
+
+    async def open(self, request: peer_pb2.OpenSession, timeout: float) -> None:
+        self.send(peer_pb2.SessionRequest(open=request))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._opened), timeout)
+        except TimeoutError:
+            raise PeerFailure(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "no answer to open", self.hop.peer_id
+            ) from None
+
+    async def _read(self) -> None:
+        try:
+            async for reply in self._call:
+                kind = reply.WhichOneof("kind")
+                if kind == "opened":
+                    self._opened.set_result(None)
+                elif kind == "result":
+                    hidden = from_message(
+                        reply.result.hidden, max_bytes=self.max_message_bytes, expected_ndim=3, name="hidden"
+                    )
+                    self.listener.on_result(self, reply.result.step_id, hidden)
+                elif kind == "error":
+                    peer_id = reply.error.peer_id or self.hop.peer_id
+                    failure = PeerFailure(status_code(reply.error.code), reply.error.message, peer_id)
+                    self.listener.on_error(reply.error.step_id, failure)
+            self._end(PeerFailure(grpc.StatusCode.UNAVAILABLE, "stream ended", self.hop.peer_id))
+        except grpc.aio.AioRpcError as e:
+            self._end(rpc_failure(e, self.hop.peer_id, "stream failed"))
+        except CorollaError as e:  # a garbled reply: this hop is not trusted for the rest of the session
+            self._end(PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", self.hop.peer_id))
+
+    def _end(self, failure: PeerFailure) -> None:
+        self.failure = failure
+        if not self._opened.done():
+            self._opened.set_exception(failure)
+        self.listener.on_stream_end(self, failure)
+
+    def message(self) -> peer_pb2.Hop:
+        hop = self.hop
+        return peer_pb2.Hop(
+            peer_id=hop.peer_id, address=hop.address, start=hop.start, end=hop.end, session_id=self.session_id
+        )
+
+    async def close(self) -> None:
+        self.closed = True
+        self._requests.put_nowait(None)
+        self._call.cancel()
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+        if not self._opened.done():
+            self._opened.cancel()
+        elif not self._opened.cancelled():
+            self._opened.exception()  # retrieved, so asyncio does not warn about it
