@@ -1,14 +1,15 @@
 """Cost of a failover on SmolLM2-135M-Instruct: the middle hop of a 6-peer local swarm (two peers per span)
 is killed (SIGKILL) or frozen (SIGSTOP) after a few generated tokens, at short and long contexts.
 
-Prints JSON, per scenario: the extra time the token after the fault took (`recovery_s`: the gap from the
-fault to that token minus a normal decode step), when the client banned the hop (`detect_s`) and had its
-replacement replayed (`replaced_s`), the positions replayed, the failovers counted by the session (also
-those before the fault, e.g. a prefill over the step timeout), and whether the tokens equal those of a
-no-fault run. Each scenario gets fresh peers under its own model id (no dead record or cache is reused),
-each warmed up by one forward of the prompt's length.
+Prints JSON, per scenario: the time from the fault to the next token (`fault_to_next_token_s`) and the
+extra time it took (`recovery_s`: that gap minus a normal decode step), when the client gave up on the hop
+(`detect_s`) and had its replacement replayed (`replaced_s`), the positions replayed, the failovers counted
+by the session (also those before the fault), and whether the tokens equal those of a no-fault run. The
+client runs with its default settings (`ClientConfig()`: adaptive hop deadlines, pings). Each scenario gets
+fresh peers under its own model id (no dead record or cache is reused), each warmed up by one forward of
+the prompt's length.
 
-    python bench/failover.py [--contexts 128 1024] [--new-tokens 8] [--fault-token 3] [--step-timeout 3]
+    python bench/failover.py [--contexts 128 1024] [--new-tokens 8] [--fault-token 3]
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import logging
 import os
-import re
 import signal
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
+from client.config import ClientConfig
 from client.local_swarm import LocalProcess, start_dht, start_peers
 from client.model import AutoDistributedModelForCausalLM
 from client.session import InferenceSession
@@ -40,7 +40,6 @@ from protos.tensors import to_message
 SPANS = ["0:10", "0:10", "10:20", "10:20", "20:30", "20:30"]
 PEER_OPTIONS = ("--step-timeout", "2", "--announce-period", "5", "--throughput", "10")
 FAULTS = {"killed": signal.SIGKILL, "frozen": signal.SIGSTOP}
-_REPLAYED = re.compile(r"^failover peer=\.\.\.(\w+) .* replay_positions=(\d+)")
 
 
 class _Clock:
@@ -67,17 +66,6 @@ class _Clock:
         pass
 
 
-class _Warnings(logging.Handler):
-    """The client's WARNING lines (bans, failovers) of one run, with their `perf_counter` times."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[tuple[float, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append((time.perf_counter(), record.getMessage()))
-
-
 def _warm_up(peers: list[LocalProcess], context: int, hidden_size: int) -> None:
     """A stateless forward of `context` positions on every peer: no measured step pays a cold start."""
     hidden = to_message(torch.randn(1, context, hidden_size))  # [batch, seq, hidden]
@@ -95,9 +83,6 @@ def _run(folder: Path, dht: LocalProcess, model_id: str, peers: list[LocalProces
         folder,
         initial_peers=dht.maddrs,
         model_id=model_id,
-        step_timeout=args.step_timeout,
-        connect_timeout=2.0,
-        max_retries=6,
     )
     model.generation_config.eos_token_id = None  # always exactly --new-tokens tokens
     model.generation_config.pad_token_id = 0
@@ -116,37 +101,29 @@ def _run(folder: Path, dht: LocalProcess, model_id: str, peers: list[LocalProces
             finally:
                 if clock.faulted is not None and sig == signal.SIGSTOP:
                     os.kill(clock.faulted.popen.pid, signal.SIGCONT)
-            return out, clock, session.num_failovers
+            return out, clock, session
     finally:
         model.shutdown()
 
 
-def _baseline(out: torch.Tensor, clock: _Clock, failovers: int) -> dict:
+def _baseline(out: torch.Tensor, clock: _Clock, session: InferenceSession) -> dict:
     gaps = [b - a for a, b in itertools.pairwise(clock.times[1:])]  # after the prompt and the prefill token
     return {
         "tokens": out,
         "normal_token_s": statistics.median(gaps),
         "first_token_s": round(clock.times[1] - clock.times[0], 3),
-        "failovers": failovers,
+        "failovers": session.num_failovers,
     }
 
 
 def _scenario(folder, dht, logs: Path, context: int, fault: str, prompt, baselines: dict, args) -> dict:
     model_id = f"smollm2-bench-{fault}-{context}-{os.getpid()}"
     peers = start_peers(logs, folder, SPANS, dht.maddrs, "--model-id", model_id, *PEER_OPTIONS)
-    loggers = [logging.getLogger(name) for name in ("client.session", "client.discovery")]
     try:
         _warm_up(peers, context, load_config(folder).hidden_size)
         if context not in baselines:  # the no-fault run: once per context, on the first scenario's peers
             baselines[context] = _baseline(*_run(folder, dht, model_id, peers, prompt, args, None))
-        warnings = _Warnings()
-        for logger in loggers:
-            logger.addHandler(warnings)
-        try:
-            out, clock, failovers = _run(folder, dht, model_id, peers, prompt, args, FAULTS[fault])
-        finally:
-            for logger in loggers:
-                logger.removeHandler(warnings)
+        out, clock, session = _run(folder, dht, model_id, peers, prompt, args, FAULTS[fault])
     finally:
         for process in peers:
             process.stop()
@@ -154,26 +131,20 @@ def _scenario(folder, dht, logs: Path, context: int, fault: str, prompt, baselin
         raise RuntimeError(f"no fault was sent: only {len(clock.times) - 1} tokens came out")
     baseline = baselines[context]
     to_next = clock.times[args.fault_token + 1] - clock.fault_time
-    after = [(at - clock.fault_time, line) for at, line in warnings.lines if at >= clock.fault_time]
-    bans = [at for at, line in after if clock.faulted.peer_id in line and line.startswith("peer banned")]
-    replays = [
-        (at, int(m.group(2)))
-        for at, line in after
-        if (m := _REPLAYED.search(line)) and clock.faulted.peer_id.endswith(m.group(1))
-    ]
+    failovers = [event for event in session.failovers if event.peer_id == clock.faulted.peer_id]
     return {
         "fault": fault,
         "context": context,
         "recovery_s": round(to_next - baseline["normal_token_s"], 3),
         "fault_to_next_token_s": round(to_next, 3),
-        "detect_s": round(bans[0], 3) if bans else None,
-        "replaced_s": round(replays[0][0], 3) if replays else None,
+        "detect_s": round(failovers[0].failed_at - clock.fault_time, 3) if failovers else None,
+        "replaced_s": round(failovers[0].replaced_at - clock.fault_time, 3) if failovers else None,
+        "reason": failovers[0].reason if failovers else None,
         "normal_token_ms": round(baseline["normal_token_s"] * 1000, 2),
-        "tokens_replayed": replays[0][1] if replays else None,
-        "failovers": failovers,
+        "tokens_replayed": failovers[0].replay_positions if failovers else None,
+        "failovers": session.num_failovers,
         "failovers_before_fault": clock.failovers_before_fault,
         "same_output": bool(torch.equal(out, baseline["tokens"])),
-        "client_warnings": [f"{at - clock.fault_time:+.3f}s {line}" for at, line in warnings.lines],
     }
 
 
@@ -191,14 +162,10 @@ def main() -> None:
     parser.add_argument(
         "--faults", nargs="+", choices=list(FAULTS), default=list(FAULTS), help="faults to measure"
     )
-    parser.add_argument(
-        "--step-timeout", type=float, default=3.0, help="the client's step_timeout in seconds"
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     args = parser.parse_args()
     if not 1 <= args.fault_token < args.new_tokens:
         parser.error("--fault-token must be at least 1 and less than --new-tokens")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     hf_logging.disable_progress_bar()
     folder = prepare_default_model()
     started = time.perf_counter()
@@ -227,7 +194,9 @@ def main() -> None:
                 "peers": SPANS,
                 "new_tokens": args.new_tokens,
                 "fault_token": args.fault_token,
-                "client": {"step_timeout": args.step_timeout, "connect_timeout": 2.0, "max_retries": 6},
+                "client": ClientConfig().model_dump(
+                    include={"min_hop_timeout", "hop_timeout_factor", "ping_timeout"}
+                ),
                 "no_fault_runs": no_fault,
                 "scenarios": results,
                 "wall_s": round(time.perf_counter() - started, 1),

@@ -21,12 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import grpc
 import torch
 
+from client.deadlines import HopDeadlines, Waiting
 from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id
-from client.route import MIN_THROUGHPUT, Hop, Needs, plan_inference_route
-from client.streams import HopStream, rpc_failure
+from client.route import Hop, Needs, plan_inference_route
+from client.streams import HopStream
 from protos import peer_pb2
 from protos.errors import InvalidInputError
 from protos.tensors import dtype_from_name, to_message
@@ -48,22 +48,16 @@ class StepLog:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> hidden entering it [b, t, h]
 
 
-@dataclass
-class _Waiting:
-    """A step in flight: it is done when every expected hop has reported its output."""
+@dataclass(frozen=True)
+class Failover:
+    """One hop replaced after a failure: which peer, why, when (`time.perf_counter()`), what was replayed."""
 
-    log: StepLog
-    expect: list[HopStream]  # the last one's output is the step's result
-    done: asyncio.Future[None]
-    sent_at: float = 0.0  # time.perf_counter() when the step left the client
-    arrivals: dict[int, float] = field(default_factory=dict)  # block -> when the output entering it came
-
-    def complete(self) -> bool:
-        return all(stream.hop.end in self.log.inputs for stream in self.expect)
-
-    def pending(self) -> list[HopStream]:
-        """The expected hops that have not reported the step yet, in route order."""
-        return [stream for stream in self.expect if stream.hop.end not in self.log.inputs]
+    peer_id: str
+    reason: str  # the status code's name
+    failed_at: float  # when the client gave up on the peer
+    replaced_at: float  # when the replacement hops had replayed the history
+    replay_positions: int
+    replacement: tuple[Hop, ...]
 
 
 class InferenceSession:
@@ -80,15 +74,17 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.history: list[StepLog] = []
         self.streams: list[HopStream] = []
-        self.num_failovers = 0
+        self.num_failovers = 0  # failures handled (bans, avoided peers, reopened hops)
+        self.failovers: list[Failover] = []  # the hops replaced after a failure, in order
         self.closed = False
+        self._failed_at = 0.0
         prefix = uuid.uuid4().hex
         self._session_ids = (f"{prefix}-{n}" for n in itertools.count())
         self._step_ids = itertools.count()
-        self._waiting: dict[int, _Waiting] = {}
+        self._waiting: dict[int, Waiting] = {}
         self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
         self._restart_from = 0  # the first block of hops opened since the step in flight was sent
-        self._prior: dict[str, float] = {}  # peer_id -> announced seconds per block of a decode step
+        self._deadlines = HopDeadlines(swarm)
         self._avoided: set[str] = set()  # peers that cannot take this session (full, limits too small)
         self._lock = asyncio.Lock()
 
@@ -142,6 +138,7 @@ class InferenceSession:
                 recovering = None
                 await retries.failed(error)
             except PeerFailure as failure:
+                self._failed_at = time.perf_counter()
                 try:
                     await retries.failed(failure)
                 except SwarmError:
@@ -185,12 +182,7 @@ class InferenceSession:
             hops = plan_inference_route(
                 view, start=start, end=end, banned=banned, block_time=measured, needs=needs
             )
-        peers = view.peers()
-        for hop in hops:  # what to expect of each hop before this client has measured it
-            record = peers[hop.peer_id]
-            self._prior[hop.peer_id] = 1.0 / (
-                max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start)
-            )
+        self._deadlines.expect(view, hops)
         return hops
 
     async def _replace(
@@ -238,6 +230,11 @@ class InferenceSession:
         if failure is None:
             logger.info("route opened hops=%s", replaced)
         else:
+            now = time.perf_counter()
+            event = Failover(
+                failure.peer_id, failure.code.name, self._failed_at, now, self.position, tuple(hops)
+            )
+            self.failovers.append(event)
             logger.warning(
                 "failover peer=%s reason=%s replacement=%s replay_steps=%d replay_positions=%d",
                 short_id(failure.peer_id),
@@ -314,12 +311,12 @@ class InferenceSession:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
         if log.rollback_to is not None:
             step.rollback_to = log.rollback_to
-        waiting = _Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
+        waiting = Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._waiting[step_id] = waiting
         self._sent[step_id] = log
         try:
             stream.send(peer_pb2.SessionRequest(step=step))
-            await self._wait(waiting)
+            await self._deadlines.wait(waiting)
         finally:
             del self._waiting[step_id]
             if not waiting.done.done():
@@ -345,7 +342,7 @@ class InferenceSession:
         if waiting.complete() and not waiting.done.done():
             waiting.done.set_result(None)
 
-    def _measure(self, waiting: _Waiting, stream: HopStream) -> None:
+    def _measure(self, waiting: Waiting, stream: HopStream) -> None:
         """A decode step's time at one hop: from the previous hop's output (or the send) to this one's."""
         now = time.perf_counter()
         waiting.arrivals[stream.hop.end] = now
@@ -369,61 +366,6 @@ class InferenceSession:
             passed = stream.hop.end in waiting.log.inputs
             if not passed and not waiting.done.done():
                 waiting.done.set_exception(failure)
-
-    # ---- deadlines ---------------------------------------------------------------------------------
-
-    def hop_timeout(self, hop: Hop, positions: int) -> float:
-        """Seconds to wait for `hop`'s output of a step of `positions` new positions before pinging it:
-        `hop_timeout_factor` times what this client measured of the peer (its announced throughput before
-        any measurement), scaled by the positions, between `min_hop_timeout` and `max_hop_timeout`."""
-        per_block = self.swarm.stats.block_times().get(hop.peer_id, self._prior.get(hop.peer_id))
-        if per_block is None:
-            return self.config.max_hop_timeout
-        expected = per_block * (hop.end - hop.start) * max(positions, 1)
-        timeout = self.config.hop_timeout_factor * expected
-        return min(max(timeout, self.config.min_hop_timeout), self.config.max_hop_timeout)
-
-    async def _wait(self, waiting: _Waiting) -> None:
-        """Wait for the step. When the first hop that has not reported it takes longer than its
-        `hop_timeout`, ping the pending hops: one that does not answer within `ping_timeout` is stuck and
-        blamed; hops that answer are alive (a long prefill, a busy CPU) and waited on, up to
-        `forward_timeout` in all."""
-        give_up = waiting.sent_at + self.config.forward_timeout
-        checked = waiting.sent_at  # the last sign of progress: the send, an output, an answered ping
-        positions = int(waiting.log.positions.shape[1])
-        while True:
-            pending = waiting.pending() or waiting.expect[-1:]
-            progress = max([checked, *waiting.arrivals.values()])
-            remaining = progress + self.hop_timeout(pending[0].hop, positions) - time.perf_counter()
-            try:
-                await asyncio.wait_for(asyncio.shield(waiting.done), max(remaining, 0.0))
-                return
-            except TimeoutError:
-                pass
-            if time.perf_counter() > give_up:
-                raise PeerFailure(
-                    grpc.StatusCode.DEADLINE_EXCEEDED, "step over forward_timeout", pending[0].hop.peer_id
-                )
-            if time.perf_counter() - progress >= self.hop_timeout(pending[0].hop, positions):
-                await self._ping(waiting.pending() or pending)
-                checked = time.perf_counter()
-
-    async def _ping(self, streams: list[HopStream]) -> None:
-        """Raise a `PeerFailure` for the first of `streams` whose peer does not answer an Info request."""
-
-        async def ping(stream: HopStream) -> PeerFailure | None:
-            stub = self.swarm.channels.stub(stream.hop.address)
-            try:
-                await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.ping_timeout)
-            except grpc.aio.AioRpcError as e:
-                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    return PeerFailure(e.code(), "no answer to a step or a ping", stream.hop.peer_id)
-                return rpc_failure(e, stream.hop.peer_id, "ping failed")
-            return None
-
-        for failure in await asyncio.gather(*(ping(stream) for stream in streams)):
-            if failure is not None:
-                raise failure
 
     async def aclose(self) -> None:
         self.closed = True
