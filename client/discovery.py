@@ -15,7 +15,14 @@ from hivemind.dht.node import DHTNode
 from client.errors import SwarmError
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord, PeerState
-from protos.swarm import MAX_NUM_BLOCKS, Latest, SwarmReadError, read_num_blocks, read_records
+from protos.swarm import (
+    MAX_NUM_BLOCKS,
+    Latest,
+    SwarmReadError,
+    not_announced,
+    read_num_blocks,
+    read_records,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +86,6 @@ class Discovery(Protocol):
     async def close(self) -> None: ...
 
 
-def _not_found(model_id: str) -> SwarmError:
-    return SwarmError(f"no peer announces model {model_id}; check --initial-peers and the model id")
-
-
 class DhtDiscovery:
     """Reads every block key of one model with a single `get_many` (latest values) and keeps the result.
 
@@ -124,7 +127,7 @@ class DhtDiscovery:
             await self._refresh(since=time.monotonic() if refresh else None)
         view = self._view
         if view is None or not any(view.blocks):
-            raise _not_found(self.model_id)
+            raise SwarmError(not_announced(self.model_id))
         return view
 
     def start(self) -> None:
@@ -204,7 +207,8 @@ class InMemoryDiscovery:
 
 class BanList:
     """Peers to avoid for a while. Each further ban of a peer lasts `backoff` times longer, up to
-    `max_ban_timeout`; `unban` (after a success) lifts the ban and resets the backoff."""
+    `max_ban_timeout`; `unban` lifts the ban and resets the backoff (for tools; the client never does:
+    a ban simply expires)."""
 
     def __init__(
         self,

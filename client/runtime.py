@@ -4,7 +4,6 @@ the library's blocking API (`generate()`, a training step) can call into it from
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections.abc import Coroutine
@@ -13,8 +12,12 @@ from typing import Any, TypeVar
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
+CLOSE_TIMEOUT = 10.0  # seconds for the loop's remaining tasks to end once cancelled, and for the thread
+
 
 class Runtime:
+    """An asyncio loop on a daemon thread; `run` submits a coroutine from any other thread and waits."""
+
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="corolla-client", daemon=True)
@@ -41,9 +44,11 @@ class Runtime:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(10)
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(CLOSE_TIMEOUT)
+        except Exception as e:  # the loop is stopped below all the same
+            logger.warning("client loop tasks did not finish reason=%r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
+        self._thread.join(CLOSE_TIMEOUT)
         if not self._thread.is_alive():
             self.loop.close()

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from protos.errors import CheckpointError, UnsupportedModelError
+from protos.tensors import FLOAT_DTYPE_NAMES, WIRE_DTYPES
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -23,11 +24,7 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: WIRE_DTYPES[name] for name in FLOAT_DTYPE_NAMES}
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -28,13 +28,18 @@ class SwarmReadError(CorollaError):
     """The DHT holds no usable entry for the model (no index entry, or an invalid one)."""
 
 
+def not_announced(model_id: str) -> str:
+    """What to tell a user when no record of `model_id` was found."""
+    return f"no peer announces model {model_id}; check --initial-peers and the model id"
+
+
 async def read_num_blocks(node: DHTNode, model_id: str) -> int:
     """The model's number of blocks from the model index key; `SwarmReadError` when nobody announced it."""
     entry = await node.get(MODEL_INDEX_KEY, latest=True)
     models = entry.value if isinstance(entry, ValueWithExpiration) else None
     item = models.get(model_id) if isinstance(models, dict) else None
     if not isinstance(item, ValueWithExpiration):
-        raise SwarmReadError(f"no peer announces model {model_id}; check --initial-peers and the model id")
+        raise SwarmReadError(not_announced(model_id))
     value = item.value
     num_blocks = value.get("num_blocks") if isinstance(value, dict) else None
     if type(num_blocks) is not int or not 1 <= num_blocks <= MAX_NUM_BLOCKS:
