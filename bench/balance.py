@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from peer.announce import choose_span, plan_move
+from peer.placement import choose_span, plan_move
 
 MAX_ROUNDS = 20
 

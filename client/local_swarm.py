@@ -1,34 +1,52 @@
 """A swarm of local processes on 127.0.0.1 (a DHT bootstrap and peers), started through the `corolla` CLI
-for demos, benchmarks and tests; every process is stopped by PID."""
+for demos, benchmarks and tests; every process is stopped by PID.
+
+A process is ready when it has written its `--ready-file` (JSON); its log is only for people to read.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 STARTUP_TIMEOUT = 180.0
-_SERVING = re.compile(r"serving model=(\S+) blocks=\[(\d+),(\d+)\) address=(\S+) peer_id=(\S+)")
-_MADDR = re.compile(r"^/ip4/127\.0\.0\.1/tcp/\d+/p2p/\w+$", re.M)
+READY_POLL_PERIOD = 0.1  # seconds between looks at a starting process's ready file
+LOG_TAIL_CHARS = 3000  # of a failed process's log, shown in the error
 
 
 @dataclass
 class LocalProcess:
     popen: subprocess.Popen[bytes]
     log: Path
+    ready_file: Path
     address: str = ""
     peer_id: str = ""
-    span: tuple[int, int] = (0, 0)  # the span it served when it started
+    span: tuple[int, int] = (0, 0)  # the span it served when it started; `served_span()` for now
     maddrs: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def ready(self) -> dict[str, Any] | None:
+        """The process's ready file, or None while it has not written one (or after it stopped)."""
+        try:
+            content = json.loads(self.ready_file.read_text())
+        except FileNotFoundError:
+            return None
+        return content if isinstance(content, dict) else None
+
+    def served_span(self) -> tuple[int, int] | None:
+        """The span a peer serves now (its ready file is rewritten after each move); None if not ready."""
+        content = self.ready()
+        return None if content is None else (int(content["start"]), int(content["end"]))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal by PID and wait; SIGKILL if it does not exit in time. Returns the exit code."""
@@ -44,47 +62,50 @@ class LocalProcess:
         return int(self.popen.returncode)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> LocalProcess:
+    ready_file = log.with_suffix(".ready.json")
+    ready_file.unlink(missing_ok=True)  # left by an earlier run in the same folder
     environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with log.open("w") as handle:
-        return subprocess.Popen(
-            [sys.executable, "-m", "protos.cli", *args],
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "protos.cli", *args, "--ready-file", str(ready_file)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=environment,
             start_new_session=True,
         )
+    return LocalProcess(popen, log, ready_file)
 
 
-def _wait_for(process: LocalProcess, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+def _wait_ready(process: LocalProcess, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = pattern.search(process.text())
-        if match:
-            return match
+        content = process.ready()
+        if content is not None:
+            return content
         if process.popen.poll() is not None:
-            raise RuntimeError(f"process exited with {process.popen.returncode}:\n{process.text()[-3000:]}")
-        time.sleep(0.1)
+            raise RuntimeError(
+                f"process exited with {process.popen.returncode}:\n{process.text()[-LOG_TAIL_CHARS:]}"
+            )
+        time.sleep(READY_POLL_PERIOD)
     process.stop(signal.SIGKILL)
-    raise TimeoutError(f"no {pattern.pattern!r} within {timeout}s:\n{process.text()[-3000:]}")
+    raise TimeoutError(f"not ready within {timeout}s:\n{process.text()[-LOG_TAIL_CHARS:]}")
 
 
 def _placement(blocks: str) -> list[str]:
-    """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--num-blocks`)."""
-    return ["--blocks", blocks] if ":" in blocks else ["--num-blocks", blocks]
+    """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--span-length`)."""
+    return ["--blocks", blocks] if ":" in blocks else ["--span-length", blocks]
 
 
 def _serving(process: LocalProcess) -> None:
-    match = _wait_for(process, _SERVING, STARTUP_TIMEOUT)
-    process.address, process.peer_id = match.group(4), match.group(5)
-    process.span = (int(match.group(2)), int(match.group(3)))
+    content = _wait_ready(process, STARTUP_TIMEOUT)
+    process.address, process.peer_id = str(content["address"]), str(content["peer_id"])
+    process.span = (int(content["start"]), int(content["end"]))
 
 
 def start_dht(log_dir: Path, *, env: dict[str, str] | None = None) -> LocalProcess:
-    log = log_dir / "dht.log"
-    process = LocalProcess(_spawn(["dht", "--host", "127.0.0.1"], log, env), log)
-    _wait_for(process, _MADDR, STARTUP_TIMEOUT)
-    process.maddrs = _MADDR.findall(process.text())
+    process = _spawn(["dht", "--host", "127.0.0.1"], log_dir / "dht.log", env)
+    process.maddrs = [str(maddr) for maddr in _wait_ready(process, STARTUP_TIMEOUT)["maddrs"]]
     return process
 
 
@@ -107,7 +128,7 @@ def start_peer(
         "--initial-peers",
         *initial_peers,
     ]
-    process = LocalProcess(_spawn([*args, *extra], log, env), log)
+    process = _spawn([*args, *extra], log, env)
     _serving(process)
     return process
 
@@ -127,9 +148,7 @@ def start_peers(
         for number, blocks in enumerate(spans):
             log = log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
             args = ["serve", str(model), *_placement(blocks), "--host", "127.0.0.1"]
-            started.append(
-                LocalProcess(_spawn([*args, "--initial-peers", *initial_peers, *extra], log, env), log)
-            )
+            started.append(_spawn([*args, "--initial-peers", *initial_peers, *extra], log, env))
         for process in started:
             _serving(process)
     except BaseException:

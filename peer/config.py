@@ -1,18 +1,40 @@
-"""`PeerConfig`: everything a peer can be told, each knob documented once; the CLI is generated from it."""
+"""`PeerConfig` and `DhtConfig`: everything `corolla serve` and `corolla dht` can be told, each knob
+documented once; the CLI is generated from them. Import-light: no model code, no compute."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from peer.throughput import parse_option
 from protos.dht import is_loopback
 from protos.errors import InvalidInputError
-from protos.records import model_id_from_path
+from protos.records import model_id_from_path, validate_model_id
+from protos.tensors import FLOAT_DTYPE_NAMES
+
+NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); default: on, except on loopback"
+IDENTITY_HELP = (
+    "file holding the node's DHT private key, created if missing; keeps its id and multiaddress stable"
+)
+
+
+def parse_option(value: str) -> str | float:
+    """`--throughput`: `auto`, `eval`, or a positive number of decode steps per second through one block."""
+    if value in ("auto", "eval"):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidInputError(f"throughput must be auto, eval or a number, got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise InvalidInputError(f"throughput must be a positive finite number, got {value!r}")
+    return number
 
 
 class PeerConfig(BaseModel):
+    """The peer's settings (`corolla serve`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(
@@ -25,13 +47,14 @@ class PeerConfig(BaseModel):
     blocks: str | None = Field(
         default=None,
         description="the span of blocks to serve, START:END (half-open, global block numbers); fixed: the "
-        "peer never moves. Give this or --num-blocks",
+        "peer never moves. Give this or --span-length",
     )
-    num_blocks: int | None = Field(
+    span_length: int | None = Field(
         default=None,
         ge=1,
+        validation_alias=AliasChoices("span_length", "num_blocks"),
         description="serve this many blocks where the swarm needs them most (read from the DHT), and move "
-        "when the swarm changes. Give this or --blocks",
+        "when the swarm changes (also --num-blocks). Give this or --blocks",
     )
     host: str = Field(default="0.0.0.0", description="address the gRPC server listens on")
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -43,18 +66,13 @@ class PeerConfig(BaseModel):
     dht_port: int = Field(
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
     )
-    identity: Path | None = Field(
-        default=None, description="file holding this peer's DHT private key, created if missing (a stable id)"
-    )
-    nat_port_map: bool | None = Field(
-        default=None,
-        description="ask the home router for a port mapping (UPnP/NAT-PMP); default: on, except on loopback",
-    )
+    identity: Path | None = Field(default=None, description=IDENTITY_HELP)
+    nat_port_map: bool | None = Field(default=None, description=NAT_PORT_MAP_HELP)
     dtype: str = Field(
-        default="float32", description="dtype of weights and activations: float32, bfloat16, float16"
+        default="float32", description=f"dtype of weights and activations: {', '.join(FLOAT_DTYPE_NAMES)}"
     )
-    model_id: str | None = Field(
-        default=None, description="the swarm's name for this model; default: derived from MODEL's last part"
+    model_id: str = Field(
+        default="", description="the swarm's name for this model; default: derived from MODEL's last part"
     )
     public_name: str | None = Field(
         default=None, max_length=64, description="a name shown to others in `corolla health` (e.g. a website)"
@@ -103,14 +121,14 @@ class PeerConfig(BaseModel):
     balance_period: float = Field(
         default=120.0,
         gt=0,
-        description="with --num-blocks: mean seconds between checks whether moving would help the swarm "
+        description="with --span-length: mean seconds between checks whether moving would help the swarm "
         "(each wait is drawn between half and 1.5 times this)",
     )
     balance_margin: float = Field(
         default=0.2,
         ge=0,
         allow_inf_nan=False,
-        description="with --num-blocks: move only when it raises the swarm's bottleneck throughput by more "
+        description="with --span-length: move only when it raises the swarm's bottleneck throughput by more "
         "than this fraction (or serves blocks nobody serves); guards against flapping",
     )
     cache_dir: Path | None = Field(
@@ -118,6 +136,19 @@ class PeerConfig(BaseModel):
         description="where the throughput measurement is cached; default: $COROLLA_CACHE_DIR or "
         "~/.cache/corolla",
     )
+    ready_file: Path | None = Field(
+        default=None,
+        description="once serving and announced ONLINE, write a JSON object {peer_id, address, start, end, "
+        "model_id, pid} to this file (atomically), and rewrite it after each move to another span",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_id(cls, data: Any) -> Any:
+        # filled before validation, so `model_id` is always a str
+        if isinstance(data, dict) and not data.get("model_id") and isinstance(data.get("model"), str):
+            return {**data, "model_id": model_id_from_path(data["model"])}
+        return data
 
     @field_validator("blocks")
     @classmethod
@@ -134,9 +165,14 @@ class PeerConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        if value not in ("float32", "bfloat16", "float16"):
-            raise ValueError("must be float32, bfloat16 or float16")
+        if value not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"must be one of {', '.join(FLOAT_DTYPE_NAMES)}")
         return value
+
+    @field_validator("model_id")
+    @classmethod
+    def _valid_model_id(cls, value: str) -> str:
+        return validate_model_id(value)
 
     @field_validator("throughput")
     @classmethod
@@ -149,20 +185,33 @@ class PeerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _derived(self) -> PeerConfig:
-        if (self.blocks is None) == (self.num_blocks is None):
-            raise ValueError("give exactly one of --blocks START:END and --num-blocks K")
+        if (self.blocks is None) == (self.span_length is None):
+            raise ValueError("give exactly one of --blocks START:END and --span-length K")
         if self.announce_host is None:
             object.__setattr__(self, "announce_host", "127.0.0.1" if self.host == "0.0.0.0" else self.host)
-        if self.model_id is None:
-            object.__setattr__(self, "model_id", model_id_from_path(self.model))
         if self.nat_port_map is None:
             object.__setattr__(self, "nat_port_map", not is_loopback(self.announce_host or self.host))
         return self
 
     @property
     def span(self) -> tuple[int, int] | None:
-        """The fixed span of --blocks; None with --num-blocks (the peer chooses)."""
+        """The fixed span of --blocks; None with --span-length (the peer chooses)."""
         if self.blocks is None:
             return None
         start, _, end = self.blocks.partition(":")
         return int(start), int(end)
+
+
+class DhtConfig(BaseModel):
+    """A bootstrap DHT node's settings (`corolla dht`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field(default="0.0.0.0", description="address to listen on")
+    port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")
+    identity: Path | None = Field(default=None, description=IDENTITY_HELP)
+    nat_port_map: bool | None = Field(default=None, description=NAT_PORT_MAP_HELP)
+    ready_file: Path | None = Field(
+        default=None,
+        description="once listening, write a JSON object {maddrs, pid} to this file (atomically)",
+    )

@@ -17,13 +17,15 @@ import torch
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
+DRAIN_POLL_PERIOD = 0.05  # seconds between checks for steps still in flight
 
 
 class Executor:
+    """One compute thread shared by every request of the peer; `run` awaits a function on it."""
+
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self._in_flight = 0
-        self.busy_seconds = 0.0
 
     @property
     def in_flight(self) -> int:
@@ -34,24 +36,21 @@ class Executor:
         loop = asyncio.get_running_loop()
         self._in_flight += 1
         try:
-            return await loop.run_in_executor(self._pool, self._timed, fn)
+            return await loop.run_in_executor(self._pool, _inference, fn)
         finally:
             self._in_flight -= 1
-
-    def _timed(self, fn: Callable[[], Result]) -> Result:
-        started = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                return fn()
-        finally:
-            self.busy_seconds += time.perf_counter() - started
 
     async def drain(self, timeout: float) -> bool:
         """Wait until no step is in flight, at most `timeout` seconds; True when drained."""
         deadline = time.monotonic() + timeout
         while self._in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(DRAIN_POLL_PERIOD)
         return not self._in_flight
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _inference(fn: Callable[[], Result]) -> Result:
+    with torch.inference_mode():
+        return fn()

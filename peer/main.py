@@ -1,42 +1,48 @@
-"""Entry points of the peer side: `corolla serve` (a peer) and `corolla dht` (a bootstrap DHT node).
-Wires config, logging, DHT, gRPC server, span and announcements; handles signals and a graceful drain."""
+"""Entry points of the peer side: `corolla serve` (a `Peer`) and `corolla dht` (a bootstrap DHT node).
+Wires config, logging, DHT, gRPC server, span and announcements; signals and one drain/shutdown path."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import gc
+import json
 import logging
+import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import grpc
+from hivemind.dht.node import DHTNode
 
 from peer import throughput
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
-from peer.cache import SessionTable
-from peer.config import PeerConfig
+from peer.config import DhtConfig, PeerConfig
 from peer.executor import Executor
 from peer.service import PeerService
+from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos import peer_pb2_grpc
+from protos.channels import channel_options
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
 from protos.settings import parse_config
-from protos.swarm import read_records as read_latest
+from protos.swarm import read_records
 
 logger = logging.getLogger(__name__)
 
 EXPIRY_CHECK_PERIOD = 5.0
 START_JITTER = 1.0  # seconds: peers started together read the swarm at different moments
 CLAIM_SETTLE = 1.0  # seconds between announcing a claimed span and reading the swarm back
+STOP_GRACE = 5.0  # at most this many seconds for RPCs in flight once the peer stops accepting
 
 
 def corolla_version() -> str:
@@ -62,78 +68,94 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
+def write_ready_file(path: Path, content: dict[str, Any]) -> None:
+    """Replace `path` with `content` as JSON; written next to it first, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        json.dump(content, handle)
+    os.replace(handle.name, path)
+
+
 @dataclass
 class _Speed:
     """What this peer announces about its speed, for the span it serves now."""
 
     per_block: Throughput | None = None
+    network: float | None = None  # decode steps/s the link carries; None: no cap
     decode: float = 0.0  # steps per second through the span
     forward: float = 0.0  # tokens per second of a forward through the span
 
-    def update(self, per_block: Throughput, num_blocks: int, network: float | None) -> None:
-        self.per_block = per_block
-        self.decode, self.forward = per_block.for_span(num_blocks, network)
+    def update(self, span: tuple[int, int]) -> None:
+        if self.per_block is not None:
+            self.decode, self.forward = self.per_block.for_span(span[1] - span[0], self.network)
 
 
-async def serve(config: PeerConfig) -> None:
-    stop = _stop_event()
-    total_blocks = await asyncio.to_thread(count_blocks, config.model)
-    if config.span is not None and config.span[1] > total_blocks:
-        raise InvalidInputError(f"--blocks {config.blocks} is outside the model's blocks [0, {total_blocks})")
-    model_id = config.model_id or ""
-    node = await start_dht_node(
-        initial_peers=config.initial_peers,
-        host=config.host,
-        port=config.dht_port,
-        identity_path=config.identity,
-        nat_port_map=config.nat_port_map,
-    )
-    peer_id = node.peer_id.to_base58()
-    size = config.max_message_bytes
-    server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
-    )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
-    address = f"{config.announce_host}:{port}"
-    sessions = SessionTable(config.max_cache_tokens, idle_timeout=config.session_timeout)
-    speed = _Speed()
+class Peer:
+    """One `corolla serve`: joins the DHT, claims or takes its span, loads it, serves it over gRPC, announces
+    it, moves when rebalancing says so, and on `stop` drains and leaves (also after a failed start)."""
 
-    def make_record(state: PeerState, span: tuple[int, int]) -> PeerRecord:
-        return PeerRecord(
-            state=state,
-            address=address,
-            start=span[0],
-            end=span[1],
-            throughput=speed.decode,
-            forward_throughput=speed.forward,
-            free_cache_tokens=max(sessions.free_tokens, 0),
-            max_length=config.max_length,
-            dtype=config.dtype,  # type: ignore[arg-type]
-            version=corolla_version(),
-            public_name=config.public_name,
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.sessions = SessionTable(config.max_cache_tokens, idle_timeout=config.session_timeout)
+        self.executor = Executor()
+        self.server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+        self.speed = _Speed()
+        self.version = corolla_version()
+        self.num_blocks = 0  # blocks in the whole model, known once its config is read
+        self.address = ""
+        self.node: DHTNode | None = None
+        self.announcer: Announcer | None = None
+        self.service: PeerService | None = None
+        self._rebalancing: asyncio.Task[None] | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.node.peer_id.to_base58() if self.node is not None else ""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until `stop` is set (expiring idle sessions meanwhile), then drain and stop."""
+        try:
+            await self.start()
+            service = self._serving()[0]
+            period = min(EXPIRY_CHECK_PERIOD, self.config.session_timeout / 2)
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), period)
+                except TimeoutError:
+                    service.expire_idle()
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        self.num_blocks = await asyncio.to_thread(count_blocks, config.model)
+        if config.span is not None and config.span[1] > self.num_blocks:
+            raise InvalidInputError(
+                f"--blocks {config.blocks} is outside the model's blocks [0, {self.num_blocks})"
+            )
+        self.node = await start_dht_node(
+            initial_peers=config.initial_peers,
+            host=config.host,
+            port=config.dht_port,
+            identity_path=config.identity,
+            nat_port_map=config.nat_port_map,
         )
-
-    async def read_records() -> dict[str, PeerRecord]:
-        latest = await read_latest(node, model_id, total_blocks)
-        return {other: record for other, (_, record) in latest.items()}
-
-    executor = Executor()
-    announcer = Announcer(
-        node,
-        model_id=model_id,
-        num_blocks=total_blocks,
-        span=config.span or (0, 1),
-        make_record=make_record,
-        period=config.announce_period,
-    )
-    rebalancing: asyncio.Task[None] | None = None
-    try:
+        port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.address = f"{config.announce_host}:{port}"
+        announcer = self.announcer = Announcer(
+            self.node,
+            model_id=config.model_id,
+            num_blocks=self.num_blocks,
+            span=config.span or (0, 1),
+            make_record=self.make_record,
+            period=config.announce_period,
+        )
         if config.span is None:
             span = await claim_span(
                 announcer,
-                read_records,
-                num_blocks=total_blocks,
-                length=config.num_blocks or 1,
+                self._read_records,
+                num_blocks=self.num_blocks,
+                length=config.span_length or 1,
                 settle=CLAIM_SETTLE,
                 jitter=START_JITTER,
             )
@@ -142,92 +164,142 @@ async def serve(config: PeerConfig) -> None:
             await announcer.announce(PeerState.JOINING)
         announcer.start()  # keeps the claim alive while a large span loads
         hosted = await asyncio.to_thread(HostedSpan.load, config.model, *span, dtype=config.dtype)
-        network = (
-            network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
-            if config.bandwidth is not None
-            else None
-        )
-        key = throughput.cache_key(model_id, config.dtype, corolla_version())
-        option = throughput.parse_option(config.throughput)
+        if config.bandwidth is not None:
+            self.speed.network = network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
+        key = throughput.cache_key(config.model_id, config.dtype, self.version)
         cache_dir = config.cache_dir or default_cache_dir()
-        per_block = await executor.run(
-            lambda: throughput.resolve(option, hosted, key=key, cache_dir=cache_dir)
+        self.speed.per_block = await self.executor.run(
+            lambda: throughput.resolve(config.throughput, hosted, key=key, cache_dir=cache_dir)
         )
-        speed.update(per_block, span[1] - span[0], network)
-        service = PeerService(
+        self.speed.update(span)
+        self.service = PeerService(
             span=hosted,
             config=config,
-            sessions=sessions,
-            executor=executor,
-            peer_id=peer_id,
-            make_record=lambda: make_record(announcer.state, announcer.span),
-            version=corolla_version(),
+            sessions=self.sessions,
+            executor=self.executor,
+            peer_id=self.peer_id,
+            make_record=lambda: self.make_record(announcer.state, announcer.span),
+            version=self.version,
         )
-        peer_pb2_grpc.add_PeerServicer_to_server(service, server)
-        await server.start()
+        peer_pb2_grpc.add_PeerServicer_to_server(self.service, self.server)
+        await self.server.start()
         await announcer.announce(PeerState.ONLINE)
         logger.info(
             "serving model=%s blocks=[%d,%d) address=%s peer_id=%s throughput=%.1f",
             config.model_id,
             *span,
-            address,
-            peer_id,
-            speed.decode,
+            self.address,
+            self.peer_id,
+            self.speed.decode,
         )
-
-        async def move(target: tuple[int, int]) -> None:
-            """Load the new span first, serve and announce it, then end the old span's sessions, free it."""
-            new = await asyncio.to_thread(HostedSpan.load, config.model, *target, dtype=config.dtype)
-            old_span, old_sessions = service.swap_span(new)
-            speed.update(per_block, target[1] - target[0], network)
-            await announcer.announce(PeerState.ONLINE)
-            await service.retire(old_sessions, f"peer moved to blocks [{target[0]}, {target[1]})")
-            logger.warning(
-                "moved blocks=[%d,%d) -> [%d,%d) address=%s sessions_moved=%d",
-                old_span.start,
-                old_span.end,
-                *target,
-                address,
-                len(old_sessions),
-            )
-            del old_span
-            gc.collect()
-
-        if config.num_blocks is not None:
+        self._write_ready(span)
+        if config.span_length is not None:
             rebalancer = Rebalancer(
                 announcer,
-                read_records,
-                num_blocks=total_blocks,
-                throughput=lambda: speed.decode,
-                move=move,
+                self._read_records,
+                num_blocks=self.num_blocks,
+                throughput=lambda: self.speed.decode,
+                move=self.move,
                 period=config.balance_period,
                 margin=config.balance_margin,
                 settle=CLAIM_SETTLE,
             )
-            rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
-        while not stop.is_set():
+            self._rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
+
+    def make_record(self, state: PeerState, span: tuple[int, int]) -> PeerRecord:
+        """This peer's announcement now: `span` is what it serves or, while it loads one, what it claimed."""
+        config = self.config
+        return PeerRecord(
+            state=state,
+            address=self.address,
+            start=span[0],
+            end=span[1],
+            throughput=self.speed.decode,
+            forward_throughput=self.speed.forward,
+            free_cache_tokens=self.sessions.free_tokens,
+            max_length=config.max_length,
+            max_batch_size=config.max_batch_size,
+            max_forward_tokens=config.max_forward_tokens,
+            dtype=config.dtype,  # type: ignore[arg-type]  # validated by PeerConfig
+            version=self.version,
+            public_name=config.public_name,
+        )
+
+    async def move(self, target: tuple[int, int]) -> None:
+        """Load the new span first, serve and announce it, then end the old span's sessions and free it."""
+        service, announcer = self._serving()
+        new = await asyncio.to_thread(HostedSpan.load, self.config.model, *target, dtype=self.config.dtype)
+        old_span, old_sessions = service.swap_span(new)
+        self.speed.update(target)
+        await announcer.announce(PeerState.ONLINE)
+        self._write_ready(target)
+        await service.retire(old_sessions, f"peer moved to blocks [{target[0]}, {target[1]})")
+        logger.warning(
+            "moved blocks=[%d,%d) -> [%d,%d) address=%s sessions_moved=%d",
+            old_span.start,
+            old_span.end,
+            *target,
+            self.address,
+            len(old_sessions),
+        )
+        del old_span
+        gc.collect()
+
+    async def stop(self) -> None:
+        """The one shutdown path: stop rebalancing; when serving, refuse new sessions, announce DRAINING and
+        let the steps in flight finish; then stop the server, announce OFFLINE and leave the DHT."""
+        if self._rebalancing is not None:
+            self._rebalancing.cancel()
+            await asyncio.gather(self._rebalancing, return_exceptions=True)
+        grace = None
+        if self.service is not None and self.announcer is not None:
+            logger.info("draining sessions=%d", len(self.sessions))
+            self.service.accepting = False
             try:
-                await asyncio.wait_for(stop.wait(), min(EXPIRY_CHECK_PERIOD, config.session_timeout / 2))
-            except TimeoutError:
-                service.expire_idle()
-        if rebalancing is not None:
-            rebalancing.cancel()
-            await asyncio.gather(rebalancing, return_exceptions=True)
-        logger.info("draining sessions=%d", len(sessions))
-        service.accepting = False
-        await announcer.announce(PeerState.DRAINING)
-        await executor.drain(config.drain_timeout)
-        await server.stop(grace=min(config.drain_timeout, 5.0))
-        await service.close()
-    finally:
-        if rebalancing is not None:
-            rebalancing.cancel()
-            await asyncio.gather(rebalancing, return_exceptions=True)
-        await announcer.stop(final_state=PeerState.OFFLINE)
-        executor.shutdown()
-        await server.stop(grace=None)
-        await node.shutdown()
-    logger.info("stopped peer_id=%s", peer_id)
+                await self.announcer.announce(PeerState.DRAINING)
+            except (TimeoutError, OSError) as e:  # draining goes on: the final OFFLINE may still get through
+                logger.warning("announce failed state=draining reason=%r", e)
+            await self.executor.drain(self.config.drain_timeout)
+            grace = min(self.config.drain_timeout, STOP_GRACE)
+        await self.server.stop(grace=grace)
+        if self.service is not None:
+            await self.service.close()
+        if self.announcer is not None:
+            await self.announcer.stop(final_state=PeerState.OFFLINE)
+        self.executor.shutdown()
+        if self.config.ready_file is not None:
+            self.config.ready_file.unlink(missing_ok=True)  # a stopped peer is not ready
+        if self.node is not None:
+            await self.node.shutdown()
+        logger.info("stopped peer_id=%s", self.peer_id)
+
+    def _serving(self) -> tuple[PeerService, Announcer]:
+        if self.service is None or self.announcer is None:
+            raise RuntimeError("the peer is not serving yet")
+        return self.service, self.announcer
+
+    async def _read_records(self) -> dict[str, PeerRecord]:
+        if self.node is None:
+            raise RuntimeError("the peer has not joined the DHT")
+        latest = await read_records(self.node, self.config.model_id, self.num_blocks)
+        return {other: record for other, (_, record) in latest.items()}
+
+    def _write_ready(self, span: tuple[int, int]) -> None:
+        if self.config.ready_file is None:
+            return
+        content = {
+            "peer_id": self.peer_id,
+            "address": self.address,
+            "start": span[0],
+            "end": span[1],
+            "model_id": self.config.model_id,
+            "pid": os.getpid(),
+        }
+        write_ready_file(self.config.ready_file, content)
+
+
+async def serve(config: PeerConfig) -> None:
+    await Peer(config).run(_stop_event())
 
 
 def serve_main(argv: Sequence[str], prog: str) -> int:
@@ -244,39 +316,33 @@ def serve_main(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
-async def run_dht(host: str, port: int, identity: str | None, nat_port_map: bool | None) -> None:
+async def run_dht(config: DhtConfig) -> None:
+    """A bootstrap DHT node until SIGTERM/SIGINT; prints its multiaddresses, one per line."""
     stop = _stop_event()
     node = await start_dht_node(
-        host=host, port=port, identity_path=Path(identity) if identity else None, nat_port_map=nat_port_map
+        host=config.host, port=config.port, identity_path=config.identity, nat_port_map=config.nat_port_map
     )
     try:
-        for maddr in await visible_maddrs(node):
+        maddrs = await visible_maddrs(node)
+        for maddr in maddrs:
             print(maddr, flush=True)
+        if config.ready_file is not None:
+            write_ready_file(config.ready_file, {"maddrs": maddrs, "pid": os.getpid()})
         await stop.wait()
     finally:
+        if config.ready_file is not None:
+            config.ready_file.unlink(missing_ok=True)
         await node.shutdown()
 
 
 def dht_main(argv: Sequence[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
+    config = parse_config(
+        DhtConfig,
+        argv,
         prog=prog,
         description="Run a bootstrap DHT node for a swarm. Prints the multiaddresses that peers and clients "
         "pass as --initial-peers, one per line, and runs until SIGTERM or Ctrl-C.",
     )
-    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
-    parser.add_argument("--port", type=int, default=0, help="TCP port to listen on; 0 picks a free one")
-    parser.add_argument(
-        "--identity",
-        help="file holding the node's private key, created if missing; keeps the multiaddress stable "
-        "across restarts",
-    )
-    parser.add_argument(
-        "--nat-port-map",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="ask the home router for a port mapping (UPnP/NAT-PMP); default: on, except on loopback",
-    )
-    args = parser.parse_args(list(argv))
     setup_logging()
-    asyncio.run(run_dht(args.host, args.port, args.identity, args.nat_port_map))
+    asyncio.run(run_dht(config))
     return 0

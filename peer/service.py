@@ -1,73 +1,101 @@
-"""The gRPC servicer: validates every request, drives the session table and the executor, pushes step
-outputs to the next hop, and maps errors to status codes in one place (`_status`)."""
+"""The gRPC servicer: parses each request (`peer.requests`), drives the session table and the executor,
+pushes step outputs to the next hop, and maps errors to status codes in one place (`_status`)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, TypeVar
 
 import grpc
 import torch
 
+from peer import requests
 from peer.blocks import HostedSpan
-from peer.cache import NoRoom, PeerSession, SessionExists, SessionTable
 from peer.config import PeerConfig
 from peer.executor import Executor
+from peer.requests import Limits, PositionMismatch, Served
+from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable
 from protos import peer_pb2, peer_pb2_grpc
-from protos.errors import InvalidInputError
+from protos.channels import ChannelPool
+from protos.errors import LIMIT_METADATA_KEY, InvalidInputError, PeerLimitError
 from protos.records import PeerRecord
-from protos.tensors import (
-    FLOAT_DTYPES,
-    INDEX_DTYPES,
-    dtype_from_name,
-    dtype_name,
-    from_message,
-    optional_from_message,
-)
-from protos.tensors import to_message as tensor_message
+from protos.tensors import dtype_name, to_message
 
 logger = logging.getLogger(__name__)
 
-MAX_SESSION_ID_CHARS = 128
 OPEN_TIMEOUT = 30.0  # seconds a new stream may take to send its `open`
 
 
 class RequestError(Exception):
-    """A request that fails with a given status; nothing was changed."""
+    """A request that fails with a given status (draining, closed session, failed push); nothing changed."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
 
 
-def _status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+class Status(NamedTuple):
+    """What a failed call or stream ends with; `context.abort(*status)` sends it."""
+
+    code: grpc.StatusCode
+    message: str
+    metadata: tuple[tuple[str, str], ...] = ()  # trailing metadata of the failed call
+
+
+def _status(error: BaseException) -> Status:
     """The one place that maps failures to gRPC status codes (see the contract in protos/peer.proto)."""
     if isinstance(error, RequestError):
-        return error.code, str(error)
+        return Status(error.code, str(error))
+    if isinstance(error, PeerLimitError):  # names the limit, so the client can route around this peer
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error), ((LIMIT_METADATA_KEY, error.limit),))
     if isinstance(error, InvalidInputError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, PositionMismatch):
+        return Status(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, NoRoom):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, SessionExists):
-        return grpc.StatusCode.ALREADY_EXISTS, str(error)
+        return Status(grpc.StatusCode.ALREADY_EXISTS, str(error))
     if isinstance(error, asyncio.TimeoutError | TimeoutError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, "timed out"
+        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out")
     logger.error("internal error while serving a request", exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    return Status(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
 @dataclass(frozen=True)
 class _End:
-    """Ends a session stream, with a status when it is not a normal close."""
+    """Ends a session stream: a normal close, or a failure with its status."""
 
-    code: grpc.StatusCode | None = None
-    message: str = ""
+    status: Status | None = None
+
+
+_Reply = TypeVar("_Reply")
+_Unary = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_Reply]]
+
+
+def _aborts_on_error(method: _Unary[_Reply]) -> _Unary[_Reply]:
+    """A unary RPC whose failures end the call with the status `_status` maps them to."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> _Reply:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # mapped to a status in one place
+            await context.abort(*_status(e))
+            raise  # unreachable: abort raises
+
+    return wrapper
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
+    """Serves one hosted span (swappable at run time, see `swap_span`) over the `Peer` gRPC service."""
+
     def __init__(
         self,
         *,
@@ -78,17 +106,19 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         peer_id: str,
         make_record: Callable[[], PeerRecord],
         version: str,
+        channels: ChannelPool | None = None,
     ) -> None:
         self.span = span
         self.config = config
+        self.limits = Limits.from_config(config)
         self.sessions = sessions
         self.executor = executor
         self.peer_id = peer_id
         self.version = version
         self.make_record = make_record
         self.accepting = True
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
+        self._owns_channels = channels is None
+        self.channels = channels or ChannelPool(max_message_bytes=config.max_message_bytes)
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
 
     # ---- Session ---------------------------------------------------------------------------------
@@ -103,8 +133,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             while True:
                 item = await replies.get()
                 if isinstance(item, _End):
-                    if item.code is not None:
-                        await context.abort(item.code, item.message)
+                    if item.status is not None:
+                        await context.abort(*item.status)
                     return
                 yield item
         finally:
@@ -115,16 +145,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def _read_session(
         self,
-        requests: AsyncIterator[peer_pb2.SessionRequest],
+        stream: AsyncIterator[peer_pb2.SessionRequest],
         replies: asyncio.Queue[peer_pb2.SessionReply | _End],
         opened: list[str],
     ) -> None:
         try:
-            first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT)
+            first = await asyncio.wait_for(anext(stream), OPEN_TIMEOUT)
             if first.WhichOneof("kind") != "open":
-                raise RequestError(
-                    grpc.StatusCode.INVALID_ARGUMENT, "the first message of a session must be open"
-                )
+                raise InvalidInputError("the first message of a session must be open")
             session = self._open(first.open, replies.put_nowait)
             opened.append(session.session_id)
             replies.put_nowait(
@@ -132,26 +160,21 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     opened=peer_pb2.Opened(session_id=session.session_id, max_length=session.max_length)
                 )
             )
-            async for request in requests:
+            async for request in stream:
                 kind = request.WhichOneof("kind")
                 if kind == "close":
                     break
                 if kind == "reroute":
-                    hops = self._check_hops(session.end, list(request.reroute.next_hops))
+                    blocks = self.span.anatomy.num_blocks
+                    hops = requests.parse_reroute(request.reroute, end=session.end, num_blocks=blocks)
                     async with session.lock:  # after the steps already queued
-                        session.next_hops = hops
+                        session.next_hops = list(hops)
                     logger.info(
                         "session reroute id=%s next=%s", session.session_id, [h.address for h in hops]
                     )
                     continue
                 if kind != "step":
-                    raise RequestError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} in an open session"
-                    )
-                if request.step.session_id not in ("", session.session_id):
-                    error = RequestError(grpc.StatusCode.INVALID_ARGUMENT, "step for another session")
-                    session.reply(self._step_error(request.step.step_id, error))
-                    continue
+                    raise InvalidInputError(f"unexpected {kind} in an open session")
                 await self._step_or_report(session, request.step)
             replies.put_nowait(_End())
         except StopAsyncIteration:
@@ -159,55 +182,30 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except asyncio.CancelledError:
             raise
         except Exception as e:  # every failure ends the stream with its status
-            code, message = _status(e)
-            replies.put_nowait(_End(code, message))
+            replies.put_nowait(_End(_status(e)))
 
-    def _open(self, request: peer_pb2.OpenSession, reply: Callable[[Any], None]) -> PeerSession:
+    def _open(
+        self, request: peer_pb2.OpenSession, reply: Callable[[peer_pb2.SessionReply | _End], None]
+    ) -> PeerSession:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is draining: it takes no new sessions")
-        session_id = request.session_id
-        if not session_id or len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable():
-            raise InvalidInputError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} printable characters")
-        start, end = self._check_span(request.start, request.end)
-        if not 1 <= request.batch_size <= self.config.max_batch_size:
-            raise InvalidInputError(
-                f"batch_size {request.batch_size} is outside 1..{self.config.max_batch_size}"
-            )
-        if not 1 <= request.max_length <= self.config.max_length:
-            raise InvalidInputError(f"max_length {request.max_length} is outside 1..{self.config.max_length}")
-        if request.dtype and request.dtype not in ("float32", "float16", "bfloat16"):
-            raise InvalidInputError(f"unknown wire dtype {request.dtype!r}")
-        hops = self._check_hops(end, list(request.next_hops))
+        span = self.span
+        parsed = requests.parse_open(request, served=Served.of(span), limits=self.limits)
         session = PeerSession(
-            session_id=session_id,
-            start=start,
-            end=end,
-            batch_size=request.batch_size,
-            max_length=request.max_length,
-            cache=None,
-            next_hops=hops,
+            session_id=parsed.session_id,
+            start=parsed.start,
+            end=parsed.end,
+            batch_size=parsed.batch_size,
+            max_length=parsed.max_length,
+            wire_dtype=parsed.wire_dtype,
+            next_hops=list(parsed.next_hops),
             reply=reply,
-            wire_dtype=dtype_from_name(request.dtype or dtype_name(self.span.dtype)),
-            report_outputs=request.report_outputs,
+            report_outputs=parsed.report_outputs,
         )
         self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
-        session.span = self.span
-        session.cache = self.span.new_cache(start=start, end=end)
+        session.span = span
+        session.cache = span.new_cache(start=parsed.start, end=parsed.end)
         return session
-
-    def _check_hops(self, end: int, hops: list[peer_pb2.Hop]) -> list[peer_pb2.Hop]:
-        if len(hops) > self.span.anatomy.num_blocks:
-            raise InvalidInputError("more next hops than blocks in the model")
-        previous_end = end
-        for hop in hops:
-            if hop.start != previous_end or hop.end <= hop.start or hop.end > self.span.anatomy.num_blocks:
-                raise InvalidInputError(
-                    f"next hops must continue the route: expected a span from {previous_end}, "
-                    f"got [{hop.start}, {hop.end})"
-                )
-            _check_address(hop.address)
-            previous_end = hop.end
-        return hops
 
     # ---- steps -------------------------------------------------------------------------------------
 
@@ -222,105 +220,44 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def _step(self, session: PeerSession, step: peer_pb2.Step) -> None:
         async with session.lock:
-            if self.sessions.get(session.session_id) is not session:
+            span, cache = session.span, session.cache
+            if self.sessions.get(session.session_id) is not session or span is None or cache is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id!r} is closed")
-            hidden, positions, beam, base = self._check_step(session, step)
-            seq = hidden.shape[1]
+            parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
+            hidden, position = parsed.hidden.to(span.dtype), session.position
 
             def compute() -> torch.Tensor:
-                if base != session.position:
-                    session.cache.crop(base - session.position)
-                if beam is not None:
-                    session.cache.reorder_cache(beam)
-                return session.span.forward(
-                    hidden, session.cache, positions, start=session.start, end=session.end
-                )
+                if parsed.base != position:
+                    cache.crop(parsed.base - position)
+                if parsed.beam_indices is not None:
+                    cache.reorder_cache(parsed.beam_indices)
+                return span.forward(hidden, cache, parsed.position_ids, start=session.start, end=session.end)
 
             output = await self.executor.run(compute)
-            session.position = base + seq
+            session.position = parsed.base + hidden.shape[1]
             session.touch()
         push = bool(session.next_hops) and not step.local_only
-        hidden_message = tensor_message(output, dtype=session.wire_dtype)  # serialized once for both uses
+        hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
         if push:
-            task = asyncio.create_task(self._push(session, step, hidden_message, session.next_hops[0]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._push(session, step, hidden_message, session.next_hops[0]))
         if not push or session.report_outputs:  # the report goes out before the push can fail
-            session.reply(
-                peer_pb2.SessionReply(
-                    result=peer_pb2.StepResult(
-                        step_id=step.step_id,
-                        hidden=hidden_message,
-                        position=session.position,
-                        peer_id=self.peer_id,
-                    )
-                )
+            result = peer_pb2.StepResult(
+                step_id=step.step_id, hidden=hidden_message, position=session.position, peer_id=self.peer_id
             )
-
-    def _check_step(
-        self, session: PeerSession, step: peer_pb2.Step
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int]:
-        """Decode and validate a step before anything changes; returns (hidden, positions, beam, base)."""
-        max_bytes = self.config.max_message_bytes
-        hidden = from_message(
-            step.hidden, max_bytes=max_bytes, expected_dtypes=FLOAT_DTYPES, expected_ndim=3, name="hidden"
-        )
-        batch, seq, width = hidden.shape
-        if batch != session.batch_size:
-            raise InvalidInputError(
-                f"hidden batch {batch} does not match the session's batch {session.batch_size}"
-            )
-        if width != self.span.hidden_size:
-            raise InvalidInputError(f"hidden size {width} does not match the model's {self.span.hidden_size}")
-        if seq < 1:
-            raise InvalidInputError("a step needs at least one new position")
-        base = session.position
-        if step.HasField("rollback_to"):
-            if step.rollback_to > session.position:
-                raise InvalidInputError(
-                    f"rollback_to {step.rollback_to} is past the cache's {session.position} positions"
-                )
-            base = step.rollback_to
-        if step.position != base:
-            raise RequestError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"step starts at position {step.position} but the cache holds {base} positions",
-            )
-        if base + seq > session.max_length:
-            raise InvalidInputError(
-                f"{base + seq} positions exceed the session's max_length {session.max_length}"
-            )
-        positions = optional_from_message(
-            step.position_ids,
-            max_bytes=max_bytes,
-            expected_dtypes=INDEX_DTYPES,
-            expected_ndim=2,
-            name="position_ids",
-        )
-        if positions is not None and tuple(positions.shape) != (batch, seq):
-            raise InvalidInputError(f"position_ids must be [{batch}, {seq}], got {list(positions.shape)}")
-        if positions is not None and (positions.min() < 0 or positions.max() >= self.config.max_length):
-            raise InvalidInputError("position_ids are outside 0..max_length")
-        beam = optional_from_message(
-            step.beam_indices,
-            max_bytes=max_bytes,
-            expected_dtypes=INDEX_DTYPES,
-            expected_ndim=1,
-            name="beam_indices",
-        )
-        if beam is not None and (beam.shape[0] != batch or beam.min() < 0 or beam.max() >= batch):
-            raise InvalidInputError(f"beam_indices must be {batch} indices in 0..{batch - 1}")
-        return hidden.to(self.span.dtype), positions, beam, base
+            session.reply(peer_pb2.SessionReply(result=result))
 
     def _step_error(
         self, step_id: int, error: BaseException, *, peer_id: str | None = None
     ) -> peer_pb2.SessionReply:
-        code, message = _status(error)
-        return peer_pb2.SessionReply(
-            error=peer_pb2.StepError(
-                step_id=step_id, code=code.value[0], message=message, peer_id=peer_id or self.peer_id
-            )
-        )
+        code, message, _ = _status(error)
+        error_message = peer_pb2.StepError(step_id=step_id, code=code.value[0], message=message)
+        error_message.peer_id = peer_id or self.peer_id
+        return peer_pb2.SessionReply(error=error_message)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ---- Push --------------------------------------------------------------------------------------
 
@@ -333,13 +270,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             position=step.position,
             hidden=hidden,
             position_ids=step.position_ids,
+            beam_indices=step.beam_indices,  # an unset tensor stays unset (no dtype)
         )
         if step.HasField("rollback_to"):
             pushed.rollback_to = step.rollback_to
-        if step.HasField("beam_indices"):
-            pushed.beam_indices.CopyFrom(step.beam_indices)
         try:
-            await self._stub(hop.address).Push(
+            await self.channels.stub(hop.address).Push(
                 peer_pb2.PushRequest(step=pushed), timeout=self.config.step_timeout
             )
         except grpc.aio.AioRpcError as e:
@@ -362,121 +298,47 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         else:
             # accepted: the step runs in order behind the session's earlier steps, and a failure goes to
             # the client on this hop's stream, so the sender waits only for delivery, never for compute
-            task = asyncio.create_task(self._step_or_report(session, request.step))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._step_or_report(session, request.step))
         return peer_pb2.PushReply()
-
-    def _stub(self, address: str) -> peer_pb2_grpc.PeerStub:
-        if address not in self._stubs:
-            size = self.config.max_message_bytes
-            channel = grpc.aio.insecure_channel(
-                address,
-                options=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)],
-            )
-            self._channels[address] = channel
-            self._stubs[address] = peer_pb2_grpc.PeerStub(channel)
-        return self._stubs[address]
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------
 
+    @_aborts_on_error
     async def Forward(
         self, request: peer_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.ForwardReply:
-        try:
-            span = self.span  # the hosted span may be swapped at run time: one span per request
-            start, end = self._check_span(request.start, request.end)
-            hidden = self._stateless_tensor(request.hidden, "hidden")
-            self._check_stateless_size(hidden, span)
-            prompts = self._optional_prompts(request, "prompts")
-            wire = hidden.dtype
-            output = await self.executor.run(
-                lambda: span.forward(
-                    hidden.to(span.dtype),
-                    start=start,
-                    end=end,
-                    prompts=None if prompts is None else prompts.to(span.dtype),
-                )
-            )
-            return peer_pb2.ForwardReply(hidden=tensor_message(output, dtype=wire))
-        except Exception as e:  # mapped to a status in one place
-            code, message = _status(e)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
+        span = self.span  # the hosted span may be swapped at run time: one span per request
+        parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
+        prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
+        hidden = parsed.hidden.to(span.dtype)
+        output = await self.executor.run(
+            lambda: span.forward(hidden, start=parsed.start, end=parsed.end, prompts=prompts)
+        )
+        return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.hidden.dtype))
 
+    @_aborts_on_error
     async def Backward(
         self, request: peer_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.BackwardReply:
         """Gradients of a stateless Forward: the peer recomputes the span's forward and keeps nothing."""
-        try:
-            span = self.span
-            start, end = self._check_span(request.start, request.end)
-            hidden = self._stateless_tensor(request.hidden, "hidden")
-            self._check_stateless_size(hidden, span)
-            grad_output = self._stateless_tensor(request.grad_output, "grad_output")
-            if grad_output.shape != hidden.shape:
-                raise InvalidInputError(
-                    f"grad_output shape {list(grad_output.shape)} does not match hidden {list(hidden.shape)}"
-                )
-            prompts = self._optional_prompts(request, "prompts")
-            wire = hidden.dtype
-
-            def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
-                return span.backward(
-                    hidden.to(span.dtype),
-                    grad_output.to(span.dtype),
-                    start=start,
-                    end=end,
-                    prompts=None if prompts is None else prompts.to(span.dtype),
-                )
-
-            grad_input, grad_prompts = await self.executor.run(compute)
-            reply = peer_pb2.BackwardReply(grad_input=tensor_message(grad_input, dtype=wire))
-            if grad_prompts is not None and prompts is not None:
-                reply.grad_prompts.CopyFrom(tensor_message(grad_prompts, dtype=prompts.dtype))
-            return reply
-        except Exception as e:  # mapped to a status in one place
-            code, message = _status(e)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
-
-    def _stateless_tensor(self, message: peer_pb2.Tensor, name: str) -> torch.Tensor:
-        return from_message(
-            message,
-            max_bytes=self.config.max_message_bytes,
-            expected_dtypes=FLOAT_DTYPES,
-            expected_ndim=3,
-            name=name,
+        span = self.span
+        parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
+        prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
+        hidden, grad_output = parsed.hidden.to(span.dtype), parsed.grad_output.to(span.dtype)
+        grad_input, grad_prompts = await self.executor.run(
+            lambda: span.backward(hidden, grad_output, start=parsed.start, end=parsed.end, prompts=prompts)
         )
-
-    def _check_stateless_size(self, hidden: torch.Tensor, span: HostedSpan) -> None:
-        batch, seq, width = hidden.shape
-        if batch > self.config.max_batch_size or batch * seq > self.config.max_forward_tokens:
-            raise InvalidInputError(
-                f"batch {batch} x {seq} positions exceed the peer's limits (batch <= "
-                f"{self.config.max_batch_size}, batch x positions <= {self.config.max_forward_tokens})"
-            )
-        if width != span.hidden_size:
-            raise InvalidInputError(f"hidden size {width} does not match the model's {span.hidden_size}")
-
-    def _optional_prompts(
-        self, request: peer_pb2.ForwardRequest | peer_pb2.BackwardRequest, name: str
-    ) -> torch.Tensor | None:
-        # shapes are checked against the hidden states and the span by `HostedSpan` before any compute
-        return optional_from_message(
-            getattr(request, name),
-            max_bytes=self.config.max_message_bytes,
-            expected_dtypes=FLOAT_DTYPES,
-            expected_ndim=4,
-            name=name,
-        )
+        reply = peer_pb2.BackwardReply(grad_input=to_message(grad_input, dtype=parsed.hidden.dtype))
+        if grad_prompts is not None and parsed.prompts is not None:
+            reply.grad_prompts.CopyFrom(to_message(grad_prompts, dtype=parsed.prompts.dtype))
+        return reply
 
     async def Info(
         self, request: peer_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.InfoReply:
         record = self.make_record()
         return peer_pb2.InfoReply(
-            model_id=self.config.model_id or "",
+            model_id=self.config.model_id,
             peer_id=self.peer_id,
             start=self.span.start,
             end=self.span.end,
@@ -506,27 +368,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         for session in sessions:
             async with session.lock:
                 if self.sessions.close(session.session_id, reason="span moved") is not None:
-                    session.reply(_End(grpc.StatusCode.UNAVAILABLE, reason))
+                    session.reply(_End(Status(grpc.StatusCode.UNAVAILABLE, reason)))
 
     def expire_idle(self) -> None:
         for session in self.sessions.expire():
-            session.reply(_End(grpc.StatusCode.NOT_FOUND, "session expired after being idle"))
+            session.reply(_End(Status(grpc.StatusCode.NOT_FOUND, "session expired after being idle")))
 
     async def close(self) -> None:
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._channels.values():
-            await channel.close()
-
-    def _check_span(self, start: int, end: int) -> tuple[int, int]:
-        if not self.span.start <= start < end <= self.span.end:
-            raise InvalidInputError(
-                f"span [{start}, {end}) is not served here; this peer hosts "
-                f"[{self.span.start}, {self.span.end})"
-            )
-        return start, end
-
-
-def _check_address(address: str) -> None:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or len(address) > 260:
-        raise InvalidInputError(f"next hop address {address!r} is not host:port")
+        if self._owns_channels:
+            await self.channels.close()

@@ -16,25 +16,35 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from protos.errors import CorollaError
+
+if TYPE_CHECKING:
+    import torch
+
+    from peer.blocks import HostedSpan, SpanCache
+    from protos import peer_pb2
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PeerSession:
+    """One open session: its reservation, its cache and where its outputs go next."""
+
     session_id: str
     start: int
     end: int
     batch_size: int
     max_length: int
-    cache: Any  # the span's KV cache, owned by this session
-    span: Any = None  # the HostedSpan the session runs on (the peer may move to another span meanwhile)
-    next_hops: list[Any] = field(default_factory=list)
+    wire_dtype: torch.dtype  # dtype of the hidden states this peer sends on
+    cache: SpanCache | None = None  # the span's KV cache, owned by this session; None once closed
+    span: HostedSpan | None = None  # the span the session runs on (the peer may move meanwhile)
+    next_hops: list[peer_pb2.Hop] = field(default_factory=list)
     position: int = 0  # positions already in the cache
     last_used: float = field(default_factory=time.monotonic)
-    reply: Callable[[Any], None] = lambda _: None  # delivers a reply on the session's own stream
-    wire_dtype: Any = None  # dtype of the hidden states this peer sends on
+    reply: Callable[[Any], None] = lambda _: None  # delivers a reply (or end) on the session's own stream
     report_outputs: bool = False  # send every step's output to the client too
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, in order
 
@@ -46,12 +56,12 @@ class PeerSession:
         self.last_used = time.monotonic()
 
 
-class NoRoom(Exception):
-    pass
+class NoRoom(CorollaError):
+    """The cache budget cannot hold the session's reservation: another peer may have room."""
 
 
-class SessionExists(Exception):
-    pass
+class SessionExists(CorollaError):
+    """A session with this id is already open here; the caller chose a duplicate id."""
 
 
 class SessionTable:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from peer.blocks import HostedSpan
-from protos.errors import InvalidInputError
+from peer.config import parse_option
 
 logger = logging.getLogger(__name__)
 
@@ -42,19 +42,6 @@ class Throughput:
         if network_rps is not None:
             decode = min(decode, network_rps)
         return decode, self.forward_tps / num_blocks
-
-
-def parse_option(value: str) -> str | float:
-    """`auto`, `eval`, or a positive number of decode steps per second through one block."""
-    if value in ("auto", "eval"):
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        raise InvalidInputError(f"throughput must be auto, eval or a number, got {value!r}") from None
-    if not number > 0 or number == float("inf"):
-        raise InvalidInputError(f"throughput must be a positive finite number, got {value!r}")
-    return number
 
 
 def network_rps(bandwidth_mbit: float, hidden_size: int, bytes_per_value: int) -> float:
@@ -93,9 +80,10 @@ def measure(span: HostedSpan) -> Throughput:
     return Throughput(decode_rps=decode, forward_tps=forward)
 
 
-def resolve(option: str | float, span: HostedSpan, *, key: str, cache_dir: Path) -> Throughput:
+def resolve(value: str, span: HostedSpan, *, key: str, cache_dir: Path) -> Throughput:
     """The throughput to announce per `--throughput`: a given number, the cached measurement (`auto`), or a
     fresh one (`eval`, or `auto` with nothing cached) saved for later runs."""
+    option = parse_option(value)
     if isinstance(option, float):
         return Throughput(decode_rps=option, forward_tps=0.0)  # forward speed unknown: not announced
     path = cache_dir / CACHE_FILE

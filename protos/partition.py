@@ -5,7 +5,6 @@ them. Knows nothing about networking or caches."""
 from __future__ import annotations
 
 import functools
-
 import inspect
 import re
 from collections.abc import Callable, Iterator

@@ -12,7 +12,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 ENV_PREFIX = "COROLLA_"
 Config = TypeVar("Config", bound=BaseModel)
@@ -20,6 +21,15 @@ Config = TypeVar("Config", bound=BaseModel)
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _names(name: str, field: FieldInfo) -> list[str]:
+    """The field's name, then the other names it accepts (`validation_alias=AliasChoices(...)`): an old
+    option name keeps working, e.g. `--num-blocks` for `--span-length`."""
+    names = [name]
+    if isinstance(field.validation_alias, AliasChoices):
+        names += [c for c in field.validation_alias.choices if isinstance(c, str) and c not in names]
+    return names
 
 
 def _is_list(annotation: Any) -> bool:
@@ -50,17 +60,16 @@ def add_config_arguments(
             parser.add_argument(name, help=text, nargs="+" if _is_list(field.annotation) else None)
             continue
         default = None if field.is_required() else field.get_default(call_default_factory=True)
-        help_text = f"{text} (default: {default})" if default not in (None, [], ()) else text
+        help_text = f"{text} (default: {default})" if default not in (None, "", [], ()) else text
+        options = [_option(each) for each in _names(name, field)]
         if _is_bool(field.annotation):
             parser.add_argument(
-                _option(name), dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text
+                *options, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text
             )
         elif _is_list(field.annotation):
-            parser.add_argument(
-                _option(name), dest=name, nargs="+", default=None, metavar="VALUE", help=help_text
-            )
+            parser.add_argument(*options, dest=name, nargs="+", default=None, metavar="VALUE", help=help_text)
         else:
-            parser.add_argument(_option(name), dest=name, default=None, metavar=name.upper(), help=help_text)
+            parser.add_argument(*options, dest=name, default=None, metavar=name.upper(), help=help_text)
 
 
 def config_from_arguments(
@@ -72,7 +81,14 @@ def config_from_arguments(
     for name, field in config_class.model_fields.items():
         given = getattr(namespace, name, None)
         if given is None:
-            given = environ.get(ENV_PREFIX + name.upper())
+            given = next(
+                (
+                    environ[key]
+                    for each in _names(name, field)
+                    if (key := ENV_PREFIX + each.upper()) in environ
+                ),
+                None,
+            )
             if given is not None and _is_list(field.annotation):
                 given = given.split()
         if given is not None:

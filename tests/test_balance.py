@@ -9,8 +9,10 @@ import json
 import pytest
 
 from peer import throughput
-from peer.announce import Rebalancer, block_throughputs, choose_span, claim_span, plan_move
+from peer.announce import Rebalancer, claim_span
 from peer.blocks import HostedSpan
+from peer.config import parse_option
+from peer.placement import block_throughputs, choose_span, plan_move
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord, PeerState
 
@@ -229,7 +231,7 @@ def test_throughput_is_measured_once_and_cached(tmp_path, local) -> None:
     (tmp_path / throughput.CACHE_FILE).write_text(json.dumps(cached))
     assert throughput.resolve("auto", span, key=key, cache_dir=tmp_path).decode_rps == 1234.5
     assert throughput.resolve("eval", span, key=key, cache_dir=tmp_path).decode_rps != 1234.5
-    assert throughput.resolve(42.0, span, key=key, cache_dir=tmp_path).decode_rps == 42.0
+    assert throughput.resolve("42", span, key=key, cache_dir=tmp_path).decode_rps == 42.0
     (tmp_path / throughput.CACHE_FILE).write_text("garbage{")  # a broken cache is measured over
     assert throughput.resolve("auto", span, key=key, cache_dir=tmp_path).decode_rps > 0
 
@@ -245,7 +247,7 @@ def test_announced_throughput_divides_by_blocks_and_respects_bandwidth() -> None
 @pytest.mark.parametrize("value", ["fast", "-1", "0", "inf", "nan"])
 def test_throughput_option_rejects(value: str) -> None:
     with pytest.raises(InvalidInputError):
-        throughput.parse_option(value)
+        parse_option(value)
 
 
 def test_plan_move_counts_the_moves_it_lets_others_make() -> None:

@@ -1,10 +1,10 @@
-"""Balancing with real peer processes: peers started with `--num-blocks` cover the model, and when one
-leaves, another moves to its blocks while a client keeps generating the same tokens."""
+"""Balancing with real peer processes: peers started with `--span-length` cover the model, and when one
+leaves, another moves to its blocks while a client keeps generating the same tokens. Moves are read from
+each peer's ready file, which it rewrites after a move."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -31,9 +31,10 @@ PEER_OPTIONS = (
     "--step-timeout",
     "2",
 )
-CLIENT_OPTIONS = dict(step_timeout=4.0, connect_timeout=2.0, max_retries=12, refresh_period=1.0)
+CLIENT_OPTIONS = dict(connect_timeout=2.0, max_retries=12, refresh_period=1.0)
 NEW_TOKENS = 40
-MOVED = re.compile(r"moved blocks=\[(\d+),(\d+)\) -> \[(\d+),(\d+)\)")
+
+pytestmark = pytest.mark.swarm  # real DHT and peer processes
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,19 @@ def _spans(deep: dict) -> dict[str, tuple[int, int]]:
     return {p["peer_id"]: (p["start"], p["end"]) for p in _health(deep)["peers"] if p["state"] == "online"}
 
 
+def _served(peers: list[Process]) -> dict[str, tuple[int, int] | None]:
+    """peer_id -> the span each peer serves now, by its ready file."""
+    return {peer.peer_id: peer.served_span() for peer in peers}
+
+
+def _wait_moved(peer: Process, away_from: tuple[int, int], timeout: float) -> tuple[int, int] | None:
+    """The span `peer` serves once it no longer serves `away_from` (or when `timeout` runs out)."""
+    deadline = time.monotonic() + timeout
+    while (span := peer.served_span()) == away_from and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return span
+
+
 def test_peers_started_together_cover_every_block(deep) -> None:
     # the claims spread them at once; were two to collide, rebalancing would move one within seconds
     health = _wait_served(deep, 60)
@@ -84,9 +98,10 @@ def test_peers_started_together_cover_every_block(deep) -> None:
 
 
 def test_stable_swarm_does_not_move(deep) -> None:
-    moves = [len(MOVED.findall(peer.text())) for peer in deep["peers"]]
+    spans = _served(deep["peers"])
+    assert sorted(span for span in spans.values() if span is not None) == [(0, 10), (10, 20), (20, 30)]
     time.sleep(8)  # about eight balancing periods of every peer
-    assert [len(MOVED.findall(peer.text())) for peer in deep["peers"]] == moves
+    assert _served(deep["peers"]) == spans
 
 
 class _At(LogitsProcessor):
@@ -114,7 +129,7 @@ def _generate(deep: dict, prompt: torch.Tensor, processor: LogitsProcessor) -> t
         output = model.generate(
             prompt, max_new_tokens=NEW_TOKENS, do_sample=False, logits_processor=processors
         )
-        assert model._corolla.stats.block_times()  # the client measured the peers it used
+        assert model.swarm.stats.block_times()  # the client measured the peers it used
         return output
     finally:
         model.shutdown()
@@ -133,7 +148,7 @@ def test_a_peer_moves_to_blocks_left_unserved_without_changing_the_output(deep) 
     spans = _spans(deep)
     mover = next(peer for peer in deep["peers"] if spans[peer.peer_id] == (0, 10) and peer is not extra)
     leaving = next(peer for peer in deep["peers"] if spans[peer.peer_id] == (10, 20))
-    moves = {peer.peer_id: len(MOVED.findall(peer.text())) for peer in deep["peers"]}
+    before = _served(deep["peers"])
 
     prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
     output = _generate(deep, prompt, _At(prompt.shape[1], 5, leaving.popen.terminate))
@@ -141,9 +156,9 @@ def test_a_peer_moves_to_blocks_left_unserved_without_changing_the_output(deep) 
     deep["peers"].remove(leaving)
     assert torch.equal(output, _expected(deep, prompt))
 
-    assert MOVED.findall(mover.text())[moves[mover.peer_id] :] == [("0", "10", "10", "20")]
+    assert _wait_moved(mover, (0, 10), timeout=30) == (10, 20)
     others = [peer for peer in deep["peers"] if peer is not mover]
-    assert all(len(MOVED.findall(peer.text())) == moves[peer.peer_id] for peer in others)
+    assert all(peer.served_span() == before[peer.peer_id] for peer in others)
     health = _wait_served(deep, 30)
     assert health["served"] and min(health["coverage"]) == 1
 
@@ -154,21 +169,19 @@ def test_a_move_carries_the_sessions_on_the_old_span_over_by_failover(deep) -> N
     the client's session is open on it: that session ends and the client fails over to the fixed peer."""
     spans = _spans(deep)
     mover = next(peer for peer in deep["peers"] if spans.get(peer.peer_id) == (10, 20))
-    moves_before = len(MOVED.findall(mover.text()))
+    assert mover.served_span() == (10, 20)
     joined: list[Process] = []
 
     def join_and_wait_for_the_move() -> None:
         options = (*PEER_OPTIONS, "--throughput", "80")
         joined.append(start_peer(deep["root"], deep["folder"], "10:20", deep["dht"].maddrs, *options))
         deep["peers"].append(joined[0])
-        deadline = time.monotonic() + 60
-        while len(MOVED.findall(mover.text())) == moves_before and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_moved(mover, (10, 20), timeout=60)
 
     prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
     output = _generate(deep, prompt, _At(prompt.shape[1], 5, join_and_wait_for_the_move))
     assert torch.equal(output, _expected(deep, prompt))
-    assert MOVED.findall(mover.text())[-1] == ("10", "20", "0", "10")
-    assert "sessions_moved=1" in mover.text()
+    assert mover.served_span() == (0, 10)
+    assert "sessions_moved=1" in mover.text()  # the client's session was open on the span it left
     health = _wait_served(deep, 30)
     assert health["served"] and health["bottleneck"]["throughput"] == pytest.approx(8.0)

@@ -16,13 +16,17 @@ from swarm import Process, start_dht, start_peer
 from peer.blocks import HostedSpan
 from protos import peer_pb2, peer_pb2_grpc
 from protos.dht import start_dht_node
+from protos.errors import LIMIT_METADATA_KEY
 from protos.records import PeerState, block_key, record_from_dht
 from protos.tensors import from_message, to_message
 
 HIDDEN = 64
 MAX_MESSAGE = 1 << 20
 LIMITS = ["--max-batch-size", "4", "--max-length", "128", "--max-message-bytes", str(MAX_MESSAGE)]
-LIMITS += ["--max-cache-tokens", "1024", "--throughput", "100", "--announce-period", "2"]
+LIMITS += ["--max-forward-tokens", "256", "--max-cache-tokens", "1024", "--throughput", "100"]
+LIMITS += ["--announce-period", "2"]
+
+pytestmark = pytest.mark.swarm  # real DHT and peer processes
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,20 @@ class Stream:
         self._requests.put(None)
 
 
+def _wait_idle(process: Process, timeout: float = 10.0) -> peer_pb2.InfoReply:
+    """Info once no session is open: a session closes on the peer shortly after its stream ends."""
+    deadline = time.monotonic() + timeout
+    while (info := stub(process).Info(peer_pb2.InfoRequest(), timeout=30)).num_sessions:
+        assert time.monotonic() < deadline, f"{info.num_sessions} sessions still open after {timeout}s"
+        time.sleep(0.05)
+    return info
+
+
+def _limit(error: grpc.RpcError) -> str | None:
+    """The peer limit an INVALID_ARGUMENT names in its trailing metadata; None for a protocol error."""
+    return dict(error.trailing_metadata() or ()).get(LIMIT_METADATA_KEY)
+
+
 def _hidden(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randn(batch, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
@@ -144,14 +162,19 @@ def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) ->
 
 
 def test_dht_shows_records_and_offline_after_sigterm(checkpoint, swarm, tmp_path) -> None:
-    records = _read_records(swarm["dht"].maddrs, "llama", 4)
-    by_peer = {peer_id: record for block in records for peer_id, record in block.items()}
-    full = by_peer[swarm["full"].peer_id]
+    _wait_idle(swarm["full"])  # the announced free cache is then the whole budget, once re-announced
+    deadline = time.monotonic() + 30
+    while True:
+        records = _read_records(swarm["dht"].maddrs, "llama", 4)
+        full = records[0].get(swarm["full"].peer_id)
+        if (full is not None and full.free_cache_tokens == 1024) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert full is not None, "the full peer's record is missing"
     assert (full.start, full.end, full.address, full.dtype) == (0, 4, swarm["full"].address, "float32")
     assert full.state is PeerState.ONLINE and full.throughput == 25.0  # 100 steps/s per block, 4 blocks
-    assert (
-        0 < full.free_cache_tokens <= 1024 and full.max_length == 128
-    )  # sessions of other tests may be open
+    assert (full.free_cache_tokens, full.max_length) == (1024, 128)
+    assert (full.max_batch_size, full.max_forward_tokens) == (4, 256)
     assert all(swarm["second"].peer_id in records[block] for block in (2, 3))
     assert swarm["second"].peer_id not in records[0]
 
@@ -163,6 +186,16 @@ def test_dht_shows_records_and_offline_after_sigterm(checkpoint, swarm, tmp_path
     after = _read_records(swarm["dht"].maddrs, "llama", 4)[1].get(extra.peer_id)
     assert after is None or after.state is PeerState.OFFLINE
     assert "stopped" in extra.text()
+    assert extra.ready() is None  # a stopped peer removes its ready file
+
+
+def test_ready_file_describes_the_peer(swarm) -> None:
+    full = swarm["full"]
+    expected = {"address": full.address, "start": 0, "end": 4, "model_id": "llama", "pid": full.popen.pid}
+    assert full.ready() == {"peer_id": full.peer_id, **expected}
+    assert full.peer_id == stub(full).Info(peer_pb2.InfoRequest(), timeout=30).peer_id
+    dht = swarm["dht"].ready()
+    assert dht == {"maddrs": swarm["dht"].maddrs, "pid": swarm["dht"].popen.pid} and dht["maddrs"]
 
 
 def _read_records(maddrs: list[str], model_id: str, num_blocks: int) -> list[dict]:
@@ -210,18 +243,28 @@ def _garbage_bytes() -> peer_pb2.Tensor:
     return message
 
 
-OPEN_ERRORS = [
-    ("span not hosted", _open(start=0, end=5), grpc.StatusCode.INVALID_ARGUMENT, "not served here"),
-    ("batch over limit", _open(batch_size=5), grpc.StatusCode.INVALID_ARGUMENT, "batch_size 5"),
-    ("length over limit", _open(max_length=129), grpc.StatusCode.INVALID_ARGUMENT, "max_length 129"),
-    ("unknown wire dtype", _open(dtype="float64"), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
-    ("first message not open", _step(), grpc.StatusCode.INVALID_ARGUMENT, "first message"),
-    ("empty session id", _open(session_id=""), grpc.StatusCode.INVALID_ARGUMENT, "session_id"),
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+OPEN_ERRORS = [  # (case, request, code, message, the peer limit named in the trailing metadata)
+    ("span not hosted", _open(start=0, end=5), INVALID, "not served here", None),
+    ("batch over limit", _open(batch_size=5), INVALID, "batch_size 5", "max_batch_size"),
+    ("length over limit", _open(max_length=129), INVALID, "max_length 129", "max_length"),
+    ("zero length", _open(max_length=0), INVALID, "max_length 0", None),
+    ("unknown wire dtype", _open(dtype="float64"), INVALID, "dtype", None),
+    ("first message not open", _step(), INVALID, "first message", None),
+    ("empty session id", _open(session_id=""), INVALID, "session_id", None),
     (
         "next hop not contiguous",
         _open(end=2, next_hops=[peer_pb2.Hop(address="127.0.0.1:1", start=3, end=4)]),
-        grpc.StatusCode.INVALID_ARGUMENT,
+        INVALID,
         "continue the route",
+        None,
+    ),
+    (
+        "next hop address",
+        _open(end=2, next_hops=[peer_pb2.Hop(address="nowhere", start=2, end=4)]),
+        INVALID,
+        "next hop: address 'nowhere' is not host:port",
+        None,
     ),
 ]
 
@@ -258,13 +301,38 @@ STEP_ERRORS = [
 
 
 @pytest.mark.parametrize(
-    ("case", "request_", "code", "message"), OPEN_ERRORS, ids=[c[0] for c in OPEN_ERRORS]
+    ("case", "request_", "code", "message", "limit"), OPEN_ERRORS, ids=[c[0] for c in OPEN_ERRORS]
 )
-def test_bad_open_gets_a_clear_status(swarm, case, request_, code, message) -> None:
+def test_bad_open_gets_a_clear_status(swarm, case, request_, code, message, limit) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         list(stub(swarm["full"]).Session(iter([request_]), timeout=30))
     assert caught.value.code() == code
     assert message in caught.value.details()
+    assert _limit(caught.value) == limit
+
+
+FORWARD_ERRORS = [  # (case, hidden shape, message, the peer limit named in the trailing metadata)
+    ("batch over limit", (5, 1, HIDDEN), "batch 5 x 1 positions exceed the peer's limits", "max_batch_size"),
+    ("tokens over limit", (2, 129, HIDDEN), "batch x positions <= 256", "max_forward_tokens"),
+    ("wrong hidden size", (1, 1, HIDDEN + 1), "hidden size 65 does not match", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "shape", "message", "limit"), FORWARD_ERRORS, ids=[c[0] for c in FORWARD_ERRORS]
+)
+@pytest.mark.parametrize("rpc", ["Forward", "Backward"])
+def test_bad_forward_and_backward_get_a_clear_status(swarm, rpc, case, shape, message, limit) -> None:
+    hidden = to_message(torch.zeros(*shape))
+    if rpc == "Forward":
+        request = peer_pb2.ForwardRequest(start=0, end=4, hidden=hidden)
+    else:
+        request = peer_pb2.BackwardRequest(start=0, end=4, hidden=hidden, grad_output=hidden)
+    with pytest.raises(grpc.RpcError) as caught:
+        getattr(stub(swarm["full"]), rpc)(request, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    assert _limit(caught.value) == limit
 
 
 @pytest.mark.parametrize(
@@ -294,6 +362,7 @@ def test_unknown_session_push_is_not_found(swarm) -> None:
 
 
 def test_no_cache_room_until_a_session_closes(swarm) -> None:
+    _wait_idle(swarm["full"])  # the sessions of earlier tests take no room
     holders = [Stream(swarm["full"]) for _ in range(2)]
     for number, holder in enumerate(holders):  # 2 x (batch 4 x 128 positions) fill the 1024-token budget
         assert holder.open(f"holder-{number}", batch=4, max_length=128).WhichOneof("kind") == "opened"
@@ -331,7 +400,7 @@ def test_message_over_the_size_cap(swarm) -> None:
 
 
 def test_peer_survives_bad_input_and_serves_others(swarm) -> None:
-    info = stub(swarm["full"]).Info(peer_pb2.InfoRequest(), timeout=30)
+    info = _wait_idle(swarm["full"])
     assert info.start == 0 and info.end == 4 and info.num_blocks == 4
     assert info.free_cache_tokens == info.max_cache_tokens  # every session above was freed
     assert swarm["full"].popen.poll() is None
@@ -360,4 +429,4 @@ def test_concurrent_sessions_do_not_mix(swarm, local_span: HostedSpan) -> None:
     for thread in threads:
         thread.join(60)
     assert not errors, errors
-    time.sleep(0.2)
+    assert _wait_idle(swarm["full"]).free_cache_tokens == 1024  # each closed stream freed its session

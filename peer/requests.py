@@ -1,0 +1,270 @@
+"""Parsing and validation of every request a peer receives: protobuf messages in, frozen dataclasses out.
+
+Pure: no gRPC server, no asyncio, no compute; knows this peer's limits and span shape, not its caches.
+A bad field raises `InvalidInputError`; a request beyond this peer's own limits raises `PeerLimitError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+
+from protos import peer_pb2
+from protos.errors import CorollaError, InvalidInputError, PeerLimitError
+from protos.records import validate_address
+from protos.tensors import FLOAT_DTYPES, INDEX_DTYPES, WIRE_DTYPES, from_message, optional_from_message
+
+if TYPE_CHECKING:
+    from peer.blocks import HostedSpan
+    from peer.config import PeerConfig
+    from peer.sessions import PeerSession
+
+MAX_SESSION_ID_CHARS = 128
+
+
+class PositionMismatch(CorollaError):
+    """A step does not start where the session's cache ends: the client reopens the session and replays."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What this peer accepts; the same numbers it announces in its `PeerRecord`."""
+
+    max_batch_size: int
+    max_length: int
+    max_forward_tokens: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_config(cls, config: PeerConfig) -> Limits:
+        return cls(
+            max_batch_size=config.max_batch_size,
+            max_length=config.max_length,
+            max_forward_tokens=config.max_forward_tokens,
+            max_message_bytes=config.max_message_bytes,
+        )
+
+
+@dataclass(frozen=True)
+class Served:
+    """The shape of what this peer hosts now: its span `[start, end)` of a model of `num_blocks` blocks."""
+
+    start: int
+    end: int
+    num_blocks: int
+    hidden_size: int
+    dtype: torch.dtype  # compute dtype, the default wire dtype of a session
+
+    @classmethod
+    def of(cls, span: HostedSpan) -> Served:
+        return cls(span.start, span.end, span.anatomy.num_blocks, span.hidden_size, span.dtype)
+
+
+@dataclass(frozen=True)
+class OpenRequest:
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    wire_dtype: torch.dtype  # dtype of the hidden states this peer sends on
+    next_hops: tuple[peer_pb2.Hop, ...]
+    report_outputs: bool
+
+
+@dataclass(frozen=True, eq=False)
+class StepRequest:
+    step_id: int
+    base: int  # positions the cache keeps before this step (after a rollback)
+    hidden: torch.Tensor  # [batch, seq, hidden], in the dtype it arrived in
+    position_ids: torch.Tensor | None  # [batch, seq]
+    beam_indices: torch.LongTensor | None  # [batch]
+
+
+@dataclass(frozen=True, eq=False)
+class ForwardRequest:
+    start: int
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    prompts: torch.Tensor | None  # [end - start, batch or 1, pre_seq_len, hidden]; checked by HostedSpan
+
+
+@dataclass(frozen=True, eq=False)
+class BackwardRequest:
+    start: int
+    end: int
+    hidden: torch.Tensor  # [batch, seq, hidden], the forward's input
+    grad_output: torch.Tensor  # [batch, seq, hidden]
+    prompts: torch.Tensor | None
+
+
+def parse_span(start: int, end: int, served: Served) -> tuple[int, int]:
+    if not served.start <= start < end <= served.end:
+        raise InvalidInputError(
+            f"span [{start}, {end}) is not served here; this peer hosts [{served.start}, {served.end})"
+        )
+    return start, end
+
+
+def parse_hops(hops: Sequence[peer_pb2.Hop], *, end: int, num_blocks: int) -> tuple[peer_pb2.Hop, ...]:
+    """The hops after a span that ends at `end`: contiguous, inside the model, each at a host:port."""
+    if len(hops) > num_blocks:
+        raise InvalidInputError("more next hops than blocks in the model")
+    previous_end = end
+    for hop in hops:
+        if hop.start != previous_end or hop.end <= hop.start or hop.end > num_blocks:
+            raise InvalidInputError(
+                f"next hops must continue the route: expected a span from {previous_end}, "
+                f"got [{hop.start}, {hop.end})"
+            )
+        try:
+            validate_address(hop.address)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"next hop: {e}") from None
+        previous_end = hop.end
+    return tuple(hops)
+
+
+def parse_reroute(request: peer_pb2.Reroute, *, end: int, num_blocks: int) -> tuple[peer_pb2.Hop, ...]:
+    return parse_hops(request.next_hops, end=end, num_blocks=num_blocks)
+
+
+def parse_open(request: peer_pb2.OpenSession, *, served: Served, limits: Limits) -> OpenRequest:
+    session_id = request.session_id
+    if not session_id or len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable():
+        raise InvalidInputError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} printable characters")
+    start, end = parse_span(request.start, request.end, served)
+    if request.batch_size < 1:
+        raise InvalidInputError(f"batch_size {request.batch_size} is outside 1..{limits.max_batch_size}")
+    if request.batch_size > limits.max_batch_size:
+        raise PeerLimitError(
+            "max_batch_size", f"batch_size {request.batch_size} is outside 1..{limits.max_batch_size}"
+        )
+    if request.max_length < 1:
+        raise InvalidInputError(f"max_length {request.max_length} is outside 1..{limits.max_length}")
+    if request.max_length > limits.max_length:
+        raise PeerLimitError(
+            "max_length", f"max_length {request.max_length} is outside 1..{limits.max_length}"
+        )
+    wire_dtype = WIRE_DTYPES.get(request.dtype) if request.dtype else served.dtype
+    if wire_dtype not in FLOAT_DTYPES:
+        raise InvalidInputError(f"unknown wire dtype {request.dtype!r}")
+    return OpenRequest(
+        session_id=session_id,
+        start=start,
+        end=end,
+        batch_size=request.batch_size,
+        max_length=request.max_length,
+        wire_dtype=wire_dtype,
+        next_hops=parse_hops(request.next_hops, end=end, num_blocks=served.num_blocks),
+        report_outputs=request.report_outputs,
+    )
+
+
+def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, limits: Limits) -> StepRequest:
+    """Decode and check a step against its session's state before anything changes."""
+    if step.session_id not in ("", session.session_id):
+        raise InvalidInputError("step for another session")
+    max_bytes = limits.max_message_bytes
+    hidden = from_message(
+        step.hidden, max_bytes=max_bytes, expected_dtypes=FLOAT_DTYPES, expected_ndim=3, name="hidden"
+    )
+    batch, seq, width = hidden.shape
+    if batch != session.batch_size:
+        raise InvalidInputError(
+            f"hidden batch {batch} does not match the session's batch {session.batch_size}"
+        )
+    if width != served.hidden_size:
+        raise InvalidInputError(f"hidden size {width} does not match the model's {served.hidden_size}")
+    if seq < 1:
+        raise InvalidInputError("a step needs at least one new position")
+    base = session.position
+    if step.HasField("rollback_to"):
+        if step.rollback_to > session.position:
+            raise InvalidInputError(
+                f"rollback_to {step.rollback_to} is past the cache's {session.position} positions"
+            )
+        base = step.rollback_to
+    if step.position != base:
+        raise PositionMismatch(
+            f"step starts at position {step.position} but the cache holds {base} positions"
+        )
+    if base + seq > session.max_length:
+        raise InvalidInputError(
+            f"{base + seq} positions exceed the session's max_length {session.max_length}"
+        )
+    positions = optional_from_message(
+        step.position_ids,
+        max_bytes=max_bytes,
+        expected_dtypes=INDEX_DTYPES,
+        expected_ndim=2,
+        name="position_ids",
+    )
+    if positions is not None and tuple(positions.shape) != (batch, seq):
+        raise InvalidInputError(f"position_ids must be [{batch}, {seq}], got {list(positions.shape)}")
+    if positions is not None and (positions.min() < 0 or positions.max() >= limits.max_length):
+        raise InvalidInputError("position_ids are outside 0..max_length")
+    beam = optional_from_message(
+        step.beam_indices,
+        max_bytes=max_bytes,
+        expected_dtypes=INDEX_DTYPES,
+        expected_ndim=1,
+        name="beam_indices",
+    )
+    if beam is not None and (beam.shape[0] != batch or beam.min() < 0 or beam.max() >= batch):
+        raise InvalidInputError(f"beam_indices must be {batch} indices in 0..{batch - 1}")
+    beam = cast("torch.LongTensor | None", beam)  # int64: checked by optional_from_message
+    return StepRequest(
+        step_id=step.step_id, base=base, hidden=hidden, position_ids=positions, beam_indices=beam
+    )
+
+
+def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: Limits) -> ForwardRequest:
+    start, end = parse_span(request.start, request.end, served)
+    hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
+    return ForwardRequest(start, end, hidden, _prompts(request.prompts, limits))
+
+
+def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits: Limits) -> BackwardRequest:
+    start, end = parse_span(request.start, request.end, served)
+    hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
+    grad_output = _float_tensor(request.grad_output, "grad_output", limits)
+    if grad_output.shape != hidden.shape:
+        raise InvalidInputError(
+            f"grad_output shape {list(grad_output.shape)} does not match hidden {list(hidden.shape)}"
+        )
+    return BackwardRequest(start, end, hidden, grad_output, _prompts(request.prompts, limits))
+
+
+def _float_tensor(message: peer_pb2.Tensor, name: str, limits: Limits) -> torch.Tensor:
+    return from_message(
+        message, max_bytes=limits.max_message_bytes, expected_dtypes=FLOAT_DTYPES, expected_ndim=3, name=name
+    )
+
+
+def _stateless_hidden(message: peer_pb2.Tensor, name: str, *, served: Served, limits: Limits) -> torch.Tensor:
+    hidden = _float_tensor(message, name, limits)
+    batch, seq, width = hidden.shape
+    if batch > limits.max_batch_size or batch * seq > limits.max_forward_tokens:
+        raise PeerLimitError(
+            "max_batch_size" if batch > limits.max_batch_size else "max_forward_tokens",
+            f"batch {batch} x {seq} positions exceed the peer's limits (batch <= {limits.max_batch_size}, "
+            f"batch x positions <= {limits.max_forward_tokens})",
+        )
+    if width != served.hidden_size:
+        raise InvalidInputError(f"hidden size {width} does not match the model's {served.hidden_size}")
+    return hidden
+
+
+def _prompts(message: peer_pb2.Tensor, limits: Limits) -> torch.Tensor | None:
+    # shapes are checked against the hidden states and the span by `HostedSpan` before any compute
+    return optional_from_message(
+        message,
+        max_bytes=limits.max_message_bytes,
+        expected_dtypes=FLOAT_DTYPES,
+        expected_ndim=4,
+        name="prompts",
+    )

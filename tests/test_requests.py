@@ -1,0 +1,287 @@
+"""Request parsing without gRPC: good requests parse exactly; each bad field raises its error class, and a
+request beyond this peer's own limits names the limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peer.requests import (
+    MAX_SESSION_ID_CHARS,
+    Limits,
+    OpenRequest,
+    PositionMismatch,
+    Served,
+    parse_backward,
+    parse_forward,
+    parse_hops,
+    parse_open,
+    parse_reroute,
+    parse_step,
+)
+from peer.sessions import PeerSession
+from protos import peer_pb2
+from protos.errors import InvalidInputError, PeerLimitError
+from protos.tensors import to_message
+
+HIDDEN = 8
+SERVED = Served(start=2, end=6, num_blocks=8, hidden_size=HIDDEN, dtype=torch.float32)
+LIMITS = Limits(max_batch_size=4, max_length=128, max_forward_tokens=64, max_message_bytes=1 << 16)
+
+
+def _hop(start: int, end: int, address: str = "127.0.0.1:5000") -> peer_pb2.Hop:
+    return peer_pb2.Hop(peer_id="P", address=address, start=start, end=end)
+
+
+def _open(**overrides: object) -> peer_pb2.OpenSession:
+    fields: dict[str, object] = dict(session_id="s", start=2, end=6, batch_size=1, max_length=64)
+    fields.update(overrides)
+    return peer_pb2.OpenSession(**fields)  # type: ignore[arg-type]
+
+
+def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> peer_pb2.Tensor:
+    return to_message(torch.zeros(*shape, dtype=dtype))
+
+
+# ---- open ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        (
+            _open(),
+            OpenRequest("s", 2, 6, 1, 64, torch.float32, next_hops=(), report_outputs=False),
+        ),
+        (
+            _open(start=3, end=5, batch_size=4, max_length=128, dtype="bfloat16", report_outputs=True),
+            OpenRequest("s", 3, 5, 4, 128, torch.bfloat16, next_hops=(), report_outputs=True),
+        ),
+        (
+            _open(end=4, next_hops=[_hop(4, 6), _hop(6, 8, "[::1]:80")], dtype="float16"),
+            OpenRequest("s", 2, 4, 1, 64, torch.float16, (_hop(4, 6), _hop(6, 8, "[::1]:80")), False),
+        ),
+    ],
+    ids=["defaults", "limits and bf16", "next hops"],
+)
+def test_open_parses(request_: peer_pb2.OpenSession, expected: OpenRequest) -> None:
+    assert parse_open(request_, served=SERVED, limits=LIMITS) == expected
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "limit", "message"),
+    [
+        (_open(session_id=""), InvalidInputError, None, "session_id must be 1..128 printable characters"),
+        (_open(session_id="a" * (MAX_SESSION_ID_CHARS + 1)), InvalidInputError, None, "session_id"),
+        (_open(session_id="a\nb"), InvalidInputError, None, "session_id"),
+        (_open(start=1), InvalidInputError, None, "span [1, 6) is not served here; this peer hosts [2, 6)"),
+        (_open(end=7), InvalidInputError, None, "span [2, 7) is not served here"),
+        (_open(start=4, end=4), InvalidInputError, None, "span [4, 4) is not served here"),
+        (_open(batch_size=0), InvalidInputError, None, "batch_size 0 is outside 1..4"),
+        (_open(batch_size=5), PeerLimitError, "max_batch_size", "batch_size 5 is outside 1..4"),
+        (_open(max_length=0), InvalidInputError, None, "max_length 0 is outside 1..128"),
+        (_open(max_length=129), PeerLimitError, "max_length", "max_length 129 is outside 1..128"),
+        (_open(dtype="float64"), InvalidInputError, None, "unknown wire dtype 'float64'"),
+        (_open(dtype="int64"), InvalidInputError, None, "unknown wire dtype 'int64'"),
+        (
+            _open(next_hops=[_hop(6, 8)] * 9),
+            InvalidInputError,
+            None,
+            "more next hops than blocks in the model",
+        ),
+        (
+            _open(end=4, next_hops=[_hop(5, 6)]),
+            InvalidInputError,
+            None,
+            "next hops must continue the route: expected a span from 4, got [5, 6)",
+        ),
+        (_open(next_hops=[_hop(6, 9)]), InvalidInputError, None, "got [6, 9)"),
+        (_open(next_hops=[_hop(6, 6)]), InvalidInputError, None, "got [6, 6)"),
+        (
+            _open(next_hops=[_hop(6, 8, "localhost")]),
+            InvalidInputError,
+            None,
+            "next hop: address 'localhost' is not host:port",
+        ),
+        (_open(next_hops=[_hop(6, 8, "h:0")]), InvalidInputError, None, "is not host:port"),
+        (_open(next_hops=[_hop(6, 8, "bad host:80")]), InvalidInputError, None, "has an invalid host"),
+        (_open(next_hops=[_hop(6, 8, "a" * 300 + ":80")]), InvalidInputError, None, "longer than 260"),
+    ],
+)
+def test_bad_open_raises(
+    request_: peer_pb2.OpenSession, error: type[Exception], limit: str | None, message: str
+) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        parse_open(request_, served=SERVED, limits=LIMITS)
+    assert type(caught.value) is error
+    assert getattr(caught.value, "limit", None) == limit
+    assert message in str(caught.value)
+
+
+def test_reroute_parses_like_next_hops() -> None:
+    hops = [_hop(6, 7), _hop(7, 8)]
+    assert parse_reroute(peer_pb2.Reroute(next_hops=hops), end=6, num_blocks=8) == tuple(hops)
+    assert parse_hops([], end=6, num_blocks=8) == ()
+    with pytest.raises(InvalidInputError, match="expected a span from 6"):
+        parse_reroute(peer_pb2.Reroute(next_hops=[_hop(7, 8)]), end=6, num_blocks=8)
+
+
+# ---- steps ---------------------------------------------------------------------------------------------
+
+
+def _session(*, batch: int = 2, position: int = 3, max_length: int = 16) -> PeerSession:
+    return PeerSession(
+        session_id="s",
+        start=2,
+        end=6,
+        batch_size=batch,
+        max_length=max_length,
+        wire_dtype=torch.float32,
+        position=position,
+    )
+
+
+def _step(hidden: peer_pb2.Tensor | None = None, **overrides: object) -> peer_pb2.Step:
+    fields: dict[str, object] = dict(
+        step_id=9, position=3, hidden=_zeros(2, 1, HIDDEN) if hidden is None else hidden
+    )
+    fields.update(overrides)
+    return peer_pb2.Step(**fields)  # type: ignore[arg-type]
+
+
+def test_step_parses_exactly() -> None:
+    hidden = torch.randn(2, 2, HIDDEN)
+    positions = torch.tensor([[3, 4], [3, 4]])
+    beam = torch.tensor([1, 0])
+    step = _step(
+        to_message(hidden), position_ids=to_message(positions), beam_indices=to_message(beam), session_id="s"
+    )
+    parsed = parse_step(step, session=_session(), served=SERVED, limits=LIMITS)
+    assert (parsed.step_id, parsed.base) == (9, 3)
+    assert torch.equal(parsed.hidden, hidden)
+    assert parsed.position_ids is not None and torch.equal(parsed.position_ids, positions)
+    assert parsed.beam_indices is not None and torch.equal(parsed.beam_indices, beam)
+
+
+def test_step_rollback_sets_the_base() -> None:
+    parsed = parse_step(_step(position=1, rollback_to=1), session=_session(), served=SERVED, limits=LIMITS)
+    assert parsed.base == 1 and parsed.position_ids is None and parsed.beam_indices is None
+
+
+@pytest.mark.parametrize(
+    ("step", "error", "message"),
+    [
+        (_step(session_id="other"), InvalidInputError, "step for another session"),
+        (
+            _step(_zeros(2, 1, HIDDEN, dtype=torch.int64)),
+            InvalidInputError,
+            "hidden: dtype 'int64' not allowed",
+        ),
+        (_step(_zeros(2, HIDDEN)), InvalidInputError, "hidden: expected 3 dims"),
+        (
+            _step(_zeros(1, 1, HIDDEN)),
+            InvalidInputError,
+            "hidden batch 1 does not match the session's batch 2",
+        ),
+        (_step(_zeros(2, 1, HIDDEN + 1)), InvalidInputError, "hidden size 9 does not match the model's 8"),
+        (_step(_zeros(2, 0, HIDDEN)), InvalidInputError, "a step needs at least one new position"),
+        (_step(rollback_to=4), InvalidInputError, "rollback_to 4 is past the cache's 3 positions"),
+        (_step(position=2), PositionMismatch, "step starts at position 2 but the cache holds 3 positions"),
+        (_step(position=0, rollback_to=1), PositionMismatch, "but the cache holds 1 positions"),
+        (_step(_zeros(2, 14, HIDDEN)), InvalidInputError, "17 positions exceed the session's max_length 16"),
+        (
+            _step(position_ids=to_message(torch.tensor([[3], [3], [3]]))),
+            InvalidInputError,
+            "position_ids must be [2, 1], got [3, 1]",
+        ),
+        (
+            _step(position_ids=to_message(torch.tensor([[128], [3]]))),
+            InvalidInputError,
+            "position_ids are outside 0..max_length",
+        ),
+        (
+            _step(position_ids=to_message(torch.tensor([[3.0], [3.0]]))),
+            InvalidInputError,
+            "position_ids: dtype 'float32' not allowed",
+        ),
+        (
+            _step(beam_indices=to_message(torch.tensor([0, 2]))),
+            InvalidInputError,
+            "beam_indices must be 2 indices in 0..1",
+        ),
+        (
+            _step(beam_indices=to_message(torch.tensor([0]))),
+            InvalidInputError,
+            "beam_indices must be 2 indices in 0..1",
+        ),
+        (
+            _step(peer_pb2.Tensor(dtype="float32", shape=[2, 10**6, 10**6], data=b"")),
+            InvalidInputError,
+            "more than the limit of 65536",
+        ),
+    ],
+)
+def test_bad_step_raises(step: peer_pb2.Step, error: type[Exception], message: str) -> None:
+    with pytest.raises((InvalidInputError, PositionMismatch)) as caught:
+        parse_step(step, session=_session(), served=SERVED, limits=LIMITS)
+    assert type(caught.value) is error
+    assert message in str(caught.value)
+
+
+# ---- Forward / Backward --------------------------------------------------------------------------------
+
+
+def test_forward_and_backward_parse_exactly() -> None:
+    hidden, grad = torch.randn(2, 3, HIDDEN), torch.randn(2, 3, HIDDEN)
+    prompts = torch.randn(2, 1, 1, HIDDEN)
+    forward = parse_forward(
+        peer_pb2.ForwardRequest(start=3, end=5, hidden=to_message(hidden), prompts=to_message(prompts)),
+        served=SERVED,
+        limits=LIMITS,
+    )
+    assert (forward.start, forward.end) == (3, 5) and torch.equal(forward.hidden, hidden)
+    assert forward.prompts is not None and torch.equal(forward.prompts, prompts)
+    request = peer_pb2.BackwardRequest(
+        start=2, end=6, hidden=to_message(hidden), grad_output=to_message(grad)
+    )
+    backward = parse_backward(request, served=SERVED, limits=LIMITS)
+    assert (backward.start, backward.end, backward.prompts) == (2, 6, None)
+    assert torch.equal(backward.hidden, hidden) and torch.equal(backward.grad_output, grad)
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "limit", "message"),
+    [
+        (dict(start=0, end=4), InvalidInputError, None, "span [0, 4) is not served here"),
+        (dict(hidden=_zeros(5, 1, HIDDEN)), PeerLimitError, "max_batch_size", "batch 5 x 1 positions exceed"),
+        (dict(hidden=_zeros(2, 33, HIDDEN)), PeerLimitError, "max_forward_tokens", "batch x positions <= 64"),
+        (dict(hidden=_zeros(1, 1, HIDDEN + 1)), InvalidInputError, None, "hidden size 9 does not match"),
+        (dict(hidden=_zeros(1, 1, HIDDEN, dtype=torch.int64)), InvalidInputError, None, "not allowed"),
+        (dict(prompts=_zeros(1, 1, HIDDEN)), InvalidInputError, None, "prompts: expected 4 dims"),
+    ],
+)
+def test_bad_forward_raises(
+    fields: dict[str, object], error: type[Exception], limit: str | None, message: str
+) -> None:
+    request = peer_pb2.ForwardRequest(**{"start": 2, "end": 6, "hidden": _zeros(1, 2, HIDDEN), **fields})
+    with pytest.raises(InvalidInputError) as caught:
+        parse_forward(request, served=SERVED, limits=LIMITS)
+    assert type(caught.value) is error
+    assert getattr(caught.value, "limit", None) == limit
+    assert message in str(caught.value)
+
+
+def test_backward_needs_a_gradient_shaped_like_hidden() -> None:
+    request = peer_pb2.BackwardRequest(
+        start=2, end=6, hidden=_zeros(1, 2, HIDDEN), grad_output=_zeros(1, 3, HIDDEN)
+    )
+    with pytest.raises(
+        InvalidInputError, match=r"grad_output shape \[1, 3, 8\] does not match hidden \[1, 2, 8\]"
+    ):
+        parse_backward(request, served=SERVED, limits=LIMITS)
+    request = peer_pb2.BackwardRequest(
+        start=2, end=6, hidden=_zeros(9, 1, HIDDEN), grad_output=_zeros(9, 1, HIDDEN)
+    )
+    with pytest.raises(PeerLimitError) as caught:
+        parse_backward(request, served=SERVED, limits=LIMITS)
+    assert caught.value.limit == "max_batch_size"

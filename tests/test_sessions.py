@@ -1,0 +1,129 @@
+"""The session table's bookkeeping, without a model or gRPC: reservations, closes, idle expiry, and refusals
+that leave the table as it was."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable
+from protos.errors import CorollaError
+
+BUDGET = 1000
+IDLE = 10.0
+
+
+def _session(session_id: str, batch: int, length: int, *, last_used: float = 0.0) -> PeerSession:
+    return PeerSession(
+        session_id=session_id,
+        start=0,
+        end=2,
+        batch_size=batch,
+        max_length=length,
+        wire_dtype=torch.float32,
+        last_used=last_used,
+    )
+
+
+def _state(table: SessionTable) -> tuple[int, list[str]]:
+    return table.free_tokens, sorted(table.session_ids())
+
+
+# each step: ("open", id, batch, length) | ("close", id); then the expected (free tokens, open ids)
+SCENARIOS = {
+    "one session reserves batch x max_length": ([("open", "a", 2, 100)], (800, ["a"])),
+    "two sessions add up": ([("open", "a", 2, 100), ("open", "b", 1, 300)], (500, ["a", "b"])),
+    "the whole budget": ([("open", "a", 4, 250)], (0, ["a"])),
+    "close returns the room": ([("open", "a", 2, 100), ("close", "a")], (BUDGET, [])),
+    "close of one keeps the other": (
+        [("open", "a", 2, 100), ("open", "b", 1, 300), ("close", "a")],
+        (700, ["b"]),
+    ),
+    "close twice is a no-op": ([("open", "a", 2, 100), ("close", "a"), ("close", "a")], (BUDGET, [])),
+    "close of an unknown id is a no-op": ([("open", "a", 1, 10), ("close", "zzz")], (990, ["a"])),
+    "an id is free again after close": (
+        [("open", "a", 1, 10), ("close", "a"), ("open", "a", 1, 20)],
+        (980, ["a"]),
+    ),
+    "room freed by a close fits a new session": (
+        [("open", "a", 1, 600), ("close", "a"), ("open", "b", 1, 1000)],
+        (0, ["b"]),
+    ),
+}
+
+
+@pytest.mark.parametrize(("steps", "expected"), SCENARIOS.values(), ids=SCENARIOS.keys())
+def test_budget_accounting(steps: list[tuple], expected: tuple[int, list[str]]) -> None:
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    for kind, session_id, *size in steps:
+        if kind == "open":
+            table.open(_session(session_id, *size))
+        else:
+            table.close(session_id)
+    assert _state(table) == expected
+    assert len(table) == len(expected[1])
+
+
+REFUSALS = {
+    "no room": ([("a", 2, 400)], ("b", 1, 201), NoRoom, "no cache room: session needs 201 tokens"),
+    "no room at all": ([("a", 4, 250)], ("b", 1, 1), NoRoom, "0 of 1000 free"),
+    "more than the whole budget": ([], ("a", 2, 501), NoRoom, "(batch 2 x length 501), 1000 of 1000 free"),
+    "same id": ([("a", 1, 10)], ("a", 1, 10), SessionExists, "session 'a' is already open"),
+    "same id, even when it would not fit": ([("a", 1, 10)], ("a", 9, 999), SessionExists, "already open"),
+}
+
+
+@pytest.mark.parametrize(("opened", "refused", "error", "message"), REFUSALS.values(), ids=REFUSALS.keys())
+def test_refused_open_changes_nothing(
+    opened: list[tuple[str, int, int]], refused: tuple[str, int, int], error: type[Exception], message: str
+) -> None:
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    sessions = [_session(*args) for args in opened]
+    for session in sessions:
+        table.open(session)
+    before = _state(table)
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        table.open(_session(*refused))
+    assert isinstance(caught.value, CorollaError)
+    assert _state(table) == before
+    assert [table.get(s.session_id) for s in sessions] == sessions  # the open ones are the same objects
+
+
+@pytest.mark.parametrize(
+    ("last_used", "now", "expired", "left"),
+    [
+        ({"a": 0.0, "b": 5.0}, 10.0, [], ["a", "b"]),  # idle exactly the timeout: still open
+        ({"a": 0.0, "b": 5.0}, 10.5, ["a"], ["b"]),
+        ({"a": 0.0, "b": 5.0}, 100.0, ["a", "b"], []),
+        ({}, 100.0, [], []),
+    ],
+)
+def test_expire_closes_idle_sessions(
+    last_used: dict[str, float], now: float, expired: list[str], left: list[str]
+) -> None:
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    for session_id, used in last_used.items():
+        table.open(_session(session_id, 1, 100, last_used=used))
+    closed = table.expire(now)
+    assert sorted(s.session_id for s in closed) == expired
+    assert all(s.cache is None for s in closed)
+    assert _state(table) == (BUDGET - 100 * len(left), left)
+
+
+def test_touch_keeps_a_session_alive() -> None:
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    session = _session("a", 1, 100, last_used=-1e9)
+    table.open(session)
+    session.touch()  # now, by the monotonic clock
+    assert table.expire() == [] and table.get("a") is session
+
+
+def test_close_returns_the_session_and_drops_its_cache() -> None:
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    session = _session("a", 1, 100)
+    table.open(session)
+    session.cache = object()  # type: ignore[assignment]  # stands in for the span's KV cache
+    assert table.close("a", reason="test") is session
+    assert session.cache is None and table.get("a") is None and table.close("a") is None
