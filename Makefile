@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 PYTEST_ARGS ?=
 
-.PHONY: install test lint format typecheck demo bench bench-train clean
+.PHONY: install test test-fast lint format typecheck demo bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ install: $(STAMP)
 test: install
 	$(VENV)/bin/corolla prepare-model
 	$(ISOLATE) bash -c 'ip link set lo up 2>/dev/null; HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)'
+
+# unit, parity and in-process tests: no peer or DHT process, no SmolLM2 run; under 2 minutes on 2 cores
+test-fast: install
+	@started=$$(date +%s); \
+	$(ISOLATE) bash -c 'ip link set lo up 2>/dev/null; HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not chaos and not swarm" $(PYTEST_ARGS)'; \
+	status=$$?; echo "test-fast: $$(( $$(date +%s) - started )) s"; exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,13 +1,65 @@
-"""Shared fixtures: tiny checkpoints built once per test session, quiet transformers logging."""
+"""Shared fixtures: tiny checkpoints built once per test session, quiet transformers logging, in-process
+fake swarms, and a reaper that kills whatever child process a test left behind."""
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import psutil
 import pytest
 from families import save
+
+if TYPE_CHECKING:
+    from fakes import FakeSwarm
+
+# gRPC's core logs every closed connection at INFO on stderr: noise around any failing test. Set before grpc
+# loads (conftest is imported before the test modules), inherited by the processes the tests start.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+REAP_GRACE = 3.0  # seconds a left-behind child has to exit after SIGTERM before SIGKILL
+_REAPED = pytest.StashKey[list[str]]()
+# helpers of the standard library that exit with the interpreter; not leaks of a test
+_NOT_LEAKS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _reap_children(request: pytest.FixtureRequest) -> Iterator[None]:
+    """At the end of the run, kill (by PID) every child process still alive, and name them in the summary."""
+    yield
+    children = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not any(helper in " ".join(child.cmdline()) for helper in _NOT_LEAKS):
+                children.append(child)
+        except psutil.Error:  # it exited meanwhile
+            continue
+    reaped = []
+    for child in children:
+        try:
+            reaped.append(f"pid={child.pid} {' '.join(child.cmdline())[:200]}")
+            child.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(children, timeout=REAP_GRACE)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.Error:
+            continue
+    request.config.stash[_REAPED] = reaped
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    reaped = config.stash.get(_REAPED, [])
+    if reaped:
+        terminalreporter.section("child processes left behind (killed)", yellow=True)
+        for line in reaped:
+            terminalreporter.line(line)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -44,3 +96,55 @@ def local(checkpoint):
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
+
+
+@pytest.fixture
+def fake_swarm(checkpoint) -> Iterator[Callable[..., FakeSwarm]]:
+    """`fake_swarm([(0, 1), (1, 4)], **peer_config)` -> in-process peers of the tiny Llama serving those spans
+    (see tests/fakes.py), all stopped after the test."""
+    from fakes import FakeSwarm
+
+    swarms: list[FakeSwarm] = []
+
+    def make(spans: list[tuple[int, int]], **peer_config: Any) -> FakeSwarm:
+        swarm = FakeSwarm(checkpoint("llama"), **peer_config)
+        swarms.append(swarm)
+        swarm.add_many(spans)
+        return swarm
+
+    yield make
+    for swarm in swarms:
+        swarm.close()
+
+
+# a client that gives up on a silent hop within about a second and retries quickly: in-process tests
+FAST_CLIENT = dict(
+    connect_timeout=2.0,
+    min_hop_timeout=0.2,
+    max_hop_timeout=1.0,
+    ping_timeout=1.0,
+    forward_timeout=20.0,
+    max_retries=4,
+    retry_delay=0.05,
+    max_retry_delay=0.2,
+)
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Any]]:
+    """`connect(fake_swarm, **client_config)` -> a `SwarmConnection` over the fake swarm's discovery (no
+    DHT), patient as `FAST_CLIENT` unless told otherwise; closed after the test."""
+    from client.config import ClientConfig
+    from client.swarm import SwarmConnection
+
+    connections: list[SwarmConnection] = []
+
+    def make(swarm: FakeSwarm, **options: Any) -> SwarmConnection:
+        config = ClientConfig(**(FAST_CLIENT | options))
+        connection = SwarmConnection.from_discovery(swarm.discovery, config, wire_dtype="float32")
+        connections.append(connection)
+        return connection
+
+    yield make
+    for connection in connections:
+        connection.close()
