@@ -5,10 +5,10 @@ ping), while a hop that turns 5x slower but keeps answering pings is waited on, 
 from __future__ import annotations
 
 import pytest
+from conftest import FAST_CLIENT
 from test_inprocess import ONE_PER_SPAN, TWO_PER_SPAN, assert_exact, hop, reference, run
 
 from client.config import ClientConfig
-from conftest import FAST_CLIENT
 
 DEFAULTS = {name: ClientConfig.model_fields[name].default for name in FAST_CLIENT}
 
