@@ -17,21 +17,23 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("peer_id", "address", "start", "end", "session_id")
+    __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     start: int
     end: int
     session_id: str
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs")
+    __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs", "push_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class OpenSession(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     REPORT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start: int
     end: int
@@ -48,7 +51,8 @@ class OpenSession(_message.Message):
     dtype: str
     next_hops: _containers.RepeatedCompositeFieldContainer[Hop]
     report_outputs: bool
-    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only")
@@ -135,10 +139,12 @@ class SessionReply(_message.Message):
     def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., result: _Optional[_Union[StepResult, _Mapping]] = ..., error: _Optional[_Union[StepError, _Mapping]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "push_token")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     step: Step
-    def __init__(self, step: _Optional[_Union[Step, _Mapping]] = ...) -> None: ...
+    push_token: bytes
+    def __init__(self, step: _Optional[_Union[Step, _Mapping]] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ()
