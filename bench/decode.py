@@ -12,14 +12,12 @@ import argparse
 import itertools
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
-from client.local_swarm import start_dht, start_peers
+from client.local_swarm import running
 from client.model import AutoDistributedModelForCausalLM
 from protos.prepare import prepare_default_model
 
@@ -80,20 +78,14 @@ def main() -> None:
         local_prefill.append(_prefill_ms(local, args.prefill))
     del local
 
-    with tempfile.TemporaryDirectory(prefix="corolla-bench-") as logs:
-        dht = start_dht(Path(logs))
-        peers = start_peers(Path(logs), folder, SPANS, dht.maddrs)
-        try:
-            remote = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=dht.maddrs)
-            swarm_ms, swarm_out, swarm_prefill = [], None, []
-            for _ in range(args.repeats):
-                ms, swarm_out = _ms_per_token(remote, tokenizer, inputs, args.new_tokens)
-                swarm_ms.append(ms)
-                swarm_prefill.append(_prefill_ms(remote, args.prefill))
-            remote.shutdown()
-        finally:
-            for process in [*peers, dht]:
-                process.stop()
+    with running(folder, SPANS) as swarm:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.initial_peers)
+        swarm_ms, swarm_out, swarm_prefill = [], None, []
+        for _ in range(args.repeats):
+            ms, swarm_out = _ms_per_token(remote, tokenizer, inputs, args.new_tokens)
+            swarm_ms.append(ms)
+            swarm_prefill.append(_prefill_ms(remote, args.prefill))
+        remote.shutdown()
 
     decode_swarm, decode_local = statistics.median(swarm_ms), statistics.median(local_ms)
     prefill_swarm, prefill_local = statistics.median(swarm_prefill), statistics.median(local_prefill)

@@ -20,16 +20,14 @@ import json
 import os
 import signal
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import torch
 from transformers.utils import logging as hf_logging
 
 from client.config import ClientConfig
-from client.local_swarm import LocalProcess, start_dht, start_peers
+from client.local_swarm import LocalProcess, LocalSwarm, running
 from client.model import AutoDistributedModelForCausalLM
 from client.session import InferenceSession
 from protos import peer_pb2, peer_pb2_grpc
@@ -77,11 +75,11 @@ def _warm_up(peers: list[LocalProcess], context: int, hidden_size: int) -> None:
             peer_pb2_grpc.PeerStub(channel).Forward(request, timeout=120)
 
 
-def _run(folder: Path, dht: LocalProcess, model_id: str, peers: list[LocalProcess], prompt, args, sig):
+def _run(swarm: LocalSwarm, model_id: str, peers: list[LocalProcess], prompt, args, sig):
     """One greedy generation; returns the tokens, the streamer and the session's failover count."""
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        folder,
-        initial_peers=dht.maddrs,
+        swarm.model,
+        initial_peers=swarm.initial_peers,
         model_id=model_id,
     )
     model.generation_config.eos_token_id = None  # always exactly --new-tokens tokens
@@ -116,14 +114,14 @@ def _baseline(out: torch.Tensor, clock: _Clock, session: InferenceSession) -> di
     }
 
 
-def _scenario(folder, dht, logs: Path, context: int, fault: str, prompt, baselines: dict, args) -> dict:
+def _scenario(swarm: LocalSwarm, context: int, fault: str, prompt, baselines: dict, args) -> dict:
     model_id = f"smollm2-bench-{fault}-{context}-{os.getpid()}"
-    peers = start_peers(logs, folder, SPANS, dht.maddrs, "--model-id", model_id, *PEER_OPTIONS)
+    peers = swarm.start_peers(SPANS, "--model-id", model_id, *PEER_OPTIONS)
     try:
-        _warm_up(peers, context, load_config(folder).hidden_size)
+        _warm_up(peers, context, load_config(swarm.model).hidden_size)
         if context not in baselines:  # the no-fault run: once per context, on the first scenario's peers
-            baselines[context] = _baseline(*_run(folder, dht, model_id, peers, prompt, args, None))
-        out, clock, session = _run(folder, dht, model_id, peers, prompt, args, FAULTS[fault])
+            baselines[context] = _baseline(*_run(swarm, model_id, peers, prompt, args, None))
+        out, clock, session = _run(swarm, model_id, peers, prompt, args, FAULTS[fault])
     finally:
         for process in peers:
             process.stop()
@@ -171,18 +169,12 @@ def main() -> None:
     started = time.perf_counter()
     baselines: dict[int, dict] = {}
     results = []
-    with tempfile.TemporaryDirectory(prefix="corolla-failover-") as logs:
-        dht = start_dht(Path(logs))
-        try:
-            for context in args.contexts:
-                generator = torch.Generator().manual_seed(args.seed)
-                prompt = torch.randint(100, 40000, (1, context), generator=generator)
-                for fault in args.faults:
-                    results.append(
-                        _scenario(folder, dht, Path(logs), context, fault, prompt, baselines, args)
-                    )
-        finally:
-            dht.stop()
+    with running(folder, []) as swarm:  # one DHT; each scenario starts (and stops) its own peers
+        for context in args.contexts:
+            generator = torch.Generator().manual_seed(args.seed)
+            prompt = torch.randint(100, 40000, (1, context), generator=generator)
+            for fault in args.faults:
+                results.append(_scenario(swarm, context, fault, prompt, baselines, args))
     no_fault = {
         context: {key: value for key, value in run.items() if key in ("first_token_s", "failovers")}
         for context, run in baselines.items()

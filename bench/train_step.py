@@ -14,16 +14,15 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.corpus import token_blocks
-from client.local_swarm import start_dht, start_peers
+from client.finetune import prompted_loss
+from client.local_swarm import running
 from client.model import AutoDistributedModelForCausalLM
 from protos.prepare import prepare_default_model
 
@@ -62,31 +61,19 @@ def main() -> None:
     blocks = token_blocks(tokenizer, "hamlet", seq_len=args.seq_len, max_blocks=args.batch * (args.steps + 1))
     batches = list(blocks.split(args.batch))
 
-    with tempfile.TemporaryDirectory(prefix="corolla-bench-") as logs:
-        dht = start_dht(Path(logs))
-        peers = start_peers(Path(logs), folder, SPANS, dht.maddrs)
-        try:
-            torch.manual_seed(0)
-            remote = AutoDistributedModelForCausalLM.from_pretrained(
-                folder, initial_peers=dht.maddrs, tuning_mode="ptune", pre_seq_len=args.pre_seq_len
-            )
-            prompts = remote.prompt_tuning.input_prompts
-            initial = prompts.detach().clone()
-            swarm_s, swarm_losses = _run(lambda ids: remote(input_ids=ids, labels=ids).loss, prompts, batches)
-            remote.shutdown()
-        finally:
-            for process in [*peers, dht]:
-                process.stop()
+    with running(folder, SPANS) as swarm:
+        torch.manual_seed(0)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(
+            folder, initial_peers=swarm.initial_peers, tuning_mode="ptune", pre_seq_len=args.pre_seq_len
+        )
+        prompts = remote.prompt_tuning.input_prompts
+        initial = prompts.detach().clone()
+        swarm_s, swarm_losses = _run(lambda ids: remote(input_ids=ids, labels=ids).loss, prompts, batches)
+        remote.shutdown()
 
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().requires_grad_(False)
     local_prompts = torch.nn.Parameter(initial)
-
-    def local_loss(ids: torch.Tensor) -> torch.Tensor:
-        embeds = torch.cat([local_prompts.expand(len(ids), -1, -1), local.get_input_embeddings()(ids)], dim=1)
-        labels = torch.cat([torch.full((len(ids), args.pre_seq_len), -100), ids], dim=1)
-        return local(inputs_embeds=embeds, labels=labels).loss
-
-    local_s, local_losses = _run(local_loss, local_prompts, batches)
+    local_s, local_losses = _run(lambda ids: prompted_loss(local, local_prompts, ids), local_prompts, batches)
     swarm, here = statistics.median(swarm_s), statistics.median(local_s)
     print(
         json.dumps(

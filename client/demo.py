@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
-from client.local_swarm import LocalProcess, start_dht, start_peers
+from client.errors import short_id
+from client.local_swarm import running
 from client.model import AutoDistributedModelForCausalLM
+from protos.cli import emit
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
@@ -61,44 +61,27 @@ def main() -> int:
     local_speed = _tokens_per_second(local_streamer.times)
     del local
 
-    processes: list[LocalProcess] = []
-    with tempfile.TemporaryDirectory(prefix="corolla-demo-") as logs:
-        try:
-            _say("starting a DHT bootstrap and 3 peers on 127.0.0.1 ...")
-            dht = start_dht(Path(logs))
-            processes.append(dht)
-            processes += start_peers(Path(logs), model_dir, SPANS, dht.maddrs)
-            for peer, span in zip(processes[1:], SPANS, strict=True):
-                _say(f"  peer ...{peer.peer_id[-8:]}  blocks {span:>6}  at {peer.address}")
+    emit("starting a DHT bootstrap and 3 peers on 127.0.0.1 ...")
+    with running(model_dir, SPANS) as swarm:
+        for peer, span in zip(swarm.peers, SPANS, strict=True):
+            emit(f"  peer {short_id(peer.peer_id)}  blocks {span:>6}  at {peer.address}")
 
-            model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=dht.maddrs)
-            _say(f"\nuser: {args.prompt}\nassistant (through the swarm):")
-            streamer = _TimedStreamer(tokenizer)
-            with model.inference_session(
-                max_length=inputs["input_ids"].shape[1] + args.max_new_tokens
-            ) as session:
-                swarm_out = model.generate(**inputs, streamer=streamer, **options)
-                route = " -> ".join(f"...{hop.peer_id[-8:]} [{hop.start}:{hop.end})" for hop in session.route)
-            swarm_speed = _tokens_per_second(streamer.times)
-            model.shutdown()
+        model = AutoDistributedModelForCausalLM.from_pretrained(model_dir, initial_peers=swarm.initial_peers)
+        emit(f"\nuser: {args.prompt}\nassistant (through the swarm):")
+        streamer = _TimedStreamer(tokenizer)
+        with model.inference_session(
+            max_length=inputs["input_ids"].shape[1] + args.max_new_tokens
+        ) as session:
+            swarm_out = model.generate(**inputs, streamer=streamer, **options)
+            route = " -> ".join(f"{short_id(hop.peer_id)} [{hop.start}:{hop.end})" for hop in session.route)
+        swarm_speed = _tokens_per_second(streamer.times)
+        model.shutdown()
 
-            _say(f"\nroute: client -> {route} -> client")
-            _say(
-                f"through the swarm: {swarm_speed:.1f} tokens/s, "
-                f"local transformers: {local_speed:.1f} tokens/s"
-            )
-            same = torch.equal(swarm_out, local_out)
-            _say(f"same tokens as local transformers: {'yes' if same else 'NO'}")
-            return 0 if same else 1
-        finally:
-            for process in reversed(processes):
-                process.stop()
-
-
-def _say(text: str) -> None:
-    """The demo's own output on stdout (logs go to stderr)."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+        emit(f"\nroute: client -> {route} -> client")
+        emit(f"through the swarm: {swarm_speed:.1f} tokens/s, local transformers: {local_speed:.1f} tokens/s")
+        same = torch.equal(swarm_out, local_out)
+        emit(f"same tokens as local transformers: {'yes' if same else 'NO'}")
+    return 0 if same else 1
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ from pydantic import ValidationError
 
 from client.config import ClientConfig
 from client.discovery import DhtDiscovery, SwarmView
-from client.errors import NoRouteError, SwarmError, format_ranges
+from client.errors import NoRouteError, SwarmError, format_ranges, short_id
 from client.route import block_ranges, missing_blocks
+from protos.cli import emit
 from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path
-from protos.settings import add_config_arguments, config_from_arguments
+from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 
 logger = logging.getLogger(__name__)
 
 _OPTIONS = ("initial_peers", "model_id")  # the ClientConfig fields this command uses
-SHORT_PEER_ID_CHARS = 10
 
 
 async def read_view(config: ClientConfig, model_id: str) -> SwarmView:
@@ -76,7 +76,7 @@ def format_report(health: dict[str, Any]) -> str:
     header = ("PEER", "STATE", "ADDRESS", "SPAN", "STEPS/S", "FREE CACHE", "NAME")
     rows = [
         (
-            peer["peer_id"][-SHORT_PEER_ID_CHARS:],
+            short_id(peer["peer_id"]),
             peer["state"],
             peer["address"],
             f"[{peer['start']},{peer['end']})",
@@ -135,7 +135,7 @@ def health_main(argv: Sequence[str], prog: str) -> int:
         config = config_from_arguments(ClientConfig, args)
         model_id = config.model_id or model_id_from_path(args.model)
     except ValidationError as e:
-        parser.error("; ".join(_problem(err["loc"], err["msg"]) for err in e.errors()))
+        parser.error(validation_problems(e))
     except InvalidInputError as e:
         parser.error(str(e))
     if not config.initial_peers:
@@ -148,18 +148,9 @@ def health_main(argv: Sequence[str], prog: str) -> int:
         health = report(asyncio.run(read_view(config, model_id)), model_id)
     except SwarmError as e:
         if args.json:
-            _emit(json.dumps({"model_id": model_id, "served": False, "error": str(e)}))
+            emit(json.dumps({"model_id": model_id, "served": False, "error": str(e)}))
         else:
             sys.stderr.write(f"{prog}: {e}\n")
         return 1
-    _emit(json.dumps(health, indent=2) if args.json else format_report(health))
+    emit(json.dumps(health, indent=2) if args.json else format_report(health))
     return 0 if health["served"] else 1
-
-
-def _problem(location: tuple[int | str, ...], message: str) -> str:
-    return f"--{str(location[0]).replace('_', '-')}: {message}" if location else message
-
-
-def _emit(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()

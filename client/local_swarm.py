@@ -7,12 +7,15 @@ A process is ready when it has written its `--ready-file` (JSON); its log is onl
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,9 +95,20 @@ def _wait_ready(process: LocalProcess, timeout: float) -> dict[str, Any]:
     raise TimeoutError(f"not ready within {timeout}s:\n{process.text()[-LOG_TAIL_CHARS:]}")
 
 
-def _placement(blocks: str) -> list[str]:
+def _peer_log(log_dir: Path, blocks: str, name: str | None) -> Path:
+    """`peer-NAME.log`, or `peer-N-START-END.log` with the lowest N not used yet in `log_dir`: a peer started
+    later in the same folder (a replacement, another call) gets its own log and ready file."""
+    if name is not None:
+        return log_dir / f"peer-{name}.log"
+    taken = {log.name.split("-")[1] for log in log_dir.glob("peer-*.log")}
+    number = next(n for n in itertools.count() if str(n) not in taken)
+    return log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
+
+
+def _peer_args(model: Path | str, blocks: str, initial_peers: list[str], extra: tuple[str, ...]) -> list[str]:
     """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--span-length`)."""
-    return ["--blocks", blocks] if ":" in blocks else ["--span-length", blocks]
+    placement = ["--blocks", blocks] if ":" in blocks else ["--span-length", blocks]
+    return ["serve", str(model), *placement, "--host", "127.0.0.1", "--initial-peers", *initial_peers, *extra]
 
 
 def _serving(process: LocalProcess) -> None:
@@ -118,17 +132,7 @@ def start_peer(
     name: str | None = None,
     env: dict[str, str] | None = None,
 ) -> LocalProcess:
-    log = log_dir / f"peer-{name or blocks.replace(':', '-')}.log"
-    args = [
-        "serve",
-        str(model),
-        *_placement(blocks),
-        "--host",
-        "127.0.0.1",
-        "--initial-peers",
-        *initial_peers,
-    ]
-    process = _spawn([*args, *extra], log, env)
+    process = _spawn(_peer_args(model, blocks, initial_peers, extra), _peer_log(log_dir, blocks, name), env)
     _serving(process)
     return process
 
@@ -145,10 +149,9 @@ def start_peers(
     `spans` is START:END, or a number of blocks the peer places itself."""
     started = []
     try:
-        for number, blocks in enumerate(spans):
-            log = log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
-            args = ["serve", str(model), *_placement(blocks), "--host", "127.0.0.1"]
-            started.append(_spawn([*args, "--initial-peers", *initial_peers, *extra], log, env))
+        for blocks in spans:
+            args = _peer_args(model, blocks, initial_peers, extra)
+            started.append(_spawn(args, _peer_log(log_dir, blocks, None), env))
         for process in started:
             _serving(process)
     except BaseException:
@@ -156,3 +159,50 @@ def start_peers(
             process.stop()
         raise
     return started
+
+
+@dataclass
+class LocalSwarm:
+    """A DHT bootstrap and the peers started under it, all serving `model`; `running()` stops them."""
+
+    model: Path | str
+    log_dir: Path
+    dht: LocalProcess
+    env: dict[str, str] | None = None
+    peers: list[LocalProcess] = field(default_factory=list)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.dht.maddrs
+
+    def start_peers(self, spans: list[str], *options: str) -> list[LocalProcess]:
+        """More peers under the same DHT (see `start_peers`), stopped with the swarm if not before."""
+        started = start_peers(self.log_dir, self.model, spans, self.initial_peers, *options, env=self.env)
+        self.peers += started
+        return started
+
+    def stop(self) -> None:
+        """Stop every process by PID, the peers first (in reverse order), then the DHT."""
+        for process in reversed([self.dht, *self.peers]):
+            process.stop()
+
+
+@contextlib.contextmanager
+def running(
+    model: Path | str,
+    spans: list[str],
+    *peer_options: str,
+    log_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[LocalSwarm]:
+    """A DHT and one peer per entry of `spans` (all with `peer_options`), logging to `log_dir` (default: a
+    temporary folder, removed afterwards); every process is stopped by PID on the way out."""
+    with contextlib.ExitStack() as stack:
+        if log_dir is None:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corolla-swarm-")))
+        swarm = LocalSwarm(model, log_dir, start_dht(log_dir, env=env), env)
+        try:
+            swarm.start_peers(spans, *peer_options)
+            yield swarm
+        finally:
+            swarm.stop()

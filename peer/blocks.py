@@ -107,7 +107,7 @@ class HostedSpan:
         self.blocks = install_slots(model, anatomy, self._dispatch)
         for parameter in [*model.parameters(), *self.blocks.parameters()]:
             parameter.requires_grad_(False)  # frozen and shared: a backward computes input grads only
-        self.tuple_output = detect_tuple_output(model, anatomy, self._run_probe)
+        self.tuple_output = detect_tuple_output(model, anatomy)
 
     @classmethod
     def load(
@@ -268,11 +268,6 @@ class HostedSpan:
         if index == call.end - 1:
             raise StopForward(output[0] if isinstance(output, tuple) else output)
         return output
-
-    def _run_probe(self) -> None:
-        dummy = torch.zeros(1, 2, self.anatomy.embed_dim, dtype=self.dtype)
-        with torch.inference_mode():
-            self.anatomy.owner(self.model)(inputs_embeds=dummy, use_cache=False)
 
     def _check_span(self, start: int | None, end: int | None) -> tuple[int, int]:
         start = self.start if start is None else start

@@ -1,4 +1,5 @@
-"""The `corolla` command: dispatches each subcommand to the side it drives, importing only that side."""
+"""The `corolla` command: dispatches each subcommand to the side it drives, importing only that side; and
+`emit`, the one way a command writes its result on stdout (logs and progress go to stderr)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("client.cli:main", "generate text through the swarm, streamed to stdout"),
     "health": ("client.health:health_main", "show which peers serve a model and which blocks nobody serves"),
 }
+
+
+def emit(text: str) -> None:
+    """A command's result on stdout, one line (or block) at a time, flushed: a pipe reads it as it comes."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def _usage() -> str:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from protos.checkpoint import DTYPES
+from protos.cli import emit
 from protos.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def main(argv: list[str], prog: str = "corolla prepare-model") -> int:
     except CheckpointError as err:
         logger.error("%s", err)
         return 1
-    sys.stdout.write(f"{folder}\n")  # the result; logs and progress go to stderr
+    emit(str(folder))
     return 0
 
 

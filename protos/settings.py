@@ -110,10 +110,14 @@ def parse_config(
     try:
         return config_from_arguments(config_class, namespace)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{_option(str(err['loc'][0]))}: {err['msg']}"
-            if err["loc"]
-            else err["msg"].removeprefix("Value error, ")
-            for err in e.errors()
-        )
-        parser.error(problems)
+        parser.error(validation_problems(e))
+
+
+def validation_problems(error: ValidationError) -> str:
+    """A config's validation errors as one command-line message, each named by its option."""
+    return "; ".join(
+        f"{_option(str(err['loc'][0]))}: {err['msg']}"
+        if err["loc"]
+        else err["msg"].removeprefix("Value error, ")
+        for err in error.errors()
+    )

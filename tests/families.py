@@ -129,15 +129,21 @@ FAMILIES: dict[str, Callable[[], tuple[Any, type]]] = {
 }
 
 
+def without_eos(model: Any) -> Any:
+    """`model` (local or distributed) with no EOS token, so every generation runs its full length; pad id 0
+    (transformers wants one when there is no EOS). Returns the model."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
 def _sharpened(model: Any) -> Any:
     """Weights scaled up so greedy decoding is not all ties; no EOS, so generation runs its full length."""
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.ndim >= 2:
                 parameter.mul_(3.0)
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model.eval()
+    return without_eos(model).eval()
 
 
 def build(name: str, *, seed: int = 0) -> Any:

@@ -7,6 +7,7 @@ import copy
 import json
 
 import pytest
+from records_factory import peer_record
 
 from peer import throughput
 from peer.announce import Rebalancer, claim_span
@@ -75,27 +76,13 @@ def test_plan_move(
     assert plan_move(others, current, speed, margin) == expected
 
 
-def _record(start: int, end: int, speed: float = T, state: PeerState = PeerState.ONLINE) -> PeerRecord:
-    return PeerRecord(
-        state=state,
-        address="127.0.0.1:5000",
-        start=start,
-        end=end,
-        throughput=speed,
-        free_cache_tokens=100,
-        max_length=100,
-        dtype="float32",
-        version="0.1.0",
-    )
-
-
 def test_block_throughputs_count_online_and_joining_only() -> None:
     records = {
-        "A": _record(0, 2, 10.0),
-        "B": _record(1, 3, 5.0, PeerState.JOINING),
-        "C": _record(0, 3, 7.0, PeerState.DRAINING),
-        "D": _record(2, 3, 0.0),  # still measuring: counts as covering
-        "E": _record(0, 3, 1.0, PeerState.OFFLINE),
+        "A": peer_record(0, 2, 10.0),
+        "B": peer_record(1, 3, 5.0, PeerState.JOINING),
+        "C": peer_record(0, 3, 7.0, PeerState.DRAINING),
+        "D": peer_record(2, 3, 0.0),  # still measuring: counts as covering
+        "E": peer_record(0, 3, 1.0, PeerState.OFFLINE),
     }
     totals = block_throughputs(records, 3)
     assert totals[:2] == [10.0, 15.0] and 5.0 < totals[2] < 5.001
@@ -120,7 +107,7 @@ class FakeAnnouncer:
 
     async def announce(self, state: PeerState | None = None) -> bool:
         self.state = state or self.state
-        self.swarm.records[self.peer_id] = _record(*self.span, self.speed, self.state)
+        self.swarm.records[self.peer_id] = peer_record(*self.span, self.speed, self.state)
         await asyncio.sleep(0)
         return True
 

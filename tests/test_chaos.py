@@ -5,16 +5,18 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import pytest
 import torch
-from families import VOCAB
-from swarm import Process, start_dht, start_peers
+from families import VOCAB, without_eos
+from swarm import LocalSwarm, Process, running
 
+from client.discovery import BanList
 from client.errors import NoRouteError
 from client.model import AutoDistributedModelForCausalLM
-from client.errors import SwarmUnavailableError
+from client.route import Hop
 from client.session import InferenceSession
 from protos import peer_pb2, peer_pb2_grpc
 
@@ -23,32 +25,38 @@ TWO_PER_SPAN = ["0:1", "0:1", "1:3", "1:3", "3:4", "3:4"]
 PEER_OPTIONS = ("--throughput", "100", "--step-timeout", "2", "--announce-period", "2")
 CLIENT_OPTIONS = dict(connect_timeout=2.0, max_retries=6, refresh_period=1.0)
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.swarm]
 
 
 @pytest.fixture(scope="module")
-def dht(tmp_path_factory) -> Iterator[Process]:
-    process = start_dht(tmp_path_factory.mktemp("chaos-dht"))
-    yield process
-    process.stop()
+def dht(checkpoint, tmp_path_factory) -> Iterator[LocalSwarm]:
+    """One DHT for the module (no peers): each test starts its own peers under it."""
+    with running(tmp_path_factory.mktemp("chaos"), checkpoint("llama"), []) as swarm:
+        yield swarm
 
 
 class Swarm:
     """Peers of one test, under their own model id so no other test's records interfere."""
 
-    def __init__(self, dht: Process, folder, logs, model_id: str, spans: list[str], *extra: str) -> None:
-        self.dht, self.folder, self.model_id = dht, folder, model_id
-        options = ("--model-id", model_id, *PEER_OPTIONS, *extra)
-        self.peers = start_peers(logs, folder, spans, dht.maddrs, *options)
-        self.by_id = {peer.peer_id: peer for peer in self.peers}
+    def __init__(self, base: LocalSwarm, model_id: str, spans: list[str], *extra: str) -> None:
+        self.base, self.model_id = base, model_id
+        self.peers: list[Process] = []
+        self.add(spans, *PEER_OPTIONS, *extra)
+
+    def add(self, spans: list[str], *options: str) -> list[Process]:
+        """More peers of this test's model, with `options` only (not PEER_OPTIONS)."""
+        started = self.base.start_peers(spans, "--model-id", self.model_id, *options)
+        self.peers += started
+        return started
+
+    def peer(self, peer_id: str) -> Process:
+        return next(peer for peer in self.peers if peer.peer_id == peer_id)
 
     def client(self):
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            self.folder, initial_peers=self.dht.maddrs, model_id=self.model_id, **CLIENT_OPTIONS
+            self.base.model, initial_peers=self.base.initial_peers, model_id=self.model_id, **CLIENT_OPTIONS
         )
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
-        return model
+        return without_eos(model)
 
     def stop(self) -> None:
         for peer in self.peers:
@@ -56,12 +64,12 @@ class Swarm:
 
 
 @pytest.fixture
-def make_swarm(dht, checkpoint, tmp_path, request) -> Iterator[Callable[..., Swarm]]:
+def make_swarm(dht, request) -> Iterator[Callable[..., Swarm]]:
     swarms: list[Swarm] = []
 
     def make(spans: list[str], *extra: str) -> Swarm:
         model_id = f"chaos-{request.node.name}".replace("[", "-").replace("]", "")[:60]
-        swarm = Swarm(dht, checkpoint("llama"), tmp_path, f"{model_id}-{len(swarms)}", spans, *extra)
+        swarm = Swarm(dht, f"{model_id}-{len(swarms)}", spans, *extra)
         swarms.append(swarm)
         return swarm
 
@@ -87,14 +95,25 @@ def _generate(model, prompt: torch.Tensor, *, streamer=None, seed: int = 0, **op
     )
 
 
-def _run_with_faults(swarm: Swarm, prompt, actions: dict[int, Callable[[InferenceSession], None]], **options):
+@dataclass
+class _Run:
+    tokens: torch.Tensor
+    session: InferenceSession  # closed; its failovers remain
+    route: list[Hop]  # the route when the generation ended
+    bans: BanList
+
+    def failed_peers(self) -> list[str]:
+        return [failover.peer_id for failover in self.session.failovers]
+
+
+def _run_with_faults(
+    swarm: Swarm, prompt, actions: dict[int, Callable[[InferenceSession], None]], **options
+) -> _Run:
     model = swarm.client()
     try:
         with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
-            streamer = _Actions(session, actions)
-            out = _generate(model, prompt, streamer=streamer, **options)
-            session.final_route = session.route  # type: ignore[attr-defined]
-            return out, session, model.swarm.bans
+            out = _generate(model, prompt, streamer=_Actions(session, actions), **options)
+            return _Run(out, session, session.route, model.swarm.bans)
     finally:
         model.shutdown()
 
@@ -116,103 +135,90 @@ class _Actions:
         pass
 
 
-def _kill_hop(swarm: Swarm, index: int, sig: int = signal.SIGKILL) -> Callable[[InferenceSession], None]:
-    def act(session: InferenceSession) -> None:
-        peer = swarm.by_id[session.route[index].peer_id]
-        peer.popen.send_signal(sig)
-        act.peer = peer  # type: ignore[attr-defined]
+class _Signal:
+    """An action: send `sig` to the peer of hop `index` of the session's route; `peer` is that peer then."""
 
-    return act
+    def __init__(self, swarm: Swarm, index: int, sig: int = signal.SIGKILL) -> None:
+        self.swarm, self.index, self.sig = swarm, index, sig
+        self.peer: Process | None = None
+
+    def __call__(self, session: InferenceSession) -> None:
+        self.peer = self.swarm.peer(session.route[self.index].peer_id)
+        self.peer.popen.send_signal(self.sig)
 
 
 def test_kill_the_middle_hop_after_five_tokens(make_swarm, local) -> None:
     swarm = make_swarm(TWO_PER_SPAN)
     prompt = _prompt()
-    kill = _kill_hop(swarm, 1)
-    out, session, _ = _run_with_faults(swarm, prompt, {5: kill})
-    assert torch.equal(out, _generate(local, prompt))
-    assert kill.peer.popen.poll() is not None  # type: ignore[attr-defined]
-    assert session.num_failovers >= 1
+    kill = _Signal(swarm, 1)
+    run = _run_with_faults(swarm, prompt, {5: kill})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert kill.peer is not None and kill.peer.popen.poll() is not None
+    assert run.failed_peers() == [kill.peer.peer_id]
 
 
-def test_kill_the_first_hop_during_a_long_prefill(make_swarm, local, monkeypatch) -> None:
+def test_kill_the_first_hop_before_a_long_prefill(make_swarm, local) -> None:
+    """The route is open and its peers hold one position; the first hop dies; the other 199 positions of
+    the prompt go out as one prefill: the hop is replaced, the one position replayed, the prefill resent."""
     swarm = make_swarm(TWO_PER_SPAN)
     prompt = _prompt(200, seed=1)
-    killed: list[Process] = []
-    original = InferenceSession._send
-
-    async def send_and_kill(self, log, stream, **kwargs):
-        if not killed and not kwargs["local_only"] and log.positions.shape[1] == 200:
-            peer = swarm.by_id[self.route[0].peer_id]
-            killed.append(peer)
-            task = original(self, log, stream, **kwargs)
-            peer.popen.send_signal(signal.SIGKILL)  # the prefill is on its way to this peer
-            return await task
-        return await original(self, log, stream, **kwargs)
-
-    monkeypatch.setattr(InferenceSession, "_send", send_and_kill)
-    out, session, _ = _run_with_faults(swarm, prompt, {})
-    assert killed and session.num_failovers >= 1
+    model = swarm.client()
+    try:
+        with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
+            ones = torch.ones_like(prompt[:, :1])
+            model.generate(prompt[:, :1], attention_mask=ones, max_new_tokens=1, do_sample=False)
+            first = swarm.peer(session.route[0].peer_id)
+            first.popen.send_signal(signal.SIGKILL)
+            out = _generate(model, prompt)
+    finally:
+        model.shutdown()
     assert torch.equal(out, _generate(local, prompt))
+    assert [(f.peer_id, f.replay_positions) for f in session.failovers] == [(first.peer_id, 1)]
 
 
 def test_frozen_hop_is_banned_not_waited_on(make_swarm, local) -> None:
     swarm = make_swarm(TWO_PER_SPAN)
     prompt = _prompt(seed=2)
-    freeze = _kill_hop(swarm, 1, signal.SIGSTOP)
+    freeze = _Signal(swarm, 1, signal.SIGSTOP)  # the swarm's teardown resumes it before stopping it
     started = time.monotonic()
-    try:
-        out, _, bans = _run_with_faults(swarm, prompt, {3: freeze})
-    finally:
-        frozen = freeze.peer  # type: ignore[attr-defined]
-        frozen.popen.send_signal(signal.SIGCONT)
-    assert torch.equal(out, _generate(local, prompt))
-    assert bans.is_banned(frozen.peer_id)
+    run = _run_with_faults(swarm, prompt, {3: freeze})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert freeze.peer is not None and run.bans.is_banned(freeze.peer.peer_id)
+    assert freeze.peer.peer_id in run.failed_peers()
     assert time.monotonic() - started < 60  # one step timeout, not a hang
 
 
 def test_replacement_with_other_span_boundaries(make_swarm, local) -> None:
     # [0,3) + [3,4) is the fast route; when [0,3) dies, [0,2) and [2,4) (used as [2,3)) replace it
-    swarm = make_swarm(["0:3", "3:4", "0:2", "2:4"])
-    for peer in swarm.peers[2:]:
-        peer.stop()
-    slow = start_peers(
-        swarm.peers[0].log.parent,
-        swarm.folder,
-        ["0:2", "2:4"],
-        swarm.dht.maddrs,
-        "--model-id",
-        swarm.model_id,
-        "--throughput",
-        "1",
-        "--step-timeout",
-        "2",
-        "--announce-period",
-        "2",
-    )
-    swarm.peers[2:] = slow
-    swarm.by_id = {peer.peer_id: peer for peer in swarm.peers}
+    swarm = make_swarm(["0:3", "3:4"])
+    swarm.add(["0:2", "2:4"], "--throughput", "1", "--step-timeout", "2", "--announce-period", "2")
     prompt = _prompt(seed=3)
-    out, session, _ = _run_with_faults(swarm, prompt, {5: _kill_hop(swarm, 0)})
-    assert torch.equal(out, _generate(local, prompt))
-    assert [(hop.start, hop.end) for hop in session.final_route] == [(0, 2), (2, 3), (3, 4)]
+    kill = _Signal(swarm, 0)
+    run = _run_with_faults(swarm, prompt, {5: kill})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert kill.peer is not None and run.failed_peers() == [kill.peer.peer_id]
+    assert [(hop.start, hop.end) for hop in run.session.failovers[0].replacement] == [(0, 2), (2, 3)]
+    assert [(hop.start, hop.end) for hop in run.route] == [(0, 2), (2, 3), (3, 4)]
 
 
 def test_two_failures_in_one_generation(make_swarm, local) -> None:
     swarm = make_swarm(TWO_PER_SPAN)
     prompt = _prompt(seed=4)
-    out, session, _ = _run_with_faults(swarm, prompt, {3: _kill_hop(swarm, 1), 9: _kill_hop(swarm, 2)})
-    assert torch.equal(out, _generate(local, prompt))
-    assert session.num_failovers >= 2
+    kills = _Signal(swarm, 1), _Signal(swarm, 2)
+    run = _run_with_faults(swarm, prompt, {3: kills[0], 9: kills[1]})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert run.failed_peers() == [kill.peer.peer_id for kill in kills if kill.peer is not None]
+    assert len(run.failed_peers()) == 2
 
 
 def test_sampling_with_a_seed_across_a_failover(make_swarm, local) -> None:
     swarm = make_swarm(TWO_PER_SPAN)
     prompt = _prompt(seed=5)
     options = dict(do_sample=True, top_k=30, temperature=0.8, seed=123)
-    out, session, _ = _run_with_faults(swarm, prompt, {6: _kill_hop(swarm, 2)}, **options)
-    assert session.num_failovers >= 1
-    assert torch.equal(out, _generate(local, prompt, **options))
+    kill = _Signal(swarm, 2)
+    run = _run_with_faults(swarm, prompt, {6: kill}, **options)
+    assert kill.peer is not None and run.failed_peers() == [kill.peer.peer_id]
+    assert torch.equal(run.tokens, _generate(local, prompt, **options))
 
 
 def test_all_peers_of_a_span_gone_is_a_clear_error(make_swarm) -> None:
@@ -223,8 +229,10 @@ def test_all_peers_of_a_span_gone_is_a_clear_error(make_swarm) -> None:
             peer.popen.send_signal(signal.SIGKILL)
 
     started = time.monotonic()
-    with pytest.raises((NoRouteError, SwarmUnavailableError), match=r"block|3"):
+    with pytest.raises(NoRouteError) as error:
         _run_with_faults(swarm, _prompt(seed=6), {4: kill_both_last})
+    assert error.value.missing == [(3, 4)]
+    assert str(error.value).startswith("no peer serves blocks 3 (of 4)")
     assert time.monotonic() - started < 90
 
 
@@ -258,11 +266,11 @@ def _history_bytes(session: InferenceSession) -> int:
 def test_draining_peer_finishes_its_steps(make_swarm, local) -> None:
     swarm = make_swarm(TWO_PER_SPAN, "--drain-timeout", "5")
     prompt = _prompt(seed=8)
-    drain = _kill_hop(swarm, 1, signal.SIGTERM)
-    out, _, _ = _run_with_faults(swarm, prompt, {5: drain})
-    assert torch.equal(out, _generate(local, prompt))
-    assert drain.peer.popen.wait(30) == 0  # type: ignore[attr-defined]
-    assert "draining" in drain.peer.text()  # type: ignore[attr-defined]
+    drain = _Signal(swarm, 1, signal.SIGTERM)
+    run = _run_with_faults(swarm, prompt, {5: drain})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert drain.peer is not None and drain.peer.popen.wait(30) == 0
+    assert "draining" in drain.peer.text()
 
 
 def test_forward_is_retried_on_another_peer(make_swarm, local) -> None:
@@ -287,20 +295,24 @@ def test_idle_sessions_of_a_vanished_client_expire(make_swarm) -> None:
         session = model.swarm.new_session(128)
         model.swarm.runtime.run(session.astep(torch.zeros(1, 3, 64), torch.arange(3)[None]))
         # the client goes silent without closing: the peer frees the room by itself
-        info = _wait_for_free_tokens(swarm.peers[0], 256, timeout=20)
+        info = _wait_info(swarm.peers[0], lambda info: info.free_cache_tokens == 256, timeout=20)
         assert info.free_cache_tokens == 256 and info.num_sessions == 0
     finally:
         model.shutdown()
 
 
-def _wait_for_free_tokens(peer: Process, tokens: int, *, timeout: float) -> peer_pb2.InfoReply:
-    stub = peer_pb2_grpc.PeerStub(grpc.insecure_channel(peer.address))
-    deadline = time.monotonic() + timeout
-    while True:
-        info = stub.Info(peer_pb2.InfoRequest(), timeout=10)
-        if info.free_cache_tokens == tokens or time.monotonic() > deadline:
-            return info
-        time.sleep(0.2)
+def _wait_info(
+    peer: Process, done: Callable[[peer_pb2.InfoReply], bool], *, timeout: float
+) -> peer_pb2.InfoReply:
+    """The peer's Info once `done(info)`, or the last one read when `timeout` runs out."""
+    with grpc.insecure_channel(peer.address) as channel:
+        stub = peer_pb2_grpc.PeerStub(channel)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = stub.Info(peer_pb2.InfoRequest(), timeout=10)
+            if done(info) or time.monotonic() > deadline:
+                return info
+            time.sleep(0.2)
 
 
 def test_session_expired_on_a_peer_is_reopened_and_replayed(make_swarm, local) -> None:
@@ -311,32 +323,22 @@ def test_session_expired_on_a_peer_is_reopened_and_replayed(make_swarm, local) -
     try:
         with model.inference_session(max_length=64) as session:
             first = _generate(model, prompt)
-            time.sleep(3)  # every peer expires the idle session
+            for peer in swarm.peers:  # every peer expires the idle session
+                assert _wait_info(peer, lambda info: info.num_sessions == 0, timeout=20).num_sessions == 0
             second = _generate(model, first)
-            assert session.num_failovers >= 1
     finally:
         model.shutdown()
     assert torch.equal(second, _generate(local, _generate(local, prompt)))
+    assert session.failovers and {failover.reason for failover in session.failovers} == {"NOT_FOUND"}
 
 
 def test_full_peer_is_skipped(make_swarm, local) -> None:
     """The fast peer announces no cache room: the route takes the slower one (the refusal of a peer whose
     announcement is behind, RESOURCE_EXHAUSTED, is covered in-process)."""
-    full = make_swarm(["0:4"], "--max-cache-tokens", "8", "--throughput", "1000")
-    roomy = start_peers(
-        full.peers[0].log.parent,
-        full.folder,
-        ["0:4"],
-        full.dht.maddrs,
-        "--model-id",
-        full.model_id,
-        "--throughput",
-        "10",
-    )
-    full.peers += roomy
+    swarm = make_swarm(["0:4"], "--max-cache-tokens", "8", "--throughput", "1000")
+    [roomy] = swarm.add(["0:4"], "--throughput", "10")
     prompt = _prompt(seed=11)
-    out, session, bans = _run_with_faults(full, prompt, {})
-    assert torch.equal(out, _generate(local, prompt))
-    assert [hop.peer_id for hop in session.final_route] == [roomy[0].peer_id]
-    assert session.num_failovers == 0 and not bans.banned()
-    assert [hop.peer_id for hop in session.final_route] == [roomy[0].peer_id]
+    run = _run_with_faults(swarm, prompt, {})
+    assert torch.equal(run.tokens, _generate(local, prompt))
+    assert [hop.peer_id for hop in run.route] == [roomy.peer_id]
+    assert run.session.num_failovers == 0 and not run.bans.banned()

@@ -9,28 +9,26 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from families import VOCAB
-from swarm import Process, start_dht, start_peer
+from families import VOCAB, without_eos
+from swarm import Process, running, start_peer
 from transformers import AutoModelForCausalLM
 
+from client.errors import short_id
 from client.model import AutoDistributedModelForCausalLM
 from client.route import NoRouteError
 
 SPANS = ["0:1", "1:3", "3:4"]
 
+pytestmark = pytest.mark.swarm  # real DHT and peer processes
+
 
 @pytest.fixture(scope="module")
 def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
-    folder = checkpoint("llama")
-    logs = tmp_path_factory.mktemp("client-swarm")
-    started: dict[str, Process] = {"dht": start_dht(logs)}
-    try:
-        for blocks in SPANS:
-            started[blocks] = start_peer(logs, folder, blocks, started["dht"].maddrs, "--throughput", "100")
-        yield started
-    finally:
-        for process in reversed(started.values()):
-            process.stop()
+    """The DHT ("dht") and one peer per span of SPANS (keyed by it)."""
+    with running(
+        tmp_path_factory.mktemp("client-swarm"), checkpoint("llama"), SPANS, "--throughput", "100"
+    ) as swarm:
+        yield {"dht": swarm.dht, **dict(zip(SPANS, swarm.peers, strict=True))}
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +36,7 @@ def remote(checkpoint, swarm):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         checkpoint("llama"), initial_peers=swarm["dht"].maddrs, model_id="llama"
     )
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    yield model
+    yield without_eos(model)
     model.shutdown()
 
 
@@ -100,8 +96,7 @@ def test_two_clients_at_once(local, checkpoint, swarm) -> None:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             checkpoint("llama"), initial_peers=swarm["dht"].maddrs, model_id="llama"
         )
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
+        without_eos(model)
         try:
             out, expected = _both(local, model, _prompt(10, seed=seed), do_sample=False)
             results[seed] = torch.equal(out, expected)
@@ -161,5 +156,5 @@ def test_health_lists_every_peer(checkpoint, swarm) -> None:
     )
     assert result.returncode == 0, result.stderr
     for blocks in SPANS:
-        assert swarm[blocks].peer_id[-10:] in result.stdout
+        assert short_id(swarm[blocks].peer_id) in result.stdout
         assert swarm[blocks].address in result.stdout

@@ -13,11 +13,12 @@ import pytest
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic import ValidationError
+from records_factory import peer_record
 from swarm import Process, start_dht
 
 from client.config import ClientConfig
 from client.discovery import BanList, DhtDiscovery, InMemoryDiscovery, SwarmView
-from client.errors import SwarmError
+from client.errors import SwarmError, short_id
 from client.health import health_main
 from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
@@ -27,18 +28,8 @@ ONLINE, DRAINING, OFFLINE = PeerState.ONLINE, PeerState.DRAINING, PeerState.OFFL
 
 
 def record(start: int, end: int, state: PeerState = ONLINE, *, port: int = 5000) -> PeerRecord:
-    return PeerRecord(
-        state=state,
-        address=f"127.0.0.1:{port}",
-        start=start,
-        end=end,
-        throughput=12.5,
-        free_cache_tokens=1024,
-        max_length=512,
-        dtype="float32",
-        version="0.1.0",
-        public_name=f"peer-{port}",
-    )
+    """12.5 steps/s and named after its port: what the health report shows."""
+    return peer_record(start, end, 12.5, state, port=port, public_name=f"peer-{port}")
 
 
 class FakeClock:
@@ -209,6 +200,7 @@ async def _write_records(maddrs: list[str]) -> None:
         await node.shutdown()
 
 
+@pytest.mark.swarm  # a real `corolla dht` process
 def test_dht_discovery_drops_bad_records_and_reads_the_model_index(dht: list[str]) -> None:
     async def scenario() -> None:
         reader = await start_dht_node(initial_peers=dht, client_mode=True)
@@ -261,11 +253,12 @@ def test_dht_discovery_drops_bad_records_and_reads_the_model_index(dht: list[str
     asyncio.run(scenario())
 
 
+@pytest.mark.swarm  # a real `corolla dht` process
 def test_health_names_missing_blocks(dht: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert health_main([f"/models/{GAPPY}", "--initial-peers", *dht], prog="corolla health") == 1
     out = capsys.readouterr().out
     assert "model gappy-model: 6 blocks, 3 peers" in out
-    assert f"{GOOD[-10:]}" in out and "127.0.0.1:5003" in out and "offline" in out and "peer-5002" in out
+    assert short_id(GOOD) in out and "127.0.0.1:5003" in out and "offline" in out and "peer-5002" in out
     assert (
         "blocks 0..1: 1 online peer, 12.5 steps/s\nblocks 2..3: NOT SERVED\n"
         "blocks 4..5: 1 online peer, 12.5 steps/s\nbottleneck: 0.0 steps/s at blocks 2..3"
@@ -288,6 +281,7 @@ def test_health_names_missing_blocks(dht: list[str], capsys: pytest.CaptureFixtu
     ]
 
 
+@pytest.mark.swarm  # a real `corolla dht` process
 def test_health_served_and_unknown_model(dht: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert health_main([MODEL, "--initial-peers", *dht], prog="corolla health") == 0
     assert "ok: blocks 0..3 are all served by ONLINE peers" in capsys.readouterr().out

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 import torch
-from families import HIDDEN, VOCAB
-from swarm import Process, start_dht, start_peers
+from families import HIDDEN, VOCAB, without_eos
+from swarm import Process, running, start_peers
 from transformers import AutoModelForSequenceClassification
 
 from client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
@@ -24,19 +24,15 @@ PRE_SEQ_LEN = 3
 MAX_MESSAGE = 1 << 20
 PEER_OPTIONS = ("--throughput", "100", "--max-message-bytes", str(MAX_MESSAGE), "--announce-period", "2")
 
+pytestmark = pytest.mark.swarm  # real DHT and peer processes
+
 
 @pytest.fixture(scope="module")
 def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
+    """The DHT ("dht") and one peer per span of SPANS (keyed by it)."""
     logs = tmp_path_factory.mktemp("finetune-swarm")
-    dht = start_dht(logs)
-    started: dict[str, Process] = {"dht": dht}
-    try:
-        peers = start_peers(logs, checkpoint("llama"), SPANS, dht.maddrs, "--model-id", "ft", *PEER_OPTIONS)
-        started |= dict(zip(SPANS, peers, strict=True))
-        yield started
-    finally:
-        for process in reversed(started.values()):
-            process.stop()
+    with running(logs, checkpoint("llama"), SPANS, "--model-id", "ft", *PEER_OPTIONS) as swarm:
+        yield {"dht": swarm.dht, **dict(zip(SPANS, swarm.peers, strict=True))}
 
 
 def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -181,9 +177,7 @@ def test_generate_with_tuned_prompts_saved_and_loaded(checkpoint, swarm, local, 
             tuning_mode=mode,
             pre_seq_len=PRE_SEQ_LEN,
         )
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
-        return model
+        return without_eos(model)
 
     trained, fresh = load(seed=5), load(seed=6)
     try:

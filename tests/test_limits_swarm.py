@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from families import VOCAB
-from swarm import Process, start_dht, start_peer
+from families import VOCAB, without_eos
+from swarm import Process, running
 
 from client import AutoDistributedModelForCausalLM
 
@@ -18,21 +18,12 @@ pytestmark = pytest.mark.swarm
 
 @pytest.fixture(scope="module")
 def peers(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
-    folder = checkpoint("llama")
-    logs = tmp_path_factory.mktemp("limits-swarm")
-    started: dict[str, Process] = {"dht": start_dht(logs)}
-    try:
-        maddrs = started["dht"].maddrs
-        options = ("--model-id", "limits")
-        small = ("--max-length", "64", "--max-forward-tokens", "64", "--throughput", "1000")
-        started["small"] = start_peer(logs, folder, "0:4", maddrs, *options, *small, name="small")
-        started["large"] = start_peer(
-            logs, folder, "0:4", maddrs, *options, "--throughput", "10", name="large"
-        )
-        yield started
-    finally:
-        for process in reversed(started.values()):
-            process.stop()
+    """The DHT ("dht"), a fast "small" peer with small limits and a slower "large" one, both on [0,4)."""
+    with running(tmp_path_factory.mktemp("limits-swarm"), checkpoint("llama"), []) as swarm:
+        limits = ("--max-length", "64", "--max-forward-tokens", "64")
+        [small] = swarm.start_peers(["0:4"], "--model-id", "limits", *limits, "--throughput", "1000")
+        [large] = swarm.start_peers(["0:4"], "--model-id", "limits", "--throughput", "10")
+        yield {"dht": swarm.dht, "small": small, "large": large}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +31,7 @@ def remote(checkpoint, peers):
     model = AutoDistributedModelForCausalLM.from_pretrained(
         checkpoint("llama"), initial_peers=peers["dht"].maddrs, model_id="limits"
     )
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    yield model
+    yield without_eos(model)
     model.shutdown()
 
 

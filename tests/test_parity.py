@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import FAMILIES, NUM_BLOCKS, VOCAB
+from families import FAMILIES, NUM_BLOCKS, VOCAB, without_eos
 from transformers import AutoModelForCausalLM
 
 from client.modules import ClientModules
@@ -17,8 +17,7 @@ DECODE_STEPS = 20
 
 def reference(folder, input_ids: torch.Tensor):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
+    without_eos(model)
     out = model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -7,17 +7,18 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from swarm import Process, start_dht, start_peers
+from swarm import LocalSwarm, running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.corpus import token_blocks
+from client.finetune import prompted_loss
 from client.model import AutoDistributedModelForCausalLM
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
 STEPS, BATCH, SEQ_LEN, PRE_SEQ_LEN, LR = 20, 2, 16, 4, 0.03
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.swarm]
 
 
 @pytest.fixture(scope="module")
@@ -26,16 +27,11 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2, tmp_path_factory) -> Iterator[Process]:
-    logs = tmp_path_factory.mktemp("smollm2-tuning")
-    dht = start_dht(logs)
-    peers: list[Process] = []
-    try:
-        peers = start_peers(logs, smollm2, SPANS, dht.maddrs, "--model-id", "smollm2-tune")
-        yield dht
-    finally:
-        for process in [*peers, dht]:
-            process.stop()
+def swarm(smollm2, tmp_path_factory) -> Iterator[LocalSwarm]:
+    with running(
+        tmp_path_factory.mktemp("smollm2-tuning"), smollm2, SPANS, "--model-id", "smollm2-tune"
+    ) as swarm:
+        yield swarm
 
 
 def _train(loss_of, parameters: list[torch.nn.Parameter], train: torch.Tensor) -> list[float]:
@@ -60,7 +56,7 @@ def test_prompt_tuning_lowers_held_out_loss_like_local_training(smollm2, swarm) 
     torch.manual_seed(0)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         smollm2,
-        initial_peers=swarm.maddrs,
+        initial_peers=swarm.initial_peers,
         model_id="smollm2-tune",
         tuning_mode="ptune",
         pre_seq_len=PRE_SEQ_LEN,
@@ -87,12 +83,6 @@ def test_prompt_tuning_lowers_held_out_loss_like_local_training(smollm2, swarm) 
     # the same run on transformers' own model, prompts written by hand
     local = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval().requires_grad_(False)
     local_prompts = torch.nn.Parameter(initial)
-
-    def local_loss(ids: torch.Tensor) -> torch.Tensor:
-        embeds = torch.cat([local_prompts.expand(len(ids), -1, -1), local.get_input_embeddings()(ids)], dim=1)
-        labels = torch.cat([torch.full((len(ids), PRE_SEQ_LEN), -100), ids], dim=1)
-        return local(inputs_embeds=embeds, labels=labels).loss
-
-    local_curve = _train(local_loss, [local_prompts], train)
+    local_curve = _train(lambda ids: prompted_loss(local, local_prompts, ids), [local_prompts], train)
     torch.testing.assert_close(torch.tensor(remote_curve), torch.tensor(local_curve), atol=1e-4, rtol=0)
     torch.testing.assert_close(prompts.detach(), local_prompts.detach(), atol=1e-4, rtol=0)

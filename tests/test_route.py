@@ -8,6 +8,7 @@ import random
 from collections import Counter
 
 import pytest
+from records_factory import peer_record as record
 
 import client.route
 from client.discovery import SwarmView
@@ -27,20 +28,6 @@ ONLINE, JOINING, DRAINING, OFFLINE = (
     PeerState.DRAINING,
     PeerState.OFFLINE,
 )
-
-
-def record(start: int, end: int, throughput: float = 10.0, state: PeerState = ONLINE) -> PeerRecord:
-    return PeerRecord(
-        state=state,
-        address=f"127.0.0.1:{7000 + start * 100 + end}",
-        start=start,
-        end=end,
-        throughput=throughput,
-        free_cache_tokens=4096,
-        max_length=2048,
-        dtype="float32",
-        version="0.1.0",
-    )
 
 
 def view(num_blocks: int, **peers: PeerRecord) -> SwarmView:

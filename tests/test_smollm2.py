@@ -16,7 +16,7 @@ from protos.prepare import prepare_default_model
 NEW_TOKENS = 32
 SPANS = [(0, 10), (10, 20), (20, 30)]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.swarm]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ class _Collect:
 
 
 def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
-    from swarm import start_dht, start_peers
+    from swarm import running
 
     from client.model import AutoDistributedModelForCausalLM
 
@@ -93,11 +93,8 @@ def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
     stopped_expected = local.generate(**inputs, stop_strings=["."], tokenizer=tokenizer, **options)
     del local
 
-    dht = start_dht(tmp_path)
-    peers = []
-    try:
-        peers = start_peers(tmp_path, smollm2, [f"{s}:{e}" for s, e in SPANS], dht.maddrs)
-        model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=dht.maddrs)
+    with running(tmp_path, smollm2, [f"{s}:{e}" for s, e in SPANS]) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(smollm2, initial_peers=swarm.initial_peers)
         try:
             streamer = _Collect()
             out = model.generate(**inputs, streamer=streamer, **options)
@@ -106,11 +103,8 @@ def test_chat_answer_through_three_peer_processes(smollm2, tmp_path) -> None:
             model.shutdown()
         question = "What is the capital of France? Answer in one sentence."
         command = [sys.executable, "-m", "protos.cli", "generate", str(smollm2), question, "--chat"]
-        command += ["--max-new-tokens", str(NEW_TOKENS), "--initial-peers", *dht.maddrs]
+        command += ["--max-new-tokens", str(NEW_TOKENS), "--initial-peers", *swarm.initial_peers]
         printed = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    finally:
-        for process in [*peers, dht]:
-            process.stop()
     assert (
         out[0, inputs["input_ids"].shape[1] :].shape[0] == NEW_TOKENS or out[0, -1] == tokenizer.eos_token_id
     )
