@@ -95,7 +95,7 @@ class Announcer:
             self._task = None
         try:
             await asyncio.wait_for(self.announce(final_state), timeout=5)
-        except (TimeoutError, OSError) as e:
+        except Exception as e:  # whatever failed, the caller's shutdown goes on: records expire by themselves
             logger.warning("final announce failed state=%s reason=%r", final_state, e)
 
 

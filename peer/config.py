@@ -8,12 +8,14 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from protos.dht import is_loopback
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path, validate_model_id
 from protos.tensors import FLOAT_DTYPE_NAMES
 
-NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); default: on, except on loopback"
+NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
+HOST_HELP = (
+    "address to listen on; 127.0.0.1 by default: serving other machines (0.0.0.0) is an explicit choice"
+)
 IDENTITY_HELP = (
     "file holding the node's DHT private key, created if missing; keeps its id and multiaddress stable"
 )
@@ -56,7 +58,7 @@ class PeerConfig(BaseModel):
         description="serve this many blocks where the swarm needs them most (read from the DHT), and move "
         "when the swarm changes (also --num-blocks). Give this or --blocks",
     )
-    host: str = Field(default="0.0.0.0", description="address the gRPC server listens on")
+    host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     announce_host: str | None = Field(
         default=None,
@@ -67,7 +69,7 @@ class PeerConfig(BaseModel):
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
     )
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
-    nat_port_map: bool | None = Field(default=None, description=NAT_PORT_MAP_HELP)
+    nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     dtype: str = Field(
         default="float32", description=f"dtype of weights and activations: {', '.join(FLOAT_DTYPE_NAMES)}"
     )
@@ -90,6 +92,43 @@ class PeerConfig(BaseModel):
     )
     max_message_bytes: int = Field(
         default=64 * 2**20, ge=2**16, description="largest gRPC message accepted; larger ones are refused"
+    )
+    max_pending_pushes: int = Field(
+        default=4,
+        ge=1,
+        description="pushed steps one session may have queued; more are refused with RESOURCE_EXHAUSTED",
+    )
+    max_queued_replies: int = Field(
+        default=8,
+        ge=1,
+        description="replies queued on one session stream; a client that does not read stalls its own "
+        "session",
+    )
+    max_concurrent_rpcs: int = Field(
+        default=1024,
+        ge=1,
+        description="calls served at once, open session streams included; more are refused by gRPC",
+    )
+    max_stateless_in_flight: int = Field(
+        default=4,
+        ge=1,
+        description="Forward/Backward calls queued or computing at once; more are refused with "
+        "RESOURCE_EXHAUSTED before their tensors are decoded",
+    )
+    max_backward_bytes: int = Field(
+        default=8 * 2**30,
+        ge=1,
+        description="estimated activation memory one Backward may hold (batch x positions x hidden x bytes x "
+        "blocks x a per-block factor); larger ones are refused",
+    )
+    connection_idle_timeout: float = Field(
+        default=300.0, gt=0, description="seconds a connection without calls stays open"
+    )
+    connection_age_timeout: float = Field(
+        default=3600.0,
+        gt=0,
+        description="seconds after which a connection is asked to reconnect; calls under way get "
+        "--session-timeout more seconds",
     )
     session_timeout: float = Field(
         default=600.0, gt=0, description="seconds a session may stay idle before its cache is freed"
@@ -189,8 +228,6 @@ class PeerConfig(BaseModel):
             raise ValueError("give exactly one of --blocks START:END and --span-length K")
         if self.announce_host is None:
             object.__setattr__(self, "announce_host", "127.0.0.1" if self.host == "0.0.0.0" else self.host)
-        if self.nat_port_map is None:
-            object.__setattr__(self, "nat_port_map", not is_loopback(self.announce_host or self.host))
         return self
 
     @property
@@ -207,10 +244,10 @@ class DhtConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    host: str = Field(default="0.0.0.0", description="address to listen on")
+    host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
-    nat_port_map: bool | None = Field(default=None, description=NAT_PORT_MAP_HELP)
+    nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     ready_file: Path | None = Field(
         default=None,
         description="once listening, write a JSON object {maddrs, pid} to this file (atomically)",

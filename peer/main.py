@@ -4,6 +4,8 @@ Wires config, logging, DHT, gRPC server, span and announcements; signals and one
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -42,7 +44,11 @@ logger = logging.getLogger(__name__)
 EXPIRY_CHECK_PERIOD = 5.0
 START_JITTER = 1.0  # seconds: peers started together read the swarm at different moments
 CLAIM_SETTLE = 1.0  # seconds between announcing a claimed span and reading the swarm back
-STOP_GRACE = 5.0  # at most this many seconds for RPCs in flight once the peer stops accepting
+STOP_GRACE = 2.0  # at most this many seconds for RPCs in flight once the sessions are retired
+DRAIN_ANNOUNCE_TIMEOUT = 3.0  # seconds the DRAINING announcement may take before the drain goes on
+MAX_STREAMS_PER_CONNECTION = 100  # calls one connection may have open at once; more wait at the client
+KEEPALIVE_PERIOD = 60.0  # seconds between the server's pings on a quiet connection: finds dead clients
+KEEPALIVE_TIMEOUT = 20.0  # seconds a pinged client has to answer before its connection is closed
 
 
 def corolla_version() -> str:
@@ -52,12 +58,41 @@ def corolla_version() -> str:
         return "0+unknown"
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def return_freed_memory() -> None:
+    """Give buffers of 1 MiB or more (messages, tensors) their own mappings, unmapped when freed. glibc's
+    default threshold rises with each large free, after which a burst of big messages (a push flood) stays
+    in the heap for good: peer RSS then shows the worst burst, not what is held."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
     for noisy in ("hivemind", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def server_options(config: PeerConfig) -> list[tuple[str, int]]:
+    """The gRPC server's options: message caps, and connection limits so idle or half-open connections
+    (slowloris) cannot hold file descriptors forever; clients may not ping more often than HTTP/2 allows."""
+    return [
+        *channel_options(config.max_message_bytes),
+        ("grpc.max_connection_idle_ms", int(config.connection_idle_timeout * 1000)),
+        ("grpc.max_connection_age_ms", int(config.connection_age_timeout * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.session_timeout * 1000)),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_PERIOD * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.http2.bdp_probe", 0),  # windows stay 64 KiB per stream: a flood buffers little
+        ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+    ]
 
 
 def _stop_event() -> asyncio.Event:
@@ -98,7 +133,9 @@ class Peer:
         self.config = config
         self.sessions = SessionTable(config.max_cache_tokens, idle_timeout=config.session_timeout)
         self.executor = Executor()
-        self.server = grpc.aio.server(options=channel_options(config.max_message_bytes))
+        self.server = grpc.aio.server(
+            options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
+        )
         self.speed = _Speed()
         self.version = corolla_version()
         self.num_blocks = 0  # blocks in the whole model, known once its config is read
@@ -246,8 +283,10 @@ class Peer:
         gc.collect()
 
     async def stop(self) -> None:
-        """The one shutdown path: stop rebalancing; when serving, refuse new sessions, announce DRAINING and
-        let the steps in flight finish; then stop the server, announce OFFLINE and leave the DHT."""
+        """The one shutdown path: stop rebalancing; when serving, refuse new sessions, announce DRAINING, let
+        the steps in flight finish (at most `drain_timeout`) and end open sessions with UNAVAILABLE; then stop
+        the server, cancel pushes still queued, announce OFFLINE and leave the DHT. Bounded in time: about
+        `drain_timeout` plus a few seconds, whatever is queued."""
         if self._rebalancing is not None:
             self._rebalancing.cancel()
             await asyncio.gather(self._rebalancing, return_exceptions=True)
@@ -256,10 +295,11 @@ class Peer:
             logger.info("draining sessions=%d", len(self.sessions))
             self.service.accepting = False
             try:
-                await self.announcer.announce(PeerState.DRAINING)
-            except (TimeoutError, OSError) as e:  # draining goes on: the final OFFLINE may still get through
+                await asyncio.wait_for(self.announcer.announce(PeerState.DRAINING), DRAIN_ANNOUNCE_TIMEOUT)
+            except Exception as e:  # draining goes on: the final OFFLINE may still get through
                 logger.warning("announce failed state=draining reason=%r", e)
             await self.executor.drain(self.config.drain_timeout)
+            await self.service.retire_all("peer is shutting down")
             grace = min(self.config.drain_timeout, STOP_GRACE)
         await self.server.stop(grace=grace)
         if self.service is not None:
@@ -312,6 +352,7 @@ def serve_main(argv: Sequence[str], prog: str) -> int:
         positional=("model",),
     )
     setup_logging()
+    return_freed_memory()
     asyncio.run(serve(config))
     return 0
 

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from peer.sessions import PeerSession
 
 MAX_SESSION_ID_CHARS = 128
+PUSH_TOKEN_BYTES = 16
+BACKWARD_ACTIVATIONS_PER_BLOCK = 16  # hidden-sized tensors autograd keeps per block (attention, MLP, norms)
 
 
 class PositionMismatch(CorollaError):
@@ -37,6 +39,7 @@ class Limits:
     max_length: int
     max_forward_tokens: int
     max_message_bytes: int
+    max_backward_bytes: int = 8 * 2**30
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> Limits:
@@ -45,6 +48,7 @@ class Limits:
             max_length=config.max_length,
             max_forward_tokens=config.max_forward_tokens,
             max_message_bytes=config.max_message_bytes,
+            max_backward_bytes=config.max_backward_bytes,
         )
 
 
@@ -73,6 +77,11 @@ class OpenRequest:
     wire_dtype: torch.dtype  # dtype of the hidden states this peer sends on
     next_hops: tuple[peer_pb2.Hop, ...]
     report_outputs: bool
+    push_token: bytes = b""  # empty: the session takes no pushes
+
+
+class PushRefused(CorollaError):
+    """A push without the session's token, or for no session here: the two are indistinguishable."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,8 +118,13 @@ def parse_span(start: int, end: int, served: Served) -> tuple[int, int]:
     return start, end
 
 
+def valid_session_id(session_id: str) -> bool:
+    return 0 < len(session_id) <= MAX_SESSION_ID_CHARS and session_id.isprintable()
+
+
 def parse_hops(hops: Sequence[peer_pb2.Hop], *, end: int, num_blocks: int) -> tuple[peer_pb2.Hop, ...]:
-    """The hops after a span that ends at `end`: contiguous, inside the model, each at a host:port."""
+    """The hops after a span that ends at `end`: contiguous, inside the model, each at a host:port with its
+    own session id and push token. The count is checked first: O(1) on a repeated field, before any copy."""
     if len(hops) > num_blocks:
         raise InvalidInputError("more next hops than blocks in the model")
     previous_end = end
@@ -124,6 +138,12 @@ def parse_hops(hops: Sequence[peer_pb2.Hop], *, end: int, num_blocks: int) -> tu
             validate_address(hop.address)
         except InvalidInputError as e:
             raise InvalidInputError(f"next hop: {e}") from None
+        if not valid_session_id(hop.session_id):
+            raise InvalidInputError(
+                f"next hop: session_id must be 1..{MAX_SESSION_ID_CHARS} printable characters"
+            )
+        if len(hop.push_token) != PUSH_TOKEN_BYTES:
+            raise InvalidInputError(f"next hop: push_token must be {PUSH_TOKEN_BYTES} bytes")
         previous_end = hop.end
     return tuple(hops)
 
@@ -134,8 +154,10 @@ def parse_reroute(request: peer_pb2.Reroute, *, end: int, num_blocks: int) -> tu
 
 def parse_open(request: peer_pb2.OpenSession, *, served: Served, limits: Limits) -> OpenRequest:
     session_id = request.session_id
-    if not session_id or len(session_id) > MAX_SESSION_ID_CHARS or not session_id.isprintable():
+    if not valid_session_id(session_id):
         raise InvalidInputError(f"session_id must be 1..{MAX_SESSION_ID_CHARS} printable characters")
+    if len(request.push_token) not in (0, PUSH_TOKEN_BYTES):
+        raise InvalidInputError(f"push_token must be {PUSH_TOKEN_BYTES} bytes, or empty for no pushes")
     start, end = parse_span(request.start, request.end, served)
     if request.batch_size < 1:
         raise InvalidInputError(f"batch_size {request.batch_size} is outside 1..{limits.max_batch_size}")
@@ -161,7 +183,19 @@ def parse_open(request: peer_pb2.OpenSession, *, served: Served, limits: Limits)
         wire_dtype=wire_dtype,
         next_hops=parse_hops(request.next_hops, end=end, num_blocks=served.num_blocks),
         report_outputs=request.report_outputs,
+        push_token=request.push_token,
     )
+
+
+def parse_push(request: peer_pb2.PushRequest) -> tuple[str, bytes]:
+    """The (session id, push token) a push claims. Checks nothing that depends on this peer's sessions, so
+    its answers tell a stranger nothing about which ids exist; the token is compared by the caller."""
+    if request.step.local_only:
+        raise InvalidInputError("a push cannot be local_only")
+    session_id, token = request.step.session_id, request.push_token
+    if not valid_session_id(session_id) or len(token) != PUSH_TOKEN_BYTES:
+        raise PushRefused("push refused")
+    return session_id, token
 
 
 def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, limits: Limits) -> StepRequest:
@@ -231,12 +265,26 @@ def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: L
 def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits: Limits) -> BackwardRequest:
     start, end = parse_span(request.start, request.end, served)
     hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
+    needed = backward_bytes(hidden.shape, end - start, itemsize=served.dtype.itemsize)
+    if needed > limits.max_backward_bytes:
+        raise PeerLimitError(
+            "max_backward_bytes",
+            f"a backward of {list(hidden.shape)} through {end - start} blocks needs about {needed} bytes of "
+            f"activations, more than this peer's {limits.max_backward_bytes}",
+        )
     grad_output = _float_tensor(request.grad_output, "grad_output", limits)
     if grad_output.shape != hidden.shape:
         raise InvalidInputError(
             f"grad_output shape {list(grad_output.shape)} does not match hidden {list(hidden.shape)}"
         )
     return BackwardRequest(start, end, hidden, grad_output, _prompts(request.prompts, limits))
+
+
+def backward_bytes(shape: Sequence[int], num_blocks: int, *, itemsize: int) -> int:
+    """Activation memory a Backward of hidden `shape` [batch, seq, hidden] holds through `num_blocks` blocks
+    computed in a dtype of `itemsize` bytes: an estimate, linear in every factor."""
+    batch, seq, width = shape
+    return batch * seq * width * itemsize * num_blocks * BACKWARD_ACTIVATIONS_PER_BLOCK
 
 
 def _float_tensor(message: peer_pb2.Tensor, name: str, limits: Limits) -> torch.Tensor:

@@ -4,9 +4,11 @@ pushes step outputs to the next hop, and maps errors to status codes in one plac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
@@ -17,8 +19,9 @@ from peer import requests
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.executor import Executor
-from peer.requests import Limits, PositionMismatch, Served
-from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable
+from peer.replies import ReplyQueue
+from peer.requests import Limits, PositionMismatch, PushRefused, Served
+from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable, log_id
 from protos import peer_pb2, peer_pb2_grpc
 from protos.channels import ChannelPool
 from protos.errors import LIMIT_METADATA_KEY, InvalidInputError, PeerLimitError
@@ -28,6 +31,8 @@ from protos.tensors import dtype_name, to_message
 logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 30.0  # seconds a new stream may take to send its `open`
+RETIRE_TIMEOUT = 2.0  # seconds retiring sessions waits for the steps they are running
+CLOSE_TIMEOUT = 2.0  # seconds `close` waits for pushes under way before it cancels them
 
 
 class RequestError(Exception):
@@ -54,6 +59,8 @@ def _status(error: BaseException) -> Status:
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error), ((LIMIT_METADATA_KEY, error.limit),))
     if isinstance(error, InvalidInputError):
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, PushRefused):  # the same answer for an unknown session and a wrong token
+        return Status(grpc.StatusCode.PERMISSION_DENIED, str(error))
     if isinstance(error, PositionMismatch):
         return Status(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, NoRoom):
@@ -71,6 +78,14 @@ class _End:
     """Ends a session stream: a normal close, or a failure with its status."""
 
     status: Status | None = None
+
+
+_Replies = ReplyQueue[peer_pb2.SessionReply, _End]
+
+
+def _pushed(session: PeerSession, task: asyncio.Task[None]) -> None:
+    session.pending_pushes -= 1  # runs whether the pushed step finished, failed or was cancelled
+    session.tasks.discard(task)
 
 
 _Reply = TypeVar("_Reply")
@@ -120,13 +135,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self._owns_channels = channels is None
         self.channels = channels or ChannelPool(max_message_bytes=config.max_message_bytes)
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
+        self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
 
     # ---- Session ---------------------------------------------------------------------------------
 
     async def Session(
         self, request_iterator: AsyncIterator[peer_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[peer_pb2.SessionReply]:
-        replies: asyncio.Queue[peer_pb2.SessionReply | _End] = asyncio.Queue()
+        replies: _Replies = ReplyQueue(self.config.max_queued_replies)
         opened: list[str] = []
         reader = asyncio.create_task(self._read_session(request_iterator, replies, opened))
         try:
@@ -138,6 +154,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     return
                 yield item
         finally:
+            replies.end(_End())  # replies still waiting for room are dropped: nobody reads them
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             for session_id in opened:
@@ -146,16 +163,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def _read_session(
         self,
         stream: AsyncIterator[peer_pb2.SessionRequest],
-        replies: asyncio.Queue[peer_pb2.SessionReply | _End],
+        replies: _Replies,
         opened: list[str],
     ) -> None:
         try:
             first = await asyncio.wait_for(anext(stream), OPEN_TIMEOUT)
             if first.WhichOneof("kind") != "open":
                 raise InvalidInputError("the first message of a session must be open")
-            session = self._open(first.open, replies.put_nowait)
+            session = self._open(first.open, replies)
             opened.append(session.session_id)
-            replies.put_nowait(
+            await replies.put(
                 peer_pb2.SessionReply(
                     opened=peer_pb2.Opened(session_id=session.session_id, max_length=session.max_length)
                 )
@@ -170,23 +187,21 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     async with session.lock:  # after the steps already queued
                         session.next_hops = list(hops)
                     logger.info(
-                        "session reroute id=%s next=%s", session.session_id, [h.address for h in hops]
+                        "session reroute id=%s next=%r", log_id(session.session_id), [h.address for h in hops]
                     )
                     continue
                 if kind != "step":
                     raise InvalidInputError(f"unexpected {kind} in an open session")
                 await self._step_or_report(session, request.step)
-            replies.put_nowait(_End())
+            replies.end(_End())
         except StopAsyncIteration:
-            replies.put_nowait(_End())
+            replies.end(_End())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # every failure ends the stream with its status
-            replies.put_nowait(_End(_status(e)))
+            replies.end(_End(_status(e)))
 
-    def _open(
-        self, request: peer_pb2.OpenSession, reply: Callable[[peer_pb2.SessionReply | _End], None]
-    ) -> PeerSession:
+    def _open(self, request: peer_pb2.OpenSession, replies: _Replies) -> PeerSession:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is draining: it takes no new sessions")
         span = self.span
@@ -199,8 +214,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             max_length=parsed.max_length,
             wire_dtype=parsed.wire_dtype,
             next_hops=list(parsed.next_hops),
-            reply=reply,
+            reply=replies.put,
+            finish=replies.end,
             report_outputs=parsed.report_outputs,
+            push_token=parsed.push_token,
         )
         self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
         session.span = span
@@ -216,13 +233,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
-            session.reply(self._step_error(step.step_id, e))
+            await session.reply(self._step_error(step.step_id, e))
 
     async def _step(self, session: PeerSession, step: peer_pb2.Step) -> None:
         async with session.lock:
             span, cache = session.span, session.cache
             if self.sessions.get(session.session_id) is not session or span is None or cache is None:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"session {session.session_id!r} is closed")
+                raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
             parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
             hidden, position = parsed.hidden.to(span.dtype), session.position
 
@@ -236,15 +253,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             output = await self.executor.run(compute)
             session.position = parsed.base + hidden.shape[1]
             session.touch()
-        push = bool(session.next_hops) and not step.local_only
-        hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
-        if push:
-            self._spawn(self._push(session, step, hidden_message, session.next_hops[0]))
-        if not push or session.report_outputs:  # the report goes out before the push can fail
-            result = peer_pb2.StepResult(
-                step_id=step.step_id, hidden=hidden_message, position=session.position, peer_id=self.peer_id
-            )
-            session.reply(peer_pb2.SessionReply(result=result))
+            push = bool(session.next_hops) and not step.local_only
+            hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
+            if push:
+                self._spawn(self._push(session, step, hidden_message, session.next_hops[0]))
+            if not push or session.report_outputs:  # the report goes out before the push can fail
+                result = peer_pb2.StepResult(
+                    step_id=step.step_id,
+                    hidden=hidden_message,
+                    position=session.position,
+                    peer_id=self.peer_id,
+                )
+                # under the lock: replies keep the steps' order, and a client that does not read its
+                # stream stalls its own session once the stream's queue is full
+                await session.reply(peer_pb2.SessionReply(result=result))
 
     def _step_error(
         self, step_id: int, error: BaseException, *, peer_id: str | None = None
@@ -254,10 +276,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         error_message.peer_id = peer_id or self.peer_id
         return peer_pb2.SessionReply(error=error_message)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # ---- Push --------------------------------------------------------------------------------------
 
@@ -265,7 +288,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, session: PeerSession, step: peer_pb2.Step, hidden: peer_pb2.Tensor, hop: peer_pb2.Hop
     ) -> None:
         pushed = peer_pb2.Step(
-            session_id=hop.session_id or session.session_id,
+            session_id=hop.session_id,
             step_id=step.step_id,
             position=step.position,
             hidden=hidden,
@@ -276,29 +299,37 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             pushed.rollback_to = step.rollback_to
         try:
             await self.channels.stub(hop.address).Push(
-                peer_pb2.PushRequest(step=pushed), timeout=self.config.step_timeout
+                peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
             )
         except grpc.aio.AioRpcError as e:
             logger.warning(
-                "push failed session=%s step=%d next=%s code=%s",
-                session.session_id,
+                "push failed session=%s step=%d next=%r code=%s",
+                log_id(session.session_id),
                 step.step_id,
                 hop.address,
                 e.code(),
             )
-            error = RequestError(e.code(), f"push to {hop.address} failed: {e.details()}")
-            session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
+            # the next hop's own text stays in this peer's log: echoed, it would map the peer's network
+            error = RequestError(e.code(), f"push to the next hop failed: {e.code().name}")
+            await session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
 
+    @_aborts_on_error
     async def Push(
         self, request: peer_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.PushReply:
-        session = self.sessions.get(request.step.session_id)
-        if session is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown session {request.step.session_id!r}")
-        else:
-            # accepted: the step runs in order behind the session's earlier steps, and a failure goes to
-            # the client on this hop's stream, so the sender waits only for delivery, never for compute
-            self._spawn(self._step_or_report(session, request.step))
+        session_id, token = requests.parse_push(request)
+        session = self.sessions.get(session_id)
+        # an unknown id and a wrong token get the same answer: a push tells a stranger nothing
+        if session is None or not session.push_token or not hmac.compare_digest(token, session.push_token):
+            raise PushRefused("push refused")
+        if session.pending_pushes >= self.config.max_pending_pushes:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many pushed steps queued")
+        # accepted: the step runs in order behind the session's earlier steps, and a failure goes to the
+        # client on this hop's stream, so the sender waits only for delivery, never for compute
+        session.pending_pushes += 1
+        task = self._spawn(self._step_or_report(session, request.step))
+        session.tasks.add(task)
+        task.add_done_callback(lambda done: _pushed(session, done))
         return peer_pb2.PushReply()
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------
@@ -308,13 +339,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self, request: peer_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.ForwardReply:
         span = self.span  # the hosted span may be swapped at run time: one span per request
-        parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
-        prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
-        hidden = parsed.hidden.to(span.dtype)
-        output = await self.executor.run(
-            lambda: span.forward(hidden, start=parsed.start, end=parsed.end, prompts=prompts)
-        )
-        return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.hidden.dtype))
+        with self._admitted():
+            parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
+            prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
+            hidden = parsed.hidden.to(span.dtype)
+            output = await self.executor.run(
+                lambda: span.forward(hidden, start=parsed.start, end=parsed.end, prompts=prompts)
+            )
+            return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.hidden.dtype))
 
     @_aborts_on_error
     async def Backward(
@@ -322,16 +354,32 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.BackwardReply:
         """Gradients of a stateless Forward: the peer recomputes the span's forward and keeps nothing."""
         span = self.span
-        parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
-        prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
-        hidden, grad_output = parsed.hidden.to(span.dtype), parsed.grad_output.to(span.dtype)
-        grad_input, grad_prompts = await self.executor.run(
-            lambda: span.backward(hidden, grad_output, start=parsed.start, end=parsed.end, prompts=prompts)
-        )
-        reply = peer_pb2.BackwardReply(grad_input=to_message(grad_input, dtype=parsed.hidden.dtype))
-        if grad_prompts is not None and parsed.prompts is not None:
-            reply.grad_prompts.CopyFrom(to_message(grad_prompts, dtype=parsed.prompts.dtype))
-        return reply
+        with self._admitted():
+            parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
+            prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
+            hidden, grad_output = parsed.hidden.to(span.dtype), parsed.grad_output.to(span.dtype)
+            grad_input, grad_prompts = await self.executor.run(
+                lambda: span.backward(
+                    hidden, grad_output, start=parsed.start, end=parsed.end, prompts=prompts
+                )
+            )
+            reply = peer_pb2.BackwardReply(grad_input=to_message(grad_input, dtype=parsed.hidden.dtype))
+            if grad_prompts is not None and parsed.prompts is not None:
+                reply.grad_prompts.CopyFrom(to_message(grad_prompts, dtype=parsed.prompts.dtype))
+            return reply
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Admits one Forward/Backward before its tensors are decoded, at most `max_stateless_in_flight`."""
+        if self._stateless_in_flight >= self.config.max_stateless_in_flight:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many forward/backward calls under way"
+            )
+        self._stateless_in_flight += 1
+        try:
+            yield
+        finally:
+            self._stateless_in_flight -= 1
 
     async def Info(
         self, request: peer_pb2.InfoRequest, context: grpc.aio.ServicerContext
@@ -362,19 +410,40 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         sessions = [s for sid in self.sessions.session_ids() if (s := self.sessions.get(sid)) is not None]
         return old, [session for session in sessions if session.span is old]
 
-    async def retire(self, sessions: list[PeerSession], reason: str) -> None:
-        """End sessions of a span this peer no longer serves: each finishes the step it is running, then
-        its client gets UNAVAILABLE and moves the hop elsewhere by the normal failover."""
+    async def retire(
+        self, sessions: list[PeerSession], reason: str, *, timeout: float = RETIRE_TIMEOUT
+    ) -> None:
+        """End sessions this peer no longer serves (a move, a drain): each finishes the step it is running
+        (within `timeout` seconds for all), then its client gets UNAVAILABLE and fails over."""
+        deadline = asyncio.get_running_loop().time() + timeout
         for session in sessions:
-            async with session.lock:
-                if self.sessions.close(session.session_id, reason="span moved") is not None:
-                    session.reply(_End(Status(grpc.StatusCode.UNAVAILABLE, reason)))
+            locked = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    locked = await session.lock.acquire()
+            try:
+                if self.sessions.close(session.session_id, reason=reason) is not None:
+                    session.finish(_End(Status(grpc.StatusCode.UNAVAILABLE, reason)))
+            finally:
+                if locked:
+                    session.lock.release()
+
+    async def retire_all(self, reason: str, *, timeout: float = RETIRE_TIMEOUT) -> None:
+        await self.retire(
+            [s for i in self.sessions.session_ids() if (s := self.sessions.get(i))], reason, timeout=timeout
+        )
 
     def expire_idle(self) -> None:
         for session in self.sessions.expire():
-            session.reply(_End(Status(grpc.StatusCode.NOT_FOUND, "session expired after being idle")))
+            session.finish(_End(Status(grpc.StatusCode.NOT_FOUND, "session expired after being idle")))
 
-    async def close(self) -> None:
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Wait at most `timeout` seconds for pushes under way, cancel the rest, close the channels."""
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._owns_channels:
             await self.channels.close()

@@ -6,15 +6,19 @@ Pure bookkeeping: it holds each session's cache object but never computes with i
     │ session a: batch 1 x max_length 512 │ session b: 2 x 128 │  free   │
     └─────────────────────────────────────┴────────────────────┴─────────┘
 A session reserves batch x max_length tokens when it opens and returns them when it closes or expires,
-so a step never fails for lack of room once its session is open.
+so a step never fails for lack of room once its session is open. Session ids are capabilities: they are
+logged only as a short hash (`log_id`), and an id closed here is refused for `reuse_timeout` seconds so a
+stale push can never land in a new session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +31,21 @@ if TYPE_CHECKING:
     from protos import peer_pb2
 
 logger = logging.getLogger(__name__)
+
+MAX_CLOSED_IDS = 65536  # recently closed ids remembered (as 16-byte hashes) to refuse their reuse
+
+
+def log_id(session_id: str) -> str:
+    """What logs show of a session id: a short hash, useless to push with but stable for grep."""
+    return hashlib.blake2b(session_id.encode(), digest_size=4).hexdigest()
+
+
+def _id_key(session_id: str) -> bytes:
+    return hashlib.blake2b(session_id.encode(), digest_size=16).digest()
+
+
+async def _no_reply(_: Any) -> None:
+    return None
 
 
 @dataclass(kw_only=True)
@@ -44,7 +63,12 @@ class PeerSession:
     next_hops: list[peer_pb2.Hop] = field(default_factory=list)
     position: int = 0  # positions already in the cache
     last_used: float = field(default_factory=time.monotonic)
-    reply: Callable[[Any], None] = lambda _: None  # delivers a reply (or end) on the session's own stream
+    # delivers a reply on the session's own stream; waits while the stream's bounded queue is full
+    reply: Callable[[Any], Awaitable[None]] = _no_reply
+    finish: Callable[[Any], None] = lambda _: None  # ends the session's stream with a status, never waits
+    push_token: bytes = b""  # a push must carry these bytes; empty: the session takes no pushes
+    pending_pushes: int = 0  # pushes accepted and not yet run
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # pushed steps queued on this session
     report_outputs: bool = False  # send every step's output to the client too
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, in order
 
@@ -67,10 +91,14 @@ class SessionExists(CorollaError):
 class SessionTable:
     """Sessions by id with a token budget. Not thread-safe: used from the peer's event loop only."""
 
-    def __init__(self, max_cache_tokens: int, *, idle_timeout: float) -> None:
+    def __init__(
+        self, max_cache_tokens: int, *, idle_timeout: float, reuse_timeout: float | None = None
+    ) -> None:
         self.max_cache_tokens = max_cache_tokens
         self.idle_timeout = idle_timeout
+        self.reuse_timeout = idle_timeout if reuse_timeout is None else reuse_timeout
         self._sessions: dict[str, PeerSession] = {}
+        self._closed: OrderedDict[bytes, float] = OrderedDict()  # id hash -> when it closed, oldest first
         self._reserved = 0
 
     @property
@@ -82,8 +110,8 @@ class SessionTable:
 
     def open(self, session: PeerSession) -> None:
         """Reserve room for `session`; raises NoRoom or SessionExists and then changes nothing."""
-        if session.session_id in self._sessions:
-            raise SessionExists(f"session {session.session_id!r} is already open")
+        if session.session_id in self._sessions or self._recently_closed(session.session_id):
+            raise SessionExists("this session id is in use or was used recently: choose a fresh random id")
         if session.reserved_tokens > self.free_tokens:
             raise NoRoom(
                 f"no cache room: session needs {session.reserved_tokens} tokens "
@@ -94,7 +122,7 @@ class SessionTable:
         self._reserved += session.reserved_tokens
         logger.info(
             "session open id=%s span=[%d,%d) batch=%d max_length=%d free_tokens=%d",
-            session.session_id,
+            log_id(session.session_id),
             session.start,
             session.end,
             session.batch_size,
@@ -110,9 +138,12 @@ class SessionTable:
         if session is not None:
             self._reserved -= session.reserved_tokens
             session.cache = None
+            self._remember_closed(session_id)
+            for task in session.tasks:  # pushed steps still queued would only find the session gone
+                task.cancel()
             logger.info(
                 "session close id=%s reason=%s position=%d free_tokens=%d",
-                session_id,
+                log_id(session_id),
                 reason,
                 session.position,
                 self.free_tokens,
@@ -127,3 +158,16 @@ class SessionTable:
 
     def session_ids(self) -> list[str]:
         return list(self._sessions)
+
+    def _recently_closed(self, session_id: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        while self._closed and now - next(iter(self._closed.values())) >= self.reuse_timeout:
+            self._closed.popitem(last=False)
+        return _id_key(session_id) in self._closed
+
+    def _remember_closed(self, session_id: str) -> None:
+        key = _id_key(session_id)
+        self._closed[key] = time.monotonic()
+        self._closed.move_to_end(key)
+        while len(self._closed) > MAX_CLOSED_IDS:
+            self._closed.popitem(last=False)

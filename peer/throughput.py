@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -103,6 +104,8 @@ def resolve(value: str, span: HostedSpan, *, key: str, cache_dir: Path) -> Throu
 
 
 def _read(path: Path) -> dict[str, Throughput]:
+    """The cached entries; an unreadable file, or an entry that is not a finite positive rate, is ignored
+    (measured again), never fatal."""
     try:
         if path.stat().st_size > _MAX_CACHE_BYTES:
             return {}
@@ -113,19 +116,29 @@ def _read(path: Path) -> dict[str, Throughput]:
     for key, value in raw.items() if isinstance(raw, dict) else ():
         with contextlib.suppress(TypeError, ValueError, KeyError):
             entry = Throughput(float(value["decode_rps"]), float(value["forward_tps"]))
-            if entry.decode_rps > 0 and entry.forward_tps >= 0:
+            finite = math.isfinite(entry.decode_rps) and math.isfinite(entry.forward_tps)
+            if finite and entry.decode_rps > 0 and entry.forward_tps >= 0:
                 entries[key] = entry
     return entries
 
 
 def _write(path: Path, key: str, value: Throughput) -> None:
-    """Add one entry; the file is replaced atomically so a concurrent reader never sees half of it."""
+    """Add one entry. The file is replaced atomically (written and fsynced next to it first), so a reader
+    never sees half of it and a crash leaves the old file or the new one; the temp file never outlives us."""
     entries = {k: asdict(v) for k, v in _read(path).items()}
     entries[key] = asdict(value)
+    temp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-            json.dump(entries, handle, indent=1, sort_keys=True)
-        os.replace(handle.name, path)
-    except OSError as e:  # a read-only home does not stop the peer
-        logger.warning("cannot cache the throughput path=%s reason=%r", path, e)
+            temp = Path(handle.name)
+            json.dump(entries, handle, indent=1, sort_keys=True, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        temp = None
+    except (OSError, ValueError) as e:  # a read-only home (or a non-finite rate) does not stop the peer
+        logger.warning("cannot cache the throughput path=%r reason=%r", str(path), e)
+    finally:
+        if temp is not None:
+            temp.unlink(missing_ok=True)

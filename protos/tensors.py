@@ -99,29 +99,37 @@ def from_message(
     if expected_dtypes is not None and dtype not in expected_dtypes:
         allowed = sorted(WIRE_DTYPE_NAMES[d] for d in expected_dtypes if d in WIRE_DTYPE_NAMES)
         raise InvalidInputError(f"{name}: dtype {msg.dtype!r} not allowed here; expected one of {allowed}")
+    if expected_ndim is not None and len(msg.shape) != expected_ndim:  # len() first: O(1), copies nothing
+        raise InvalidInputError(f"{name}: expected {expected_ndim} dims, got {len(msg.shape)}")
+    if len(msg.shape) > MAX_NDIM:
+        raise InvalidInputError(f"{name}: {len(msg.shape)} dims is more than the maximum of {MAX_NDIM}")
     shape = tuple(msg.shape)
-    if expected_ndim is not None and len(shape) != expected_ndim:
-        raise InvalidInputError(f"{name}: expected {expected_ndim} dims, got shape {list(shape)}")
-    if len(shape) > MAX_NDIM:
-        raise InvalidInputError(f"{name}: {len(shape)} dims is more than the maximum of {MAX_NDIM}")
     if any(dim < 0 for dim in shape):
         raise InvalidInputError(f"{name}: negative dim in shape {list(shape)}")
     itemsize = dtype.itemsize
     nbytes = math.prod(shape) * itemsize  # Python ints: no overflow for any claimed shape
-    if nbytes > max_bytes:
+    # a zero-element shape still has strides: its other dims are held to the same size limit
+    if nbytes > max_bytes or math.prod(max(dim, 1) for dim in shape) * itemsize > max_bytes:
         raise InvalidInputError(
-            f"{name}: shape {list(shape)} of {msg.dtype} needs {nbytes} bytes, "
-            f"more than the limit of {max_bytes}"
+            f"{name}: shape {list(shape)} of {msg.dtype} is more than the limit of {max_bytes} bytes"
         )
     data = msg.data  # each access is a fresh copy out of the message: read it once
     if len(data) != nbytes:
         raise InvalidInputError(
             f"{name}: shape {list(shape)} of {msg.dtype} needs {nbytes} bytes, but data holds {len(data)}"
         )
-    if nbytes == 0:
-        return torch.empty(shape, dtype=dtype)
-    # bytearray is the one copy: a writable buffer the tensor keeps alive after the message is gone
-    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
+    try:
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        # bytearray is the one copy: a writable buffer the tensor keeps alive after the message is gone
+        return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
+    except (
+        RuntimeError,
+        ValueError,
+        TypeError,
+        OverflowError,
+    ) as e:  # whatever torch makes of a hostile shape
+        raise InvalidInputError(f"{name}: cannot decode shape {list(shape)}: {type(e).__name__}") from None
 
 
 def optional_from_message(

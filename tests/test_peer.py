@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
 
 import grpc
+import psutil
 import pytest
 import torch
-from swarm import Process, start_dht, start_peer
+from swarm import Process, running, start_peer
 
 from peer.blocks import HostedSpan
 from protos import peer_pb2, peer_pb2_grpc
@@ -31,18 +33,10 @@ pytestmark = pytest.mark.swarm  # real DHT and peer processes
 
 @pytest.fixture(scope="module")
 def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
-    folder = checkpoint("llama")
+    """The DHT ("dht"), "full" serving [0,4), "first" [0,2) and "second" [2,4), all with LIMITS."""
     logs = tmp_path_factory.mktemp("peer-logs")
-    started: dict[str, Process] = {"dht": start_dht(logs)}
-    try:
-        maddrs = started["dht"].maddrs
-        started["full"] = start_peer(logs, folder, "0:4", maddrs, *LIMITS)
-        started["first"] = start_peer(logs, folder, "0:2", maddrs, *LIMITS)
-        started["second"] = start_peer(logs, folder, "2:4", maddrs, *LIMITS)
-        yield started
-    finally:
-        for process in reversed(started.values()):
-            process.stop()
+    with running(logs, checkpoint("llama"), ["0:4", "0:2", "2:4"], *LIMITS) as swarm:
+        yield {"dht": swarm.dht, **dict(zip(["full", "first", "second"], swarm.peers, strict=True))}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +65,7 @@ class Stream:
     def receive(self) -> peer_pb2.SessionReply:
         return next(self._replies)
 
-    def open(self, session_id: str, *, start=0, end=4, batch=1, max_length=64, next_hops=()):
+    def open(self, session_id: str, *, start=0, end=4, batch=1, max_length=64, next_hops=(), push_token=b""):
         self.send(
             open=peer_pb2.OpenSession(
                 session_id=session_id,
@@ -81,6 +75,7 @@ class Stream:
                 max_length=max_length,
                 dtype="float32",
                 next_hops=list(next_hops),
+                push_token=push_token,
             )
         )
         return self.receive()
@@ -144,10 +139,13 @@ def test_forward_matches_local_span(swarm, local_span: HostedSpan) -> None:
 def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) -> None:
     first, second = swarm["first"], swarm["second"]
     last = Stream(second)
-    assert last.open("chain", start=2, end=4).WhichOneof("kind") == "opened"
+    token = os.urandom(16)
+    assert last.open("chain-b", start=2, end=4, push_token=token).WhichOneof("kind") == "opened"
     head = Stream(first)
-    hop = peer_pb2.Hop(peer_id=second.peer_id, address=second.address, start=2, end=4)
-    assert head.open("chain", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
+    hop = peer_pb2.Hop(
+        peer_id=second.peer_id, address=second.address, start=2, end=4, session_id="chain-b", push_token=token
+    )
+    assert head.open("chain-a", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
     cache = local_span.new_cache()
     position = 0
     for step_id, seq in enumerate([6, 1, 1, 1]):
@@ -292,6 +290,12 @@ STEP_ERRORS = [
         "hidden",
     ),
     (
+        "zero elements, huge dims",
+        _step(peer_pb2.Tensor(dtype="float32", shape=[0, 2**62, 2**62])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "hidden",
+    ),
+    (
         "beam indices out of range",
         _step(beam_indices=to_message(torch.tensor([3]))),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -355,10 +359,69 @@ def test_bad_step_gets_a_clear_status_and_changes_nothing(
     stream.close()
 
 
-def test_unknown_session_push_is_not_found(swarm) -> None:
+def _push_refusal(process: Process, request: peer_pb2.PushRequest) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
-        stub(swarm["full"]).Push(peer_pb2.PushRequest(step=_step(session_id="nobody").step), timeout=30)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        stub(process).Push(request, timeout=30)
+    return caught.value
+
+
+def test_push_without_the_token_is_refused_and_changes_nothing(swarm, local_span: HostedSpan) -> None:
+    full, token = swarm["full"], os.urandom(16)
+    victim = Stream(full)
+    assert victim.open("victim", push_token=token).WhichOneof("kind") == "opened"
+    hidden = _hidden(1, 4, 11)
+    cache = local_span.new_cache()
+    torch.testing.assert_close(_result(victim.step(0, 0, hidden)), local_span.forward(hidden, cache))
+    forged = _step(_hidden(1, 1, 99), position=3, rollback_to=3, session_id="victim").step
+    refusals = {
+        "wrong token": peer_pb2.PushRequest(step=forged, push_token=os.urandom(16)),
+        "no token": peer_pb2.PushRequest(step=forged),
+        "short token": peer_pb2.PushRequest(step=forged, push_token=token[:8]),
+        "unknown id, right token": peer_pb2.PushRequest(
+            step=_step(session_id="nobody").step, push_token=token
+        ),
+        "unknown id": peer_pb2.PushRequest(step=_step(session_id="nobody").step, push_token=os.urandom(16)),
+    }
+    answers = {case: _push_refusal(full, request) for case, request in refusals.items()}
+    # one answer for all: a stranger cannot even tell whether the id exists
+    assert {(e.code(), e.details()) for e in answers.values()} == {
+        (grpc.StatusCode.PERMISSION_DENIED, "push refused")
+    }, answers
+    # the session went on as if nothing had been pushed: same position, same next output
+    following = _hidden(1, 1, 12)
+    reply = victim.step(1, 4, following)
+    assert reply.result.position == 5
+    torch.testing.assert_close(_result(reply), local_span.forward(following, cache))
+    victim.close()
+
+
+def test_session_without_a_token_takes_no_pushes(swarm) -> None:
+    stream = Stream(swarm["full"])
+    stream.open("no-pushes")
+    error = _push_refusal(swarm["full"], peer_pb2.PushRequest(step=_step(session_id="no-pushes").step))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    stream.close()
+
+
+def test_local_only_push_is_invalid(swarm) -> None:
+    request = peer_pb2.PushRequest(
+        step=_step(session_id="x", local_only=True).step, push_token=os.urandom(16)
+    )
+    error = _push_refusal(swarm["full"], request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "local_only" in error.details()
+
+
+def test_open_with_a_flood_of_hops_is_refused(swarm) -> None:
+    hops = [peer_pb2.Hop()] * 400_000  # 2 bytes each on the wire: just under the 1 MiB message cap
+    request = _open(session_id="flood", end=2, next_hops=hops)
+    assert request.ByteSize() < MAX_MESSAGE
+    process = psutil.Process(swarm["full"].popen.pid)
+    before = process.memory_info().rss
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub(swarm["full"]).Session(iter([request]), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more next hops than blocks" in caught.value.details()
+    assert process.memory_info().rss - before < 100 * 2**20
 
 
 def test_no_cache_room_until_a_session_closes(swarm) -> None:

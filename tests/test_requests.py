@@ -11,11 +11,14 @@ from peer.requests import (
     Limits,
     OpenRequest,
     PositionMismatch,
+    PushRefused,
     Served,
+    backward_bytes,
     parse_backward,
     parse_forward,
     parse_hops,
     parse_open,
+    parse_push,
     parse_reroute,
     parse_step,
 )
@@ -29,8 +32,15 @@ SERVED = Served(start=2, end=6, num_blocks=8, hidden_size=HIDDEN, dtype=torch.fl
 LIMITS = Limits(max_batch_size=4, max_length=128, max_forward_tokens=64, max_message_bytes=1 << 16)
 
 
-def _hop(start: int, end: int, address: str = "127.0.0.1:5000") -> peer_pb2.Hop:
-    return peer_pb2.Hop(peer_id="P", address=address, start=start, end=end)
+TOKEN = bytes(range(16))
+
+
+def _hop(start: int, end: int, address: str = "127.0.0.1:5000", **overrides: object) -> peer_pb2.Hop:
+    fields: dict[str, object] = dict(
+        peer_id="P", address=address, start=start, end=end, session_id=f"h{start}", push_token=TOKEN
+    )
+    fields.update(overrides)
+    return peer_pb2.Hop(**fields)  # type: ignore[arg-type]
 
 
 def _open(**overrides: object) -> peer_pb2.OpenSession:
@@ -61,8 +71,12 @@ def _zeros(*shape: int, dtype: torch.dtype = torch.float32) -> peer_pb2.Tensor:
             _open(end=4, next_hops=[_hop(4, 6), _hop(6, 8, "[::1]:80")], dtype="float16"),
             OpenRequest("s", 2, 4, 1, 64, torch.float16, (_hop(4, 6), _hop(6, 8, "[::1]:80")), False),
         ),
+        (
+            _open(push_token=TOKEN),
+            OpenRequest("s", 2, 6, 1, 64, torch.float32, (), False, push_token=TOKEN),
+        ),
     ],
-    ids=["defaults", "limits and bf16", "next hops"],
+    ids=["defaults", "limits and bf16", "next hops", "push token"],
 )
 def test_open_parses(request_: peer_pb2.OpenSession, expected: OpenRequest) -> None:
     assert parse_open(request_, served=SERVED, limits=LIMITS) == expected
@@ -106,6 +120,24 @@ def test_open_parses(request_: peer_pb2.OpenSession, expected: OpenRequest) -> N
         (_open(next_hops=[_hop(6, 8, "h:0")]), InvalidInputError, None, "is not host:port"),
         (_open(next_hops=[_hop(6, 8, "bad host:80")]), InvalidInputError, None, "has an invalid host"),
         (_open(next_hops=[_hop(6, 8, "a" * 300 + ":80")]), InvalidInputError, None, "longer than 260"),
+        (_open(push_token=b"x" * 15), InvalidInputError, None, "push_token must be 16 bytes, or empty"),
+        (_open(push_token=b"x" * 17), InvalidInputError, None, "push_token must be 16 bytes"),
+        (_open(next_hops=[_hop(6, 8, session_id="")]), InvalidInputError, None, "next hop: session_id"),
+        (_open(next_hops=[_hop(6, 8, session_id="a\nb")]), InvalidInputError, None, "next hop: session_id"),
+        (
+            _open(next_hops=[_hop(6, 8, session_id="a" * (MAX_SESSION_ID_CHARS + 1))]),
+            InvalidInputError,
+            None,
+            "next hop: session_id must be 1..128 printable characters",
+        ),
+        (_open(next_hops=[_hop(6, 8, push_token=b"")]), InvalidInputError, None, "push_token must be 16"),
+        (_open(next_hops=[_hop(6, 8, push_token=b"x" * 32)]), InvalidInputError, None, "push_token"),
+        (
+            _open(next_hops=[_hop(6, 7), _hop(7, 8)] * 500_000),  # counted before a single hop is copied
+            InvalidInputError,
+            None,
+            "more next hops than blocks in the model",
+        ),
     ],
 )
 def test_bad_open_raises(
@@ -124,6 +156,42 @@ def test_reroute_parses_like_next_hops() -> None:
     assert parse_hops([], end=6, num_blocks=8) == ()
     with pytest.raises(InvalidInputError, match="expected a span from 6"):
         parse_reroute(peer_pb2.Reroute(next_hops=[_hop(7, 8)]), end=6, num_blocks=8)
+    for bad in (_hop(6, 8, push_token=b""), _hop(6, 8, session_id="")):
+        with pytest.raises(InvalidInputError, match="next hop"):
+            parse_reroute(peer_pb2.Reroute(next_hops=[bad]), end=6, num_blocks=8)
+    with pytest.raises(InvalidInputError, match="more next hops than blocks"):
+        parse_reroute(peer_pb2.Reroute(next_hops=[peer_pb2.Hop()] * 10**6), end=6, num_blocks=8)
+
+
+# ---- Push ----------------------------------------------------------------------------------------------
+
+
+def _push(token: bytes = TOKEN, **step: object) -> peer_pb2.PushRequest:
+    return peer_pb2.PushRequest(step=peer_pb2.Step(**{"session_id": "s", **step}), push_token=token)  # type: ignore[arg-type]
+
+
+def test_push_parses_its_claim() -> None:
+    assert parse_push(_push()) == ("s", TOKEN)
+    assert parse_push(_push(rollback_to=2)) == ("s", TOKEN)  # speculative rollbacks travel down the route
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "message"),
+    [
+        (_push(local_only=True), InvalidInputError, "a push cannot be local_only"),
+        (_push(token=b""), PushRefused, "push refused"),
+        (_push(token=TOKEN[:15]), PushRefused, "push refused"),
+        (_push(token=TOKEN * 2), PushRefused, "push refused"),
+        (_push(session_id=""), PushRefused, "push refused"),
+        (_push(session_id="x" * (MAX_SESSION_ID_CHARS + 1)), PushRefused, "push refused"),
+        (_push(session_id="a\x00b"), PushRefused, "push refused"),
+    ],
+    ids=["local only", "no token", "short token", "long token", "no id", "long id", "unprintable id"],
+)
+def test_bad_push_raises(request_: peer_pb2.PushRequest, error: type[Exception], message: str) -> None:
+    with pytest.raises(Exception) as caught:
+        parse_push(request_)
+    assert type(caught.value) is error and str(caught.value) == message
 
 
 # ---- steps ---------------------------------------------------------------------------------------------
@@ -269,6 +337,52 @@ def test_bad_forward_raises(
     assert type(caught.value) is error
     assert getattr(caught.value, "limit", None) == limit
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "num_blocks", "itemsize", "expected"),
+    [
+        ((1, 1, 8), 1, 4, 1 * 1 * 8 * 4 * 1 * 16),
+        ((2, 3, 8), 4, 4, 2 * 3 * 8 * 4 * 4 * 16),
+        ((2, 3, 8), 4, 2, 2 * 3 * 8 * 2 * 4 * 16),
+        ((16, 1024, 4096), 10, 2, 16 * 1024 * 4096 * 2 * 10 * 16),
+    ],
+)
+def test_backward_bytes_estimate(
+    shape: tuple[int, int, int], num_blocks: int, itemsize: int, expected: int
+) -> None:
+    assert backward_bytes(shape, num_blocks, itemsize=itemsize) == expected
+
+
+def test_backward_over_the_memory_bound_names_the_limit() -> None:
+    # [1, 2, 8] fp32 through 4 blocks: 1 * 2 * 8 * 4 * 4 * 16 = 4096 bytes
+    request = peer_pb2.BackwardRequest(
+        start=2, end=6, hidden=_zeros(1, 2, HIDDEN), grad_output=_zeros(1, 2, HIDDEN)
+    )
+    at_limit = Limits(
+        max_batch_size=4,
+        max_length=128,
+        max_forward_tokens=64,
+        max_message_bytes=1 << 16,
+        max_backward_bytes=4096,
+    )
+    assert parse_backward(request, served=SERVED, limits=at_limit).hidden.shape == (1, 2, HIDDEN)
+    below = Limits(
+        max_batch_size=4,
+        max_length=128,
+        max_forward_tokens=64,
+        max_message_bytes=1 << 16,
+        max_backward_bytes=4095,
+    )
+    with pytest.raises(
+        PeerLimitError, match="needs about 4096 bytes of activations, more than this peer's 4095"
+    ) as caught:
+        parse_backward(request, served=SERVED, limits=below)
+    assert caught.value.limit == "max_backward_bytes"
+    narrower = peer_pb2.BackwardRequest(
+        start=2, end=3, hidden=_zeros(1, 2, HIDDEN), grad_output=_zeros(1, 2, HIDDEN)
+    )
+    assert parse_backward(narrower, served=SERVED, limits=below).end == 3  # one block needs a quarter
 
 
 def test_backward_needs_a_gradient_shaped_like_hidden() -> None:

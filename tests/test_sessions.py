@@ -8,7 +8,8 @@ import re
 import pytest
 import torch
 
-from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable
+from peer import sessions
+from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable, log_id
 from protos.errors import CorollaError
 
 BUDGET = 1000
@@ -43,10 +44,6 @@ SCENARIOS = {
     ),
     "close twice is a no-op": ([("open", "a", 2, 100), ("close", "a"), ("close", "a")], (BUDGET, [])),
     "close of an unknown id is a no-op": ([("open", "a", 1, 10), ("close", "zzz")], (990, ["a"])),
-    "an id is free again after close": (
-        [("open", "a", 1, 10), ("close", "a"), ("open", "a", 1, 20)],
-        (980, ["a"]),
-    ),
     "room freed by a close fits a new session": (
         [("open", "a", 1, 600), ("close", "a"), ("open", "b", 1, 1000)],
         (0, ["b"]),
@@ -70,8 +67,13 @@ REFUSALS = {
     "no room": ([("a", 2, 400)], ("b", 1, 201), NoRoom, "no cache room: session needs 201 tokens"),
     "no room at all": ([("a", 4, 250)], ("b", 1, 1), NoRoom, "0 of 1000 free"),
     "more than the whole budget": ([], ("a", 2, 501), NoRoom, "(batch 2 x length 501), 1000 of 1000 free"),
-    "same id": ([("a", 1, 10)], ("a", 1, 10), SessionExists, "session 'a' is already open"),
-    "same id, even when it would not fit": ([("a", 1, 10)], ("a", 9, 999), SessionExists, "already open"),
+    "same id": (
+        [("a", 1, 10)],
+        ("a", 1, 10),
+        SessionExists,
+        "this session id is in use or was used recently",
+    ),
+    "same id, even when it would not fit": ([("a", 1, 10)], ("a", 9, 999), SessionExists, "in use"),
 }
 
 
@@ -127,3 +129,46 @@ def test_close_returns_the_session_and_drops_its_cache() -> None:
     session.cache = object()  # type: ignore[assignment]  # stands in for the span's KV cache
     assert table.close("a", reason="test") is session
     assert session.cache is None and table.get("a") is None and table.close("a") is None
+
+
+def test_a_closed_id_is_refused_until_the_reuse_timeout() -> None:
+    # a stale push addressed to a closed id must never land in a new session that took the same id
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    table.open(_session("a", 1, 10))
+    table.close("a")
+    with pytest.raises(SessionExists, match="used recently"):
+        table.open(_session("a", 1, 10))
+    expired = _session("b", 1, 10, last_used=-1e9)
+    table.open(expired)
+    assert table.expire() == [expired]
+    with pytest.raises(SessionExists):
+        table.open(_session("b", 1, 10))
+    assert _state(table) == (BUDGET, [])
+    table.open(_session("c", 1, 10))  # other ids are not affected
+    reusable = SessionTable(BUDGET, idle_timeout=IDLE, reuse_timeout=0.0)
+    reusable.open(_session("a", 1, 10))
+    reusable.close("a")
+    reusable.open(_session("a", 1, 10))
+    assert _state(reusable) == (990, ["a"])
+
+
+def test_closed_ids_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "MAX_CLOSED_IDS", 2)
+    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    for session_id in "abc":
+        table.open(_session(session_id, 1, 10))
+        table.close(session_id)
+    table.open(_session("a", 1, 10))  # the oldest was forgotten: memory stays bounded
+    for session_id in "bc":
+        with pytest.raises(SessionExists):
+            table.open(_session(session_id, 1, 10))
+
+
+def test_logs_show_only_a_short_hash_of_an_id(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "0123456789abcdef-secret-session-id"
+    with caplog.at_level("INFO", logger="peer.sessions"):
+        table = SessionTable(BUDGET, idle_timeout=IDLE)
+        table.open(_session(secret, 1, 10))
+        table.close(secret)
+    assert len(caplog.records) == 2 and secret not in caplog.text and "secret" not in caplog.text
+    assert f"id={log_id(secret)}" in caplog.text and len(log_id(secret)) == 8

@@ -205,6 +205,27 @@ def test_shape_product_beyond_int64_is_rejected() -> None:
         from_message(msg, max_bytes=MAX_BYTES)
 
 
+@pytest.mark.parametrize("max_bytes", [MAX_BYTES, 2**200], ids=["limited", "unlimited"])
+def test_zero_element_shape_with_huge_dims_is_invalid_input(max_bytes: int) -> None:
+    # torch.empty((0, 2**62, 2**62)) raises "Stride calculation overflowed": never to reach a caller
+    msg = peer_pb2.Tensor(dtype="float32", shape=[0, 2**62, 2**62])
+    with pytest.raises(InvalidInputError):
+        from_message(msg, max_bytes=max_bytes)
+
+
+def test_zero_element_shape_within_limits_decodes() -> None:
+    decoded = from_message(peer_pb2.Tensor(dtype="float32", shape=[0, 3, 4]), max_bytes=MAX_BYTES)
+    assert decoded.shape == (0, 3, 4) and decoded.dtype == torch.float32
+
+
+def test_too_many_dims_is_refused_before_the_shape_is_copied() -> None:
+    msg = peer_pb2.Tensor(dtype="float32", shape=[1] * 1_000_000)
+    with pytest.raises(InvalidInputError, match="expected 3 dims, got 1000000"):
+        from_message(msg, max_bytes=MAX_BYTES, expected_ndim=3)
+    with pytest.raises(InvalidInputError, match="1000000 dims is more than the maximum"):
+        from_message(msg, max_bytes=MAX_BYTES)
+
+
 def test_optional_field_absent_or_present() -> None:
     step = peer_pb2.Step(session_id="s", hidden=to_message(torch.zeros(1, 2, 4)))
     assert optional_from_message(step.position_ids, max_bytes=MAX_BYTES) is None
