@@ -207,8 +207,8 @@ class InMemoryDiscovery:
 
 class BanList:
     """Peers to avoid for a while. Each further ban of a peer lasts `backoff` times longer, up to
-    `max_ban_timeout`; `unban` lifts the ban and resets the backoff (for tools; the client never does:
-    a ban simply expires)."""
+    `max_ban_timeout`; each success of a peer whose ban has expired (`served`) divides its next ban by
+    `backoff` again, so bans decay; `unban` lifts the ban and resets the backoff at once."""
 
     def __init__(
         self,
@@ -241,6 +241,18 @@ class BanList:
     def banned(self) -> set[str]:
         now = self.clock()
         return {peer_id for peer_id, until in self._until.items() if until > now}
+
+    def served(self, peer_id: str) -> None:
+        """`peer_id` served a request correctly: its next ban is one step shorter (a banned peer's is not)."""
+        timeout = self._next_timeout.get(peer_id)
+        if timeout is None or self.is_banned(peer_id):
+            return
+        shorter = timeout / self.backoff
+        if shorter <= self.ban_timeout:
+            del self._next_timeout[peer_id]
+            self._until.pop(peer_id, None)
+        else:
+            self._next_timeout[peer_id] = shorter
 
     def unban(self, peer_id: str) -> None:
         if self._next_timeout.pop(peer_id, None) is not None:

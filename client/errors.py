@@ -58,15 +58,24 @@ class NoRouteError(SwarmError):
 
 class PeerFailure(CorollaError):
     """A peer failed a request with `code` (see the contract in protos/peer.proto); `limit` names the peer's
-    own limit when it refused a request that a peer with larger limits could take."""
+    own limit when it refused a request that a peer with larger limits could take; `relayed` marks a code
+    that a hop relayed from its push to `peer_id` (the client's own request was accepted by the hop)."""
 
     def __init__(
-        self, code: grpc.StatusCode, message: str, peer_id: str, *, limit: str | None = None
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        peer_id: str,
+        *,
+        limit: str | None = None,
+        relayed: bool = False,
     ) -> None:
         super().__init__(f"{code.name} from peer {short_id(peer_id)}: {message}")
         self.code = code
+        self.detail = message
         self.peer_id = peer_id
         self.limit = limit
+        self.relayed = relayed
 
 
 class Action(enum.Enum):
@@ -93,9 +102,16 @@ FAILURE_POLICY: dict[grpc.StatusCode, Action] = {
 
 
 def action(failure: PeerFailure) -> Action:
-    """What to do after `failure`: the table, except that a refusal for the peer's own limit is avoided."""
+    """What to do after `failure`: the table, except that a refusal for the peer's own limit is avoided, an
+    INVALID_ARGUMENT relayed from a push is the next hop's fault (the first hop accepted the request), and
+    a relayed PERMISSION_DENIED is how a peer refuses a push to a session it does not hold (it says the
+    same for an unknown id and a wrong token; the client's tokens are right), so that hop is reopened."""
     if failure.code == grpc.StatusCode.INVALID_ARGUMENT and failure.limit is not None:
         return Action.AVOID
+    if failure.relayed and failure.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return Action.BAN
+    if failure.relayed and failure.code == grpc.StatusCode.PERMISSION_DENIED:
+        return Action.REOPEN
     return FAILURE_POLICY.get(failure.code, Action.BAN)
 
 

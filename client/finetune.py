@@ -18,6 +18,7 @@ import grpc
 import torch
 from torch import nn
 
+from client.checks import result_problem
 from client.errors import PeerFailure, Retries, SwarmError
 from client.route import Hop, Needs, plan_forward_route
 from client.streams import rpc_failure
@@ -26,6 +27,8 @@ from protos.errors import InvalidInputError
 from protos.tensors import dtype_from_name, from_message, to_message
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from client.swarm import SwarmConnection
 
 logger = logging.getLogger(__name__)
@@ -144,14 +147,7 @@ class RemoteSpans:
         self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None
     ) -> torch.Tensor:
         request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
-        if prompts is not None:
-            request.prompts.CopyFrom(self._prompts_message(prompts, hop))
-        try:
-            reply = await self.swarm.channels.stub(hop.address).Forward(
-                request, timeout=self.config.forward_timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            raise rpc_failure(e, hop.peer_id, "forward failed") from None
+        reply = await self._call(hop, "Forward", request, prompts)
         return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
     async def _backward_hop(
@@ -165,35 +161,44 @@ class RemoteSpans:
         request = peer_pb2.BackwardRequest(
             start=hop.start, end=hop.end, hidden=to_message(span.hidden), grad_output=to_message(grad)
         )
-        if prompts is not None:
-            request.prompts.CopyFrom(self._prompts_message(prompts, hop))
-        try:
-            reply = await self.swarm.channels.stub(hop.address).Backward(
-                request, timeout=self.config.forward_timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            raise rpc_failure(e, hop.peer_id, "backward failed") from None
-        grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop)
+        reply = await self._call(hop, "Backward", request, prompts)
+        # gradients overflow honestly in fp16, and a non-finite gradient sent gives one back (loss scaling
+        # expects to see both); anything else non-finite is the peer's fault
+        finite = self.wire_dtype != torch.float16 and bool(torch.isfinite(grad).all())
+        grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop, finite=finite)
         if prompts is not None and grad_prompts is not None:
             expected = prompts[hop.start : hop.end].shape
-            piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop)
+            piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop, finite=finite)
             grad_prompts[hop.start : hop.end] += piece.float()
         return grad_input.to(self.wire_dtype)
 
-    def _prompts_message(self, prompts: torch.Tensor, hop: Hop) -> peer_pb2.Tensor:
-        return to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype)
+    async def _call(self, hop: Hop, rpc: str, request: Any, prompts: torch.Tensor | None) -> Any:
+        """The stateless `rpc` ("Forward" or "Backward") on `hop`, with its blocks' share of the per-block
+        prompts; a gRPC error becomes the hop's `PeerFailure`."""
+        if prompts is not None:
+            request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype))
+        call = getattr(self.swarm.channels.stub(hop.address), rpc)
+        try:
+            return await call(request, timeout=self.config.forward_timeout)
+        except grpc.aio.AioRpcError as e:
+            raise rpc_failure(e, hop.peer_id, f"{rpc.lower()} failed") from None
 
-    def _decode(self, message: peer_pb2.Tensor, name: str, shape: torch.Size, hop: Hop) -> torch.Tensor:
+    def _decode(
+        self, message: peer_pb2.Tensor, name: str, shape: torch.Size, hop: Hop, *, finite: bool = True
+    ) -> torch.Tensor:
+        """A reply's tensor, which must have `shape`, the wire dtype and (hidden states) finite values;
+        anything else is a failure of the hop (retried elsewhere), never an error that escapes the retry
+        loop."""
         try:
             tensor = from_message(
                 message, max_bytes=self.config.max_message_bytes, expected_ndim=len(shape), name=name
             )
-        except InvalidInputError as e:  # the peer's reply is garbled, not the caller's request
+        except Exception as e:  # the peer's reply is garbled, not the caller's request
             raise PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", hop.peer_id) from None
-        if tensor.shape != shape:
-            raise PeerFailure(
-                grpc.StatusCode.INTERNAL, f"{name} came back with shape {list(tensor.shape)}", hop.peer_id
-            )
+        problem = result_problem(tensor, shape=shape, dtype=self.wire_dtype, finite=finite)
+        if problem is not None:
+            raise PeerFailure(grpc.StatusCode.INTERNAL, f"bad {name}: {problem}", hop.peer_id)
+        self.swarm.bans.served(hop.peer_id)
         return tensor
 
 
@@ -276,6 +281,16 @@ class PromptTuning(nn.Module):
         batch = inputs_embeds.shape[0]
         prompts = self.input_prompts.to(inputs_embeds.dtype).expand(batch, -1, -1)
         return torch.cat([prompts, inputs_embeds[:, self.pre_seq_len :]], dim=1)
+
+
+def prompted_loss(model: PreTrainedModel, prompts: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """`ptune` written directly on a whole local transformers causal LM: the causal-LM loss of `input_ids`
+    [batch, seq] with `prompts` [pre_seq_len, embed] before their embeddings and ignored by the loss. What a
+    swarm's `ptune` training is checked against (tests, benchmarks); it shares no code with `PromptTuning`."""
+    batch, pre_seq_len = len(input_ids), len(prompts)
+    embeds = torch.cat([prompts.expand(batch, -1, -1), model.get_input_embeddings()(input_ids)], dim=1)
+    labels = torch.cat([torch.full((batch, pre_seq_len), -100), input_ids], dim=1)
+    return model(inputs_embeds=embeds, labels=labels).loss
 
 
 def freeze_except(model: nn.Module, trainable: list[nn.Module]) -> None:

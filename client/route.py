@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -149,8 +150,11 @@ def plan_inference_route(
     default_rtt: float = 0.005,
     block_time: Mapping[str, float] | None = None,
     needs: Needs | None = None,
+    median_cap: bool = False,
 ) -> list[Hop]:
     """The route over `[start, end)` with the least expected time of one decode step, fewest hops on ties.
+    With `median_cap` (what sessions use), an unmeasured peer's announcement counts at most as the median
+    peer's (see `_hop_costs`).
 
     A hop through peer p over n blocks costs `rtt[p] + n * t_p`, where t_p is the seconds per block this
     client measured (`block_time`, see `PeerStats`) or else the announced prior `1 / (throughput_p *
@@ -161,7 +165,7 @@ def plan_inference_route(
     """
     start, end = _bounds(view, start, end)
     peers = _require_route(view, start, end, banned, needs)
-    costs = _hop_costs(peers, rtt or {}, default_rtt, block_time or {})
+    costs = _hop_costs(peers, rtt or {}, default_rtt, block_time or {}, median_cap=median_cap)
     # An optimal route exists whose hop boundaries are all span boundaries or start/end: moving a boundary
     # between two hops changes the cost linearly, and where it would stop inside a span the two hops merge.
     points = sorted({start, end} | {b for r in peers.values() for b in (r.start, r.end) if start < b < end})
@@ -324,10 +328,16 @@ def _hop_costs(
     rtt: Mapping[str, float],
     default_rtt: float,
     block_time: Mapping[str, float],
+    *,
+    median_cap: bool,
 ) -> dict[str, tuple[float, float]]:
-    """peer_id -> (round trip in seconds, seconds per block)."""
+    """peer_id -> (round trip in seconds, seconds per block). A peer the client has not measured counts
+    with its announced speed (blocks per second), with `median_cap` at most the median of the peers'
+    announcements: one record claiming a huge throughput (a Sybil) cannot pull routes onto itself."""
     costs = {}
-    for peer_id, record in peers.items():
+    speeds = {peer_id: max(r.throughput, MIN_THROUGHPUT) * (r.end - r.start) for peer_id, r in peers.items()}
+    cap = statistics.median(speeds.values()) if speeds and median_cap else math.inf
+    for peer_id in peers:
         hop_rtt = rtt.get(peer_id, default_rtt)
         if not (math.isfinite(hop_rtt) and hop_rtt >= 0):
             raise InvalidInputError(f"rtt of peer {peer_id} must be finite and >= 0, got {hop_rtt}")
@@ -335,7 +345,7 @@ def _hop_costs(
         if measured is not None and math.isfinite(measured) and measured >= 0:
             per_block = measured
         else:
-            per_block = 1.0 / (max(record.throughput, MIN_THROUGHPUT) * (record.end - record.start))
+            per_block = 1.0 / min(speeds[peer_id], cap)
         costs[peer_id] = (hop_rtt, per_block)
     return costs
 

@@ -17,14 +17,15 @@ import dataclasses
 import itertools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import grpc
 import torch
 
+from client.checks import agrees, result_problem
 from client.deadlines import HopDeadlines, Waiting
-from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id
+from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id, status_code
 from client.route import Hop, Needs, plan_inference_route
 from client.streams import HopStream
 from protos import peer_pb2
@@ -78,8 +79,7 @@ class InferenceSession:
         self.failovers: list[Failover] = []  # the hops replaced after a failure, in order
         self.closed = False
         self._failed_at = 0.0
-        prefix = uuid.uuid4().hex
-        self._session_ids = (f"{prefix}-{n}" for n in itertools.count())
+        self._wire_dtype = dtype_from_name(swarm.wire_dtype)
         self._step_ids = itertools.count()
         self._waiting: dict[int, Waiting] = {}
         self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
@@ -175,12 +175,12 @@ class InferenceSession:
         view = await self.swarm.discovery.view(refresh=refresh)
         try:
             hops = plan_inference_route(
-                view, start=start, end=end, banned=banned, block_time=measured, needs=needs
+                view, start=start, end=end, banned=banned, block_time=measured, needs=needs, median_cap=True
             )
         except NoRouteError:
             needs = dataclasses.replace(needs, free_cache=False)
             hops = plan_inference_route(
-                view, start=start, end=end, banned=banned, block_time=measured, needs=needs
+                view, start=start, end=end, banned=banned, block_time=measured, needs=needs, median_cap=True
             )
         self._deadlines.expect(view, hops)
         return hops
@@ -210,7 +210,8 @@ class InferenceSession:
         for stream in old:
             await stream.close()
         following = self.streams[last:]
-        new = [self._stream(hop) for hop in hops]
+        # the route's first hop takes no pushes; every other hop is pushed to by the hop before it
+        new = [self._stream(hop, pushed=first + index > 0) for index, hop in enumerate(hops)]
         try:
             for index, stream in enumerate(new):
                 request = self._open_request(stream, [*new[index + 1 :], *following])
@@ -244,11 +245,9 @@ class InferenceSession:
                 self.position,
             )
 
-    def _stream(self, hop: Hop) -> HopStream:
+    def _stream(self, hop: Hop, *, pushed: bool) -> HopStream:
         stub = self.swarm.channels.stub(hop.address)
-        return HopStream(
-            hop, stub, self, next(self._session_ids), max_message_bytes=self.config.max_message_bytes
-        )
+        return HopStream(hop, stub, self, pushed=pushed, max_message_bytes=self.config.max_message_bytes)
 
     def _open_request(self, stream: HopStream, next_streams: list[HopStream]) -> peer_pb2.OpenSession:
         return peer_pb2.OpenSession(
@@ -260,17 +259,28 @@ class InferenceSession:
             dtype=self.swarm.wire_dtype,
             next_hops=[s.message() for s in next_streams],
             report_outputs=True,
+            push_token=stream.push_token,
         )
 
     async def _replay(self, streams: list[HopStream]) -> None:
-        """Resend every past step to the new hops, one hop at a time, with the very same chunks."""
+        """Resend every past step to the new hops, one hop at a time, with the very same chunks. A replay
+        that does not reproduce what the client holds, within the dtype's tolerance, fails its peer."""
         for log in self.history:
             for stream in streams:
-                output = await self._send(log, stream, expect=[stream], local_only=True)
-                expected = log.inputs.get(stream.hop.end)
-                if expected is not None and not torch.equal(output, expected):
-                    logger.warning("replay differs at block %d position %d", stream.hop.end, log.position)
-                log.inputs[stream.hop.end] = output
+                end = stream.hop.end
+                held = log.inputs.pop(end, None)  # taken out, so the replay's own output comes back
+                try:
+                    output = await self._send(log, stream, expect=[stream], local_only=True)
+                finally:
+                    if held is not None:  # the later hops' caches were built from it: it stays
+                        log.inputs[end] = held
+                if held is not None and not torch.equal(output, held):
+                    where = f"block {end} position {log.position}"
+                    if not agrees(output, held):
+                        raise PeerFailure(
+                            grpc.StatusCode.INTERNAL, f"replay differs at {where}", stream.hop.peer_id
+                        )
+                    logger.warning("replay differs within tolerance at %s", where)
 
     async def _run(self, log: StepLog) -> torch.Tensor:
         """Send the step from the first hop that has not reported it; the last hop's output ends it."""
@@ -332,8 +342,13 @@ class InferenceSession:
 
     def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None:
         log = self._sent.get(step_id)
-        if log is None or stream.closed:
+        if log is None or stream.closed or stream.failure is not None:
             return
+        problem = result_problem(hidden, shape=log.inputs[0].shape, dtype=self._wire_dtype)
+        if problem is not None:  # the hop is not trusted for the rest of the session
+            stream.fail(PeerFailure(grpc.StatusCode.INTERNAL, f"bad result: {problem}", stream.hop.peer_id))
+            return
+        self.swarm.bans.served(stream.hop.peer_id)
         log.inputs.setdefault(stream.hop.end, hidden)
         waiting = self._waiting.get(step_id)
         if waiting is None:
@@ -353,10 +368,21 @@ class InferenceSession:
             blocks = stream.hop.end - stream.hop.start
             self.swarm.stats.observe_step(stream.hop.peer_id, blocks, now - started)
 
-    def on_error(self, step_id: int, failure: PeerFailure) -> None:
-        waiting = self._waiting.get(step_id)
-        if waiting is not None and not waiting.done.done():
-            waiting.done.set_exception(failure)
+    def on_error(self, stream: HopStream, error: peer_pb2.StepError) -> None:
+        """A hop's StepError may blame itself or a later hop of the route (a failed push); naming any other
+        peer is not believed, and the reporting hop takes the blame."""
+        waiting = self._waiting.get(error.step_id)
+        if waiting is None or waiting.done.done():
+            return
+        reporter = stream.hop.peer_id
+        index = next((i for i, s in enumerate(self.streams) if s is stream), len(self.streams))
+        if error.peer_id in {s.hop.peer_id for s in self.streams[index + 1 :]}:
+            failure = PeerFailure(status_code(error.code), error.message, error.peer_id, relayed=True)
+        else:
+            if error.peer_id not in ("", reporter):
+                logger.warning("step error blames a peer off the route peer=%s", short_id(reporter))
+            failure = PeerFailure(status_code(error.code), error.message, reporter)
+        waiting.done.set_exception(failure)
 
     def on_stream_end(self, stream: HopStream, failure: PeerFailure) -> None:
         if stream.closed:

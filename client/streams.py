@@ -4,17 +4,23 @@ inference session), and turns every way a stream can end into a `PeerFailure`. K
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Protocol
 
 import grpc
 import torch
 
-from client.errors import PeerFailure, status_code
+from client.errors import PeerFailure, short_id
 from client.route import Hop
 from protos import peer_pb2, peer_pb2_grpc
 from protos.errors import LIMIT_METADATA_KEY, CorollaError
 from protos.tensors import from_message
+
+logger = logging.getLogger(__name__)
+
+ID_BYTES = 16  # a hop's session id and push token: 128 random bits each, independent of every other hop's
 
 
 class StreamListener(Protocol):
@@ -22,7 +28,7 @@ class StreamListener(Protocol):
 
     def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None: ...
 
-    def on_error(self, step_id: int, failure: PeerFailure) -> None: ...
+    def on_error(self, stream: HopStream, error: peer_pb2.StepError) -> None: ...
 
     def on_stream_end(self, stream: HopStream, failure: PeerFailure) -> None: ...
 
@@ -37,20 +43,25 @@ def rpc_failure(error: grpc.aio.AioRpcError, peer_id: str, default: str) -> Peer
 
 
 class HopStream:
-    """One hop's Session stream; its replies go to the listener, tagged with the stream."""
+    """One hop's Session stream; its replies go to the listener, tagged with the stream.
+
+    Each stream draws its own random session id, so a reopened hop never meets an old one and no peer can
+    derive another hop's id; a hop that the previous hop pushes to (`pushed`) also draws a push token,
+    which only this hop's OpenSession and the previous hop's `Hop` message carry."""
 
     def __init__(
         self,
         hop: Hop,
         stub: peer_pb2_grpc.PeerStub,
         listener: StreamListener,
-        session_id: str,
         *,
+        pushed: bool,
         max_message_bytes: int,
     ) -> None:
         self.hop = hop
         self.listener = listener
-        self.session_id = session_id  # each hop has its own, so a reopened hop never meets an old one
+        self.session_id = secrets.token_hex(ID_BYTES)
+        self.push_token = secrets.token_bytes(ID_BYTES) if pushed else b""
         self.max_message_bytes = max_message_bytes
         self.failure: PeerFailure | None = None
         self.closed = False
@@ -87,16 +98,25 @@ class HopStream:
                     )
                     self.listener.on_result(self, reply.result.step_id, hidden)
                 elif kind == "error":
-                    peer_id = reply.error.peer_id or self.hop.peer_id
-                    failure = PeerFailure(status_code(reply.error.code), reply.error.message, peer_id)
-                    self.listener.on_error(reply.error.step_id, failure)
+                    self.listener.on_error(self, reply.error)
             self._end(PeerFailure(grpc.StatusCode.UNAVAILABLE, "stream ended", self.hop.peer_id))
         except grpc.aio.AioRpcError as e:
             self._end(rpc_failure(e, self.hop.peer_id, "stream failed"))
         except CorollaError as e:  # a garbled reply: this hop is not trusted for the rest of the session
             self._end(PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", self.hop.peer_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # any other way a reply can break the reader still ends this hop at once
+            logger.warning("hop reader failed peer=%s error=%r", short_id(self.hop.peer_id), e)
+            self._end(PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e!r}", self.hop.peer_id))
+
+    def fail(self, failure: PeerFailure) -> None:
+        """End this hop for the session (a reply the listener refused); later replies are ignored."""
+        self._end(failure)
 
     def _end(self, failure: PeerFailure) -> None:
+        if self.failure is not None:
+            return  # the first failure is the reason
         self.failure = failure
         if not self._opened.done():
             self._opened.set_exception(failure)
@@ -105,7 +125,12 @@ class HopStream:
     def message(self) -> peer_pb2.Hop:
         hop = self.hop
         return peer_pb2.Hop(
-            peer_id=hop.peer_id, address=hop.address, start=hop.start, end=hop.end, session_id=self.session_id
+            peer_id=hop.peer_id,
+            address=hop.address,
+            start=hop.start,
+            end=hop.end,
+            session_id=self.session_id,
+            push_token=self.push_token,
         )
 
     async def close(self) -> None:

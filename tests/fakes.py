@@ -35,14 +35,15 @@ from peer.sessions import SessionTable
 from protos import peer_pb2, peer_pb2_grpc
 from protos.channels import channel_options
 from protos.records import PeerRecord, PeerState
-from protos.tensors import dtype_name
+from protos.tensors import dtype_name, from_message, to_message
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
 VERSION = "0.0.0+fake"
 STOP_GRACE = 0.5  # seconds a drained peer's server lets open calls finish before it stops
-_OPEN, _STEP, _FORWARD = "open", "step", "forward"  # what `fail_next` applies to
+_OPEN, _STEP, _FORWARD, _PUSH = "open", "step", "forward", "push"  # what `fail_next` applies to
+CORRUPTIONS = ("bytes", "nan", "shape", "dtype", "perturb")  # how `corrupt_outputs` garbles a reply
 
 
 class Faults:
@@ -53,7 +54,9 @@ class Faults:
         self.thawed = threading.Event()
         self.thawed.set()
         self.killed = False
-        self.corrupt = False
+        self.corrupt: str | None = None  # one of CORRUPTIONS
+        self.blame: list[tuple[str, grpc.StatusCode]] = []  # StepErrors to send in place of results
+        self.received: list[peer_pb2.SessionRequest] = []  # every open and reroute, as it came in
         self.slow_factor = 1.0
         self.min_compute_seconds = 0.0
         self.num_waiting = 0  # calls held by a freeze right now
@@ -141,8 +144,14 @@ class _FaultyService(PeerService):
     ) -> AsyncIterator[peer_pb2.SessionReply]:
         async for reply in super().Session(self._gated(request_iterator), context):
             await self.faults.gate()
-            if self.faults.corrupt and reply.WhichOneof("kind") == "result":
-                reply.result.hidden.data = reply.result.hidden.data[:-1]  # shorter than its shape says
+            if reply.WhichOneof("kind") == "result" and self.faults.blame:
+                peer_id, code = self.faults.blame.pop(0)
+                message = f"injected {code.name} blaming {peer_id}"
+                error = peer_pb2.StepError(step_id=reply.result.step_id, code=code.value[0], message=message)
+                error.peer_id = peer_id
+                reply = peer_pb2.SessionReply(error=error)
+            elif self.faults.corrupt and reply.WhichOneof("kind") == "result":
+                _corrupt(reply.result.hidden, self.faults.corrupt)
             yield reply
 
     async def _gated(
@@ -150,6 +159,8 @@ class _FaultyService(PeerService):
     ) -> AsyncIterator[peer_pb2.SessionRequest]:
         async for request in requests:
             await self.faults.gate()
+            if request.WhichOneof("kind") in ("open", "reroute"):
+                self.faults.received.append(request)
             if request.WhichOneof("kind") == "open" and (failure := self.faults.take_failure(_OPEN)):
                 raise failure  # the servicer ends the stream with its status
             yield request
@@ -158,6 +169,8 @@ class _FaultyService(PeerService):
         self, request: peer_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.PushReply:
         await self.faults.gate()
+        if failure := self.faults.take_failure(_PUSH):
+            await context.abort(failure.code, str(failure))
         return await super().Push(request, context)
 
     async def Forward(
@@ -166,7 +179,7 @@ class _FaultyService(PeerService):
         await self.faults.gate()
         reply = await super().Forward(request, context)
         if self.faults.corrupt:
-            reply.hidden.data = reply.hidden.data[:-1]
+            _corrupt(reply.hidden, self.faults.corrupt)
         return reply
 
     async def Backward(
@@ -175,7 +188,7 @@ class _FaultyService(PeerService):
         await self.faults.gate()
         reply = await super().Backward(request, context)
         if self.faults.corrupt:
-            reply.grad_input.data = reply.grad_input.data[:-1]
+            _corrupt(reply.grad_input, self.faults.corrupt)
         return reply
 
     async def Info(
@@ -290,13 +303,24 @@ class FakePeer:
     def fail_next(
         self, code: grpc.StatusCode, n: int = 1, *, on: tuple[str, ...] = (_OPEN, _STEP, _FORWARD)
     ) -> None:
-        """The next `n` opens, session steps or stateless forwards/backwards (those in `on`) answer `code`."""
+        """The next `n` opens, session steps, stateless forwards/backwards or received pushes (those in `on`:
+        "open", "step", "forward", "push") answer `code`."""
         self.faults.fail_next(code, n, frozenset(on))
 
-    def corrupt_outputs(self, on: bool = True) -> None:
-        """Step results sent to the client and Forward/Backward replies carry one byte less than their shape
-        needs (pushes to the next hop stay intact)."""
-        self.faults.corrupt = on
+    def corrupt_outputs(self, on: bool = True, *, mode: str = "bytes") -> None:
+        """Step results sent to the client and Forward/Backward replies come back garbled (pushes to the
+        next hop stay intact): `mode` "bytes" one byte short of their shape, "nan" all NaN, "shape" twice
+        as many positions, "dtype" in another float dtype, "perturb" plausible values off by 0.01."""
+        if mode not in CORRUPTIONS:
+            raise ValueError(f"mode must be one of {CORRUPTIONS}, got {mode!r}")
+        self.faults.corrupt = mode if on else None
+
+    def blame_next(
+        self, peer_id: str, *, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, n: int = 1
+    ) -> None:
+        """The next `n` step results to the client are replaced by a StepError that names `peer_id` as the
+        culprit (a hop framing another peer; the step was computed and pushed on as usual)."""
+        self.faults.blame += [(peer_id, code)] * n
 
     def slow(self, factor: float, *, at_least: float = 0.0) -> None:
         """Each compute takes `factor` times as long (and at least `at_least` seconds); pings still answer."""
@@ -415,6 +439,24 @@ class FakeSwarm:
             self._thread.join(10)
             if not self._thread.is_alive():
                 self.loop.close()
+
+
+def _corrupt(message: peer_pb2.Tensor, mode: str) -> None:
+    """Garble a reply's tensor in place (see `FakePeer.corrupt_outputs`)."""
+    if mode == "bytes":
+        message.data = message.data[:-1]  # shorter than its shape says
+        return
+    tensor = from_message(message, max_bytes=2**40)
+    if mode == "nan":
+        tensor = torch.full_like(tensor, float("nan"))
+    elif mode == "shape":
+        tensor = torch.cat([tensor, tensor], dim=1)
+    elif mode == "perturb":
+        tensor = tensor + 0.01
+    dtype = tensor.dtype
+    if mode == "dtype":
+        dtype = torch.float16 if tensor.dtype != torch.float16 else torch.float32
+    message.CopyFrom(to_message(tensor, dtype=dtype))
 
 
 @functools.lru_cache(maxsize=4)

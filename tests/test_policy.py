@@ -8,7 +8,9 @@ import asyncio
 import grpc
 import pytest
 import torch
+from records_factory import peer_record
 
+from client.checks import agrees, result_problem
 from client.config import ClientConfig
 from client.deadlines import HopDeadlines
 from client.discovery import BanList, SwarmView
@@ -24,7 +26,6 @@ from client.errors import (
 )
 from client.route import Hop, Needs, PeerStats, plan_forward_route, plan_inference_route
 from protos.errors import InvalidInputError
-from protos.records import PeerRecord, PeerState
 
 Code = grpc.StatusCode
 
@@ -47,6 +48,73 @@ Code = grpc.StatusCode
 )
 def test_failure_policy_table(code: grpc.StatusCode, limit: str | None, expected: Action) -> None:
     assert action(PeerFailure(code, "x", "peer-a", limit=limit)) is expected
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (Code.INVALID_ARGUMENT, Action.BAN),  # the first hop accepted the step: the refusal is the next hop's
+        (Code.NOT_FOUND, Action.REOPEN),  # the next hop lost the session
+        (Code.PERMISSION_DENIED, Action.REOPEN),  # the next hop holds no session with that id and token
+        (Code.RESOURCE_EXHAUSTED, Action.AVOID),
+    ],
+)
+def test_failure_relayed_from_a_push(code: grpc.StatusCode, expected: Action) -> None:
+    assert action(PeerFailure(code, "push failed", "peer-b", relayed=True)) is expected
+
+
+def test_retries_ban_a_relayed_invalid_argument_instead_of_raising() -> None:
+    retries, bans = _retries()
+    failure = PeerFailure(Code.INVALID_ARGUMENT, "push failed", "peer-b", relayed=True)
+    assert asyncio.run(retries.failed(failure)) is Action.BAN
+    assert bans.banned() == {"peer-b"}
+
+
+@pytest.mark.parametrize(
+    ("tensor", "problem"),
+    [
+        (torch.zeros(2, 3, 4), None),
+        (torch.zeros(2, 1, 4), "shape [2, 1, 4], expected [2, 3, 4]"),
+        (torch.zeros(2, 3, 4, dtype=torch.float16), "dtype torch.float16, expected torch.float32"),
+        (torch.zeros(2, 3, 4, dtype=torch.int64), "dtype torch.int64, expected torch.float32"),
+        (torch.full((2, 3, 4), float("nan")), "non-finite values"),
+        (torch.zeros(2, 3, 4).index_fill_(2, torch.tensor([1]), float("-inf")), "non-finite values"),
+    ],
+)
+def test_result_checks(tensor: torch.Tensor, problem: str | None) -> None:
+    assert result_problem(tensor, shape=(2, 3, 4), dtype=torch.float32) == problem
+
+
+@pytest.mark.parametrize(
+    ("dtype", "delta", "expected"),
+    [
+        (torch.float32, 0.0, True),
+        (torch.float32, 1e-6, True),
+        (torch.float32, 1e-3, False),
+        (torch.bfloat16, 1e-3, True),  # under bfloat16's resolution at 1.0
+        (torch.bfloat16, 0.1, False),
+    ],
+)
+def test_recomputation_tolerance(dtype: torch.dtype, delta: float, expected: bool) -> None:
+    held = torch.ones(1, 2, 8, dtype=dtype)
+    assert agrees((held.float() + delta).to(dtype), held) is expected
+    assert not agrees(held[:, :1], held)
+
+
+def test_bans_decay_after_successes() -> None:
+    now = [0.0]
+    bans = BanList(10.0, 2.0, 80.0, clock=lambda: now[0])
+    assert [bans.ban("bad", "x") for _ in range(3)] == [10.0, 20.0, 40.0]  # next one would last 80 s
+    bans.served("bad")  # a success while banned (another session's stream) changes nothing
+    now[0] += 40.0
+    bans.served("bad")  # next ban 40 s
+    assert bans.ban("bad", "x") == 40.0
+    now[0] += 40.0
+    for _ in range(3):  # 80 -> 40 -> 20 -> forgotten
+        bans.served("bad")
+    assert bans.ban("bad", "x") == 10.0
+    bans.served("never-banned")
+    assert bans.banned() == {"bad"}
 
 
 @pytest.mark.parametrize(
@@ -106,21 +174,6 @@ def test_retries_end_with_the_swarm_error_itself() -> None:
     asyncio.run(run())
 
 
-def _record(port: int, start: int, end: int, **fields) -> PeerRecord:
-    values = dict(
-        state=PeerState.ONLINE,
-        address=f"127.0.0.1:{port}",
-        start=start,
-        end=end,
-        throughput=10.0,
-        free_cache_tokens=16384,
-        max_length=8192,
-        dtype="float32",
-        version="test",
-    )
-    return PeerRecord(**(values | fields))
-
-
 @pytest.mark.parametrize(
     ("needs", "fields", "admitted"),
     [
@@ -138,15 +191,15 @@ def _record(port: int, start: int, end: int, **fields) -> PeerRecord:
     ],
 )
 def test_needs_against_announced_limits(needs: Needs, fields: dict, admitted: bool) -> None:
-    assert needs.admits(_record(5000, 0, 2, **fields)) is admitted
+    assert needs.admits(peer_record(0, 2, port=5000, **fields)) is admitted
 
 
 def test_routes_skip_peers_whose_limits_are_too_small() -> None:
     view = SwarmView.from_records(
         2,
         {
-            "short": _record(5001, 0, 2, max_length=64, throughput=1000.0),
-            "long": _record(5002, 0, 2, throughput=1.0),
+            "short": peer_record(0, 2, 1000.0, port=5001, max_length=64),
+            "long": peer_record(0, 2, 1.0, port=5002),
         },
     )
     assert [hop.peer_id for hop in plan_inference_route(view)] == ["short"]  # faster when it fits
@@ -194,7 +247,7 @@ def test_hop_timeout_follows_what_the_client_measured(
 def test_hop_timeout_uses_the_announced_throughput_before_measuring() -> None:
     swarm = _Swarm(ClientConfig())
     deadlines = HopDeadlines(swarm)  # type: ignore[arg-type]
-    view = SwarmView.from_records(4, {"a": _record(5001, 0, 4, throughput=2.5)})  # 0.4 s per step
+    view = SwarmView.from_records(4, {"a": peer_record(0, 4, 2.5, port=5001)})  # 0.4 s per step
     deadlines.expect(view, [Hop("a", "127.0.0.1:5001", 0, 2)])
     assert deadlines.hop_timeout(Hop("a", "127.0.0.1:5001", 0, 2), 1) == pytest.approx(4 * 0.2)
 
@@ -205,3 +258,34 @@ def test_config_rejects_inverted_limits() -> None:
     with pytest.raises(ValueError, match="max_retry_delay"):
         ClientConfig(retry_delay=5.0)
     assert torch.tensor(ClientConfig().hop_timeout_factor) >= 1
+
+
+@pytest.mark.parametrize(
+    ("sybil_throughput", "measured", "expected"),
+    [
+        # honest peers announce 10 steps/s over 2 blocks (20 blocks/s) and run at 100 blocks/s: the
+        # Sybil's 10^9 counts as the median 20 blocks/s, slower than what was measured
+        (1e9, {"honest-a": 0.01, "honest-b": 0.01}, ["honest-a"]),
+        # measured slower than the median announcement: the capped Sybil is still a fair candidate
+        (1e9, {"honest-a": 0.1, "honest-b": 0.1}, ["sybil"]),
+        # nothing measured: the Sybil ties with the median, and the tie goes to the first peer
+        (1e9, {}, ["honest-a"]),
+        (5.0, {}, ["honest-a"]),  # announcing less than the median is taken at its word
+    ],
+)
+def test_unmeasured_throughput_is_capped_at_the_median(
+    sybil_throughput: float, measured: dict[str, float], expected: list[str]
+) -> None:
+    """Sessions plan with `median_cap`; without it, the Sybil's claim would win every case but the last."""
+    view = SwarmView.from_records(
+        2,
+        {
+            "honest-a": peer_record(0, 2, 10.0, port=5001),
+            "honest-b": peer_record(0, 2, 10.0, port=5002),
+            "sybil": peer_record(0, 2, sybil_throughput, port=5003),
+        },
+    )
+    route = plan_inference_route(view, block_time=measured, median_cap=True)
+    assert [hop.peer_id for hop in route] == expected
+    uncapped = plan_inference_route(view, block_time=measured)
+    assert [hop.peer_id for hop in uncapped] == (["sybil"] if sybil_throughput > 10.0 else expected)
