@@ -63,7 +63,7 @@ class PeerConfig(BaseModel):
     announce_host: str | None = Field(
         default=None,
         description="address other peers and clients use to reach this peer; default: --host, or 127.0.0.1 "
-        "when --host is 0.0.0.0",
+        "when --host is 0.0.0.0 or :: (every interface; :: takes IPv4 and IPv6)",
     )
     dht_port: int = Field(
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
@@ -84,6 +84,26 @@ class PeerConfig(BaseModel):
         ge=1,
         description="KV-cache budget in tokens over all sessions (batch x length); each session reserves "
         "batch x max_length when it opens",
+    )
+    max_sessions: int = Field(
+        default=256, ge=1, description="sessions open at once over all clients; more are refused"
+    )
+    max_client_sessions: int = Field(
+        default=32,
+        ge=1,
+        description="sessions one client (one IPv4 address or IPv6 /64) may hold open here; more are refused "
+        "with RESOURCE_EXHAUSTED",
+    )
+    max_client_cache_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="cache tokens one client may hold reserved here over all its sessions; default: half "
+        "of --max-cache-tokens, so one client cannot take the whole budget",
+    )
+    first_step_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds an opened session may wait for its first step; then its reservation is released",
     )
     max_batch_size: int = Field(default=16, ge=1, description="largest batch one session or forward may send")
     max_length: int = Field(default=8192, ge=1, description="longest session (prompt + generated positions)")
@@ -114,6 +134,12 @@ class PeerConfig(BaseModel):
         ge=1,
         description="Forward/Backward calls queued or computing at once; more are refused with "
         "RESOURCE_EXHAUSTED before their tensors are decoded",
+    )
+    compute_chunk_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="a Forward/Backward computes in pieces of whole rows of at most this many tokens, so an "
+        "inference step waits for at most one piece of a large training batch",
     )
     max_backward_bytes: int = Field(
         default=8 * 2**30,
@@ -227,8 +253,21 @@ class PeerConfig(BaseModel):
         if (self.blocks is None) == (self.span_length is None):
             raise ValueError("give exactly one of --blocks START:END and --span-length K")
         if self.announce_host is None:
-            object.__setattr__(self, "announce_host", "127.0.0.1" if self.host == "0.0.0.0" else self.host)
+            announce = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+            object.__setattr__(self, "announce_host", f"[{announce}]" if ":" in announce else announce)
         return self
+
+    @property
+    def bind_address(self) -> str:
+        """host:port for gRPC to listen on, an IPv6 host in brackets ("[::]:port" takes IPv4 too)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def client_cache_tokens(self) -> int:
+        """What one client may reserve: --max-client-cache-tokens, or half the budget (at least 1)."""
+        if self.max_client_cache_tokens is not None:
+            return self.max_client_cache_tokens
+        return max(self.max_cache_tokens // 2, 1)
 
     @property
     def span(self) -> tuple[int, int] | None:

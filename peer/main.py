@@ -131,7 +131,7 @@ class Peer:
 
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
-        self.sessions = SessionTable(config.max_cache_tokens, idle_timeout=config.session_timeout)
+        self.sessions = SessionTable.from_config(config)
         self.executor = Executor()
         self.server = grpc.aio.server(
             options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
@@ -154,7 +154,8 @@ class Peer:
         try:
             await self.start()
             service = self._serving()[0]
-            period = min(EXPIRY_CHECK_PERIOD, self.config.session_timeout / 2)
+            config = self.config
+            period = min(EXPIRY_CHECK_PERIOD, config.session_timeout / 2, config.first_step_timeout / 2)
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(stop.wait(), period)
@@ -177,7 +178,7 @@ class Peer:
             identity_path=config.identity,
             nat_port_map=config.nat_port_map,
         )
-        port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        port = self.server.add_insecure_port(config.bind_address)
         self.address = f"{config.announce_host}:{port}"
         announcer = self.announcer = Announcer(
             self.node,

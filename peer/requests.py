@@ -6,6 +6,7 @@ A bad field raises `InvalidInputError`; a request beyond this peer's own limits 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -108,6 +109,30 @@ class BackwardRequest:
     hidden: torch.Tensor  # [batch, seq, hidden], the forward's input
     grad_output: torch.Tensor  # [batch, seq, hidden]
     prompts: torch.Tensor | None
+
+
+def client_key(peer: str) -> str:
+    """Who a call comes from, for quotas: grpc's `context.peer()` ("ipv4:1.2.3.4:5678", "ipv6:[::1]:5678")
+    reduced to the IPv4 address or the IPv6 /64 (one host's whole range, as providers hand them out); an
+    IPv4-mapped IPv6 address counts as its IPv4 address."""
+    family, _, rest = peer.partition(":")
+    if family not in ("ipv4", "ipv6"):
+        return family or "unknown"
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "unknown"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return f"ipv4:{address.ipv4_mapped}"
+        return f"ipv6:{ipaddress.IPv6Network((address, 64), strict=False)}"
+    return f"ipv4:{address}"
+
+
+def step_deadline(step: peer_pb2.Step, received: float) -> float | None:
+    """When the client stops waiting for `step` (the clock of `received`), or None when it did not say."""
+    return received + step.timeout_ms / 1000 if step.timeout_ms else None
 
 
 def parse_span(start: int, end: int, served: Served) -> tuple[int, int]:

@@ -1,30 +1,31 @@
 """The gRPC servicer: parses each request (`peer.requests`), drives the session table and the executor,
-pushes step outputs to the next hop, and maps errors to status codes in one place (`_status`)."""
+pushes step outputs to the next hop; errors become status codes in one place (`peer.status`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
 import grpc
 import torch
 
-from peer import requests
+from peer import requests, stateless
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
-from peer.executor import Executor
+from peer.executor import Executor, Priority
 from peer.replies import ReplyQueue
-from peer.requests import Limits, PositionMismatch, PushRefused, Served
-from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable, log_id
+from peer.requests import Limits, PushRefused, Served
+from peer.sessions import PeerSession, SessionTable, log_id
+from peer.status import RequestError, Status, aborts_on_error, status_of
 from protos import peer_pb2, peer_pb2_grpc
 from protos.channels import ChannelPool
-from protos.errors import LIMIT_METADATA_KEY, InvalidInputError, PeerLimitError
+from protos.errors import InvalidInputError
 from protos.records import PeerRecord
 from protos.tensors import dtype_name, to_message
 
@@ -33,44 +34,6 @@ logger = logging.getLogger(__name__)
 OPEN_TIMEOUT = 30.0  # seconds a new stream may take to send its `open`
 RETIRE_TIMEOUT = 2.0  # seconds retiring sessions waits for the steps they are running
 CLOSE_TIMEOUT = 2.0  # seconds `close` waits for pushes under way before it cancels them
-
-
-class RequestError(Exception):
-    """A request that fails with a given status (draining, closed session, failed push); nothing changed."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Status(NamedTuple):
-    """What a failed call or stream ends with; `context.abort(*status)` sends it."""
-
-    code: grpc.StatusCode
-    message: str
-    metadata: tuple[tuple[str, str], ...] = ()  # trailing metadata of the failed call
-
-
-def _status(error: BaseException) -> Status:
-    """The one place that maps failures to gRPC status codes (see the contract in protos/peer.proto)."""
-    if isinstance(error, RequestError):
-        return Status(error.code, str(error))
-    if isinstance(error, PeerLimitError):  # names the limit, so the client can route around this peer
-        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error), ((LIMIT_METADATA_KEY, error.limit),))
-    if isinstance(error, InvalidInputError):
-        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    if isinstance(error, PushRefused):  # the same answer for an unknown session and a wrong token
-        return Status(grpc.StatusCode.PERMISSION_DENIED, str(error))
-    if isinstance(error, PositionMismatch):
-        return Status(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-    if isinstance(error, NoRoom):
-        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
-    if isinstance(error, SessionExists):
-        return Status(grpc.StatusCode.ALREADY_EXISTS, str(error))
-    if isinstance(error, asyncio.TimeoutError | TimeoutError):
-        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "timed out")
-    logger.error("internal error while serving a request", exc_info=error)
-    return Status(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
 @dataclass(frozen=True)
@@ -86,26 +49,6 @@ _Replies = ReplyQueue[peer_pb2.SessionReply, _End]
 def _pushed(session: PeerSession, task: asyncio.Task[None]) -> None:
     session.pending_pushes -= 1  # runs whether the pushed step finished, failed or was cancelled
     session.tasks.discard(task)
-
-
-_Reply = TypeVar("_Reply")
-_Unary = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[_Reply]]
-
-
-def _aborts_on_error(method: _Unary[_Reply]) -> _Unary[_Reply]:
-    """A unary RPC whose failures end the call with the status `_status` maps them to."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> _Reply:
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # mapped to a status in one place
-            await context.abort(*_status(e))
-            raise  # unreachable: abort raises
-
-    return wrapper
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
@@ -144,7 +87,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> AsyncIterator[peer_pb2.SessionReply]:
         replies: _Replies = ReplyQueue(self.config.max_queued_replies)
         opened: list[str] = []
-        reader = asyncio.create_task(self._read_session(request_iterator, replies, opened))
+        client = requests.client_key(context.peer())
+        reader = asyncio.create_task(self._read_session(request_iterator, replies, opened, client))
         try:
             while True:
                 item = await replies.get()
@@ -165,12 +109,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         stream: AsyncIterator[peer_pb2.SessionRequest],
         replies: _Replies,
         opened: list[str],
+        client: str,
     ) -> None:
         try:
             first = await asyncio.wait_for(anext(stream), OPEN_TIMEOUT)
             if first.WhichOneof("kind") != "open":
                 raise InvalidInputError("the first message of a session must be open")
-            session = self._open(first.open, replies)
+            session = self._open(first.open, replies, client)
             opened.append(session.session_id)
             await replies.put(
                 peer_pb2.SessionReply(
@@ -199,15 +144,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except asyncio.CancelledError:
             raise
         except Exception as e:  # every failure ends the stream with its status
-            replies.end(_End(_status(e)))
+            replies.end(_End(status_of(e)))
 
-    def _open(self, request: peer_pb2.OpenSession, replies: _Replies) -> PeerSession:
+    def _open(self, request: peer_pb2.OpenSession, replies: _Replies, client: str) -> PeerSession:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is draining: it takes no new sessions")
         span = self.span
         parsed = requests.parse_open(request, served=Served.of(span), limits=self.limits)
         session = PeerSession(
             session_id=parsed.session_id,
+            client=client,
             start=parsed.start,
             end=parsed.end,
             batch_size=parsed.batch_size,
@@ -228,14 +174,15 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     async def _step_or_report(self, session: PeerSession, step: peer_pb2.Step) -> None:
         """Run a step; a failure is reported on the session's stream and leaves the session as it was."""
+        deadline = requests.step_deadline(step, time.monotonic())  # counted from its arrival here
         try:
-            await self._step(session, step)
+            await self._step(session, step, deadline)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
             await session.reply(self._step_error(step.step_id, e))
 
-    async def _step(self, session: PeerSession, step: peer_pb2.Step) -> None:
+    async def _step(self, session: PeerSession, step: peer_pb2.Step, deadline: float | None) -> None:
         async with session.lock:
             span, cache = session.span, session.cache
             if self.sessions.get(session.session_id) is not session or span is None or cache is None:
@@ -250,13 +197,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     cache.reorder_cache(parsed.beam_indices)
                 return span.forward(hidden, cache, parsed.position_ids, start=session.start, end=session.end)
 
-            output = await self.executor.run(compute)
+            cost = hidden.shape[0] * hidden.shape[1] * (session.end - session.start)
+            output = await self.executor.run(compute, priority=Priority.STEP, cost=cost, deadline=deadline)
             session.position = parsed.base + hidden.shape[1]
             session.touch()
             push = bool(session.next_hops) and not step.local_only
             hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
             if push:
-                self._spawn(self._push(session, step, hidden_message, session.next_hops[0]))
+                self._spawn(self._push(session, step, hidden_message, session.next_hops[0], deadline))
             if not push or session.report_outputs:  # the report goes out before the push can fail
                 result = peer_pb2.StepResult(
                     step_id=step.step_id,
@@ -271,7 +219,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def _step_error(
         self, step_id: int, error: BaseException, *, peer_id: str | None = None
     ) -> peer_pb2.SessionReply:
-        code, message, _ = _status(error)
+        code, message, _ = status_of(error)
         error_message = peer_pb2.StepError(step_id=step_id, code=code.value[0], message=message)
         error_message.peer_id = peer_id or self.peer_id
         return peer_pb2.SessionReply(error=error_message)
@@ -285,7 +233,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     # ---- Push --------------------------------------------------------------------------------------
 
     async def _push(
-        self, session: PeerSession, step: peer_pb2.Step, hidden: peer_pb2.Tensor, hop: peer_pb2.Hop
+        self,
+        session: PeerSession,
+        step: peer_pb2.Step,
+        hidden: peer_pb2.Tensor,
+        hop: peer_pb2.Hop,
+        deadline: float | None,
     ) -> None:
         pushed = peer_pb2.Step(
             session_id=hop.session_id,
@@ -297,6 +250,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         )
         if step.HasField("rollback_to"):
             pushed.rollback_to = step.rollback_to
+        if deadline is not None:  # what is left of the client's wait goes on with the step
+            pushed.timeout_ms = max(int((deadline - time.monotonic()) * 1000), 1)
         try:
             await self.channels.stub(hop.address).Push(
                 peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
@@ -313,7 +268,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             error = RequestError(e.code(), f"push to the next hop failed: {e.code().name}")
             await session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
 
-    @_aborts_on_error
+    @aborts_on_error
     async def Push(
         self, request: peer_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.PushReply:
@@ -334,21 +289,23 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------
 
-    @_aborts_on_error
+    @aborts_on_error
     async def Forward(
         self, request: peer_pb2.ForwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.ForwardReply:
         span = self.span  # the hosted span may be swapped at run time: one span per request
         with self._admitted():
             parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
-            prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
-            hidden = parsed.hidden.to(span.dtype)
-            output = await self.executor.run(
-                lambda: span.forward(hidden, start=parsed.start, end=parsed.end, prompts=prompts)
+            output = await stateless.forward(
+                self.executor,
+                span,
+                parsed,
+                chunk_tokens=self.config.compute_chunk_tokens,
+                remaining=context.time_remaining(),
             )
             return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.hidden.dtype))
 
-    @_aborts_on_error
+    @aborts_on_error
     async def Backward(
         self, request: peer_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.BackwardReply:
@@ -356,12 +313,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         span = self.span
         with self._admitted():
             parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
-            prompts = None if parsed.prompts is None else parsed.prompts.to(span.dtype)
-            hidden, grad_output = parsed.hidden.to(span.dtype), parsed.grad_output.to(span.dtype)
-            grad_input, grad_prompts = await self.executor.run(
-                lambda: span.backward(
-                    hidden, grad_output, start=parsed.start, end=parsed.end, prompts=prompts
-                )
+            grad_input, grad_prompts = await stateless.backward(
+                self.executor,
+                span,
+                parsed,
+                chunk_tokens=self.config.compute_chunk_tokens,
+                remaining=context.time_remaining(),
             )
             reply = peer_pb2.BackwardReply(grad_input=to_message(grad_input, dtype=parsed.hidden.dtype))
             if grad_prompts is not None and parsed.prompts is not None:
@@ -434,8 +391,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         )
 
     def expire_idle(self) -> None:
-        for session in self.sessions.expire():
-            session.finish(_End(Status(grpc.StatusCode.NOT_FOUND, "session expired after being idle")))
+        for session, reason in self.sessions.expire():
+            session.finish(_End(Status(grpc.StatusCode.NOT_FOUND, f"session expired: {reason}")))
 
     async def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
         """Wait at most `timeout` seconds for pushes under way, cancel the rest, close the channels."""

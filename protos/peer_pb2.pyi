@@ -55,7 +55,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only")
+    __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only", "timeout_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class Step(_message.Message):
     BEAM_INDICES_FIELD_NUMBER: _ClassVar[int]
     ROLLBACK_TO_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     position: int
@@ -72,7 +73,8 @@ class Step(_message.Message):
     beam_indices: Tensor
     rollback_to: int
     local_only: bool
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., beam_indices: _Optional[_Union[Tensor, _Mapping]] = ..., rollback_to: _Optional[int] = ..., local_only: _Optional[bool] = ...) -> None: ...
+    timeout_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., beam_indices: _Optional[_Union[Tensor, _Mapping]] = ..., rollback_to: _Optional[int] = ..., local_only: _Optional[bool] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class Reroute(_message.Message):
     __slots__ = ("next_hops",)

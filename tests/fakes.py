@@ -223,7 +223,7 @@ class FakePeer:
         self.config = PeerConfig(model=str(swarm.folder), blocks=f"{start}:{end}", host="127.0.0.1", **config)
         self.span = _FaultySpan.from_model(model, start, end)
         self.span.faults = self.faults
-        self.sessions = SessionTable(self.config.max_cache_tokens, idle_timeout=self.config.session_timeout)
+        self.sessions = SessionTable.from_config(self.config)
         self.executor = Executor()
         self.server: grpc.aio.Server | None = None
         self.address = ""

@@ -9,16 +9,19 @@ import pytest
 import torch
 
 from peer import sessions
-from peer.sessions import NoRoom, PeerSession, SessionExists, SessionTable, log_id
+from peer.sessions import NoRoom, PeerSession, QuotaExceeded, SessionExists, SessionTable, log_id
 from protos.errors import CorollaError
 
 BUDGET = 1000
 IDLE = 10.0
 
 
-def _session(session_id: str, batch: int, length: int, *, last_used: float = 0.0) -> PeerSession:
+def _session(
+    session_id: str, batch: int, length: int, *, last_used: float = 0.0, client: str = "ipv4:10.0.0.1"
+) -> PeerSession:
     return PeerSession(
         session_id=session_id,
+        client=client,
         start=0,
         end=2,
         batch_size=batch,
@@ -108,7 +111,7 @@ def test_expire_closes_idle_sessions(
     table = SessionTable(BUDGET, idle_timeout=IDLE)
     for session_id, used in last_used.items():
         table.open(_session(session_id, 1, 100, last_used=used))
-    closed = table.expire(now)
+    closed = [session for session, reason in table.expire(now) if reason == "idle"]
     assert sorted(s.session_id for s in closed) == expired
     assert all(s.cache is None for s in closed)
     assert _state(table) == (BUDGET - 100 * len(left), left)
@@ -140,7 +143,7 @@ def test_a_closed_id_is_refused_until_the_reuse_timeout() -> None:
         table.open(_session("a", 1, 10))
     expired = _session("b", 1, 10, last_used=-1e9)
     table.open(expired)
-    assert table.expire() == [expired]
+    assert table.expire() == [(expired, "idle")]
     with pytest.raises(SessionExists):
         table.open(_session("b", 1, 10))
     assert _state(table) == (BUDGET, [])
@@ -172,3 +175,69 @@ def test_logs_show_only_a_short_hash_of_an_id(caplog: pytest.LogCaptureFixture) 
         table.close(secret)
     assert len(caplog.records) == 2 and secret not in caplog.text and "secret" not in caplog.text
     assert f"id={log_id(secret)}" in caplog.text and len(log_id(secret)) == 8
+
+
+# quotas: (sessions opened as (id, client, batch, length), the refused one, message), on a table of
+# BUDGET tokens, 3 sessions in all, 2 per client, 500 tokens per client
+QUOTAS = {
+    "a client's sessions": (
+        [("a", "x", 1, 10), ("b", "x", 1, 10)],
+        ("c", "x", 1, 10),
+        "client quota: 2 sessions open here, at most 2",
+    ),
+    "a client's tokens": (
+        [("a", "x", 1, 400)],
+        ("b", "x", 1, 101),
+        "client quota: 400 cache tokens reserved",
+    ),
+    "a client's tokens in one session": ([], ("a", "x", 2, 251), "would pass the 500 one client may hold"),
+    "the peer's sessions": (
+        [("a", "x", 1, 10), ("b", "y", 1, 10), ("c", "z", 1, 10)],
+        ("d", "w", 1, 10),
+        "this peer holds as many sessions as it takes (3)",
+    ),
+}
+
+
+def _quota_table() -> SessionTable:
+    return SessionTable(
+        BUDGET, idle_timeout=IDLE, max_sessions=3, max_client_sessions=2, max_client_tokens=500
+    )
+
+
+@pytest.mark.parametrize(("opened", "refused", "message"), QUOTAS.values(), ids=QUOTAS.keys())
+def test_quotas_refuse_and_change_nothing(
+    opened: list[tuple[str, str, int, int]], refused: tuple[str, str, int, int], message: str
+) -> None:
+    table = _quota_table()
+    for session_id, client, batch, length in opened:
+        table.open(_session(session_id, batch, length, client=client))
+    before = _state(table), [table.client_usage(c) for c in "xyzw"]
+    session_id, client, batch, length = refused
+    with pytest.raises(QuotaExceeded, match=re.escape(message)) as caught:
+        table.open(_session(session_id, batch, length, client=client))
+    assert isinstance(caught.value, NoRoom)  # RESOURCE_EXHAUSTED: the client tries another peer
+    assert (_state(table), [table.client_usage(c) for c in "xyzw"]) == before
+
+
+def test_a_client_at_its_quota_leaves_room_for_another() -> None:
+    table = _quota_table()
+    table.open(_session("a", 1, 400, client="x"))
+    with pytest.raises(QuotaExceeded):
+        table.open(_session("b", 1, 200, client="x"))
+    table.open(_session("c", 1, 500, client="y"))
+    assert table.client_usage("x") == (1, 400) and table.client_usage("y") == (1, 500)
+    table.close("a")
+    assert table.client_usage("x") == (0, 0)
+    table.open(_session("d", 1, 100, client="x"))  # what a client closes counts no more
+
+
+def test_a_reservation_without_a_step_is_released() -> None:
+    table = SessionTable(BUDGET, idle_timeout=1000.0, first_step_timeout=5.0)
+    waiting, stepping = _session("a", 1, 100), _session("b", 1, 100)
+    table.open(waiting)
+    table.open(stepping)
+    stepping.touch()
+    assert table.expire(waiting.opened_at + 4.0) == []
+    assert table.expire(waiting.opened_at + 6.0) == [(waiting, "no first step")]
+    assert table.session_ids() == ["b"] and table.free_tokens == BUDGET - 100

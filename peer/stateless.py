@@ -1,0 +1,99 @@
+"""Stateless Forward and Backward on the compute queue: after inference steps, until the call's deadline,
+and in pieces of whole rows (at most `chunk_tokens` tokens each) so that a decode step waits for at most
+one piece of a large training batch, never for the whole of it. Rows are independent through a span, so
+the pieces put together are the batch's result (up to float rounding of the prompts' summed gradient)."""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import torch
+
+from peer.blocks import HostedSpan
+from peer.executor import Executor, Priority
+from peer.requests import BackwardRequest, ForwardRequest
+
+
+def row_chunks(batch: int, seq: int, chunk_tokens: int) -> list[slice]:
+    """Slices of whole rows of at most `chunk_tokens` tokens each (one row when a row is longer)."""
+    rows = max(chunk_tokens // max(seq, 1), 1)
+    return [slice(first, min(first + rows, batch)) for first in range(0, batch, rows)]
+
+
+def _rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """The prompts of some rows: per-row prompts [blocks, batch, ...] are sliced, shared ones [blocks, 1,
+    ...] serve every row."""
+    if prompts is None or prompts.shape[1] == 1:
+        return prompts
+    return prompts[:, rows]
+
+
+def _job(kind: str, hidden: torch.Tensor, blocks: int, remaining: float | None) -> dict[str, Any]:
+    return {
+        "priority": Priority.STATELESS,
+        "kind": kind,
+        "cost": hidden.shape[0] * hidden.shape[1] * blocks,
+        "deadline": None if remaining is None else time.monotonic() + remaining,
+    }
+
+
+async def forward(
+    executor: Executor,
+    span: HostedSpan,
+    request: ForwardRequest,
+    *,
+    chunk_tokens: int,
+    remaining: float | None,
+) -> torch.Tensor:
+    """The span's output for `request` [batch, seq, hidden] in the span's dtype; `remaining`: seconds the
+    caller still waits (None: no deadline)."""
+    hidden = request.hidden.to(span.dtype)
+    prompts = None if request.prompts is None else request.prompts.to(span.dtype)
+    blocks = request.end - request.start
+    outputs = []
+    for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
+        part, prompt = hidden[rows], _rows(prompts, rows)
+        outputs.append(
+            await executor.run(
+                functools.partial(span.forward, part, start=request.start, end=request.end, prompts=prompt),
+                **_job("forward", part, blocks, remaining),
+            )
+        )
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+async def backward(
+    executor: Executor,
+    span: HostedSpan,
+    request: BackwardRequest,
+    *,
+    chunk_tokens: int,
+    remaining: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad of the inputs, grad of the prompts or None) for `request`, as `HostedSpan.backward`."""
+    hidden, grad_output = request.hidden.to(span.dtype), request.grad_output.to(span.dtype)
+    prompts = None if request.prompts is None else request.prompts.to(span.dtype)
+    blocks = request.end - request.start
+    grad_inputs: list[torch.Tensor] = []
+    grad_prompts: list[torch.Tensor] = []
+    for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
+        part, part_grad, prompt = hidden[rows], grad_output[rows], _rows(prompts, rows)
+        grad_input, grad_prompt = await executor.run(
+            functools.partial(
+                span.backward, part, part_grad, start=request.start, end=request.end, prompts=prompt
+            ),
+            **_job("backward", part, blocks, remaining),
+        )
+        grad_inputs.append(grad_input)
+        if grad_prompt is not None:
+            grad_prompts.append(grad_prompt)
+    grad_input = grad_inputs[0] if len(grad_inputs) == 1 else torch.cat(grad_inputs)
+    if prompts is None or not grad_prompts:
+        return grad_input, None
+    if len(grad_prompts) == 1:
+        return grad_input, grad_prompts[0]
+    if prompts.shape[1] == 1:  # shared by every row: each piece's gradient adds up
+        return grad_input, torch.stack(grad_prompts).sum(dim=0)
+    return grad_input, torch.cat(grad_prompts, dim=1)

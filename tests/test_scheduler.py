@@ -1,0 +1,257 @@
+"""The compute queue (`peer.executor.Executor`): inference steps before Forward/Backward, arrival order
+within a priority, steps whose deadline passed skipped, steps that would wait past it refused at once;
+then the same through a real servicer, and per-client quotas seen by two clients on different addresses."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+import torch
+from fakes import FakePeer, hidden_states
+
+from peer import requests, stateless
+from peer.executor import Executor, Expired, Overloaded, Priority
+from protos import peer_pb2, peer_pb2_grpc
+from protos.tensors import to_message
+
+GATE_TIMEOUT = 10.0  # seconds a blocked job waits for its test to open the gate
+
+
+def _blocker(gate: threading.Event, started: threading.Event) -> Callable[[], str]:
+    def block() -> str:
+        started.set()
+        gate.wait(GATE_TIMEOUT)
+        return "blocker"
+
+    return block
+
+
+async def _started(event: threading.Event) -> None:
+    for _ in range(200):
+        if event.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the blocking job never started")
+
+
+def test_steps_go_first_then_arrival_order() -> None:
+    async def main() -> list[str]:
+        executor, order = Executor(), []
+        gate, started = threading.Event(), threading.Event()
+        blocker = asyncio.create_task(executor.run(_blocker(gate, started), priority=Priority.STATELESS))
+        await _started(started)
+
+        def job(name: str) -> Callable[[], None]:
+            return lambda: order.append(name)
+
+        queued = [
+            executor.run(job("backward 1"), priority=Priority.STATELESS),
+            executor.run(job("measure"), priority=Priority.BACKGROUND),
+            executor.run(job("step 1"), priority=Priority.STEP),
+            executor.run(job("backward 2"), priority=Priority.STATELESS),
+            executor.run(job("step 2"), priority=Priority.STEP),
+        ]
+        tasks = [asyncio.create_task(q) for q in queued]
+        await asyncio.sleep(0.05)  # all queued behind the blocker
+        assert executor.in_flight == 6
+        gate.set()
+        await asyncio.gather(blocker, *tasks)
+        executor.shutdown()
+        return order
+
+    assert asyncio.run(main()) == ["step 1", "step 2", "backward 1", "backward 2", "measure"]
+
+
+def test_a_step_whose_deadline_passed_while_queued_is_skipped() -> None:
+    async def main() -> None:
+        executor, ran = Executor(), []
+        gate, started = threading.Event(), threading.Event()
+        blocker = asyncio.create_task(executor.run(_blocker(gate, started)))
+        await _started(started)
+        late = asyncio.create_task(executor.run(lambda: ran.append("late"), deadline=time.monotonic() + 0.05))
+        timely = asyncio.create_task(executor.run(lambda: ran.append("timely")))
+        await asyncio.sleep(0.2)
+        gate.set()
+        with pytest.raises(Expired, match="waited past its deadline"):
+            await late
+        await asyncio.gather(blocker, timely)
+        assert ran == ["timely"] and executor.skipped == 1
+        executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_step_that_would_wait_past_its_deadline_is_refused_at_once() -> None:
+    async def main() -> None:
+        executor = Executor()
+        await executor.run(lambda: time.sleep(0.05), kind="backward", cost=1.0)  # measures >= 50 ms per unit
+        gate, started = threading.Event(), threading.Event()
+        # expected to take >= 100 x 50 ms: a step with 1 s left cannot wait for it
+        blocker = asyncio.create_task(executor.run(_blocker(gate, started), kind="backward", cost=100.0))
+        await _started(started)
+        assert executor.expected_wait(Priority.STEP) > 4.0
+        before = time.monotonic()
+        with pytest.raises(Overloaded, match="past its deadline"):
+            await executor.run(lambda: None, deadline=time.monotonic() + 1.0)
+        assert time.monotonic() - before < 0.5 and executor.shed == 1
+        patient = asyncio.create_task(executor.run(lambda: "done"))  # no deadline: waits its turn
+        gate.set()
+        assert await patient == "done"
+        await blocker
+        executor.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_caller_is_not_computed() -> None:
+    async def main() -> None:
+        executor, ran = Executor(), []
+        gate, started = threading.Event(), threading.Event()
+        blocker = asyncio.create_task(executor.run(_blocker(gate, started)))
+        await _started(started)
+        gone = asyncio.create_task(executor.run(lambda: ran.append("gone")))
+        await asyncio.sleep(0.02)
+        gone.cancel()
+        gate.set()
+        await blocker
+        await executor.run(lambda: None)
+        assert ran == [] and executor.in_flight == 0
+        executor.shutdown()
+
+    asyncio.run(main())
+
+
+# ---- through the servicer ----------------------------------------------------------------------------
+
+
+class Stream:
+    """A raw Session stream, fed one request at a time; the session lives while the stream is open."""
+
+    def __init__(self, stub: peer_pb2_grpc.PeerStub) -> None:
+        self._requests: queue.Queue = queue.Queue()
+        self._replies = stub.Session(iter(self._requests.get, None), timeout=60)
+
+    def open(self, session_id: str, **fields) -> str:
+        """ "opened", or the name of the status the stream ended with."""
+        fields = dict(start=0, end=4, batch_size=1, max_length=16, dtype="float32") | fields
+        self._requests.put(
+            peer_pb2.SessionRequest(open=peer_pb2.OpenSession(session_id=session_id, **fields))
+        )
+        return self.receive()
+
+    def step(self, step: peer_pb2.Step) -> str:
+        self._requests.put(peer_pb2.SessionRequest(step=step))
+        return self.receive()
+
+    def receive(self) -> str:
+        try:
+            return next(self._replies).WhichOneof("kind")
+        except grpc.RpcError as e:
+            return e.code().name
+
+    def close(self) -> None:
+        self._requests.put(None)
+
+
+async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
+    """A second listener on [::1] for the same servicer: a client there is another client."""
+    server = grpc.aio.server()
+    peer_pb2_grpc.add_PeerServicer_to_server(peer.service, server)
+    port = server.add_insecure_port("[::1]:0")
+    await server.start()
+    return server, port
+
+
+def test_a_client_reaches_its_quota_and_another_client_still_opens(fake_swarm) -> None:
+    swarm = fake_swarm([(0, 4)], max_client_sessions=3, max_sessions=6)
+    peer: FakePeer = swarm.peers[0]
+    server, ipv6_port = swarm.call(_listen_also_on_ipv6(peer))
+    try:
+        mine = [Stream(peer_pb2_grpc.PeerStub(grpc.insecure_channel(peer.address))) for _ in range(5)]
+        outcomes = [stream.open(f"mine-{index}") for index, stream in enumerate(mine)]
+        assert outcomes == ["opened"] * 3 + ["RESOURCE_EXHAUSTED"] * 2
+        theirs = Stream(peer_pb2_grpc.PeerStub(grpc.insecure_channel(f"[::1]:{ipv6_port}")))
+        assert theirs.open("theirs") == "opened"
+        assert peer.num_sessions == 4
+        for stream in [*mine, theirs]:
+            stream.close()
+    finally:
+        swarm.call(server.stop(None))
+
+
+def test_a_decode_step_goes_before_queued_backwards(fake_swarm) -> None:
+    swarm = fake_swarm([(0, 4)], max_stateless_in_flight=4)
+    peer: FakePeer = swarm.peers[0]
+    stub = peer_pb2_grpc.PeerStub(grpc.insecure_channel(peer.address))
+    gate, started = threading.Event(), threading.Event()
+
+    async def block() -> asyncio.Task[str]:  # a long training job already on the compute thread
+        task = asyncio.create_task(peer.executor.run(_blocker(gate, started), priority=Priority.STATELESS))
+        await _started(started)
+        return task
+
+    blocking = swarm.call(block())
+    hidden = hidden_states(4, 64, seed=0)
+    backward = peer_pb2.BackwardRequest(
+        start=0, end=4, hidden=to_message(hidden), grad_output=to_message(hidden_states(4, 64, seed=1))
+    )
+    backwards = [stub.Backward.future(backward, timeout=60) for _ in range(3)]
+    stream = Stream(stub)
+    assert stream.open("decode") == "opened"
+    for _ in range(100):  # bounded: the three backwards reach the queue
+        if peer.executor.in_flight == 4:
+            break
+        time.sleep(0.02)
+    assert peer.executor.in_flight == 4
+    peer.slow(1.0, at_least=0.3)  # every compute from now on takes 0.3 s or more
+    step = peer_pb2.Step(
+        step_id=1, position=0, hidden=to_message(hidden_states(1, 1, seed=2)), timeout_ms=60_000
+    )
+    replies: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: replies.put(stream.step(step)), daemon=True).start()
+    time.sleep(0.1)  # the step is queued behind the three backwards
+    gate.set()
+    assert replies.get(timeout=30) == "result"
+    assert not any(future.done() for future in backwards)  # it ran before every queued backward
+    assert all(future.result().HasField("grad_input") for future in backwards)
+    swarm.call(_result(blocking))
+    stream.close()
+
+
+async def _result(task: asyncio.Task[str]) -> str:
+    return await task
+
+
+@pytest.mark.parametrize("prompt_rows", [None, 1, 5])
+def test_forward_and_backward_in_pieces_equal_the_whole(fake_swarm, prompt_rows: int | None) -> None:
+    """A large Forward/Backward runs in pieces of whole rows (so steps can pass between them); the pieces
+    put together equal the whole batch computed at once."""
+    span = fake_swarm([(0, 4)]).local_span()
+    hidden, grad = hidden_states(5, 6, seed=3), hidden_states(5, 6, seed=4)
+    prompts = (
+        None if prompt_rows is None else hidden_states(4 * prompt_rows, 2, seed=5).view(4, prompt_rows, 2, 64)
+    )
+    forward = requests.ForwardRequest(start=0, end=4, hidden=hidden, prompts=prompts)
+    backward = requests.BackwardRequest(start=0, end=4, hidden=hidden, grad_output=grad, prompts=prompts)
+    assert stateless.row_chunks(5, 6, 12) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert stateless.row_chunks(2, 100, 12) == [slice(0, 1), slice(1, 2)]  # a row longer than a piece
+
+    async def run(chunk_tokens: int) -> tuple[torch.Tensor, ...]:
+        executor = Executor()
+        output = await stateless.forward(executor, span, forward, chunk_tokens=chunk_tokens, remaining=None)
+        grads = await stateless.backward(executor, span, backward, chunk_tokens=chunk_tokens, remaining=None)
+        executor.shutdown()
+        return output, *grads
+
+    whole, pieces = asyncio.run(run(10_000)), asyncio.run(run(12))
+    for expected, actual in zip(whole, pieces, strict=True):
+        if expected is None:
+            assert actual is None
+        else:
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
