@@ -175,6 +175,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def _step_or_report(self, session: PeerSession, step: peer_pb2.Step) -> None:
         """Run a step; a failure is reported on the session's stream and leaves the session as it was."""
         deadline = requests.step_deadline(step, time.monotonic())  # counted from its arrival here
+        session.touch()  # a step waiting for its turn keeps its session from expiring as idle
         try:
             await self._step(session, step, deadline)
         except asyncio.CancelledError:
