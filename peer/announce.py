@@ -67,9 +67,9 @@ class Announcer:
         keys, values = list(block_keys), [record] * len(block_keys)
         subkeys: list[str] = [self.peer_id] * len(block_keys)
         if self.num_blocks is not None:  # known once the model's config is read
-            keys.append(MODEL_INDEX_KEY)
-            values.append({"num_blocks": self.num_blocks})
-            subkeys.append(self.model_id)
+            keys.append(MODEL_INDEX_KEY)  # each peer's own entry: only its key can sign it
+            values.append({"model_id": self.model_id, "num_blocks": self.num_blocks})
+            subkeys.append(self.peer_id)
         stored = await self.node.store_many(keys, values, expiration, subkeys=subkeys)
         ok = all(stored.get((key, self.peer_id), False) for key in block_keys)
         if not ok:

@@ -15,6 +15,9 @@ from typing import Any
 from hivemind.dht.node import DHTNode
 from hivemind.utils import timed_storage
 
+from protos.identity import Identity, IdentityError
+from protos.validation import SignedRecordValidator
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,17 +62,24 @@ async def start_dht_node(
     identity_path: Path | None = None,
     nat_port_map: bool | None = None,
 ) -> DHTNode:
-    """A DHT node listening on host:port (servers) or dialing out only (`client_mode`).
+    """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
+    swarm's record rules (`protos.validation`) on what it stores and reads.
 
-    Port mapping (UPnP/NAT-PMP) sends packets beyond loopback, so it is off for loopback hosts unless asked.
+    A server node's key is the Ed25519 identity in `identity_path` (created there when missing; a new one
+    for this process without a path): p2pd takes its peer id from it and the node signs its own records
+    with it. A client node signs nothing. Port mapping (UPnP/NAT-PMP) sends packets beyond loopback, so it
+    is off for loopback hosts unless asked.
     """
     loopback = is_loopback(host)
     if nat_port_map is None:
         nat_port_map = not loopback
+    identity = None if client_mode else Identity.load_or_create(identity_path)
     options: dict[str, Any] = {
         "host_maddrs": [host_maddr(host, port)],
         "nat_port_map": nat_port_map,
-        "identity_path": str(identity_path) if identity_path else None,
+        # p2pd's check that an identity is free understands RSA keys only
+        "identity_path": str(identity.path) if identity is not None else None,
+        "check_if_identity_free": False,
     }
     if loopback:
         options.update(auto_nat=False, use_relay=False)
@@ -77,8 +87,12 @@ async def start_dht_node(
         initial_peers=list(initial_peers),
         client_mode=client_mode,
         cache_locally=not client_mode,
+        record_validator=SignedRecordValidator(*([identity] if identity is not None else [])),
         **options,
     )
+    if identity is not None and node.peer_id.to_base58() != identity.peer_id:
+        await node.shutdown()
+        raise IdentityError(f"p2pd did not take the identity in {identity.path}")
     logger.info("dht node started id=%s client_mode=%s", node.peer_id, client_mode)
     return node
 

@@ -2,23 +2,28 @@
 
 For each peer the record with the latest expiration wins: a peer that moved or went offline left older
 records behind under other block keys. A record stored under a block outside its own span, or beyond the
-model, is dropped, as is anything that does not validate.
+model, is dropped, as is anything that does not validate. Every DHT node has already checked each entry's
+signature (`protos.validation`); readers also ignore a record that would outlive `MAX_RECORD_TTL`, even one
+they cached earlier, and take at most `MAX_ENTRIES_PER_KEY` entries from a key.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from protos.errors import CorollaError
 from protos.records import MODEL_INDEX_KEY, PeerRecord, block_key, record_from_dht
+from protos.validation import MAX_RECORD_TTL
 
 logger = logging.getLogger(__name__)
 
 MAX_NUM_BLOCKS = 4096  # bounds the keys read for a model index value that came from the network
+MAX_ENTRIES_PER_KEY = 1024  # entries (peers) a reader takes from one key; the rest is ignored
 _PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")  # base58
 
 Latest = dict[str, tuple[float, PeerRecord]]  # peer_id -> (DHT expiration, record)
@@ -34,17 +39,26 @@ def not_announced(model_id: str) -> str:
 
 
 async def read_num_blocks(node: DHTNode, model_id: str) -> int:
-    """The model's number of blocks from the model index key; `SwarmReadError` when nobody announced it."""
+    """The model's number of blocks from the model index key (each peer's entry names its model and the
+    model's block count; the count most peers give wins); `SwarmReadError` when nobody announced it."""
     entry = await node.get(MODEL_INDEX_KEY, latest=True)
-    models = entry.value if isinstance(entry, ValueWithExpiration) else None
-    item = models.get(model_id) if isinstance(models, dict) else None
-    if not isinstance(item, ValueWithExpiration):
-        raise SwarmReadError(not_announced(model_id))
-    value = item.value
-    num_blocks = value.get("num_blocks") if isinstance(value, dict) else None
-    if type(num_blocks) is not int or not 1 <= num_blocks <= MAX_NUM_BLOCKS:
-        raise SwarmReadError(f"the model index entry of {model_id} is invalid: {value!r:.200}")
-    return num_blocks
+    entries = entry.value if isinstance(entry, ValueWithExpiration) else None
+    counts: Counter[int] = Counter()
+    invalid = None
+    for item in list(entries.values())[:MAX_ENTRIES_PER_KEY] if isinstance(entries, dict) else []:
+        value = item.value if isinstance(item, ValueWithExpiration) else None
+        if not isinstance(value, dict) or value.get("model_id") != model_id:
+            continue
+        num_blocks = value.get("num_blocks")
+        if type(num_blocks) is int and 1 <= num_blocks <= MAX_NUM_BLOCKS:
+            counts[num_blocks] += 1
+        else:
+            invalid = value
+    if counts:
+        return counts.most_common(1)[0][0]
+    if invalid is not None:
+        raise SwarmReadError(f"the model index entry of {model_id} is invalid: {invalid!r:.200}")
+    raise SwarmReadError(not_announced(model_id))
 
 
 async def read_records(
@@ -57,10 +71,17 @@ async def read_records(
     keys = [block_key(model_id, block) for block in range(num_blocks)]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     now = get_dht_time()
-    latest = {peer_id: entry for peer_id, entry in (previous or {}).items() if entry[0] > now}
+    latest = {
+        peer_id: entry
+        for peer_id, entry in (previous or {}).items()
+        if now < entry[0] <= now + MAX_RECORD_TTL
+    }
     dropped = 0
     for block, key in enumerate(keys):
         for peer_id, record, expiration in _entries(found.get(key)):
+            if expiration > now + MAX_RECORD_TTL:
+                dropped += 1
+                continue
             if record is None or not record.start <= block < record.end or record.end > num_blocks:
                 dropped += 1
                 continue
@@ -77,7 +98,7 @@ def _entries(entry: object) -> list[tuple[str, PeerRecord | None, float]]:
     if not isinstance(value, dict):
         return []
     entries = []
-    for peer_id, item in value.items():
+    for peer_id, item in list(value.items())[:MAX_ENTRIES_PER_KEY]:
         if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
             continue
         if isinstance(item, ValueWithExpiration):

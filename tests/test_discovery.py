@@ -22,6 +22,7 @@ from client.errors import SwarmError, short_id
 from client.health import health_main
 from protos.dht import start_dht_node
 from protos.errors import InvalidInputError
+from protos.identity import Identity
 from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, block_key, record_to_dht
 
 ONLINE, DRAINING, OFFLINE = PeerState.ONLINE, PeerState.DRAINING, PeerState.OFFLINE
@@ -132,15 +133,10 @@ def test_in_memory_discovery() -> None:
     asyncio.run(scenario())
 
 
-# peer ids are base58, like the DHT ids peers use as subkeys
-GOOD, SECOND, DRAINER, INVALID, MISPLACED, LATE = (
-    "QmGood1",
-    "QmSecond2",
-    "QmDrainer3",
-    "QmBad4",
-    "QmMoved5",
-    "QmLate6",
-)
+# each written peer has its own key: a DHT node stores only entries signed by their subkey's key
+IDENTITIES = [Identity.load_or_create(None) for _ in range(6)]
+GOOD, SECOND, DRAINER, INVALID, MISPLACED, LATE = (identity.peer_id for identity in IDENTITIES)
+TTL = 250.0  # seconds: records may not live longer than MAX_RECORD_TTL
 MODEL, GAPPY, LONELY = "tiny-model", "gappy-model", "lonely-model"
 
 
@@ -158,7 +154,7 @@ async def _store(node: DHTNode, entries: list[tuple[str, str, Any, float]]) -> N
 
 
 def _announce(
-    model_id: str, peer_id: str, peer: PeerRecord, ttl: float = 600.0
+    model_id: str, peer_id: str, peer: PeerRecord, ttl: float = TTL
 ) -> list[tuple[str, str, Any, float]]:
     return [
         (block_key(model_id, block), peer_id, record_to_dht(peer), ttl)
@@ -177,25 +173,41 @@ def dht(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         assert process.stop() == 0
 
 
-async def _write_records(maddrs: list[str]) -> None:
+async def _writer(maddrs: list[str]) -> DHTNode:
+    """A DHT node that signs the entries of every peer in IDENTITIES."""
     node = await start_dht_node(initial_peers=maddrs)
+    for identity in IDENTITIES:
+        node.protocol.record_validator.add_signer(identity)
+    return node
+
+
+def _index(model_id: str, peer_id: str, num_blocks: Any) -> tuple[str, str, Any, float]:
+    return (MODEL_INDEX_KEY, peer_id, {"model_id": model_id, "num_blocks": num_blocks}, TTL)
+
+
+async def _write_records(maddrs: list[str]) -> None:
+    node = await _writer(maddrs)
     try:
-        entries = [(MODEL_INDEX_KEY, MODEL, {"num_blocks": 4}, 600.0)]
+        entries = [_index(MODEL, GOOD, 4), _index(MODEL, SECOND, 4), _index(MODEL, DRAINER, 5)]  # most say 4
         # an older record of GOOD from before it moved to [0, 2): the newer one wins
-        entries += _announce(MODEL, GOOD, record(2, 4, port=5009), ttl=300.0)
+        entries += _announce(MODEL, GOOD, record(2, 4, port=5009), ttl=TTL - 50)
         entries += _announce(MODEL, GOOD, record(0, 2, port=5001))
         entries += _announce(MODEL, SECOND, record(2, 4, port=5002))
         entries += _announce(MODEL, DRAINER, record(1, 3, DRAINING, port=5003))
-        entries.append((block_key(MODEL, 1), INVALID, {"state": "online", "address": "nowhere"}, 600.0))
-        entries.append((block_key(MODEL, 3), MISPLACED, record_to_dht(record(0, 1, port=5005)), 600.0))
-        entries.append((block_key(MODEL, 0), "not base58!", record_to_dht(record(0, 4, port=5006)), 600.0))
-        entries.append((block_key(MODEL, 2), SECOND + "x", "not a record", 600.0))
-        entries += [(MODEL_INDEX_KEY, GAPPY, {"num_blocks": 6}, 600.0)]
+        entries.append((block_key(MODEL, 1), INVALID, {"state": "online", "address": "nowhere"}, TTL))
+        entries.append((block_key(MODEL, 3), MISPLACED, record_to_dht(record(0, 1, port=5005)), TTL))
+        entries += [_index(GAPPY, MISPLACED, 6)]  # one index entry per peer: a peer serves one model
         entries += _announce(GAPPY, GOOD, record(0, 2, port=5001))
         entries += _announce(GAPPY, SECOND, record(4, 6, port=5002))
         entries += _announce(GAPPY, DRAINER, record(2, 4, OFFLINE, port=5003))
-        entries += [(MODEL_INDEX_KEY, LONELY, {"num_blocks": "many"}, 600.0)]
+        entries += [_index(LONELY, LATE, "many")]
         await _store(node, entries)
+        # entries no replica takes: a subkey that is no peer id, one signed by another key, a plain value
+        refused = [(block_key(MODEL, 0), "not base58!", record_to_dht(record(0, 4, port=5006)), TTL)]
+        refused.append((block_key(MODEL, 2), SECOND + "x", "not a record", TTL))
+        for entry in refused:
+            with pytest.raises(AssertionError):
+                await _store(node, [entry])
     finally:
         await node.shutdown()
 
@@ -204,18 +216,18 @@ async def _write_records(maddrs: list[str]) -> None:
 def test_dht_discovery_drops_bad_records_and_reads_the_model_index(dht: list[str]) -> None:
     async def scenario() -> None:
         reader = await start_dht_node(initial_peers=dht, client_mode=True)
-        writer = await start_dht_node(initial_peers=dht)
+        writer = await _writer(dht)
         discovery = DhtDiscovery(reader, MODEL, refresh_period=0.2)
         try:
             view = await discovery.view()
             assert view.num_blocks == 4
-            assert list(view.peers()) == [DRAINER, GOOD, SECOND]
+            assert sorted(view.peers()) == sorted([DRAINER, GOOD, SECOND])
             assert view.peers()[GOOD] == record(0, 2, port=5001)
             assert view.peers()[DRAINER].state is DRAINING
             assert [sorted(block) for block in view.blocks] == [
                 [GOOD],
-                [DRAINER, GOOD],
-                [DRAINER, SECOND],
+                sorted([DRAINER, GOOD]),
+                sorted([DRAINER, SECOND]),
                 [SECOND],
             ]
             assert view.coverage() == [1, 1, 1, 1]
@@ -226,7 +238,7 @@ def test_dht_discovery_drops_bad_records_and_reads_the_model_index(dht: list[str
             refreshed = await discovery.view(refresh=True)
             assert LATE in refreshed.peers() and refreshed.fetched_at > view.fetched_at
 
-            await _store(writer, _announce(MODEL, LATE, record(0, 4, OFFLINE, port=5007), ttl=900.0))
+            await _store(writer, _announce(MODEL, LATE, record(0, 4, OFFLINE, port=5007), ttl=TTL + 20))
             discovery.start()
             for _ in range(100):  # the background task picks up the OFFLINE record within a few periods
                 if (await discovery.view()).peers()[LATE].state is OFFLINE:
