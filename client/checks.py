@@ -4,7 +4,7 @@ of routes, streams or bans (the caller turns a refusal into a failure of the pee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -13,6 +13,20 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
     torch.float16: (1e-3, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-5),
+}
+
+# Largest relative difference of one position's hidden state, ||computed - held|| / ||held||, that a spot
+# check (client/verify.py) accepts, per dtype: a stateless Forward of a hop's whole cache is not the cached
+# decode path bit for bit (other attention shapes and summation orders). Largest honest differences
+# measured over 8-40 decode steps: float32 5e-7 (the tests' tiny random Llama), 3.7e-6 (SmolLM2-135M, 30
+# blocks); float16 1.1e-3 (tiny); bfloat16 1e-2 (tiny), 1.6e-2 (SmolLM2). Elementwise tolerances do not
+# work in 16 bits: honest bfloat16 SmolLM2 outputs differ by up to 38, and by 10% of an element plus 6.
+# Hidden states off by 0.01 everywhere differ by 0.029 or more on the tiny model: caught in float32 and
+# float16, not in bfloat16, and within noise on SmolLM2 (2e-4: its hidden states reach 2e4).
+SPOT_CHECK_TOLERANCES: dict[torch.dtype, float] = {
+    torch.float32: 1e-3,
+    torch.float16: 2e-2,
+    torch.bfloat16: 1e-1,
 }
 
 
@@ -36,3 +50,15 @@ def agrees(computed: torch.Tensor, held: torch.Tensor) -> bool:
         return False
     rtol, atol = TOLERANCES.get(held.dtype, (0.0, 0.0))
     return torch.allclose(computed, held, rtol=rtol, atol=atol)
+
+
+def spot_check_agrees(computed: torch.Tensor, held: torch.Tensor, *, dtypes: Iterable[torch.dtype]) -> bool:
+    """Whether another peer's recomputation [..., hidden] matches what the client holds: at every position,
+    within the loosest spot-check tolerance of `dtypes` (the wire dtype and the dtypes both peers run in)."""
+    if computed.shape != held.shape:
+        return False
+    tolerance = max(SPOT_CHECK_TOLERANCES[dtype] for dtype in dtypes)
+    held = held.float()
+    difference = (computed.float() - held).norm(dim=-1)
+    scale = held.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return bool((difference <= tolerance * scale).all())

@@ -79,6 +79,22 @@ class ClientConfig(BaseModel):
     max_message_bytes: int = Field(
         default=256 * 2**20, ge=2**16, description="largest gRPC message sent or accepted"
     )
+    verify_every: int = Field(
+        default=0,
+        ge=0,
+        description="spot checks: every hop's output of one step in this many (the first included) is "
+        "recomputed by another peer serving the same blocks, and a peer whose output differs beyond the "
+        "dtype's tolerance is banned and the step redone; 0: off",
+    )
+    verify_timeout: _Seconds = Field(
+        default=10.0,
+        description="seconds a peer has to recompute a spot-checked step; past it the check is skipped",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="speak plaintext gRPC to peers started with `corolla serve --insecure` (tests, trusted "
+        "networks); by default only TLS peers whose certificate their signed record vouches for are used",
+    )
     wire_dtype: str | None = Field(
         default=None,
         description="dtype of hidden states on the wire (float32, float16, bfloat16); default: the peers'",

@@ -28,6 +28,7 @@ from client.deadlines import HopDeadlines, Waiting
 from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id, status_code
 from client.route import Hop, Needs, plan_inference_route
 from client.streams import HopStream
+from client.verify import SpotChecker, WrongOutput
 from protos import peer_pb2
 from protos.errors import InvalidInputError
 from protos.tensors import dtype_from_name, to_message
@@ -86,6 +87,7 @@ class InferenceSession:
         self._restart_from = 0  # the first block of hops opened since the step in flight was sent
         self._deadlines = HopDeadlines(swarm)
         self._avoided: set[str] = set()  # peers that cannot take this session (full, limits too small)
+        self.spot_checks = SpotChecker(swarm)  # `verify_every`; counts in `spot_checks.stats`
         self._lock = asyncio.Lock()
 
     @property
@@ -115,12 +117,12 @@ class InferenceSession:
             )
         log = StepLog(base, positions.to(torch.int64), beam_indices, rollback_to, {0: hidden})
         async with self._lock:
-            output = await self._with_failover(log, hidden.shape[0])
+            output = await self._with_failover(log, hidden.shape[0], check=self.spot_checks.due())
             self.history.append(log)
             self.position = base + hidden.shape[1]
         return output.to(hidden.dtype)
 
-    async def _with_failover(self, log: StepLog, batch_size: int) -> torch.Tensor:
+    async def _with_failover(self, log: StepLog, batch_size: int, *, check: bool) -> torch.Tensor:
         retries = Retries(self.config, self.swarm.bans, what="step")
         retries.avoided = self._avoided  # what this session learnt stays learnt for its later steps
         recovering: PeerFailure | None = None
@@ -132,7 +134,10 @@ class InferenceSession:
                     self.batch_size = batch_size
                     await self._replace(0, 0, None, refresh=bool(retries.failures))
                 recovering = None
-                return await self._run(log)
+                output = await self._run(log)
+                if check:  # a hop found wrong raises WrongOutput: replaced like a failed one, the step redone
+                    await self.spot_checks.check(log, self.history, self.route)
+                return output
             except SwarmError as error:
                 await self._reset()
                 recovering = None
@@ -157,9 +162,12 @@ class InferenceSession:
             await stream.close()
 
     async def _recover(self, failure: PeerFailure) -> None:
-        """Replace the failed hop; the whole route when the failure cannot be placed on one hop."""
+        """Replace the failed hop (and the hops after a hop whose outputs were wrong: they ran on them); the
+        whole route when the failure cannot be placed on one hop."""
         index = next((i for i, s in enumerate(self.streams) if s.hop.peer_id == failure.peer_id), None)
         first, last = (index, index + 1) if index is not None else (0, len(self.streams))
+        if isinstance(failure, WrongOutput):
+            last = len(self.streams)
         try:
             await self._replace(first, last, failure)
         except NoRouteError:
@@ -246,7 +254,7 @@ class InferenceSession:
             )
 
     def _stream(self, hop: Hop, *, pushed: bool) -> HopStream:
-        stub = self.swarm.channels.stub(hop.address)
+        stub = self.swarm.channels.stub(hop.address, hop.certificate)
         return HopStream(hop, stub, self, pushed=pushed, max_message_bytes=self.config.max_message_bytes)
 
     def _open_request(self, stream: HopStream, next_streams: list[HopStream]) -> peer_pb2.OpenSession:
@@ -316,6 +324,7 @@ class InferenceSession:
             hidden=to_message(log.inputs[stream.hop.start], dtype=dtype_from_name(self.swarm.wire_dtype)),
             position_ids=to_message(log.positions),
             local_only=local_only,
+            timeout_ms=int(self.config.forward_timeout * 1000),  # peers skip or refuse what comes too late
         )
         if log.beam_indices is not None:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
