@@ -13,6 +13,7 @@ from typing import Protocol
 from hivemind.dht.node import DHTNode
 
 from client.errors import SwarmError
+from protos import tls
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord, PeerState
 from protos.swarm import (
@@ -181,6 +182,36 @@ class DhtDiscovery:
             "swarm read model=%s peers=%d coverage=%s", self.model_id, len(self._latest), view.coverage()
         )
         return view
+
+
+class TlsPeersOnly:
+    """The view of another `Discovery` without the peers a TLS client cannot reach: those whose record
+    carries no certificate, or one their peer id's key did not vouch for (`protos.tls.binds`)."""
+
+    def __init__(self, inner: Discovery) -> None:
+        self.inner = inner
+        self._source: SwarmView | None = None
+        self._view: SwarmView | None = None
+
+    async def view(self, *, refresh: bool = False) -> SwarmView:
+        source = await self.inner.view(refresh=refresh)
+        if source is not self._source or self._view is None:
+            records = source.peers()
+            reachable = {
+                peer_id: record
+                for peer_id, record in records.items()
+                if record.certificate is not None and tls.binds(record.certificate.encode(), peer_id)
+            }
+            if len(reachable) < len(records):
+                logger.debug(
+                    "peers without a valid TLS certificate skipped count=%d", len(records) - len(reachable)
+                )
+            view = SwarmView.from_records(source.num_blocks, reachable, fetched_at=source.fetched_at)
+            self._source, self._view = source, view
+        return self._view
+
+    async def close(self) -> None:
+        await self.inner.close()
 
 
 class InMemoryDiscovery:

@@ -177,7 +177,7 @@ class RemoteSpans:
         prompts; a gRPC error becomes the hop's `PeerFailure`."""
         if prompts is not None:
             request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype))
-        call = getattr(self.swarm.channels.stub(hop.address), rpc)
+        call = getattr(self.swarm.channels.stub(hop.address, hop.certificate), rpc)
         try:
             return await call(request, timeout=self.config.forward_timeout)
         except grpc.aio.AioRpcError as e:

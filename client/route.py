@@ -40,6 +40,12 @@ class Hop:
     address: str
     start: int
     end: int
+    certificate: bytes | None = None  # the TLS certificate its record announces (PEM); None: plaintext
+
+
+def _hop(peer_id: str, record: PeerRecord, start: int, end: int) -> Hop:
+    certificate = record.certificate.encode() if record.certificate is not None else None
+    return Hop(peer_id, record.address, start, end, certificate)
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,7 @@ def plan_inference_route(
             (_route_cost(distinct, costs), len(distinct)), (_route_cost(hops, costs), len(hops))
         ):
             hops = distinct
-    return [Hop(peer_id, peers[peer_id].address, hop_start, hop_end) for peer_id, hop_start, hop_end in hops]
+    return [_hop(peer_id, peers[peer_id], hop_start, hop_end) for peer_id, hop_start, hop_end in hops]
 
 
 def plan_forward_route(
@@ -208,7 +214,7 @@ def plan_forward_route(
         ]
         peer_id, record = rng.choices(candidates, weights=weights)[0]
         hop_end = min(record.end, end)
-        route.append(Hop(peer_id, record.address, block, hop_end))
+        route.append(_hop(peer_id, record, block, hop_end))
         block = hop_end
     return route
 

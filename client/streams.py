@@ -131,6 +131,7 @@ class HopStream:
             end=hop.end,
             session_id=self.session_id,
             push_token=self.push_token,
+            certificate=hop.certificate or b"",
         )
 
     async def close(self) -> None:

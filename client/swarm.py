@@ -9,7 +9,7 @@ import logging
 from hivemind.dht.node import DHTNode
 
 from client.config import ClientConfig
-from client.discovery import BanList, DhtDiscovery, Discovery
+from client.discovery import BanList, DhtDiscovery, Discovery, TlsPeersOnly
 from client.finetune import RemoteSpans
 from client.route import PeerStats
 from client.runtime import Runtime
@@ -37,11 +37,12 @@ class SwarmConnection:
         if wire_dtype not in FLOAT_DTYPE_NAMES:
             raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPE_NAMES)}, got {wire_dtype!r}")
         self.config = config
-        self.discovery = discovery
+        # a TLS client routes only through peers it can authenticate
+        self.discovery = discovery if config.insecure else TlsPeersOnly(discovery)
         self.runtime = runtime
         self.wire_dtype = wire_dtype
         self.node = node
-        self.channels = ChannelPool(max_message_bytes=config.max_message_bytes)
+        self.channels = ChannelPool(max_message_bytes=config.max_message_bytes, insecure=config.insecure)
         self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
         self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
         self.remote = RemoteSpans(self)

@@ -11,6 +11,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path, validate_model_id
 from protos.tensors import FLOAT_DTYPE_NAMES
+from protos.validation import MAX_RECORD_TTL
 
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
 HOST_HELP = (
@@ -70,6 +71,11 @@ class PeerConfig(BaseModel):
     )
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    insecure: bool = Field(
+        default=False,
+        description="serve plaintext gRPC instead of TLS (only for tests and trusted networks); clients then "
+        "need insecure=True, and a secure client never routes through this peer",
+    )
     dtype: str = Field(
         default="float32", description=f"dtype of weights and activations: {', '.join(FLOAT_DTYPE_NAMES)}"
     )
@@ -165,7 +171,10 @@ class PeerConfig(BaseModel):
         description="seconds the next hop may take to accept a pushed step before it counts as failed",
     )
     announce_period: float = Field(
-        default=30.0, gt=0, description="seconds between DHT announcements; records expire after twice this"
+        default=30.0,
+        gt=0,
+        le=MAX_RECORD_TTL / 2,
+        description="seconds between DHT announcements; records expire after twice this",
     )
     drain_timeout: float = Field(
         default=30.0, ge=0, description="on SIGTERM, seconds to wait for steps in flight before exiting"
@@ -204,7 +213,8 @@ class PeerConfig(BaseModel):
     ready_file: Path | None = Field(
         default=None,
         description="once serving and announced ONLINE, write a JSON object {peer_id, address, start, end, "
-        "model_id, pid} to this file (atomically), and rewrite it after each move to another span",
+        "model_id, pid, certificate} to this file (atomically), and rewrite it after each move to another "
+        "span",
     )
 
     @model_validator(mode="before")

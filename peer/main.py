@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from hivemind.dht.node import DHTNode
 
-from peer import throughput
+from peer import throughput, wire
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import DhtConfig, PeerConfig
@@ -30,14 +30,15 @@ from peer.executor import Executor
 from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
-from protos import peer_pb2_grpc
 from protos.channels import channel_options
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
+from protos.identity import Identity
 from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
 from protos.settings import parse_config
 from protos.swarm import read_records
+from protos.tls import ServerTls
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,9 @@ class Peer:
         self.announcer: Announcer | None = None
         self.service: PeerService | None = None
         self._rebalancing: asyncio.Task[None] | None = None
+        # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
+        self.identity = Identity.load_or_create(config.identity)
+        self.tls: ServerTls | None = None  # None with --insecure
 
     @property
     def peer_id(self) -> str:
@@ -175,10 +179,14 @@ class Peer:
             initial_peers=config.initial_peers,
             host=config.host,
             port=config.dht_port,
-            identity_path=config.identity,
+            identity=self.identity,
             nat_port_map=config.nat_port_map,
         )
-        port = self.server.add_insecure_port(config.bind_address)
+        if config.insecure:
+            port = self.server.add_insecure_port(config.bind_address)
+        else:
+            self.tls = ServerTls.create(self.identity)
+            port = self.server.add_secure_port(config.bind_address, self.tls.server_credentials())
         self.address = f"{config.announce_host}:{port}"
         announcer = self.announcer = Announcer(
             self.node,
@@ -219,7 +227,7 @@ class Peer:
             make_record=lambda: self.make_record(announcer.state, announcer.span),
             version=self.version,
         )
-        peer_pb2_grpc.add_PeerServicer_to_server(self.service, self.server)
+        wire.add_to_server(self.service, self.server)
         await self.server.start()
         await announcer.announce(PeerState.ONLINE)
         logger.info(
@@ -261,6 +269,7 @@ class Peer:
             dtype=config.dtype,  # type: ignore[arg-type]  # validated by PeerConfig
             version=self.version,
             public_name=config.public_name,
+            certificate=self.tls.certificate.decode() if self.tls is not None else None,
         )
 
     async def move(self, target: tuple[int, int]) -> None:
@@ -335,6 +344,7 @@ class Peer:
             "end": span[1],
             "model_id": self.config.model_id,
             "pid": os.getpid(),
+            "certificate": self.tls.certificate.decode() if self.tls is not None else None,
         }
         write_ready_file(self.config.ready_file, content)
 
@@ -362,7 +372,10 @@ async def run_dht(config: DhtConfig) -> None:
     """A bootstrap DHT node until SIGTERM/SIGINT; prints its multiaddresses, one per line."""
     stop = _stop_event()
     node = await start_dht_node(
-        host=config.host, port=config.port, identity_path=config.identity, nat_port_map=config.nat_port_map
+        host=config.host,
+        port=config.port,
+        identity=Identity.load_or_create(config.identity),
+        nat_port_map=config.nat_port_map,
     )
     try:
         maddrs = await visible_maddrs(node)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import torch
 
-from peer import requests, stateless
+from peer import requests, stateless, wire
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.executor import Executor, Priority
@@ -23,7 +23,7 @@ from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
 from peer.sessions import PeerSession, SessionTable, log_id
 from peer.status import RequestError, Status, aborts_on_error, status_of
-from protos import peer_pb2, peer_pb2_grpc
+from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.channels import ChannelPool
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord
@@ -51,6 +51,16 @@ def _pushed(session: PeerSession, task: asyncio.Task[None]) -> None:
     session.tasks.discard(task)
 
 
+async def _checked(
+    requests: AsyncIterator[peer_pb2.SessionRequest | wire.Refused],
+) -> AsyncIterator[peer_pb2.SessionRequest]:
+    """The stream's messages; one refused on the wire (`peer.wire`) ends the stream with its reason."""
+    async for request in requests:
+        if isinstance(request, wire.Refused):
+            raise InvalidInputError(request.reason)
+        yield request
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
     """Serves one hosted span (swappable at run time, see `swap_span`) over the `Peer` gRPC service."""
 
@@ -76,7 +86,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.make_record = make_record
         self.accepting = True
         self._owns_channels = channels is None
-        self.channels = channels or ChannelPool(max_message_bytes=config.max_message_bytes)
+        self.channels = channels or ChannelPool(
+            max_message_bytes=config.max_message_bytes, insecure=config.insecure
+        )
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
 
@@ -88,7 +100,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         replies: _Replies = ReplyQueue(self.config.max_queued_replies)
         opened: list[str] = []
         client = requests.client_key(context.peer())
-        reader = asyncio.create_task(self._read_session(request_iterator, replies, opened, client))
+        requests_ = _checked(request_iterator)
+        reader = asyncio.create_task(self._read_session(requests_, replies, opened, client))
         try:
             while True:
                 item = await replies.get()
@@ -254,9 +267,15 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         if deadline is not None:  # what is left of the client's wait goes on with the step
             pushed.timeout_ms = max(int((deadline - time.monotonic()) * 1000), 1)
         try:
-            await self.channels.stub(hop.address).Push(
+            if not self.channels.insecure and not tls.binds(hop.certificate, hop.peer_id):
+                raise RequestError(
+                    grpc.StatusCode.UNAUTHENTICATED, "next hop's certificate is not its peer's"
+                )
+            await self.channels.stub(hop.address, hop.certificate).Push(
                 peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
             )
+        except RequestError as e:
+            await session.reply(self._step_error(step.step_id, e, peer_id=hop.peer_id))
         except grpc.aio.AioRpcError as e:
             logger.warning(
                 "push failed session=%s step=%d next=%r code=%s",

@@ -1,5 +1,7 @@
 """One pool of gRPC channels per process, shared by every session and request of a client or a peer: one
-channel per address, the same message-size options everywhere, the least recently used closed past a cap."""
+channel per address and certificate, the same message-size options everywhere, the least recently used
+closed past a cap. A secure pool (the default) speaks TLS only, trusting for each peer exactly the
+certificate its record announced (`protos.tls`); a plaintext pool is an explicit choice (`insecure`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from collections import OrderedDict
 
 import grpc
 
-from protos import peer_pb2_grpc
+from protos import peer_pb2_grpc, tls
+from protos.errors import CorollaError
 
 logger = logging.getLogger(__name__)
 
@@ -24,43 +27,69 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-class ChannelPool:
-    """Channels by address, reused across requests. Used from one event loop only."""
+class NoCertificate(CorollaError):
+    """A secure pool was asked for a peer that announces no TLS certificate: it cannot be reached safely."""
 
-    def __init__(self, *, max_message_bytes: int, max_channels: int = DEFAULT_MAX_CHANNELS) -> None:
+
+_Key = tuple[str, bytes]  # (address, certificate; empty in a plaintext pool)
+
+
+class ChannelPool:
+    """Channels by address and certificate, reused across requests. Used from one event loop only."""
+
+    def __init__(
+        self, *, max_message_bytes: int, insecure: bool = False, max_channels: int = DEFAULT_MAX_CHANNELS
+    ) -> None:
         if max_channels < 1:
             raise ValueError(f"max_channels must be >= 1, got {max_channels}")
+        self.insecure = insecure
         self._options = channel_options(max_message_bytes)
         self._max_channels = max_channels
-        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
-        self._stubs: dict[str, peer_pb2_grpc.PeerStub] = {}
+        self._channels: OrderedDict[_Key, grpc.aio.Channel] = OrderedDict()
+        self._stubs: dict[_Key, peer_pb2_grpc.PeerStub] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._channels)
 
-    def get(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def get(self, address: str, certificate: bytes | None = None) -> grpc.aio.Channel:
+        """The channel to `address`: plaintext in an insecure pool, else TLS trusting only `certificate`."""
+        key = self._key(address, certificate)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels[address] = channel
+            if self.insecure:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+            else:
+                credentials = tls.channel_credentials(key[1])
+                channel = grpc.aio.secure_channel(
+                    address, credentials, options=self._options + tls.channel_options()
+                )
+            self._channels[key] = channel
             self._evict()
-        self._channels.move_to_end(address)
+        self._channels.move_to_end(key)
         return channel
 
-    def stub(self, address: str) -> peer_pb2_grpc.PeerStub:
-        """A `Peer` stub on the address's channel (cached with it)."""
-        channel = self.get(address)
-        stub = self._stubs.get(address)
+    def stub(self, address: str, certificate: bytes | None = None) -> peer_pb2_grpc.PeerStub:
+        """A `Peer` stub on the channel of `get` (cached with it)."""
+        channel = self.get(address, certificate)
+        key = self._key(address, certificate)
+        stub = self._stubs.get(key)
         if stub is None:
-            stub = self._stubs[address] = peer_pb2_grpc.PeerStub(channel)
+            stub = self._stubs[key] = peer_pb2_grpc.PeerStub(channel)
         return stub
+
+    def _key(self, address: str, certificate: bytes | None) -> _Key:
+        if self.insecure:
+            return address, b""
+        if not certificate:
+            raise NoCertificate(f"the peer at {address!r} announces no TLS certificate")
+        return address, certificate
 
     def _evict(self) -> None:
         while len(self._channels) > self._max_channels:
-            address, channel = self._channels.popitem(last=False)
-            self._stubs.pop(address, None)
-            logger.debug("channel evicted address=%s", address)
+            key, channel = self._channels.popitem(last=False)
+            self._stubs.pop(key, None)
+            logger.debug("channel evicted address=%s", key[0])
             task = asyncio.get_running_loop().create_task(channel.close(grace=None))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)

@@ -60,20 +60,22 @@ async def start_dht_node(
     port: int = 0,
     client_mode: bool = False,
     identity_path: Path | None = None,
+    identity: Identity | None = None,
     nat_port_map: bool | None = None,
 ) -> DHTNode:
     """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
     swarm's record rules (`protos.validation`) on what it stores and reads.
 
-    A server node's key is the Ed25519 identity in `identity_path` (created there when missing; a new one
-    for this process without a path): p2pd takes its peer id from it and the node signs its own records
-    with it. A client node signs nothing. Port mapping (UPnP/NAT-PMP) sends packets beyond loopback, so it
-    is off for loopback hosts unless asked.
+    A server node's key is `identity`, else the Ed25519 identity in `identity_path` (created there when
+    missing; a new one for this process without a path): p2pd takes its peer id from it and the node signs
+    its own records with it. A client node signs nothing. Port mapping (UPnP/NAT-PMP) sends packets beyond
+    loopback, so it is off for loopback hosts unless asked.
     """
     loopback = is_loopback(host)
     if nat_port_map is None:
         nat_port_map = not loopback
-    identity = None if client_mode else Identity.load_or_create(identity_path)
+    if identity is None and not client_mode:
+        identity = Identity.load_or_create(identity_path)
     options: dict[str, Any] = {
         "host_maddrs": [host_maddr(host, port)],
         "nat_port_map": nat_port_map,

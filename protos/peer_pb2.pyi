@@ -17,20 +17,22 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token")
+    __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token", "certificate")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     start: int
     end: int
     session_id: str
     push_token: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs", "push_token")

@@ -32,6 +32,7 @@ MAX_MODEL_ID_CHARS = 128
 MAX_PINGS = 32  # pings to likely next hops, not to the whole swarm
 MAX_ADAPTERS = 16
 MAX_PUBLIC_NAME_CHARS = 64
+MAX_CERTIFICATE_CHARS = 4096  # a TLS certificate in PEM (a peer's takes about 720)
 MAX_ADDRESS_CHARS = 260  # a 253-character DNS name, ":" and a port
 
 _MODEL_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_ID_CHARS}}}")
@@ -88,6 +89,11 @@ class PeerRecord(BaseModel):
     ] = Field(default=(), max_length=MAX_ADAPTERS)
     version: str = Field(min_length=1, max_length=64, pattern=_TOKEN_PATTERN)
     public_name: str | None = Field(default=None, max_length=MAX_PUBLIC_NAME_CHARS)
+    certificate: str | None = Field(
+        default=None,
+        max_length=MAX_CERTIFICATE_CHARS,
+        description="the TLS certificate (PEM) the peer serves with, bound to its peer id; None: plaintext",
+    )
     pings: dict[
         Annotated[str, Field(min_length=1, max_length=128, pattern=_TOKEN_PATTERN)], _NonNegativeFinite
     ] = Field(default_factory=dict, max_length=MAX_PINGS, description="peer_id -> round trip in seconds")

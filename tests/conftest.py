@@ -127,6 +127,7 @@ FAST_CLIENT = dict(
     max_retries=4,
     retry_delay=0.05,
     max_retry_delay=0.2,
+    insecure=True,  # in-process peers speak plaintext
 )
 
 

@@ -27,12 +27,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from client.discovery import InMemoryDiscovery, SwarmView
+from peer import wire
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.executor import Executor
 from peer.service import PeerService, RequestError
 from peer.sessions import SessionTable
-from protos import peer_pb2, peer_pb2_grpc
+from protos import peer_pb2
 from protos.channels import channel_options
 from protos.records import PeerRecord, PeerState
 from protos.tensors import dtype_name, from_message, to_message
@@ -220,7 +221,11 @@ class FakePeer:
         self.state = PeerState.ONLINE
         self.announced: dict[str, Any] = {}  # record fields that say otherwise than the peer's state
         self.faults = Faults()
-        self.config = PeerConfig(model=str(swarm.folder), blocks=f"{start}:{end}", host="127.0.0.1", **config)
+        # in-process peers speak plaintext (their ids are names, not keys); process tests run TLS
+        options = {"insecure": True} | config
+        self.config = PeerConfig(
+            model=str(swarm.folder), blocks=f"{start}:{end}", host="127.0.0.1", **options
+        )
         self.span = _FaultySpan.from_model(model, start, end)
         self.span.faults = self.faults
         self.sessions = SessionTable.from_config(self.config)
@@ -240,7 +245,7 @@ class FakePeer:
 
     async def _start(self) -> None:
         self.server = grpc.aio.server(options=channel_options(self.config.max_message_bytes))
-        peer_pb2_grpc.add_PeerServicer_to_server(self.service, self.server)
+        wire.add_to_server(self.service, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         self.address = f"127.0.0.1:{port}"
         await self.server.start()

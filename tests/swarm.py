@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from client import local_swarm
 from client.local_swarm import LocalProcess as Process
 from client.local_swarm import LocalSwarm
+from protos import tls
 
-__all__ = ["LocalSwarm", "Process", "running", "start_dht", "start_peer", "start_peers"]
+__all__ = [
+    "LocalSwarm",
+    "Process",
+    "certificate",
+    "channel",
+    "running",
+    "start_dht",
+    "start_peer",
+    "start_peers",
+]
 
 # one thread per peer: tests run several processes on a 2-core machine
 _ENV = {
@@ -44,3 +57,31 @@ def start_peers(
 ) -> list[Process]:
     """Several peers started at once (they load in parallel)."""
     return local_swarm.start_peers(log_dir, model, spans, initial_peers, *extra, env=_ENV)
+
+
+def certificate(process: Process) -> bytes:
+    """The TLS certificate a peer process serves with (as its record announces it); b"" for `--insecure`."""
+    ready = process.ready() or {}
+    return (ready.get("certificate") or "").encode()
+
+
+def channel(
+    process: Process,
+    *,
+    address: str | None = None,
+    options: Sequence[tuple[str, Any]] = (),
+    aio: bool = False,
+) -> Any:
+    """A channel (blocking, or `grpc.aio` with `aio`) to a peer process at `address` (default its own): TLS
+    trusting the certificate from its ready file, as a client that read its record would; plaintext for an
+    `--insecure` peer."""
+    ready = process.ready()
+    if ready is None:
+        raise RuntimeError(f"{process} is not serving")
+    target = address or ready["address"]
+    certificate = ready.get("certificate")
+    grpc_module: Any = grpc.aio if aio else grpc
+    if certificate is None:
+        return grpc_module.insecure_channel(target, options=list(options))
+    credentials = tls.channel_credentials(certificate.encode())
+    return grpc_module.secure_channel(target, credentials, options=[*options, *tls.channel_options()])

@@ -7,11 +7,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import grpc
 import pytest
 import torch
 from families import VOCAB, without_eos
-from swarm import LocalSwarm, Process, running
+from swarm import LocalSwarm, Process, channel, running
 
 from client.discovery import BanList
 from client.errors import NoRouteError
@@ -305,8 +304,8 @@ def _wait_info(
     peer: Process, done: Callable[[peer_pb2.InfoReply], bool], *, timeout: float
 ) -> peer_pb2.InfoReply:
     """The peer's Info once `done(info)`, or the last one read when `timeout` runs out."""
-    with grpc.insecure_channel(peer.address) as channel:
-        stub = peer_pb2_grpc.PeerStub(channel)
+    with channel(peer) as opened:
+        stub = peer_pb2_grpc.PeerStub(opened)
         deadline = time.monotonic() + timeout
         while True:
             info = stub.Info(peer_pb2.InfoRequest(), timeout=10)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 from families import HIDDEN, VOCAB, without_eos
-from swarm import Process, running, start_peers
+from swarm import Process, channel, running, start_peers
 from transformers import AutoModelForSequenceClassification
 
 from client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
@@ -254,11 +254,11 @@ def test_classifier_head_learns_a_synthetic_task(checkpoint, swarm) -> None:
 
 
 def _backward(process: Process, **fields) -> peer_pb2.BackwardReply:
-    channel = grpc.insecure_channel(process.address)
+    opened = channel(process)
     try:
-        return peer_pb2_grpc.PeerStub(channel).Backward(peer_pb2.BackwardRequest(**fields), timeout=30)
+        return peer_pb2_grpc.PeerStub(opened).Backward(peer_pb2.BackwardRequest(**fields), timeout=30)
     finally:
-        channel.close()
+        opened.close()
 
 
 def _hidden(batch: int, seq: int, width: int = HIDDEN) -> peer_pb2.Tensor:

@@ -12,7 +12,7 @@ import grpc
 import psutil
 import pytest
 import torch
-from swarm import Process, running, start_peer
+from swarm import Process, channel, running, start_peer
 from test_peer import Stream, _read_records, _result, stub
 
 from peer.blocks import HostedSpan
@@ -61,10 +61,10 @@ def _hidden(seq: int, seed: int) -> torch.Tensor:
     return torch.randn(1, seq, HIDDEN, generator=torch.Generator().manual_seed(seed))
 
 
-async def _flood(address: str, request: peer_pb2.PushRequest, count: int) -> list[grpc.StatusCode]:
+async def _flood(peer: Process, request: peer_pb2.PushRequest, count: int) -> list[grpc.StatusCode]:
     options = [("grpc.max_send_message_length", 2 * MAX_MESSAGE)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        push = peer_pb2_grpc.PeerStub(channel).Push
+    async with channel(peer, options=options, aio=True) as opened:
+        push = peer_pb2_grpc.PeerStub(opened).Push
 
         async def one() -> grpc.StatusCode:
             try:
@@ -89,7 +89,7 @@ def test_push_flood_into_ones_own_session_stays_bounded(swarm, checkpoint) -> No
     request = peer_pb2.PushRequest(step=big, push_token=token)
     assert request.ByteSize() > 4 * MiB
     before = _rss(peer)
-    codes = asyncio.run(_flood(peer.address, request, 200))
+    codes = asyncio.run(_flood(peer, request, 200))
     grown = _rss(peer) - before
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
     assert grown < 100 * MiB, f"peer RSS grew by {grown / MiB:.0f} MiB"
@@ -150,8 +150,8 @@ def test_sigterm_with_queued_pushes_exits_in_time_and_offline(swarm, checkpoint,
     ]
 
     async def push_all() -> list[grpc.StatusCode]:
-        async with grpc.aio.insecure_channel(extra.address) as channel:
-            push = peer_pb2_grpc.PeerStub(channel).Push
+        async with channel(extra, aio=True) as opened:
+            push = peer_pb2_grpc.PeerStub(opened).Push
             results = await asyncio.gather(
                 *(push(step, timeout=30) for step in steps), return_exceptions=True
             )

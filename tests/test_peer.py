@@ -13,10 +13,10 @@ import grpc
 import psutil
 import pytest
 import torch
-from swarm import Process, running, start_peer
+from swarm import Process, certificate, channel, running, start_peer
 
 from peer.blocks import HostedSpan
-from protos import peer_pb2, peer_pb2_grpc
+from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.dht import start_dht_node
 from protos.errors import LIMIT_METADATA_KEY
 from protos.records import PeerState, block_key, record_from_dht
@@ -45,10 +45,9 @@ def local_span(checkpoint) -> HostedSpan:
 
 
 def stub(process: Process) -> peer_pb2_grpc.PeerStub:
-    channel = grpc.insecure_channel(
-        process.address, options=[("grpc.max_send_message_length", 4 * MAX_MESSAGE)]
+    return peer_pb2_grpc.PeerStub(
+        channel(process, options=[("grpc.max_send_message_length", 4 * MAX_MESSAGE)])
     )
-    return peer_pb2_grpc.PeerStub(channel)
 
 
 class Stream:
@@ -143,7 +142,13 @@ def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) ->
     assert last.open("chain-b", start=2, end=4, push_token=token).WhichOneof("kind") == "opened"
     head = Stream(first)
     hop = peer_pb2.Hop(
-        peer_id=second.peer_id, address=second.address, start=2, end=4, session_id="chain-b", push_token=token
+        peer_id=second.peer_id,
+        address=second.address,
+        start=2,
+        end=4,
+        session_id="chain-b",
+        push_token=token,
+        certificate=certificate(second),  # the pushing peer trusts only this certificate for that peer
     )
     assert head.open("chain-a", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
     cache = local_span.new_cache()
@@ -155,6 +160,31 @@ def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) ->
         assert reply.result.step_id == step_id and reply.result.peer_id == second.peer_id
         torch.testing.assert_close(_result(reply), local_span.forward(hidden, cache), atol=1e-5, rtol=0)
         position += seq
+    head.close()
+    last.close()
+
+
+def test_a_push_to_a_hop_whose_certificate_is_another_peers_is_refused(swarm) -> None:
+    """A client (or a forged record) naming `second` at its address with `full`'s certificate: the first peer
+    refuses to push there, and the client hears it as a failure of that hop (UNAUTHENTICATED)."""
+    first, second = swarm["first"], swarm["second"]
+    last = Stream(second)
+    token = os.urandom(16)
+    assert last.open("tls-b", start=2, end=4, push_token=token).WhichOneof("kind") == "opened"
+    head = Stream(first)
+    hop = peer_pb2.Hop(
+        peer_id=second.peer_id,
+        address=second.address,
+        start=2,
+        end=4,
+        session_id="tls-b",
+        push_token=token,
+        certificate=certificate(swarm["full"]),
+    )
+    assert head.open("tls-a", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
+    head.send(step=peer_pb2.Step(step_id=7, position=0, hidden=to_message(_hidden(1, 3, 5))))
+    error = head.receive().error
+    assert error.code == grpc.StatusCode.UNAUTHENTICATED.value[0] and error.peer_id == second.peer_id
     head.close()
     last.close()
 
@@ -190,7 +220,9 @@ def test_dht_shows_records_and_offline_after_sigterm(checkpoint, swarm, tmp_path
 def test_ready_file_describes_the_peer(swarm) -> None:
     full = swarm["full"]
     expected = {"address": full.address, "start": 0, "end": 4, "model_id": "llama", "pid": full.popen.pid}
-    assert full.ready() == {"peer_id": full.peer_id, **expected}
+    ready = full.ready()
+    assert ready is not None and tls.binds(ready.pop("certificate").encode(), full.peer_id)
+    assert ready == {"peer_id": full.peer_id, **expected}
     assert full.peer_id == stub(full).Info(peer_pb2.InfoRequest(), timeout=30).peer_id
     dht = swarm["dht"].ready()
     assert dht == {"maddrs": swarm["dht"].maddrs, "pid": swarm["dht"].popen.pid} and dht["maddrs"]

@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 from swarm import Process as LocalProcess
-from swarm import running
+from swarm import channel, running
 
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import to_message
@@ -45,9 +45,9 @@ def peer(checkpoint, tmp_path_factory) -> Iterator[LocalProcess]:
         yield swarm.peers[0]
 
 
-def _stub(address: str) -> peer_pb2_grpc.PeerStub:
+def _stub(peer: LocalProcess, address: str) -> peer_pb2_grpc.PeerStub:
     options = [("grpc.max_send_message_length", 64 * 2**20), ("grpc.max_receive_message_length", 64 * 2**20)]
-    return peer_pb2_grpc.PeerStub(grpc.insecure_channel(address, options=options))
+    return peer_pb2_grpc.PeerStub(channel(peer, address=address, options=options))
 
 
 def _port(process: LocalProcess) -> str:
@@ -85,13 +85,13 @@ def _hidden(batch: int, seq: int, seed: int) -> torch.Tensor:
 
 def test_a_client_reaches_only_its_quota_and_another_still_opens(peer: LocalProcess) -> None:
     port = _port(peer)
-    mine = [Stream(_stub(f"127.0.0.1:{port}")) for _ in range(CLIENT_SESSIONS + 2)]
-    theirs = Stream(_stub(f"[::1]:{port}"))
+    mine = [Stream(_stub(peer, f"127.0.0.1:{port}")) for _ in range(CLIENT_SESSIONS + 2)]
+    theirs = Stream(_stub(peer, f"[::1]:{port}"))
     try:
         outcomes = [stream.open(f"mine-{index}") for index, stream in enumerate(mine)]
         assert outcomes == ["opened"] * CLIENT_SESSIONS + ["RESOURCE_EXHAUSTED"] * 2
         assert theirs.open("theirs") == "opened"
-        info = _stub(f"127.0.0.1:{port}").Info(peer_pb2.InfoRequest(), timeout=10)
+        info = _stub(peer, f"127.0.0.1:{port}").Info(peer_pb2.InfoRequest(), timeout=10)
         assert info.num_sessions == CLIENT_SESSIONS + 1
     finally:
         for stream in [*mine, theirs]:
@@ -100,7 +100,7 @@ def test_a_client_reaches_only_its_quota_and_another_still_opens(peer: LocalProc
 
 def test_a_decode_step_behind_a_16k_token_backward_returns_in_time(peer: LocalProcess) -> None:
     port = _port(peer)
-    stub = _stub(f"127.0.0.1:{port}")
+    stub = _stub(peer, f"127.0.0.1:{port}")
     request = peer_pb2.BackwardRequest(
         start=0, end=4, hidden=to_message(_hidden(16, 1024, 0)), grad_output=to_message(_hidden(16, 1024, 1))
     )
@@ -135,7 +135,7 @@ def test_a_decode_step_behind_a_16k_token_backward_returns_in_time(peer: LocalPr
 def test_a_second_client_is_not_slowed_by_a_quota_refusal(peer: LocalProcess) -> None:
     """After the refusals above, the peer still serves a well-behaved client exactly."""
     port = _port(peer)
-    stream = Stream(_stub(f"127.0.0.1:{port}"))
+    stream = Stream(_stub(peer, f"127.0.0.1:{port}"))
     try:
         assert stream.open("after") == "opened"
         step = peer_pb2.Step(step_id=0, position=0, hidden=to_message(_hidden(1, 3, 5)))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fakes import FakePeer, hidden_states
 
-from peer import requests, stateless
+from peer import requests, stateless, wire
 from peer.executor import Executor, Expired, Overloaded, Priority
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import to_message
@@ -162,7 +162,7 @@ class Stream:
 async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
     """A second listener on [::1] for the same servicer: a client there is another client."""
     server = grpc.aio.server()
-    peer_pb2_grpc.add_PeerServicer_to_server(peer.service, server)
+    wire.add_to_server(peer.service, server)
     port = server.add_insecure_port("[::1]:0")
     await server.start()
     return server, port

@@ -4,6 +4,7 @@ that leave the table as it was."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import torch
@@ -234,7 +235,8 @@ def test_a_client_at_its_quota_leaves_room_for_another() -> None:
 
 def test_a_reservation_without_a_step_is_released() -> None:
     table = SessionTable(BUDGET, idle_timeout=1000.0, first_step_timeout=5.0)
-    waiting, stepping = _session("a", 1, 100), _session("b", 1, 100)
+    now = time.monotonic()
+    waiting, stepping = _session("a", 1, 100, last_used=now), _session("b", 1, 100, last_used=now)
     table.open(waiting)
     table.open(stepping)
     stepping.touch()
