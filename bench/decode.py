@@ -3,7 +3,10 @@
 Prints JSON: median ms per generated token (batch 1, greedy, after a chat prompt) both ways and their
 ratio, and the time of a 512-token prefill both ways. Peers run as separate processes on 127.0.0.1.
 
-    python bench/decode.py [--new-tokens 64] [--repeats 3]
+    python bench/decode.py [--new-tokens 64] [--repeats 3] [--insecure]
+
+Peers and client speak TLS with signed records (the default); `--insecure` runs the same on plaintext gRPC,
+so the two runs give what security costs per hop and token.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64, help="generated tokens per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (the median is kept)")
     parser.add_argument("--prefill", type=int, default=512, help="tokens in the prefill measurement")
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext gRPC between client and peers (default: TLS)"
+    )
     args = parser.parse_args()
     folder = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -78,8 +84,10 @@ def main() -> None:
         local_prefill.append(_prefill_ms(local, args.prefill))
     del local
 
-    with running(folder, SPANS) as swarm:
-        remote = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.initial_peers)
+    with running(folder, SPANS, *(["--insecure"] if args.insecure else [])) as swarm:
+        remote = AutoDistributedModelForCausalLM.from_pretrained(
+            folder, initial_peers=swarm.initial_peers, insecure=args.insecure
+        )
         swarm_ms, swarm_out, swarm_prefill = [], None, []
         for _ in range(args.repeats):
             ms, swarm_out = _ms_per_token(remote, tokenizer, inputs, args.new_tokens)
@@ -103,6 +111,7 @@ def main() -> None:
                 },
                 "prefill_ratio": round(prefill_swarm / prefill_local, 3),
                 "same_tokens": bool(torch.equal(swarm_out, local_out)),
+                "tls": not args.insecure,
                 "repeats": args.repeats,
             },
             indent=2,

@@ -91,6 +91,7 @@ def test_push_flood_into_ones_own_session_stays_bounded(swarm, checkpoint) -> No
     before = _rss(peer)
     codes = asyncio.run(_flood(peer, request, 200))
     grown = _rss(peer) - before
+    print(f"push flood: peer RSS grew by {grown / MiB:.0f} MiB")
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
     assert grown < 100 * MiB, f"peer RSS grew by {grown / MiB:.0f} MiB"
     # another client is served exactly meanwhile
