@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,6 +25,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
     parser.add_argument(
         "--initial-peers", nargs="+", required=True, metavar="MADDR", help="DHT multiaddresses of the swarm"
+    )
+    parser.add_argument(
+        "--swarm-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a private swarm's key file (`corolla keygen`); none: the public swarm",
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument(
@@ -44,12 +52,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str], prog: str) -> int:
-    args = _parser(prog).parse_args(list(argv))
+    parser = _parser(prog)
+    args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
     from transformers import AutoTokenizer, TextStreamer
 
     from client.model import AutoDistributedModelForCausalLM
     from protos.errors import CorollaError
+    from protos.swarm_key import SwarmKey, SwarmKeyError
+
+    if args.swarm_key is not None:
+        try:
+            SwarmKey.load(args.swarm_key)
+        except SwarmKeyError as e:
+            parser.error(str(e))
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.chat:
@@ -61,7 +77,11 @@ def main(argv: Sequence[str], prog: str) -> int:
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            args.model, initial_peers=args.initial_peers, dtype=args.dtype, model_id=args.model_id
+            args.model,
+            initial_peers=args.initial_peers,
+            dtype=args.dtype,
+            model_id=args.model_id,
+            swarm_key=args.swarm_key,
         )
     except CorollaError as e:
         print(f"{prog}: {e}", file=sys.stderr)

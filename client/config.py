@@ -5,10 +5,12 @@ Each knob is documented once (`Field(description=...)`); command lines are gener
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protos import swarm_key
 from protos.records import validate_model_id
 from protos.tensors import FLOAT_DTYPE_NAMES
 
@@ -95,6 +97,7 @@ class ClientConfig(BaseModel):
         description="speak plaintext gRPC to peers started with `corolla serve --insecure` (tests, trusted "
         "networks); by default only TLS peers whose certificate their signed record vouches for are used",
     )
+    swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     wire_dtype: str | None = Field(
         default=None,
         description="dtype of hidden states on the wire (float32, float16, bfloat16); default: the peers'",
@@ -113,6 +116,11 @@ class ClientConfig(BaseModel):
     def _model_id(cls, model_id: str | None) -> str | None:
         return None if model_id is None else validate_model_id(model_id)
 
+    @field_validator("swarm_key")
+    @classmethod
+    def _usable_swarm_key(cls, path: Path | None) -> Path | None:
+        return swarm_key.SwarmKey.check_file(path)
+
     @field_validator("wire_dtype")
     @classmethod
     def _wire_dtype(cls, dtype: str | None) -> str | None:
@@ -121,7 +129,9 @@ class ClientConfig(BaseModel):
         return dtype
 
     @model_validator(mode="after")
-    def _ban_limits(self) -> ClientConfig:
+    def _consistent(self) -> ClientConfig:
+        if self.swarm_key is not None and self.insecure:
+            raise ValueError("swarm_key needs TLS: a private swarm's tokens never travel in plaintext")
         if self.max_ban_timeout < self.ban_timeout:
             raise ValueError(
                 f"max_ban_timeout ({self.max_ban_timeout}) must be >= ban_timeout ({self.ban_timeout})"

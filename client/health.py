@@ -20,20 +20,24 @@ from client.discovery import DhtDiscovery, SwarmView
 from client.errors import NoRouteError, SwarmError, format_ranges, short_id
 from client.route import block_ranges, missing_blocks
 from protos.cli import emit
-from protos.dht import start_dht_node
+from protos.dht import JoinError, start_dht_node
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path
 from protos.settings import add_config_arguments, config_from_arguments, validation_problems
+from protos.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
-_OPTIONS = ("initial_peers", "model_id")  # the ClientConfig fields this command uses
+_OPTIONS = ("initial_peers", "model_id", "swarm_key")  # the ClientConfig fields this command uses
 
 
 async def read_view(config: ClientConfig, model_id: str) -> SwarmView:
     """Join the DHT as a client, read the model's records once, leave."""
+    swarm_key = SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None
     try:
-        node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True)
+        node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True, swarm_key=swarm_key)
+    except JoinError as e:
+        raise SwarmError(str(e)) from e
     except Exception as e:  # hivemind reports unreachable or malformed initial peers in several types
         raise SwarmError(f"cannot join the DHT through --initial-peers: {e}") from e
     try:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,8 +117,9 @@ def _serving(process: LocalProcess) -> None:
     process.span = (int(content["start"]), int(content["end"]))
 
 
-def start_dht(log_dir: Path, *, env: dict[str, str] | None = None) -> LocalProcess:
-    process = _spawn(["dht", "--host", "127.0.0.1"], log_dir / "dht.log", env)
+def start_dht(log_dir: Path, *options: str, env: dict[str, str] | None = None) -> LocalProcess:
+    """A `corolla dht` on 127.0.0.1 (with `options`, e.g. `--swarm-key FILE`), ready to be joined."""
+    process = _spawn(["dht", "--host", "127.0.0.1", *options], log_dir / "dht.log", env)
     process.maddrs = [str(maddr) for maddr in _wait_ready(process, STARTUP_TIMEOUT)["maddrs"]]
     return process
 
@@ -194,13 +195,15 @@ def running(
     *peer_options: str,
     log_dir: Path | None = None,
     env: dict[str, str] | None = None,
+    dht_options: Sequence[str] = (),
 ) -> Iterator[LocalSwarm]:
-    """A DHT and one peer per entry of `spans` (all with `peer_options`), logging to `log_dir` (default: a
-    temporary folder, removed afterwards); every process is stopped by PID on the way out."""
+    """A DHT (with `dht_options`) and one peer per entry of `spans` (all with `peer_options`), logging to
+    `log_dir` (default: a temporary folder, removed afterwards); every process is stopped by PID on the way
+    out."""
     with contextlib.ExitStack() as stack:
         if log_dir is None:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corolla-swarm-")))
-        swarm = LocalSwarm(model, log_dir, start_dht(log_dir, env=env), env)
+        swarm = LocalSwarm(model, log_dir, start_dht(log_dir, *dht_options, env=env), env)
         try:
             swarm.start_peers(spans, *peer_options)
             yield swarm

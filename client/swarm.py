@@ -16,9 +16,15 @@ from client.runtime import Runtime
 from client.session import InferenceSession
 from protos.channels import ChannelPool
 from protos.dht import start_dht_node
+from protos.swarm_key import SwarmKey
 from protos.tensors import FLOAT_DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
+
+
+def load_swarm_key(config: ClientConfig) -> SwarmKey | None:
+    """The private swarm's key the client was given (`swarm_key=`), or None for the public swarm."""
+    return SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None
 
 
 class SwarmConnection:
@@ -42,7 +48,11 @@ class SwarmConnection:
         self.runtime = runtime
         self.wire_dtype = wire_dtype
         self.node = node
-        self.channels = ChannelPool(max_message_bytes=config.max_message_bytes, insecure=config.insecure)
+        self.channels = ChannelPool(
+            max_message_bytes=config.max_message_bytes,
+            insecure=config.insecure,
+            swarm_key=load_swarm_key(config),
+        )
         self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
         self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
         self.remote = RemoteSpans(self)
@@ -56,7 +66,9 @@ class SwarmConnection:
         runtime = Runtime()
 
         async def join() -> tuple[DHTNode, DhtDiscovery]:
-            node = await start_dht_node(initial_peers=config.initial_peers, client_mode=True)
+            node = await start_dht_node(
+                initial_peers=config.initial_peers, client_mode=True, swarm_key=load_swarm_key(config)
+            )
             discovery = DhtDiscovery(
                 node,
                 model_id,

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from protos import swarm_key
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path, validate_model_id
 from protos.tensors import FLOAT_DTYPE_NAMES
@@ -70,6 +71,7 @@ class PeerConfig(BaseModel):
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
     )
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
+    swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     insecure: bool = Field(
         default=False,
@@ -237,6 +239,11 @@ class PeerConfig(BaseModel):
             raise ValueError("START must be below END")
         return f"{int(start)}:{int(end)}"
 
+    @field_validator("swarm_key")
+    @classmethod
+    def _usable_swarm_key(cls, path: Path | None) -> Path | None:
+        return swarm_key.SwarmKey.check_file(path)
+
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
@@ -262,6 +269,8 @@ class PeerConfig(BaseModel):
     def _derived(self) -> PeerConfig:
         if (self.blocks is None) == (self.span_length is None):
             raise ValueError("give exactly one of --blocks START:END and --span-length K")
+        if self.swarm_key is not None and self.insecure:
+            raise ValueError("--swarm-key needs TLS: a private swarm's tokens never travel in plaintext")
         if self.announce_host is None:
             announce = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
             object.__setattr__(self, "announce_host", f"[{announce}]" if ":" in announce else announce)
@@ -296,8 +305,14 @@ class DhtConfig(BaseModel):
     host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
+    swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     ready_file: Path | None = Field(
         default=None,
         description="once listening, write a JSON object {maddrs, pid} to this file (atomically)",
     )
+
+    @field_validator("swarm_key")
+    @classmethod
+    def _usable_swarm_key(cls, path: Path | None) -> Path | None:
+        return swarm_key.SwarmKey.check_file(path)

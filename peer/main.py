@@ -38,6 +38,7 @@ from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
 from protos.settings import parse_config
 from protos.swarm import read_records
+from protos.swarm_key import SwarmGuard, SwarmKey
 from protos.tls import ServerTls
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ def corolla_version() -> str:
         return "0+unknown"
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_ARENA_MAX = -3, -1, -8  # glibc mallopt parameters
+MALLOC_ARENAS = 2
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
@@ -68,7 +70,10 @@ def return_freed_memory() -> None:
     default threshold rises with each large free, after which a burst of big messages (a push flood) stays
     in the heap for good: peer RSS then shows the worst burst, not what is held."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD_BYTES)  # free heap tops go back to the system
+        libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)  # gRPC's threads share arenas instead of fragmenting more
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -134,8 +139,20 @@ class Peer:
         self.config = config
         self.sessions = SessionTable.from_config(config)
         self.executor = Executor()
+        # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
+        self.identity = Identity.load_or_create(config.identity)
+        self.tls = None if config.insecure else ServerTls.create(self.identity)
+        # a private swarm's peer refuses every call without the swarm token bound to its certificate
+        self.swarm_key = SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None
+        guard = []
+        if self.swarm_key is not None:
+            if self.tls is None:  # PeerConfig refuses it too: never a private swarm without its guard
+                raise InvalidInputError("--swarm-key needs TLS (drop --insecure)")
+            guard.append(SwarmGuard(self.swarm_key.grpc_token(self.tls.certificate)))
         self.server = grpc.aio.server(
-            options=server_options(config), maximum_concurrent_rpcs=config.max_concurrent_rpcs
+            options=server_options(config),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+            interceptors=guard,
         )
         self.speed = _Speed()
         self.version = corolla_version()
@@ -145,9 +162,6 @@ class Peer:
         self.announcer: Announcer | None = None
         self.service: PeerService | None = None
         self._rebalancing: asyncio.Task[None] | None = None
-        # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
-        self.identity = Identity.load_or_create(config.identity)
-        self.tls: ServerTls | None = None  # None with --insecure
 
     @property
     def peer_id(self) -> str:
@@ -181,11 +195,11 @@ class Peer:
             port=config.dht_port,
             identity=self.identity,
             nat_port_map=config.nat_port_map,
+            swarm_key=self.swarm_key,
         )
-        if config.insecure:
+        if self.tls is None:
             port = self.server.add_insecure_port(config.bind_address)
         else:
-            self.tls = ServerTls.create(self.identity)
             port = self.server.add_secure_port(config.bind_address, self.tls.server_credentials())
         self.address = f"{config.announce_host}:{port}"
         announcer = self.announcer = Announcer(
@@ -226,6 +240,7 @@ class Peer:
             peer_id=self.peer_id,
             make_record=lambda: self.make_record(announcer.state, announcer.span),
             version=self.version,
+            swarm_key=self.swarm_key,
         )
         wire.add_to_server(self.service, self.server)
         await self.server.start()
@@ -376,6 +391,7 @@ async def run_dht(config: DhtConfig) -> None:
         port=config.port,
         identity=Identity.load_or_create(config.identity),
         nat_port_map=config.nat_port_map,
+        swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
     )
     try:
         maddrs = await visible_maddrs(node)

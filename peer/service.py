@@ -27,6 +27,7 @@ from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.channels import ChannelPool
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord
+from protos.swarm_key import SwarmKey
 from protos.tensors import dtype_name, to_message
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         make_record: Callable[[], PeerRecord],
         version: str,
         channels: ChannelPool | None = None,
+        swarm_key: SwarmKey | None = None,
     ) -> None:
         self.span = span
         self.config = config
@@ -86,8 +88,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.make_record = make_record
         self.accepting = True
         self._owns_channels = channels is None
-        self.channels = channels or ChannelPool(
-            max_message_bytes=config.max_message_bytes, insecure=config.insecure
+        self.channels = channels or ChannelPool(  # pushes carry the swarm token in a private swarm
+            max_message_bytes=config.max_message_bytes, insecure=config.insecure, swarm_key=swarm_key
         )
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished

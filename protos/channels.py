@@ -1,18 +1,21 @@
 """One pool of gRPC channels per process, shared by every session and request of a client or a peer: one
 channel per address and certificate, the same message-size options everywhere, the least recently used
 closed past a cap. A secure pool (the default) speaks TLS only, trusting for each peer exactly the
-certificate its record announced (`protos.tls`); a plaintext pool is an explicit choice (`insecure`)."""
+certificate its record announced (`protos.tls`); a plaintext pool is an explicit choice (`insecure`). In a
+private swarm every call carries the swarm token for its server (`protos.swarm_key`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import OrderedDict
+from typing import Any
 
 import grpc
 
-from protos import peer_pb2_grpc, tls
+from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.errors import CorollaError
+from protos.swarm_key import METADATA_KEY, SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -32,17 +35,37 @@ class NoCertificate(CorollaError):
 
 
 _Key = tuple[str, bytes]  # (address, certificate; empty in a plaintext pool)
+_METHODS = tuple(peer_pb2.DESCRIPTOR.services_by_name["Peer"].methods_by_name)
+
+
+class _WithMetadata:
+    """A stub's multicallable that adds fixed metadata to every call (unary and streaming alike)."""
+
+    def __init__(self, call: Any, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._call = call
+        self._metadata = metadata
+
+    def __call__(self, *args: Any, metadata: Any = (), **kwargs: Any) -> Any:
+        return self._call(*args, metadata=(*self._metadata, *(metadata or ())), **kwargs)
 
 
 class ChannelPool:
     """Channels by address and certificate, reused across requests. Used from one event loop only."""
 
     def __init__(
-        self, *, max_message_bytes: int, insecure: bool = False, max_channels: int = DEFAULT_MAX_CHANNELS
+        self,
+        *,
+        max_message_bytes: int,
+        insecure: bool = False,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        swarm_key: SwarmKey | None = None,
     ) -> None:
         if max_channels < 1:
             raise ValueError(f"max_channels must be >= 1, got {max_channels}")
+        if swarm_key is not None and insecure:
+            raise ValueError("a private swarm speaks TLS only: its tokens never travel in plaintext")
         self.insecure = insecure
+        self._swarm_key = swarm_key
         self._options = channel_options(max_message_bytes)
         self._max_channels = max_channels
         self._channels: OrderedDict[_Key, grpc.aio.Channel] = OrderedDict()
@@ -53,7 +76,8 @@ class ChannelPool:
         return len(self._channels)
 
     def get(self, address: str, certificate: bytes | None = None) -> grpc.aio.Channel:
-        """The channel to `address`: plaintext in an insecure pool, else TLS trusting only `certificate`."""
+        """The channel to `address`: plaintext in an insecure pool, else TLS trusting only `certificate`.
+        Calls made on it directly carry no swarm token: a private swarm's peers refuse them (use `stub`)."""
         key = self._key(address, certificate)
         channel = self._channels.get(key)
         if channel is None:
@@ -76,6 +100,10 @@ class ChannelPool:
         stub = self._stubs.get(key)
         if stub is None:
             stub = self._stubs[key] = peer_pb2_grpc.PeerStub(channel)
+            if self._swarm_key is not None:
+                metadata = ((METADATA_KEY, self._swarm_key.grpc_token(key[1])),)
+                for method in _METHODS:
+                    setattr(stub, method, _WithMetadata(getattr(stub, method), metadata))
         return stub
 
     def _key(self, address: str, certificate: bytes | None) -> _Key:

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("peer.main:serve_main", "serve a span of a model's blocks to the swarm"),
     "generate": ("client.cli:main", "generate text through the swarm, streamed to stdout"),
     "health": ("client.health:health_main", "show which peers serve a model and which blocks nobody serves"),
+    "keygen": ("protos.swarm_key:keygen_main", "write a new random swarm key for a private swarm"),
 }
 
 

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
 from hivemind.utils import timed_storage
 
+from protos.errors import CorollaError
 from protos.identity import Identity, IdentityError
+from protos.swarm_key import SwarmKey
 from protos.validation import SignedRecordValidator
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,10 @@ def _store_keeping_newer(self: Any, key: Any, value: Any, expiration_time: float
 
 
 timed_storage.TimedStorage.store = _store_keeping_newer  # type: ignore[method-assign]
+
+
+class JoinError(CorollaError, RuntimeError):
+    """No initial peer answered: they are unreachable, or hold another swarm key than this node (or none)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -62,14 +69,19 @@ async def start_dht_node(
     identity_path: Path | None = None,
     identity: Identity | None = None,
     nat_port_map: bool | None = None,
+    swarm_key: SwarmKey | None = None,
+    ensure_bootstrap_success: bool = True,
 ) -> DHTNode:
     """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
     swarm's record rules (`protos.validation`) on what it stores and reads.
 
     A server node's key is `identity`, else the Ed25519 identity in `identity_path` (created there when
     missing; a new one for this process without a path): p2pd takes its peer id from it and the node signs
-    its own records with it. A client node signs nothing. Port mapping (UPnP/NAT-PMP) sends packets beyond
-    loopback, so it is off for loopback hosts unless asked.
+    its own records with it. A client node signs nothing. With `swarm_key` the node belongs to that private
+    swarm only: it answers and believes only nodes holding the same key (`protos.swarm_key`), so joining
+    through `initial_peers` of another swarm, or of the public one, fails (`JoinError` unless
+    `ensure_bootstrap_success` is False: then the node starts alone). Port mapping (UPnP/NAT-PMP) sends
+    packets beyond loopback, so it is off for loopback hosts unless asked.
     """
     loopback = is_loopback(host)
     if nat_port_map is None:
@@ -77,6 +89,7 @@ async def start_dht_node(
     if identity is None and not client_mode:
         identity = Identity.load_or_create(identity_path)
     options: dict[str, Any] = {
+        "initial_peers": list(initial_peers),
         "host_maddrs": [host_maddr(host, port)],
         "nat_port_map": nat_port_map,
         # p2pd's check that an identity is free understands RSA keys only
@@ -85,17 +98,39 @@ async def start_dht_node(
     }
     if loopback:
         options.update(auto_nat=False, use_relay=False)
-    node = await DHTNode.create(
-        initial_peers=list(initial_peers),
-        client_mode=client_mode,
-        cache_locally=not client_mode,
-        record_validator=SignedRecordValidator(*([identity] if identity is not None else [])),
-        **options,
-    )
+    if client_mode:
+        options.update(dht_mode="client")
+    # started here, not by DHTNode.create: a node that fails to bootstrap would leave its p2pd running
+    p2p = await P2P.create(**options)
+    try:
+        node = await DHTNode.create(
+            p2p=p2p,
+            initial_peers=list(initial_peers),
+            client_mode=client_mode,
+            cache_locally=not client_mode,
+            record_validator=SignedRecordValidator(*([identity] if identity is not None else [])),
+            authorizer=swarm_key.dht_authorizer() if swarm_key is not None else None,
+            ensure_bootstrap_success=ensure_bootstrap_success,
+        )
+    except BaseException as e:
+        await p2p.shutdown()
+        if not isinstance(e, RuntimeError) or "bootstrap failed" not in str(e):
+            raise
+        swarm = f"the private swarm key {swarm_key.fingerprint}" if swarm_key is not None else "no swarm key"
+        raise JoinError(
+            "cannot join the DHT: none of the initial peers answered (unreachable, or they belong to a swarm "
+            f"with another key: this node has {swarm})"
+        ) from None
+    node._should_shutdown_p2p = True  # the node owns its p2pd, as when DHTNode.create starts it
     if identity is not None and node.peer_id.to_base58() != identity.peer_id:
         await node.shutdown()
         raise IdentityError(f"p2pd did not take the identity in {identity.path}")
-    logger.info("dht node started id=%s client_mode=%s", node.peer_id, client_mode)
+    logger.info(
+        "dht node started id=%s client_mode=%s swarm_key=%s",
+        node.peer_id,
+        client_mode,
+        swarm_key.fingerprint if swarm_key is not None else "none (public swarm)",
+    )
     return node
 
 

@@ -115,9 +115,8 @@ def parse_config(
 
 def validation_problems(error: ValidationError) -> str:
     """A config's validation errors as one command-line message, each named by its option."""
-    return "; ".join(
-        f"{_option(str(err['loc'][0]))}: {err['msg']}"
-        if err["loc"]
-        else err["msg"].removeprefix("Value error, ")
-        for err in error.errors()
-    )
+    problems = []
+    for err in error.errors():
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{_option(str(err['loc'][0]))}: {message}" if err["loc"] else message)
+    return "; ".join(problems)

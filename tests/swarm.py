@@ -35,15 +35,19 @@ _ENV = {
 
 
 @contextlib.contextmanager
-def running(log_dir: Path, model: Path, spans: list[str], *options: str) -> Iterator[LocalSwarm]:
-    """A DHT and peers serving `spans` (started at once, all with `options`); more join through
-    `swarm.start_peers`; every process is stopped by PID at exit (a module fixture yields inside)."""
-    with local_swarm.running(model, spans, *options, log_dir=log_dir, env=_ENV) as swarm:
+def running(
+    log_dir: Path, model: Path, spans: list[str], *options: str, dht_options: Sequence[str] = ()
+) -> Iterator[LocalSwarm]:
+    """A DHT (with `dht_options`) and peers serving `spans` (started at once, all with `options`); more join
+    through `swarm.start_peers`; every process is stopped by PID at exit (a module fixture yields inside)."""
+    with local_swarm.running(
+        model, spans, *options, log_dir=log_dir, env=_ENV, dht_options=dht_options
+    ) as swarm:
         yield swarm
 
 
-def start_dht(log_dir: Path) -> Process:
-    return local_swarm.start_dht(log_dir, env=_ENV)
+def start_dht(log_dir: Path, *options: str) -> Process:
+    return local_swarm.start_dht(log_dir, *options, env=_ENV)
 
 
 def start_peer(

@@ -5,6 +5,7 @@ replica and dropped by readers that had cached them, and unsigned records (an ol
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Iterator
 
@@ -33,6 +34,14 @@ class Forger(SignedRecordValidator):
     def sign_value(self, record: DHTRecord) -> bytes:
         [identity] = self.signers.values()
         return record.value + SIGNATURE_MAGIC + identity.sign(_payload(record, record.value))
+
+
+@pytest.fixture(autouse=True)
+def _collected() -> Iterator[None]:
+    """Collect the in-process DHT nodes' leftovers after each test, not while pytest parses a module (CPython
+    3.11's AST parser fails when a finalizer runs in the middle of it)."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="module")
