@@ -104,6 +104,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         client = requests.client_key(context.peer())
         requests_ = _checked(request_iterator)
         reader = asyncio.create_task(self._read_session(requests_, replies, opened, client))
+
+        def ended(_: object = None) -> None:
+            replies.end(_End())  # replies still waiting for room are dropped: nobody reads them
+            reader.cancel()
+            for session_id in opened:
+                self.sessions.close(session_id, reason="stream ended")
+
+        # the RPC's end frees the sessions even when gRPC abandons this generator at a `yield` (a client that
+        # went away while a reply was being written): its `finally` would then wait for garbage collection
+        context.add_done_callback(ended)
         try:
             while True:
                 item = await replies.get()
@@ -113,11 +123,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     return
                 yield item
         finally:
-            replies.end(_End())  # replies still waiting for room are dropped: nobody reads them
-            reader.cancel()
+            ended()
             await asyncio.gather(reader, return_exceptions=True)
-            for session_id in opened:
-                self.sessions.close(session_id, reason="stream ended")
 
     async def _read_session(
         self,
