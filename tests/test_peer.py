@@ -135,21 +135,27 @@ def test_forward_matches_local_span(swarm, local_span: HostedSpan) -> None:
     torch.testing.assert_close(from_message(reply.hidden, max_bytes=MAX_MESSAGE), expected, atol=1e-5, rtol=0)
 
 
+def _hop_to(process: Process, session_id: str, token: bytes, pem: bytes) -> peer_pb2.Hop:
+    """A next hop at `process` serving blocks [2, 4), trusted with certificate `pem`."""
+    return peer_pb2.Hop(
+        peer_id=process.peer_id,
+        address=process.address,
+        start=2,
+        end=4,
+        session_id=session_id,
+        push_token=token,
+        certificate=pem,
+    )
+
+
 def test_push_chain_matches_both_spans_locally(swarm, local_span: HostedSpan) -> None:
     first, second = swarm["first"], swarm["second"]
     last = Stream(second)
     token = os.urandom(16)
     assert last.open("chain-b", start=2, end=4, push_token=token).WhichOneof("kind") == "opened"
     head = Stream(first)
-    hop = peer_pb2.Hop(
-        peer_id=second.peer_id,
-        address=second.address,
-        start=2,
-        end=4,
-        session_id="chain-b",
-        push_token=token,
-        certificate=certificate(second),  # the pushing peer trusts only this certificate for that peer
-    )
+    # the pushing peer trusts only this certificate for that peer
+    hop = _hop_to(second, "chain-b", token, certificate(second))
     assert head.open("chain-a", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
     cache = local_span.new_cache()
     position = 0
@@ -172,15 +178,7 @@ def test_a_push_to_a_hop_whose_certificate_is_another_peers_is_refused(swarm) ->
     token = os.urandom(16)
     assert last.open("tls-b", start=2, end=4, push_token=token).WhichOneof("kind") == "opened"
     head = Stream(first)
-    hop = peer_pb2.Hop(
-        peer_id=second.peer_id,
-        address=second.address,
-        start=2,
-        end=4,
-        session_id="tls-b",
-        push_token=token,
-        certificate=certificate(swarm["full"]),
-    )
+    hop = _hop_to(second, "tls-b", token, certificate(swarm["full"]))
     assert head.open("tls-a", start=0, end=2, next_hops=[hop]).WhichOneof("kind") == "opened"
     head.send(step=peer_pb2.Step(step_id=7, position=0, hidden=to_message(_hidden(1, 3, 5))))
     error = head.receive().error
