@@ -53,11 +53,13 @@ class Needs:
     """What a request asks of a peer's announced limits; peers that cannot take it are not planned.
 
     `max_length` > 0 is a session of that many positions (it needs `max_length` on the peer and, with
-    `free_cache`, `batch_size * max_length` free cache tokens); `forward_tokens` > 0 is a stateless pass of
-    that many batch x positions. Limits a record leaves unset (older peers) are not checked."""
+    `free_cache`, `batch_size * cached` free cache tokens: peers take cache pages as a session grows, so
+    only what the session holds now, at least one position, must fit); `forward_tokens` > 0 is a stateless
+    pass of that many batch x positions. Limits a record leaves unset (older peers) are not checked."""
 
     batch_size: int = 1
     max_length: int = 0
+    cached: int = 0  # positions the session's cache holds now (replayed into a new hop)
     forward_tokens: int = 0
     free_cache: bool = True
 
@@ -69,7 +71,7 @@ class Needs:
         if (
             self.free_cache
             and self.max_length
-            and self.batch_size * self.max_length > record.free_cache_tokens
+            and self.batch_size * max(self.cached, 1) > record.free_cache_tokens
         ):
             return False
         limit = record.max_forward_tokens

@@ -178,7 +178,7 @@ class InferenceSession:
     async def _plan(self, start: int, end: int | None, banned: frozenset[str], *, refresh: bool) -> list[Hop]:
         """Hops over [start, end) from the view; peers announcing too little free cache are used only when
         no route avoids them (the announcement may be old; a full peer answers RESOURCE_EXHAUSTED)."""
-        needs = Needs(batch_size=self.batch_size or 1, max_length=self.max_length)
+        needs = Needs(batch_size=self.batch_size or 1, max_length=self.max_length, cached=self.position)
         measured = self.swarm.stats.block_times()
         view = await self.swarm.discovery.view(refresh=refresh)
         try:

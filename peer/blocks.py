@@ -20,6 +20,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
+from peer.attention import BATCH_KWARG, RAGGED, RaggedBatch, Segment, supports_batching
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
 from protos.partition import (
@@ -72,6 +73,16 @@ class SpanCache(DynamicCache):
         return None
 
 
+@dataclass(eq=False)
+class BatchItem:
+    """One session's step (or one stateless forward) in a batch: `hidden` [rows, seq, hidden_size], the
+    session's `cache` (None: stateless) and absolute `positions` [rows, seq] (None: after the cache)."""
+
+    hidden: torch.Tensor
+    cache: SpanCache | None = None
+    positions: torch.Tensor | None = None
+
+
 @dataclass
 class _Call:
     start: int
@@ -108,6 +119,9 @@ class HostedSpan:
         for parameter in [*model.parameters(), *self.blocks.parameters()]:
             parameter.requires_grad_(False)  # frozen and shared: a backward computes input grads only
         self.tuple_output = detect_tuple_output(model, anatomy)
+        # the family's attention goes through transformers' interface, and the model takes position ids and
+        # passes extra keywords down to it: then steps of many sessions run as one forward
+        self.batches = supports_batching(model) and {"position_ids", "kwargs"} <= anatomy.owner_params
 
     @classmethod
     def load(
@@ -193,6 +207,76 @@ class HostedSpan:
         self._check_prompts(prompts, hidden, start, end)
         return self._run(hidden, cache, positions, start, end, prompts)
 
+    @torch.inference_mode()
+    def forward_batch(
+        self, items: list[BatchItem], *, start: int | None = None, end: int | None = None
+    ) -> list[torch.Tensor | Exception]:
+        """Run blocks [start, end) once for all `items` (steps of different sessions, lengths and positions)
+        and return each item's output [rows, seq, hidden_size], or the error that item alone raised.
+
+        One item runs through `forward` unchanged. Several are packed into one sequence, through which every
+        weight is read once, with attention per item (`peer.attention`); each output equals that item run
+        alone within float rounding. An item that fails validation fails alone; should the batched forward
+        fail, every cache is cut back to its length before it and each item runs alone.
+        """
+        start, end = self._check_span(start, end)
+        results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(items)
+        valid: list[int] = []
+        for index, item in enumerate(items):
+            try:
+                self._check_inputs(item.hidden, item.cache, item.positions, start, end)
+            except InvalidInputError as e:
+                results[index] = e
+            else:
+                valid.append(index)
+        if len(valid) > 1 and self.batches:
+            lengths = [cache.get_seq_length() if (cache := items[i].cache) else 0 for i in valid]
+            try:
+                outputs = self._run_packed([items[i] for i in valid], lengths, start, end)
+            except Exception:  # one item's fault must not cost the others their step
+                logger.exception("batched forward of %d items failed: running them one by one", len(valid))
+                for i, length in zip(valid, lengths, strict=True):
+                    cache = items[i].cache
+                    if cache is not None and cache.get_seq_length() > length:
+                        cache.crop(length)
+            else:
+                for i, output in zip(valid, outputs, strict=True):
+                    results[i] = output
+                return results
+        for i in valid:
+            item = items[i]
+            try:
+                results[i] = self._run(item.hidden, item.cache, item.positions, start, end, None)
+            except Exception as e:
+                results[i] = e
+        return results
+
+    def _run_packed(
+        self, items: list[BatchItem], lengths: list[int], start: int, end: int
+    ) -> list[torch.Tensor]:
+        segments, positions, offset = [], [], 0
+        for item, length in zip(items, lengths, strict=True):
+            rows, seq, _ = item.hidden.shape
+            segments.append(Segment(offset, rows, seq, item.cache))
+            offset += rows * seq
+            ids = item.positions
+            if ids is None:  # after what the cache holds, as the family derives them for one session
+                ids = torch.arange(length, length + seq).expand(rows, seq)
+            positions.append(ids.reshape(-1).to(torch.int64))
+        config = self.model.config
+        own = config._attn_implementation
+        batch = RaggedBatch(tuple(segments), own or "eager")
+        packed = torch.cat([item.hidden.reshape(-1, self.hidden_size) for item in items]).unsqueeze(0)
+        config._attn_implementation = RAGGED
+        try:
+            output = self._run(
+                packed, None, torch.cat(positions).unsqueeze(0), start, end, None, {BATCH_KWARG: batch}
+            )
+        finally:
+            config._attn_implementation = own
+        pieces = output[0].split([segment.tokens for segment in segments])
+        return [piece.view(item.hidden.shape) for piece, item in zip(pieces, items, strict=True)]
+
     def backward(
         self,
         hidden: torch.Tensor,
@@ -214,7 +298,7 @@ class HostedSpan:
                 f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
                 f"{grad_output.dtype} {tuple(grad_output.shape)}"
             )
-        # the executor runs jobs in inference mode; clones outside it are tensors autograd accepts
+        # the scheduler runs jobs in inference mode; clones outside it are tensors autograd accepts
         with torch.inference_mode(False), torch.enable_grad():
             inputs = hidden.detach().clone().requires_grad_(True)
             wrt = [inputs]
@@ -234,8 +318,9 @@ class HostedSpan:
         start: int,
         end: int,
         prompts: torch.Tensor | None,
+        extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None}
+        kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None, **(extra or {})}
         if positions is not None and "position_ids" in self.anatomy.owner_params:
             kwargs["position_ids"] = positions
         dummy = hidden.new_zeros(*hidden.shape[:-1], self.anatomy.embed_dim)

@@ -90,8 +90,12 @@ class PeerConfig(BaseModel):
     max_cache_tokens: int = Field(
         default=16384,
         ge=1,
-        description="KV-cache budget in tokens over all sessions (batch x length); each session reserves "
-        "batch x max_length when it opens",
+        description="KV-cache pool in tokens over all sessions (batch x positions), split into pages of "
+        "--page-tokens; a session takes pages as it grows, so its max_length is a limit, not a reservation; "
+        "when pages run out the least recently used idle session is preempted (its client moves it)",
+    )
+    page_tokens: int = Field(
+        default=16, ge=1, le=4096, description="positions of one batch row per KV-cache page"
     )
     max_sessions: int = Field(
         default=256, ge=1, description="sessions open at once over all clients; more are refused"
@@ -105,13 +109,13 @@ class PeerConfig(BaseModel):
     max_client_cache_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="cache tokens one client may hold reserved here over all its sessions; default: half "
-        "of --max-cache-tokens, so one client cannot take the whole budget",
+        description="cache tokens one client may hold here over all its sessions; default: half of "
+        "--max-cache-tokens, so one client cannot take the whole pool",
     )
     first_step_timeout: float = Field(
         default=30.0,
         gt=0,
-        description="seconds an opened session may wait for its first step; then its reservation is released",
+        description="seconds an opened session may wait for its first step; then it is closed",
     )
     max_batch_size: int = Field(default=16, ge=1, description="largest batch one session or forward may send")
     max_length: int = Field(default=8192, ge=1, description="longest session (prompt + generated positions)")
@@ -142,6 +146,18 @@ class PeerConfig(BaseModel):
         ge=1,
         description="Forward/Backward calls queued or computing at once; more are refused with "
         "RESOURCE_EXHAUSTED before their tensors are decoded",
+    )
+    max_batch_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="tokens (rows x positions) of the inference steps of all sessions run as one batched "
+        "forward; steps that arrive while the span computes join the next batch",
+    )
+    prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="a step longer than this (a prompt) computes in chunks of about this many tokens, so "
+        "other sessions' decode steps wait for one chunk at most",
     )
     compute_chunk_tokens: int = Field(
         default=4096,

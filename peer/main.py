@@ -26,7 +26,7 @@ from peer import throughput, wire
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import DhtConfig, PeerConfig
-from peer.executor import Executor
+from peer.scheduler import Scheduler
 from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
@@ -138,7 +138,7 @@ class Peer:
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
         self.sessions = SessionTable.from_config(config)
-        self.executor = Executor()
+        self.scheduler = Scheduler(max_batch_tokens=self.config.max_batch_tokens)
         # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.tls = None if config.insecure else ServerTls.create(self.identity)
@@ -228,7 +228,7 @@ class Peer:
             self.speed.network = network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
         key = throughput.cache_key(config.model_id, config.dtype, self.version)
         cache_dir = config.cache_dir or default_cache_dir()
-        self.speed.per_block = await self.executor.run(
+        self.speed.per_block = await self.scheduler.run(
             lambda: throughput.resolve(config.throughput, hosted, key=key, cache_dir=cache_dir)
         )
         self.speed.update(span)
@@ -236,7 +236,7 @@ class Peer:
             span=hosted,
             config=config,
             sessions=self.sessions,
-            executor=self.executor,
+            scheduler=self.scheduler,
             peer_id=self.peer_id,
             make_record=lambda: self.make_record(announcer.state, announcer.span),
             version=self.version,
@@ -323,7 +323,7 @@ class Peer:
                 await asyncio.wait_for(self.announcer.announce(PeerState.DRAINING), DRAIN_ANNOUNCE_TIMEOUT)
             except Exception as e:  # draining goes on: the final OFFLINE may still get through
                 logger.warning("announce failed state=draining reason=%r", e)
-            await self.executor.drain(self.config.drain_timeout)
+            await self.scheduler.drain(self.config.drain_timeout)
             await self.service.retire_all("peer is shutting down")
             grace = min(self.config.drain_timeout, STOP_GRACE)
         await self.server.stop(grace=grace)
@@ -331,7 +331,7 @@ class Peer:
             await self.service.close()
         if self.announcer is not None:
             await self.announcer.stop(final_state=PeerState.OFFLINE)
-        self.executor.shutdown()
+        self.scheduler.shutdown()
         if self.config.ready_file is not None:
             self.config.ready_file.unlink(missing_ok=True)  # a stopped peer is not ready
         if self.node is not None:

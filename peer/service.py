@@ -1,4 +1,4 @@
-"""The gRPC servicer: parses each request (`peer.requests`), drives the session table and the executor,
+"""The gRPC servicer: parses each request (`peer.requests`), drives the session table and the scheduler,
 pushes step outputs to the next hop; errors become status codes in one place (`peer.status`)."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import grpc
 import torch
 
 from peer import requests, stateless, wire
-from peer.blocks import HostedSpan
+from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
-from peer.executor import Executor, Priority
 from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
+from peer.scheduler import Scheduler, StepWork
 from peer.sessions import PeerSession, SessionTable, log_id
 from peer.status import RequestError, Status, aborts_on_error, status_of
 from protos import peer_pb2, peer_pb2_grpc, tls
@@ -71,7 +71,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         span: HostedSpan,
         config: PeerConfig,
         sessions: SessionTable,
-        executor: Executor,
+        scheduler: Scheduler,
         peer_id: str,
         make_record: Callable[[], PeerRecord],
         version: str,
@@ -82,7 +82,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.config = config
         self.limits = Limits.from_config(config)
         self.sessions = sessions
-        self.executor = executor
+        self.scheduler = scheduler
         self.peer_id = peer_id
         self.version = version
         self.make_record = make_record
@@ -212,17 +212,27 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
             parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
             hidden, position = parsed.hidden.to(span.dtype), session.position
+            rows, length = hidden.shape[0], hidden.shape[1]
+            self._make_room(session, parsed.base + length)
 
-            def compute() -> torch.Tensor:
+            def prepare() -> None:
                 if parsed.base != position:
                     cache.crop(parsed.base - position)
                 if parsed.beam_indices is not None:
                     cache.reorder_cache(parsed.beam_indices)
-                return span.forward(hidden, cache, parsed.position_ids, start=session.start, end=session.end)
 
-            cost = hidden.shape[0] * hidden.shape[1] * (session.end - session.start)
-            output = await self.executor.run(compute, priority=Priority.STEP, cost=cost, deadline=deadline)
-            session.position = parsed.base + hidden.shape[1]
+            # a long prompt goes in chunks: other sessions' decode steps join the batches in between
+            chunk = max(self.config.prefill_chunk_tokens // rows, 1)
+            outputs = []
+            for begin in range(0, length, chunk):
+                piece = slice(begin, begin + chunk)
+                ids = parsed.position_ids
+                item = BatchItem(hidden[:, piece], cache, None if ids is None else ids[:, piece])
+                work = StepWork(span, session.start, session.end, item, prepare if begin == 0 else None)
+                cost = item.hidden.shape[0] * item.hidden.shape[1] * (session.end - session.start)
+                outputs.append(await self.scheduler.step(work, cost=cost, deadline=deadline))
+            output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            session.position = parsed.base + length
             session.touch()
             push = bool(session.next_hops) and not step.local_only
             hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
@@ -238,6 +248,13 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 # under the lock: replies keep the steps' order, and a client that does not read its
                 # stream stalls its own session once the stream's queue is full
                 await session.reply(peer_pb2.SessionReply(result=result))
+
+    def _make_room(self, session: PeerSession, positions: int) -> None:
+        """Pages for `positions` cached positions of `session`; the sessions preempted for them end with
+        RESOURCE_EXHAUSTED, so their clients move them to another peer and replay."""
+        for victim in self.sessions.resize(session, positions, busy=lambda other: other.lock.locked()):
+            reason = "preempted: this peer ran out of cache pages"
+            victim.finish(_End(Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)))
 
     def _step_error(
         self, step_id: int, error: BaseException, *, peer_id: str | None = None
@@ -326,7 +343,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         with self._admitted():
             parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
             output = await stateless.forward(
-                self.executor,
+                self.scheduler,
                 span,
                 parsed,
                 chunk_tokens=self.config.compute_chunk_tokens,
@@ -343,7 +360,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         with self._admitted():
             parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
             grad_input, grad_prompts = await stateless.backward(
-                self.executor,
+                self.scheduler,
                 span,
                 parsed,
                 chunk_tokens=self.config.compute_chunk_tokens,

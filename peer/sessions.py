@@ -1,17 +1,22 @@
-"""The peer's session table and KV-cache budget: open, get, close, idle expiry, token accounting.
+"""The peer's session table and KV cache in pages: open, get, close, growth, preemption, idle expiry.
 
 Pure bookkeeping: it holds each session's cache object but never computes with it.
 
-    budget (max_cache_tokens) ────────────────────────────────────────────┐
-    │ session a: batch 1 x max_length 512 │ session b: 2 x 128 │  free   │
-    └─────────────────────────────────────┴────────────────────┴─────────┘
-A session reserves batch x max_length tokens when it opens and returns them when it closes or expires,
-so a step never fails for lack of room once its session is open. Quotas keep one client from taking it
-all: at most `max_sessions` sessions in all and, per client (its network address), `max_client_sessions`
-sessions and `max_client_tokens` reserved tokens; a session that gets no step within `first_step_timeout`
-seconds of opening gives its reservation back. Session ids are capabilities: they are
-logged only as a short hash (`log_id`), and an id closed here is refused for `reuse_timeout` seconds so a
-stale push can never land in a new session.
+    pool (max_cache_tokens / page_tokens pages) ──────────────────────────────────────────┐
+    │ a: 7 pages │ b: 2 rows x 1 page │ c: 13 pages │              free pages            │
+    └────────────┴────────────────────┴─────────────┴────────────────────────────────────┘
+A session holds `batch_size x ceil(positions / page_tokens)` pages: it takes pages as its cache grows and
+gives them back when it rolls back or ends, so a session's `max_length` is a limit, not a reservation,
+and many short sessions share a pool that would hold few at their full length. When a step needs pages
+the pool no longer has, the least recently used sessions with no step under way are preempted (closed;
+their clients move them by the usual failover, replaying exactly) to make room; a step that finds no
+such room fails alone and leaves its session as it was.
+
+Quotas keep one client from taking it all: at most `max_sessions` sessions in all and, per client (its
+network address), `max_client_sessions` sessions and `max_client_tokens` tokens of pages held; a session
+that gets no step within `first_step_timeout` seconds of opening is closed. Session ids are
+capabilities: they are logged only as a short hash (`log_id`), and an id closed here is refused for
+`reuse_timeout` seconds so a stale push can never land in a new session.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_CLOSED_IDS = 65536  # recently closed ids remembered (as 16-byte hashes) to refuse their reuse
+DEFAULT_PAGE_TOKENS = 16  # positions of one row per page
 
 
 def log_id(session_id: str) -> str:
@@ -67,6 +73,7 @@ class PeerSession:
     span: HostedSpan | None = None  # the span the session runs on (the peer may move meanwhile)
     next_hops: list[peer_pb2.Hop] = field(default_factory=list)
     position: int = 0  # positions already in the cache
+    pages: int = 0  # pages of the pool this session holds
     last_used: float = field(default_factory=time.monotonic)
     opened_at: float = field(default_factory=time.monotonic)
     stepped: bool = False  # a step has arrived (a reservation nobody uses is released early)
@@ -79,28 +86,24 @@ class PeerSession:
     report_outputs: bool = False  # send every step's output to the client too
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, in order
 
-    @property
-    def reserved_tokens(self) -> int:
-        return self.batch_size * self.max_length
-
     def touch(self) -> None:
         self.last_used = time.monotonic()
         self.stepped = True
 
 
 class NoRoom(CorollaError):
-    """The cache budget cannot hold the session's reservation: another peer may have room."""
+    """The cache pool cannot hold what a session needs: another peer may have room."""
 
 
 class QuotaExceeded(NoRoom):
-    """The client already holds its share of this peer (sessions or reserved tokens), or the peer holds
-    as many sessions as it takes."""
+    """The client already holds its share of this peer (sessions or cache tokens), or the peer holds as
+    many sessions as it takes."""
 
 
 @dataclass
 class _Usage:
     sessions: int = 0
-    tokens: int = 0
+    pages: int = 0
 
 
 class SessionExists(CorollaError):
@@ -108,36 +111,41 @@ class SessionExists(CorollaError):
 
 
 class SessionTable:
-    """Sessions by id with a token budget. Not thread-safe: used from the peer's event loop only."""
+    """Sessions by id over a pool of cache pages. Not thread-safe: used from the peer's event loop only."""
 
     def __init__(
         self,
         max_cache_tokens: int,
         *,
         idle_timeout: float,
+        page_tokens: int = DEFAULT_PAGE_TOKENS,
         reuse_timeout: float | None = None,
         max_sessions: int = 256,
         max_client_sessions: int = 32,
         max_client_tokens: int | None = None,
         first_step_timeout: float = 30.0,
     ) -> None:
-        self.max_cache_tokens = max_cache_tokens
+        self.page_tokens = page_tokens
+        self.num_pages = max_cache_tokens // page_tokens
+        self.max_cache_tokens = self.num_pages * page_tokens
         self.idle_timeout = idle_timeout
         self.reuse_timeout = idle_timeout if reuse_timeout is None else reuse_timeout
         self.max_sessions = max_sessions
         self.max_client_sessions = max_client_sessions
         self.max_client_tokens = max_cache_tokens if max_client_tokens is None else max_client_tokens
         self.first_step_timeout = first_step_timeout
+        self.preempted = 0  # sessions closed to make room for others' steps
         self._sessions: dict[str, PeerSession] = {}
         self._usage: dict[str, _Usage] = {}  # client -> what its open sessions hold
         self._closed: OrderedDict[bytes, float] = OrderedDict()  # id hash -> when it closed, oldest first
-        self._reserved = 0
+        self._used_pages = 0
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> SessionTable:
         return cls(
             config.max_cache_tokens,
             idle_timeout=config.session_timeout,
+            page_tokens=config.page_tokens,
             max_sessions=config.max_sessions,
             max_client_sessions=config.max_client_sessions,
             max_client_tokens=config.client_cache_tokens,
@@ -145,28 +153,33 @@ class SessionTable:
         )
 
     @property
+    def free_pages(self) -> int:
+        return self.num_pages - self._used_pages
+
+    @property
     def free_tokens(self) -> int:
-        return self.max_cache_tokens - self._reserved
+        return self.free_pages * self.page_tokens
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def pages_for(self, batch_size: int, positions: int) -> int:
+        return batch_size * -(-positions // self.page_tokens)
+
     def open(self, session: PeerSession) -> None:
-        """Reserve room for `session`; raises NoRoom or SessionExists and then changes nothing."""
+        """Add `session` (it holds no page until its first step); raises QuotaExceeded or SessionExists and
+        then changes nothing."""
         if session.session_id in self._sessions or self._recently_closed(session.session_id):
             raise SessionExists("this session id is in use or was used recently: choose a fresh random id")
-        if session.reserved_tokens > self.free_tokens:
-            raise NoRoom(
-                f"no cache room: session needs {session.reserved_tokens} tokens "
-                f"(batch {session.batch_size} x length {session.max_length}), {self.free_tokens} of "
-                f"{self.max_cache_tokens} free"
+        if len(self._sessions) >= self.max_sessions:
+            raise QuotaExceeded(f"this peer holds as many sessions as it takes ({self.max_sessions})")
+        usage = self._usage.get(session.client, _Usage())
+        if usage.sessions >= self.max_client_sessions:
+            raise QuotaExceeded(
+                f"client quota: {usage.sessions} sessions open here, at most {self.max_client_sessions}"
             )
-        self._check_quotas(session)
         self._sessions[session.session_id] = session
-        self._reserved += session.reserved_tokens
-        usage = self._usage.setdefault(session.client, _Usage())
-        usage.sessions += 1
-        usage.tokens += session.reserved_tokens
+        self._usage.setdefault(session.client, _Usage()).sessions += 1
         logger.info(
             "session open id=%s client=%s span=[%d,%d) batch=%d max_length=%d free_tokens=%d",
             log_id(session.session_id),
@@ -178,24 +191,55 @@ class SessionTable:
             self.free_tokens,
         )
 
-    def _check_quotas(self, session: PeerSession) -> None:
-        if len(self._sessions) >= self.max_sessions:
-            raise QuotaExceeded(f"this peer holds as many sessions as it takes ({self.max_sessions})")
-        usage = self._usage.get(session.client, _Usage())
-        if usage.sessions >= self.max_client_sessions:
+    def resize(
+        self, session: PeerSession, positions: int, *, busy: Callable[[PeerSession], bool]
+    ) -> list[PeerSession]:
+        """Give `session` the pages for `positions` cached positions. Pages beyond them go back to the
+        pool; missing ones come from the free pages and, when those run short, from preempting (closing)
+        the least recently used sessions for which `busy` is False. Returns the preempted sessions; raises
+        QuotaExceeded or NoRoom, and then changes nothing, when the room cannot be found."""
+        extra = self.pages_for(session.batch_size, positions) - session.pages
+        usage = self._usage[session.client]
+        if extra <= 0:
+            self._take(session, usage, extra)
+            return []
+        if (usage.pages + extra) * self.page_tokens > self.max_client_tokens:
             raise QuotaExceeded(
-                f"client quota: {usage.sessions} sessions open here, at most {self.max_client_sessions}"
+                f"client quota: {usage.pages * self.page_tokens} cache tokens held here, "
+                f"{extra * self.page_tokens} more would pass the {self.max_client_tokens} one client may hold"
             )
-        if usage.tokens + session.reserved_tokens > self.max_client_tokens:
-            raise QuotaExceeded(
-                f"client quota: {usage.tokens} cache tokens reserved here, {session.reserved_tokens} more "
-                f"would pass the {self.max_client_tokens} one client may hold"
+        victims: list[PeerSession] = []
+        if extra > self.free_pages:
+            idle = sorted(
+                (s for s in self._sessions.values() if s is not session and s.pages and not busy(s)),
+                key=lambda s: s.last_used,
             )
+            room = self.free_pages
+            for candidate in idle:
+                if room >= extra:
+                    break
+                victims.append(candidate)
+                room += candidate.pages
+            if room < extra:
+                raise NoRoom(
+                    f"no cache room: the step needs {extra * self.page_tokens} more tokens, "
+                    f"{self.free_tokens} of {self.max_cache_tokens} free and every other session is busy"
+                )
+            for victim in victims:
+                self.close(victim.session_id, reason="preempted")
+            self.preempted += len(victims)
+        self._take(session, usage, extra)
+        return victims
+
+    def _take(self, session: PeerSession, usage: _Usage, pages: int) -> None:
+        session.pages += pages
+        usage.pages += pages
+        self._used_pages += pages
 
     def client_usage(self, client: str) -> tuple[int, int]:
-        """(sessions, reserved tokens) that `client` holds here."""
+        """(sessions, cache tokens held) of `client` here."""
         usage = self._usage.get(client, _Usage())
-        return usage.sessions, usage.tokens
+        return usage.sessions, usage.pages * self.page_tokens
 
     def get(self, session_id: str) -> PeerSession | None:
         return self._sessions.get(session_id)
@@ -203,10 +247,9 @@ class SessionTable:
     def close(self, session_id: str, *, reason: str = "closed") -> PeerSession | None:
         session = self._sessions.pop(session_id, None)
         if session is not None:
-            self._reserved -= session.reserved_tokens
             usage = self._usage[session.client]
+            self._take(session, usage, -session.pages)
             usage.sessions -= 1
-            usage.tokens -= session.reserved_tokens
             if not usage.sessions:
                 del self._usage[session.client]
             session.cache = None

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from peer.blocks import HostedSpan
-from peer.executor import Executor, Priority
 from peer.requests import BackwardRequest, ForwardRequest
+from peer.scheduler import Priority, Scheduler
 
 
 def row_chunks(batch: int, seq: int, chunk_tokens: int) -> list[slice]:
@@ -40,7 +40,7 @@ def _job(kind: str, hidden: torch.Tensor, blocks: int, remaining: float | None) 
 
 
 async def forward(
-    executor: Executor,
+    scheduler: Scheduler,
     span: HostedSpan,
     request: ForwardRequest,
     *,
@@ -56,7 +56,7 @@ async def forward(
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, prompt = hidden[rows], _rows(prompts, rows)
         outputs.append(
-            await executor.run(
+            await scheduler.run(
                 functools.partial(span.forward, part, start=request.start, end=request.end, prompts=prompt),
                 **_job("forward", part, blocks, remaining),
             )
@@ -65,7 +65,7 @@ async def forward(
 
 
 async def backward(
-    executor: Executor,
+    scheduler: Scheduler,
     span: HostedSpan,
     request: BackwardRequest,
     *,
@@ -80,7 +80,7 @@ async def backward(
     grad_prompts: list[torch.Tensor] = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, part_grad, prompt = hidden[rows], grad_output[rows], _rows(prompts, rows)
-        grad_input, grad_prompt = await executor.run(
+        grad_input, grad_prompt = await scheduler.run(
             functools.partial(
                 span.backward, part, part_grad, start=request.start, end=request.end, prompts=prompt
             ),

@@ -11,8 +11,8 @@ from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
-from peer.executor import Expired, Overloaded
 from peer.requests import PositionMismatch, PushRefused
+from peer.scheduler import Expired, Overloaded
 from peer.sessions import NoRoom, SessionExists
 from protos.errors import LIMIT_METADATA_KEY, InvalidInputError, PeerLimitError
 

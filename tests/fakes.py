@@ -6,7 +6,7 @@ process, so a failover can be stepped through with a debugger.
     test thread ──switches──▶ FakePeer ─┐            client runtime loop (SwarmConnection)
                                         ▼                     │ gRPC over 127.0.0.1
     swarm loop thread:  grpc.aio server ◀─────────────────────┘
-                        _FaultyService(PeerService) ── executor thread ── _FaultySpan(HostedSpan)
+                        _FaultyService(PeerService) ── scheduler thread ── _FaultySpan(HostedSpan)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from client.discovery import InMemoryDiscovery, SwarmView
 from peer import wire
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
-from peer.executor import Executor
+from peer.scheduler import Scheduler
 from peer.service import PeerService, RequestError
 from peer.sessions import SessionTable
 from protos import peer_pb2
@@ -115,6 +115,9 @@ class _FaultySpan(HostedSpan):
         return self._faulty(
             _STEP if cache is not None else _FORWARD, super().forward, hidden, cache, *args, **kwargs
         )
+
+    def forward_batch(self, items: Any, **kwargs: Any) -> list[torch.Tensor | Exception]:
+        return self._faulty(_STEP, super().forward_batch, items, **kwargs)
 
     def backward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._faulty(_FORWARD, super().backward, *args, **kwargs)
@@ -229,14 +232,14 @@ class FakePeer:
         self.span = _FaultySpan.from_model(model, start, end)
         self.span.faults = self.faults
         self.sessions = SessionTable.from_config(self.config)
-        self.executor = Executor()
+        self.scheduler = Scheduler(max_batch_tokens=self.config.max_batch_tokens)
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self.service = _FaultyService(
             span=self.span,
             config=self.config,
             sessions=self.sessions,
-            executor=self.executor,
+            scheduler=self.scheduler,
             peer_id=peer_id,
             make_record=self.make_record,
             version=VERSION,
@@ -344,7 +347,7 @@ class FakePeer:
         self.swarm.publish()
 
         async def drain() -> None:
-            await self.executor.drain(timeout)
+            await self.scheduler.drain(timeout)
             assert self.server is not None
             await self.server.stop(grace=STOP_GRACE)
 
@@ -360,7 +363,7 @@ class FakePeer:
         for task in list(getattr(self.service, "_tasks", ())):
             task.cancel()  # pushes to peers that are gone would wait for their timeout
         await self.service.close()
-        await asyncio.to_thread(self.executor.shutdown)
+        await asyncio.to_thread(self.scheduler.shutdown)
 
     def __repr__(self) -> str:
         return f"FakePeer({self.peer_id}, [{self.start}, {self.end}), {self.address})"

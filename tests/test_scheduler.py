@@ -1,4 +1,4 @@
-"""The compute queue (`peer.executor.Executor`): inference steps before Forward/Backward, arrival order
+"""The compute queue (`peer.scheduler.Scheduler`): inference steps before Forward/Backward, arrival order
 within a priority, steps whose deadline passed skipped, steps that would wait past it refused at once;
 then the same through a real servicer, and per-client quotas seen by two clients on different addresses."""
 
@@ -16,7 +16,7 @@ import torch
 from fakes import FakePeer, hidden_states
 
 from peer import requests, stateless, wire
-from peer.executor import Executor, Expired, Overloaded, Priority
+from peer.scheduler import Expired, Overloaded, Priority, Scheduler
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import to_message
 
@@ -42,27 +42,27 @@ async def _started(event: threading.Event) -> None:
 
 def test_steps_go_first_then_arrival_order() -> None:
     async def main() -> list[str]:
-        executor, order = Executor(), []
+        scheduler, order = Scheduler(), []
         gate, started = threading.Event(), threading.Event()
-        blocker = asyncio.create_task(executor.run(_blocker(gate, started), priority=Priority.STATELESS))
+        blocker = asyncio.create_task(scheduler.run(_blocker(gate, started), priority=Priority.STATELESS))
         await _started(started)
 
         def job(name: str) -> Callable[[], None]:
             return lambda: order.append(name)
 
         queued = [
-            executor.run(job("backward 1"), priority=Priority.STATELESS),
-            executor.run(job("measure"), priority=Priority.BACKGROUND),
-            executor.run(job("step 1"), priority=Priority.STEP),
-            executor.run(job("backward 2"), priority=Priority.STATELESS),
-            executor.run(job("step 2"), priority=Priority.STEP),
+            scheduler.run(job("backward 1"), priority=Priority.STATELESS),
+            scheduler.run(job("measure"), priority=Priority.BACKGROUND),
+            scheduler.run(job("step 1"), priority=Priority.STEP),
+            scheduler.run(job("backward 2"), priority=Priority.STATELESS),
+            scheduler.run(job("step 2"), priority=Priority.STEP),
         ]
         tasks = [asyncio.create_task(q) for q in queued]
         await asyncio.sleep(0.05)  # all queued behind the blocker
-        assert executor.in_flight == 6
+        assert scheduler.in_flight == 6
         gate.set()
         await asyncio.gather(blocker, *tasks)
-        executor.shutdown()
+        scheduler.shutdown()
         return order
 
     assert asyncio.run(main()) == ["step 1", "step 2", "backward 1", "backward 2", "measure"]
@@ -70,59 +70,61 @@ def test_steps_go_first_then_arrival_order() -> None:
 
 def test_a_step_whose_deadline_passed_while_queued_is_skipped() -> None:
     async def main() -> None:
-        executor, ran = Executor(), []
+        scheduler, ran = Scheduler(), []
         gate, started = threading.Event(), threading.Event()
-        blocker = asyncio.create_task(executor.run(_blocker(gate, started)))
+        blocker = asyncio.create_task(scheduler.run(_blocker(gate, started)))
         await _started(started)
-        late = asyncio.create_task(executor.run(lambda: ran.append("late"), deadline=time.monotonic() + 0.05))
-        timely = asyncio.create_task(executor.run(lambda: ran.append("timely")))
+        late = asyncio.create_task(
+            scheduler.run(lambda: ran.append("late"), deadline=time.monotonic() + 0.05)
+        )
+        timely = asyncio.create_task(scheduler.run(lambda: ran.append("timely")))
         await asyncio.sleep(0.2)
         gate.set()
         with pytest.raises(Expired, match="waited past its deadline"):
             await late
         await asyncio.gather(blocker, timely)
-        assert ran == ["timely"] and executor.skipped == 1
-        executor.shutdown()
+        assert ran == ["timely"] and scheduler.skipped == 1
+        scheduler.shutdown()
 
     asyncio.run(main())
 
 
 def test_a_step_that_would_wait_past_its_deadline_is_refused_at_once() -> None:
     async def main() -> None:
-        executor = Executor()
-        await executor.run(lambda: time.sleep(0.05), kind="backward", cost=1.0)  # measures >= 50 ms per unit
+        scheduler = Scheduler()
+        await scheduler.run(lambda: time.sleep(0.05), kind="backward", cost=1.0)  # measures >= 50 ms per unit
         gate, started = threading.Event(), threading.Event()
         # expected to take >= 100 x 50 ms: a step with 1 s left cannot wait for it
-        blocker = asyncio.create_task(executor.run(_blocker(gate, started), kind="backward", cost=100.0))
+        blocker = asyncio.create_task(scheduler.run(_blocker(gate, started), kind="backward", cost=100.0))
         await _started(started)
-        assert executor.expected_wait(Priority.STEP) > 4.0
+        assert scheduler.expected_wait(Priority.STEP) > 4.0
         before = time.monotonic()
         with pytest.raises(Overloaded, match="past its deadline"):
-            await executor.run(lambda: None, deadline=time.monotonic() + 1.0)
-        assert time.monotonic() - before < 0.5 and executor.shed == 1
-        patient = asyncio.create_task(executor.run(lambda: "done"))  # no deadline: waits its turn
+            await scheduler.run(lambda: None, deadline=time.monotonic() + 1.0)
+        assert time.monotonic() - before < 0.5 and scheduler.shed == 1
+        patient = asyncio.create_task(scheduler.run(lambda: "done"))  # no deadline: waits its turn
         gate.set()
         assert await patient == "done"
         await blocker
-        executor.shutdown()
+        scheduler.shutdown()
 
     asyncio.run(main())
 
 
 def test_a_cancelled_caller_is_not_computed() -> None:
     async def main() -> None:
-        executor, ran = Executor(), []
+        scheduler, ran = Scheduler(), []
         gate, started = threading.Event(), threading.Event()
-        blocker = asyncio.create_task(executor.run(_blocker(gate, started)))
+        blocker = asyncio.create_task(scheduler.run(_blocker(gate, started)))
         await _started(started)
-        gone = asyncio.create_task(executor.run(lambda: ran.append("gone")))
+        gone = asyncio.create_task(scheduler.run(lambda: ran.append("gone")))
         await asyncio.sleep(0.02)
         gone.cancel()
         gate.set()
         await blocker
-        await executor.run(lambda: None)
-        assert ran == [] and executor.in_flight == 0
-        executor.shutdown()
+        await scheduler.run(lambda: None)
+        assert ran == [] and scheduler.in_flight == 0
+        scheduler.shutdown()
 
     asyncio.run(main())
 
@@ -192,7 +194,7 @@ def test_a_decode_step_goes_before_queued_backwards(fake_swarm) -> None:
     gate, started = threading.Event(), threading.Event()
 
     async def block() -> asyncio.Task[str]:  # a long training job already on the compute thread
-        task = asyncio.create_task(peer.executor.run(_blocker(gate, started), priority=Priority.STATELESS))
+        task = asyncio.create_task(peer.scheduler.run(_blocker(gate, started), priority=Priority.STATELESS))
         await _started(started)
         return task
 
@@ -205,10 +207,10 @@ def test_a_decode_step_goes_before_queued_backwards(fake_swarm) -> None:
     stream = Stream(stub)
     assert stream.open("decode") == "opened"
     for _ in range(100):  # bounded: the three backwards reach the queue
-        if peer.executor.in_flight == 4:
+        if peer.scheduler.in_flight == 4:
             break
         time.sleep(0.02)
-    assert peer.executor.in_flight == 4
+    assert peer.scheduler.in_flight == 4
     peer.slow(1.0, at_least=0.3)  # every compute from now on takes 0.3 s or more
     step = peer_pb2.Step(
         step_id=1, position=0, hidden=to_message(hidden_states(1, 1, seed=2)), timeout_ms=60_000
@@ -243,10 +245,10 @@ def test_forward_and_backward_in_pieces_equal_the_whole(fake_swarm, prompt_rows:
     assert stateless.row_chunks(2, 100, 12) == [slice(0, 1), slice(1, 2)]  # a row longer than a piece
 
     async def run(chunk_tokens: int) -> tuple[torch.Tensor, ...]:
-        executor = Executor()
-        output = await stateless.forward(executor, span, forward, chunk_tokens=chunk_tokens, remaining=None)
-        grads = await stateless.backward(executor, span, backward, chunk_tokens=chunk_tokens, remaining=None)
-        executor.shutdown()
+        scheduler = Scheduler()
+        output = await stateless.forward(scheduler, span, forward, chunk_tokens=chunk_tokens, remaining=None)
+        grads = await stateless.backward(scheduler, span, backward, chunk_tokens=chunk_tokens, remaining=None)
+        scheduler.shutdown()
         return output, *grads
 
     whole, pieces = asyncio.run(run(10_000)), asyncio.run(run(12))

@@ -1,5 +1,5 @@
-"""The session table's bookkeeping, without a model or gRPC: reservations, closes, idle expiry, and refusals
-that leave the table as it was."""
+"""The session table's bookkeeping, without a model or gRPC: cache pages taken and returned, preemption,
+closes, idle expiry, quotas, and refusals that leave the table as it was."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from peer.sessions import NoRoom, PeerSession, QuotaExceeded, SessionExists, Ses
 from protos.errors import CorollaError
 
 BUDGET = 1000
+PAGE = 10  # tokens per page: the pool holds 100 pages
 IDLE = 10.0
 
 
@@ -26,51 +27,123 @@ def _session(
         start=0,
         end=2,
         batch_size=batch,
-        max_length=length,
+        max_length=max(length, 1),
         wire_dtype=torch.float32,
         last_used=last_used,
     )
+
+
+def _table(**options: float) -> SessionTable:
+    return SessionTable(BUDGET, idle_timeout=IDLE, page_tokens=PAGE, **options)  # type: ignore[arg-type]
+
+
+def _idle(_: PeerSession) -> bool:
+    return False
+
+
+def _open(table: SessionTable, session: PeerSession, positions: int | None = None) -> PeerSession:
+    """Open `session` and give it the pages of `positions` cached positions (default: its max_length)."""
+    table.open(session)
+    table.resize(session, session.max_length if positions is None else positions, busy=_idle)
+    return session
 
 
 def _state(table: SessionTable) -> tuple[int, list[str]]:
     return table.free_tokens, sorted(table.session_ids())
 
 
-# each step: ("open", id, batch, length) | ("close", id); then the expected (free tokens, open ids)
+# each step: ("open", id, batch) | ("grow", id, positions) | ("close", id); then (free tokens, open ids)
 SCENARIOS = {
-    "one session reserves batch x max_length": ([("open", "a", 2, 100)], (800, ["a"])),
-    "two sessions add up": ([("open", "a", 2, 100), ("open", "b", 1, 300)], (500, ["a", "b"])),
-    "the whole budget": ([("open", "a", 4, 250)], (0, ["a"])),
-    "close returns the room": ([("open", "a", 2, 100), ("close", "a")], (BUDGET, [])),
+    "an open session holds no page": ([("open", "a", 2)], (1000, ["a"])),
+    "pages are whole, per row": ([("open", "a", 2), ("grow", "a", 15)], (960, ["a"])),
+    "two sessions add up": (
+        [("open", "a", 2), ("grow", "a", 15), ("open", "b", 1), ("grow", "b", 300)],
+        (660, ["a", "b"]),
+    ),
+    "growing again takes only the new pages": (
+        [("open", "a", 1), ("grow", "a", 15), ("grow", "a", 21), ("grow", "a", 30)],
+        (970, ["a"]),
+    ),
+    "a rollback returns pages": ([("open", "a", 1), ("grow", "a", 95), ("grow", "a", 31)], (960, ["a"])),
+    "the whole pool": ([("open", "a", 4), ("grow", "a", 250)], (0, ["a"])),
+    "close returns the pages": ([("open", "a", 2), ("grow", "a", 100), ("close", "a")], (BUDGET, [])),
     "close of one keeps the other": (
-        [("open", "a", 2, 100), ("open", "b", 1, 300), ("close", "a")],
+        [("open", "a", 2), ("grow", "a", 100), ("open", "b", 1), ("grow", "b", 300), ("close", "a")],
         (700, ["b"]),
     ),
-    "close twice is a no-op": ([("open", "a", 2, 100), ("close", "a"), ("close", "a")], (BUDGET, [])),
-    "close of an unknown id is a no-op": ([("open", "a", 1, 10), ("close", "zzz")], (990, ["a"])),
-    "room freed by a close fits a new session": (
-        [("open", "a", 1, 600), ("close", "a"), ("open", "b", 1, 1000)],
-        (0, ["b"]),
+    "close twice is a no-op": ([("open", "a", 2), ("close", "a"), ("close", "a")], (BUDGET, [])),
+    "close of an unknown id is a no-op": (
+        [("open", "a", 1), ("grow", "a", 10), ("close", "z")],
+        (990, ["a"]),
     ),
 }
 
 
 @pytest.mark.parametrize(("steps", "expected"), SCENARIOS.values(), ids=SCENARIOS.keys())
-def test_budget_accounting(steps: list[tuple], expected: tuple[int, list[str]]) -> None:
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
+def test_page_accounting(steps: list[tuple], expected: tuple[int, list[str]]) -> None:
+    table = _table()
     for kind, session_id, *size in steps:
         if kind == "open":
-            table.open(_session(session_id, *size))
+            table.open(_session(session_id, size[0], 2048))
+        elif kind == "grow":
+            session = table.get(session_id)
+            assert session is not None
+            assert table.resize(session, size[0], busy=_idle) == []
         else:
             table.close(session_id)
     assert _state(table) == expected
     assert len(table) == len(expected[1])
 
 
+def test_sixty_four_short_sessions_of_max_length_2048_share_a_pool_of_8192_tokens() -> None:
+    table = SessionTable(8192, idle_timeout=IDLE)  # the default page: 16 tokens
+    opened = [_open(table, _session(f"s{i}", 1, 2048, client=f"c{i}"), 100) for i in range(64)]
+    assert len(table) == 64 and table.preempted == 0
+    assert table.free_tokens == 8192 - 64 * 112  # 7 pages of 16 for 100 positions each
+    assert all(table.get(session.session_id) is session for session in opened)
+
+
+def _full_table() -> tuple[SessionTable, list[PeerSession]]:
+    """A pool of 100 pages held by a (used first), b and c (used last), 30 pages each, 10 free."""
+    table = _table(max_client_tokens=2 * BUDGET)
+    held = [
+        _open(table, _session(name, 1, positions, last_used=used, client=name), positions)
+        for name, used, positions in (("b", 2.0, 300), ("a", 1.0, 300), ("c", 3.0, 300), ("new", 4.0, 0))
+    ]
+    return table, held
+
+
+def test_a_step_beyond_the_free_pages_preempts_the_least_recently_used_idle_session() -> None:
+    table, (b, a, _, new) = _full_table()
+    assert table.resize(new, 350, busy=_idle) == [a]  # 35 pages: 10 free + a's 30
+    assert table.get("a") is None and a.cache is None and table.preempted == 1
+    assert new.pages == 35 and table.free_tokens == 50
+    assert table.resize(new, 700, busy=_idle) == [b]  # then the next least recently used
+    assert _state(table) == (0, ["c", "new"])
+
+
+def test_sessions_with_a_step_under_way_are_not_preempted() -> None:
+    table, (b, a, _, new) = _full_table()
+    assert table.resize(new, 350, busy=lambda s: s is a) == [b]
+    assert _state(table) == (50, ["a", "c", "new"])
+
+
+REFUSED_GROWTH = {
+    "every other session busy": (lambda s: True, 350),
+    "more than preempting all could free": (_idle, 1001),
+}
+
+
+@pytest.mark.parametrize(("busy", "positions"), REFUSED_GROWTH.values(), ids=REFUSED_GROWTH.keys())
+def test_growth_that_finds_no_room_fails_and_changes_nothing(busy, positions: int) -> None:
+    table, held = _full_table()
+    before = _state(table), [s.pages for s in held]
+    with pytest.raises(NoRoom, match="no cache room: the step needs"):
+        table.resize(held[-1], positions, busy=busy)
+    assert (_state(table), [s.pages for s in held]) == before and table.preempted == 0
+
+
 REFUSALS = {
-    "no room": ([("a", 2, 400)], ("b", 1, 201), NoRoom, "no cache room: session needs 201 tokens"),
-    "no room at all": ([("a", 4, 250)], ("b", 1, 1), NoRoom, "0 of 1000 free"),
-    "more than the whole budget": ([], ("a", 2, 501), NoRoom, "(batch 2 x length 501), 1000 of 1000 free"),
     "same id": (
         [("a", 1, 10)],
         ("a", 1, 10),
@@ -85,10 +158,8 @@ REFUSALS = {
 def test_refused_open_changes_nothing(
     opened: list[tuple[str, int, int]], refused: tuple[str, int, int], error: type[Exception], message: str
 ) -> None:
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
-    sessions = [_session(*args) for args in opened]
-    for session in sessions:
-        table.open(session)
+    table = _table()
+    sessions = [_open(table, _session(*args)) for args in opened]
     before = _state(table)
     with pytest.raises(error, match=re.escape(message)) as caught:
         table.open(_session(*refused))
@@ -109,9 +180,9 @@ def test_refused_open_changes_nothing(
 def test_expire_closes_idle_sessions(
     last_used: dict[str, float], now: float, expired: list[str], left: list[str]
 ) -> None:
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    table = _table()
     for session_id, used in last_used.items():
-        table.open(_session(session_id, 1, 100, last_used=used))
+        _open(table, _session(session_id, 1, 100, last_used=used))
     closed = [session for session, reason in table.expire(now) if reason == "idle"]
     assert sorted(s.session_id for s in closed) == expired
     assert all(s.cache is None for s in closed)
@@ -119,7 +190,7 @@ def test_expire_closes_idle_sessions(
 
 
 def test_touch_keeps_a_session_alive() -> None:
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    table = _table()
     session = _session("a", 1, 100, last_used=-1e9)
     table.open(session)
     session.touch()  # now, by the monotonic clock
@@ -127,7 +198,7 @@ def test_touch_keeps_a_session_alive() -> None:
 
 
 def test_close_returns_the_session_and_drops_its_cache() -> None:
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    table = _table()
     session = _session("a", 1, 100)
     table.open(session)
     session.cache = object()  # type: ignore[assignment]  # stands in for the span's KV cache
@@ -137,8 +208,8 @@ def test_close_returns_the_session_and_drops_its_cache() -> None:
 
 def test_a_closed_id_is_refused_until_the_reuse_timeout() -> None:
     # a stale push addressed to a closed id must never land in a new session that took the same id
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
-    table.open(_session("a", 1, 10))
+    table = _table()
+    _open(table, _session("a", 1, 10))
     table.close("a")
     with pytest.raises(SessionExists, match="used recently"):
         table.open(_session("a", 1, 10))
@@ -149,16 +220,16 @@ def test_a_closed_id_is_refused_until_the_reuse_timeout() -> None:
         table.open(_session("b", 1, 10))
     assert _state(table) == (BUDGET, [])
     table.open(_session("c", 1, 10))  # other ids are not affected
-    reusable = SessionTable(BUDGET, idle_timeout=IDLE, reuse_timeout=0.0)
-    reusable.open(_session("a", 1, 10))
+    reusable = _table(reuse_timeout=0.0)
+    _open(reusable, _session("a", 1, 10))
     reusable.close("a")
-    reusable.open(_session("a", 1, 10))
+    _open(reusable, _session("a", 1, 10))
     assert _state(reusable) == (990, ["a"])
 
 
 def test_closed_ids_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "MAX_CLOSED_IDS", 2)
-    table = SessionTable(BUDGET, idle_timeout=IDLE)
+    table = _table()
     for session_id in "abc":
         table.open(_session(session_id, 1, 10))
         table.close(session_id)
@@ -171,15 +242,15 @@ def test_closed_ids_are_remembered_up_to_a_bound(monkeypatch: pytest.MonkeyPatch
 def test_logs_show_only_a_short_hash_of_an_id(caplog: pytest.LogCaptureFixture) -> None:
     secret = "0123456789abcdef-secret-session-id"
     with caplog.at_level("INFO", logger="peer.sessions"):
-        table = SessionTable(BUDGET, idle_timeout=IDLE)
+        table = _table()
         table.open(_session(secret, 1, 10))
         table.close(secret)
     assert len(caplog.records) == 2 and secret not in caplog.text and "secret" not in caplog.text
     assert f"id={log_id(secret)}" in caplog.text and len(log_id(secret)) == 8
 
 
-# quotas: (sessions opened as (id, client, batch, length), the refused one, message), on a table of
-# BUDGET tokens, 3 sessions in all, 2 per client, 500 tokens per client
+# quotas: (sessions opened as (id, client, batch, positions), the refused one, message), on a pool of
+# BUDGET tokens, 3 sessions in all, 2 per client, 500 tokens of pages per client
 QUOTAS = {
     "a client's sessions": (
         [("a", "x", 1, 10), ("b", "x", 1, 10)],
@@ -189,7 +260,7 @@ QUOTAS = {
     "a client's tokens": (
         [("a", "x", 1, 400)],
         ("b", "x", 1, 101),
-        "client quota: 400 cache tokens reserved",
+        "client quota: 400 cache tokens held here",
     ),
     "a client's tokens in one session": ([], ("a", "x", 2, 251), "would pass the 500 one client may hold"),
     "the peer's sessions": (
@@ -201,9 +272,7 @@ QUOTAS = {
 
 
 def _quota_table() -> SessionTable:
-    return SessionTable(
-        BUDGET, idle_timeout=IDLE, max_sessions=3, max_client_sessions=2, max_client_tokens=500
-    )
+    return _table(max_sessions=3, max_client_sessions=2, max_client_tokens=500)
 
 
 @pytest.mark.parametrize(("opened", "refused", "message"), QUOTAS.values(), ids=QUOTAS.keys())
@@ -212,33 +281,36 @@ def test_quotas_refuse_and_change_nothing(
 ) -> None:
     table = _quota_table()
     for session_id, client, batch, length in opened:
-        table.open(_session(session_id, batch, length, client=client))
+        _open(table, _session(session_id, batch, length, client=client))
     before = _state(table), [table.client_usage(c) for c in "xyzw"]
     session_id, client, batch, length = refused
     with pytest.raises(QuotaExceeded, match=re.escape(message)) as caught:
-        table.open(_session(session_id, batch, length, client=client))
+        _open(table, _session(session_id, batch, length, client=client))
     assert isinstance(caught.value, NoRoom)  # RESOURCE_EXHAUSTED: the client tries another peer
+    opened_ids = {s[0] for s in opened}
+    table.close(session_id) if session_id not in opened_ids else None  # a refused growth leaves it open
     assert (_state(table), [table.client_usage(c) for c in "xyzw"]) == before
 
 
 def test_a_client_at_its_quota_leaves_room_for_another() -> None:
     table = _quota_table()
-    table.open(_session("a", 1, 400, client="x"))
+    _open(table, _session("a", 1, 400, client="x"))
     with pytest.raises(QuotaExceeded):
-        table.open(_session("b", 1, 200, client="x"))
-    table.open(_session("c", 1, 500, client="y"))
+        _open(table, _session("b", 1, 200, client="x"))
+    table.close("b")
+    _open(table, _session("c", 1, 500, client="y"))
     assert table.client_usage("x") == (1, 400) and table.client_usage("y") == (1, 500)
     table.close("a")
     assert table.client_usage("x") == (0, 0)
-    table.open(_session("d", 1, 100, client="x"))  # what a client closes counts no more
+    _open(table, _session("d", 1, 100, client="x"))  # what a client closes counts no more
 
 
-def test_a_reservation_without_a_step_is_released() -> None:
-    table = SessionTable(BUDGET, idle_timeout=1000.0, first_step_timeout=5.0)
+def test_a_session_without_a_step_is_closed() -> None:
+    table = SessionTable(BUDGET, idle_timeout=1000.0, first_step_timeout=5.0, page_tokens=PAGE)
     now = time.monotonic()
     waiting, stepping = _session("a", 1, 100, last_used=now), _session("b", 1, 100, last_used=now)
     table.open(waiting)
-    table.open(stepping)
+    _open(table, stepping)
     stepping.touch()
     assert table.expire(waiting.opened_at + 4.0) == []
     assert table.expire(waiting.opened_at + 6.0) == [(waiting, "no first step")]

@@ -62,7 +62,7 @@ def test_backward_matches_autograd_through_transformers(family: str) -> None:
     output, grad_hidden, grad_prompts = _reference(reference, hidden, prompts, grad_output)
 
     span = HostedSpan.from_model(build(family), START, END)
-    with torch.inference_mode():  # as the peer's executor runs it
+    with torch.inference_mode():  # as the peer's scheduler runs it
         forward = span.forward(hidden, prompts=prompts)
         got_hidden, got_prompts = span.backward(hidden, grad_output, prompts=prompts)
     torch.testing.assert_close(forward, output.detach(), atol=1e-5, rtol=0)
