@@ -183,7 +183,7 @@ def test_retries_end_with_the_swarm_error_itself() -> None:
         (Needs(batch_size=4, max_length=100, cached=100), {"free_cache_tokens": 399}, False),
         (Needs(batch_size=4, max_length=100, cached=100, free_cache=False), {"free_cache_tokens": 399}, True),
         (Needs(batch_size=4, max_length=100, cached=100), {"free_cache_tokens": 400}, True),
-        (Needs(batch_size=4, max_length=2048), {"free_cache_tokens": 400}, True),  # a limit, not a reservation
+        (Needs(batch_size=4, max_length=2048), {"free_cache_tokens": 400}, True),  # a limit only
         (Needs(batch_size=4, max_length=2048), {"free_cache_tokens": 3}, False),  # not even one position
         (Needs(batch_size=17), {"max_batch_size": 16}, False),
         (Needs(batch_size=17), {}, True),  # an older peer that announces no batch limit
