@@ -403,6 +403,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             max_batch_size=self.config.max_batch_size,
             max_length=self.config.max_length,
             max_message_bytes=self.config.max_message_bytes,
+            page_tokens=self.sessions.page_tokens,
+            queued=self.scheduler.in_flight,
+            steps_computed=self.scheduler.stats.steps,
+            step_batches=self.scheduler.stats.batches,
+            preempted=self.sessions.preempted,
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------

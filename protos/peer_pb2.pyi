@@ -199,7 +199,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes")
+    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes", "page_tokens", "queued", "steps_computed", "step_batches", "preempted")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,11 @@ class InfoReply(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STEPS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     peer_id: str
     start: int
@@ -228,4 +233,9 @@ class InfoReply(_message.Message):
     max_batch_size: int
     max_length: int
     max_message_bytes: int
-    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    page_tokens: int
+    queued: int
+    steps_computed: int
+    step_batches: int
+    preempted: int
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., page_tokens: _Optional[int] = ..., queued: _Optional[int] = ..., steps_computed: _Optional[int] = ..., step_batches: _Optional[int] = ..., preempted: _Optional[int] = ...) -> None: ...
