@@ -125,10 +125,12 @@ class _Speed:
     network: float | None = None  # decode steps/s the link carries; None: no cap
     decode: float = 0.0  # steps per second through the span
     forward: float = 0.0  # tokens per second of a forward through the span
+    batched: float = 0.0  # decode tokens per second through the span, many sessions batched
 
     def update(self, span: tuple[int, int]) -> None:
         if self.per_block is not None:
             self.decode, self.forward = self.per_block.for_span(span[1] - span[0], self.network)
+            self.batched = self.per_block.batch_tps / (span[1] - span[0])
 
 
 class Peer:
@@ -277,7 +279,10 @@ class Peer:
             end=span[1],
             throughput=self.speed.decode,
             forward_throughput=self.speed.forward,
+            batch_throughput=self.speed.batched,
             free_cache_tokens=self.sessions.free_tokens,
+            num_sessions=len(self.sessions),
+            queued=self.scheduler.in_flight,
             max_length=config.max_length,
             max_batch_size=config.max_batch_size,
             max_forward_tokens=config.max_forward_tokens,

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
-from peer.blocks import HostedSpan
+from peer.blocks import BatchItem, HostedSpan
 from peer.config import parse_option
 
 logger = logging.getLogger(__name__)
 
 DECODE_STEPS = 8
 FORWARD_TOKENS = 128
+BATCH_SESSIONS = 8  # sessions whose decode steps are timed as one batched forward
 CACHE_FILE = "throughput.json"
 _MAX_CACHE_BYTES = 1 << 20
 
@@ -36,6 +37,7 @@ _MAX_CACHE_BYTES = 1 << 20
 class Throughput:
     decode_rps: float  # single-token decode steps per second through one block
     forward_tps: float  # tokens per second of a stateless forward through one block; 0: unknown
+    batch_tps: float = 0.0  # decode tokens per second through one block, BATCH_SESSIONS batched; 0: unknown
 
     def for_span(self, num_blocks: int, network_rps: float | None = None) -> tuple[float, float]:
         """(decode steps/s, forward tokens/s) through `num_blocks` blocks, decode capped by the network."""
@@ -78,7 +80,24 @@ def measure(span: HostedSpan) -> Throughput:
     started = time.perf_counter()
     span.forward(prompt)
     forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
-    return Throughput(decode_rps=decode, forward_tps=forward)
+    return Throughput(decode_rps=decode, forward_tps=forward, batch_tps=_batched(span))
+
+
+def _batched(span: HostedSpan) -> float:
+    """Decode tokens per second per block when BATCH_SESSIONS sessions step together; 0 when the family
+    does not batch."""
+    if not span.batches:
+        return 0.0
+    caches = [span.new_cache() for _ in range(BATCH_SESSIONS)]
+    for cache in caches:
+        span.forward(torch.zeros(1, 16, span.hidden_size, dtype=span.dtype), cache)
+    step = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype)
+    times = []
+    for _ in range(DECODE_STEPS):
+        started = time.perf_counter()
+        span.forward_batch([BatchItem(step, cache) for cache in caches])
+        times.append(time.perf_counter() - started)
+    return BATCH_SESSIONS * (span.end - span.start) / max(statistics.median(times), 1e-9)
 
 
 def resolve(value: str, span: HostedSpan, *, key: str, cache_dir: Path) -> Throughput:
@@ -95,9 +114,11 @@ def resolve(value: str, span: HostedSpan, *, key: str, cache_dir: Path) -> Throu
             return cached
     measured = measure(span)
     logger.info(
-        "throughput measured decode=%.1f steps/s forward=%.0f tokens/s per block",
+        "throughput measured decode=%.1f steps/s forward=%.0f tokens/s batched decode=%.1f tokens/s "
+        "per block",
         measured.decode_rps,
         measured.forward_tps,
+        measured.batch_tps,
     )
     _write(path, key, measured)
     return measured
@@ -115,9 +136,10 @@ def _read(path: Path) -> dict[str, Throughput]:
     entries: dict[str, Throughput] = {}
     for key, value in raw.items() if isinstance(raw, dict) else ():
         with contextlib.suppress(TypeError, ValueError, KeyError):
-            entry = Throughput(float(value["decode_rps"]), float(value["forward_tps"]))
-            finite = math.isfinite(entry.decode_rps) and math.isfinite(entry.forward_tps)
-            if finite and entry.decode_rps > 0 and entry.forward_tps >= 0:
+            rates = (value["decode_rps"], value["forward_tps"], value.get("batch_tps", 0.0))
+            entry = Throughput(*map(float, rates))
+            finite = all(map(math.isfinite, (entry.decode_rps, entry.forward_tps, entry.batch_tps)))
+            if finite and entry.decode_rps > 0 and entry.forward_tps >= 0 and entry.batch_tps >= 0:
                 entries[key] = entry
     return entries
 

@@ -70,7 +70,13 @@ class PeerRecord(BaseModel):
     forward_throughput: _NonNegativeFinite = Field(
         default=0.0, description="tokens per second of a stateless forward through the span; 0: not measured"
     )
-    free_cache_tokens: int = Field(ge=0, lt=_UINT64_LIMIT)
+    batch_throughput: _NonNegativeFinite = Field(
+        default=0.0,
+        description="decode tokens per second through the span with 8 sessions batched; 0: not measured",
+    )
+    free_cache_tokens: int = Field(ge=0, lt=_UINT64_LIMIT, description="free KV-cache pages, in tokens")
+    num_sessions: int = Field(default=0, ge=0, lt=_UINT32_LIMIT, description="sessions open now")
+    queued: int = Field(default=0, ge=0, lt=_UINT32_LIMIT, description="compute jobs queued or running now")
     max_length: int = Field(ge=1, lt=_UINT32_LIMIT, description="longest session, in positions")
     max_batch_size: int | None = Field(
         default=None,

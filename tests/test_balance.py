@@ -212,6 +212,8 @@ def test_throughput_is_measured_once_and_cached(tmp_path, local) -> None:
     key = throughput.cache_key("llama", "float32", "test")
     first = throughput.resolve("auto", span, key=key, cache_dir=tmp_path)
     assert first.decode_rps > 0 and first.forward_tps > 0
+    # 8 sessions batched move more tokens per second than one session alone
+    assert first.batch_tps > first.decode_rps
     cached = json.loads((tmp_path / throughput.CACHE_FILE).read_text())
     assert set(cached) == {key}
     cached[key]["decode_rps"] = 1234.5  # a later run reads the cache instead of measuring
@@ -219,6 +221,9 @@ def test_throughput_is_measured_once_and_cached(tmp_path, local) -> None:
     assert throughput.resolve("auto", span, key=key, cache_dir=tmp_path).decode_rps == 1234.5
     assert throughput.resolve("eval", span, key=key, cache_dir=tmp_path).decode_rps != 1234.5
     assert throughput.resolve("42", span, key=key, cache_dir=tmp_path).decode_rps == 42.0
+    del cached[key]["batch_tps"]  # an entry written before batching was measured still reads
+    (tmp_path / throughput.CACHE_FILE).write_text(json.dumps(cached))
+    assert throughput.resolve("auto", span, key=key, cache_dir=tmp_path).batch_tps == 0.0
     (tmp_path / throughput.CACHE_FILE).write_text("garbage{")  # a broken cache is measured over
     assert throughput.resolve("auto", span, key=key, cache_dir=tmp_path).decode_rps > 0
 
