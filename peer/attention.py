@@ -17,7 +17,7 @@ are never batched (`supports_batching`).
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +117,34 @@ def ragged_attention(
         out, _ = inner(module, q, k, v, mask, **kwargs)  # [rows, seq, heads, head_dim]
         outputs.append(out.reshape(segment.tokens, *out.shape[2:]))
     return torch.cat(outputs).unsqueeze(0), None
+
+
+def pack(
+    items: Sequence[tuple[torch.Tensor, SpanCache | None, torch.Tensor | None]],
+    lengths: Sequence[int],
+    implementation: str,
+) -> tuple[torch.Tensor, torch.Tensor, RaggedBatch]:
+    """(hidden [1, T, hidden], position ids [1, T], the batch) of items given as (hidden [rows, seq, hidden],
+    cache, position ids [rows, seq] or None: after the `lengths` positions each cache holds)."""
+    segments, positions, offset = [], [], 0
+    for (hidden, cache, ids), length in zip(items, lengths, strict=True):
+        rows, seq, _ = hidden.shape
+        segments.append(Segment(offset, rows, seq, cache))
+        offset += rows * seq
+        if ids is None:  # after what the cache holds, as the family derives them for one session
+            ids = torch.arange(length, length + seq).expand(rows, seq)
+        positions.append(ids.reshape(-1).to(torch.int64))
+    packed = torch.cat([hidden.reshape(-1, hidden.shape[-1]) for hidden, _, _ in items]).unsqueeze(0)
+    return packed, torch.cat(positions).unsqueeze(0), RaggedBatch(tuple(segments), implementation)
+
+
+def unpack(output: torch.Tensor, batch: RaggedBatch) -> list[torch.Tensor]:
+    """Each segment's rows [rows, seq, hidden] of a packed output [1, T, hidden]."""
+    pieces = output[0].split([segment.tokens for segment in batch.segments])
+    return [
+        piece.view(segment.rows, segment.seq, -1)
+        for piece, segment in zip(pieces, batch.segments, strict=True)
+    ]
 
 
 AttentionInterface.register(RAGGED, ragged_attention)

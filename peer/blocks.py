@@ -20,7 +20,7 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-from peer.attention import BATCH_KWARG, RAGGED, RaggedBatch, Segment, supports_batching
+from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
 from protos.partition import (
@@ -254,28 +254,54 @@ class HostedSpan:
     def _run_packed(
         self, items: list[BatchItem], lengths: list[int], start: int, end: int
     ) -> list[torch.Tensor]:
-        segments, positions, offset = [], [], 0
-        for item, length in zip(items, lengths, strict=True):
-            rows, seq, _ = item.hidden.shape
-            segments.append(Segment(offset, rows, seq, item.cache))
-            offset += rows * seq
-            ids = item.positions
-            if ids is None:  # after what the cache holds, as the family derives them for one session
-                ids = torch.arange(length, length + seq).expand(rows, seq)
-            positions.append(ids.reshape(-1).to(torch.int64))
         config = self.model.config
         own = config._attn_implementation
-        batch = RaggedBatch(tuple(segments), own or "eager")
-        packed = torch.cat([item.hidden.reshape(-1, self.hidden_size) for item in items]).unsqueeze(0)
+        packed, positions, batch = pack(
+            [(item.hidden, item.cache, item.positions) for item in items], lengths, own or "eager"
+        )
         config._attn_implementation = RAGGED
         try:
-            output = self._run(
-                packed, None, torch.cat(positions).unsqueeze(0), start, end, None, {BATCH_KWARG: batch}
-            )
+            output = self._run(packed, None, positions, start, end, None, {BATCH_KWARG: batch})
         finally:
             config._attn_implementation = own
-        pieces = output[0].split([segment.tokens for segment in segments])
-        return [piece.view(item.hidden.shape) for piece, item in zip(pieces, items, strict=True)]
+        return unpack(output, batch)
+
+    def backward_batch(
+        self,
+        items: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[torch.Tensor | Exception]:
+        """Input gradients of several stateless forwards of blocks [start, end), given as (hidden, grad of
+        the output) pairs of any shapes, from one packed forward and one backward; each as `backward` would
+        give it alone (within float rounding), or the error that item alone raised."""
+        start, end = self._check_span(start, end)
+        results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(items)
+        valid: list[int] = []
+        for index, (hidden, grad_output) in enumerate(items):
+            try:
+                self._check_inputs(hidden, None, None, start, end)
+                if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
+                    raise InvalidInputError("grad_output must match hidden in shape and dtype")
+            except InvalidInputError as e:
+                results[index] = e
+            else:
+                valid.append(index)
+        if len(valid) > 1 and self.batches:
+            with torch.inference_mode(False), torch.enable_grad():
+                inputs = [items[i][0].detach().clone().requires_grad_(True) for i in valid]
+                outputs = self._run_packed([BatchItem(x) for x in inputs], [0] * len(valid), start, end)
+                grads = [items[i][1].detach().clone() for i in valid]
+                for i, grad in zip(valid, torch.autograd.grad(outputs, inputs, grads), strict=True):
+                    results[i] = grad
+            return results
+        for i in valid:
+            try:
+                results[i] = self._gradients(*items[i], start, end, None)[0]
+            except Exception as e:
+                results[i] = e
+        return results
 
     def backward(
         self,
@@ -298,6 +324,11 @@ class HostedSpan:
                 f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
                 f"{grad_output.dtype} {tuple(grad_output.shape)}"
             )
+        return self._gradients(hidden, grad_output, start, end, prompts)
+
+    def _gradients(
+        self, hidden: torch.Tensor, grad: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the scheduler runs jobs in inference mode; clones outside it are tensors autograd accepts
         with torch.inference_mode(False), torch.enable_grad():
             inputs = hidden.detach().clone().requires_grad_(True)
@@ -307,7 +338,7 @@ class HostedSpan:
                 prompt_leaf = prompts.detach().clone().requires_grad_(True)
                 wrt.append(prompt_leaf)
             output = self._run(inputs, None, None, start, end, prompt_leaf)
-            grads = torch.autograd.grad(output, wrt, grad_outputs=grad_output.detach().clone())
+            grads = torch.autograd.grad(output, wrt, grad_outputs=grad.detach().clone())
         return grads[0], (grads[1] if prompt_leaf is not None else None)
 
     def _run(

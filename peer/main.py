@@ -140,7 +140,9 @@ class Peer:
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
         self.sessions = SessionTable.from_config(config)
-        self.scheduler = Scheduler(max_batch_tokens=self.config.max_batch_tokens)
+        self.scheduler = Scheduler(
+            max_batch_tokens=config.max_batch_tokens, max_stateless_tokens=config.compute_chunk_tokens
+        )
         # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
         self.identity = Identity.load_or_create(config.identity)
         self.tls = None if config.insecure else ServerTls.create(self.identity)

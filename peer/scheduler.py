@@ -76,21 +76,24 @@ class _Job:
 
 @dataclass(eq=False)
 class StepWork:
-    """An inference step for the batcher: `item` through blocks [start, end) of `span`, after `prepare`
-    (the session's rollback and beam reorder, run on the compute thread just before the forward)."""
+    """Work the batcher may join with others: `item` through blocks [start, end) of `span`, after `prepare`
+    (a session's rollback and beam reorder, run on the compute thread just before the forward), or with
+    `grad_output` the input gradient of a stateless forward of `item.hidden` (a Backward)."""
 
     span: HostedSpan
     start: int
     end: int
     item: BatchItem
     prepare: Callable[[], None] | None = None
+    grad_output: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
         return int(self.item.hidden.shape[0] * self.item.hidden.shape[1])
 
     def joins(self, other: StepWork) -> bool:
-        return self.span is other.span and (self.start, self.end) == (other.start, other.end)
+        same_blocks = self.span is other.span and (self.start, self.end) == (other.start, other.end)
+        return same_blocks and (self.grad_output is None) == (other.grad_output is None)
 
 
 @dataclass
@@ -109,8 +112,12 @@ class BatchStats:
 class Scheduler:
     """One compute thread shared by every request of the peer; `run` awaits a function on it."""
 
-    def __init__(self, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
-        self.max_batch_tokens = max_batch_tokens
+    def __init__(
+        self, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS, max_stateless_tokens: int | None = None
+    ) -> None:
+        self.max_batch_tokens = max_batch_tokens  # inference steps in one forward
+        # Forward/Backward pieces of different requests in one forward (training batches among itself)
+        self.max_stateless_tokens = max_batch_tokens if max_stateless_tokens is None else max_stateless_tokens
         self.stats = BatchStats()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self._queue: list[_Job] = []
@@ -150,10 +157,19 @@ class Scheduler:
         result: Result = await self._submit(fn, priority, kind, cost, deadline, None)
         return result
 
-    async def step(self, work: StepWork, *, cost: float, deadline: float | None = None) -> torch.Tensor:
-        """Compute an inference step, batched with the other sessions' steps queued meanwhile; returns its
-        output [rows, seq, hidden_size]. Raises like `run`, or the error of this step alone."""
-        output: torch.Tensor = await self._submit(_unbatched, Priority.STEP, "step", cost, deadline, work)
+    async def step(
+        self,
+        work: StepWork,
+        *,
+        cost: float,
+        deadline: float | None = None,
+        priority: Priority = Priority.STEP,
+        kind: str = "step",
+    ) -> torch.Tensor:
+        """Compute `work`, batched with the other work of its priority and kind queued meanwhile; returns
+        its output [rows, seq, hidden_size] (with `grad_output`: the input gradient). Raises like `run`, or
+        the error of this work alone."""
+        output: torch.Tensor = await self._submit(_unbatched, priority, kind, cost, deadline, work)
         return output
 
     async def _submit(
@@ -226,11 +242,14 @@ class Scheduler:
         work = first.work
         if work is None or not work.span.batches:
             return []
+        budget = self.max_batch_tokens if first.priority == Priority.STEP else self.max_stateless_tokens
         taken: list[_Job] = []
         tokens = work.tokens
         for job in sorted(self._queue):
             other = job.work
-            if other is None or not other.joins(work) or tokens + other.tokens > self.max_batch_tokens:
+            if other is None or job.priority != first.priority or not other.joins(work):
+                continue
+            if tokens + other.tokens > budget:
                 continue
             if self._runnable(job):
                 taken.append(job)
@@ -242,7 +261,7 @@ class Scheduler:
         return taken
 
     def _measured(self, batch: list[_Job], seconds: float) -> None:
-        if batch[0].work is not None:
+        if batch[0].work is not None and batch[0].priority == Priority.STEP:
             self.stats.steps += len(batch)
             self.stats.batches += 1
             self.stats.largest = max(self.stats.largest, len(batch))
@@ -276,7 +295,8 @@ def _unbatched() -> None:
 
 @torch.inference_mode()
 def _forward(works: list[StepWork]) -> list[torch.Tensor | Exception]:
-    """Prepare each step's cache, then run all that prepared as one forward (on the compute thread)."""
+    """Prepare each step's cache, then run all that prepared as one forward, or for Backward work one
+    forward and backward (on the compute thread)."""
     results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(works)
     ready: list[int] = []
     for index, work in enumerate(works):
@@ -289,7 +309,13 @@ def _forward(works: list[StepWork]) -> list[torch.Tensor | Exception]:
             ready.append(index)
     if ready:
         first = works[ready[0]]
-        outputs = first.span.forward_batch([works[i].item for i in ready], start=first.start, end=first.end)
+        if first.grad_output is not None:
+            pairs = [(works[i].item.hidden, works[i].grad_output) for i in ready]
+            outputs = first.span.backward_batch(pairs, start=first.start, end=first.end)  # type: ignore[arg-type]
+        else:
+            outputs = first.span.forward_batch(
+                [works[i].item for i in ready], start=first.start, end=first.end
+            )
         for index, output in zip(ready, outputs, strict=True):
             results[index] = output
     return results

@@ -1,7 +1,8 @@
 """Stateless Forward and Backward on the compute queue: after inference steps, until the call's deadline,
 and in pieces of whole rows (at most `chunk_tokens` tokens each) so that a decode step waits for at most
 one piece of a large training batch, never for the whole of it. Rows are independent through a span, so
-the pieces put together are the batch's result (up to float rounding of the prompts' summed gradient)."""
+the pieces put together are the batch's result (up to float rounding of the prompts' summed gradient).
+Pieces without prompts of different calls queued at once run as one batched forward (or backward)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 
 import torch
 
-from peer.blocks import HostedSpan
+from peer.blocks import BatchItem, HostedSpan
 from peer.requests import BackwardRequest, ForwardRequest
-from peer.scheduler import Priority, Scheduler
+from peer.scheduler import Priority, Scheduler, StepWork
 
 
 def row_chunks(batch: int, seq: int, chunk_tokens: int) -> list[slice]:
@@ -55,6 +56,10 @@ async def forward(
     outputs = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, prompt = hidden[rows], _rows(prompts, rows)
+        if prompt is None:
+            work = StepWork(span, request.start, request.end, BatchItem(part))
+            outputs.append(await scheduler.step(work, **_job("forward", part, blocks, remaining)))
+            continue
         outputs.append(
             await scheduler.run(
                 functools.partial(span.forward, part, start=request.start, end=request.end, prompts=prompt),
@@ -80,6 +85,10 @@ async def backward(
     grad_prompts: list[torch.Tensor] = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, part_grad, prompt = hidden[rows], grad_output[rows], _rows(prompts, rows)
+        if prompt is None:
+            work = StepWork(span, request.start, request.end, BatchItem(part), grad_output=part_grad)
+            grad_inputs.append(await scheduler.step(work, **_job("backward", part, blocks, remaining)))
+            continue
         grad_input, grad_prompt = await scheduler.run(
             functools.partial(
                 span.backward, part, part_grad, start=request.start, end=request.end, prompts=prompt

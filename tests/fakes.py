@@ -117,10 +117,14 @@ class _FaultySpan(HostedSpan):
         )
 
     def forward_batch(self, items: Any, **kwargs: Any) -> list[torch.Tensor | Exception]:
-        return self._faulty(_STEP, super().forward_batch, items, **kwargs)
+        kind = _STEP if any(item.cache is not None for item in items) else _FORWARD
+        return self._faulty(kind, super().forward_batch, items, **kwargs)
 
     def backward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self._faulty(_FORWARD, super().backward, *args, **kwargs)
+
+    def backward_batch(self, items: Any, **kwargs: Any) -> list[torch.Tensor | Exception]:
+        return self._faulty(_FORWARD, super().backward_batch, items, **kwargs)
 
     def _faulty(self, kind: str, compute: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
         faults = self.faults
@@ -232,7 +236,10 @@ class FakePeer:
         self.span = _FaultySpan.from_model(model, start, end)
         self.span.faults = self.faults
         self.sessions = SessionTable.from_config(self.config)
-        self.scheduler = Scheduler(max_batch_tokens=self.config.max_batch_tokens)
+        self.scheduler = Scheduler(
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_stateless_tokens=self.config.compute_chunk_tokens,
+        )
         self.server: grpc.aio.Server | None = None
         self.address = ""
         self.service = _FaultyService(

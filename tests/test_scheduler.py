@@ -14,8 +14,11 @@ import grpc
 import pytest
 import torch
 from fakes import FakePeer, hidden_states
+from families import NUM_BLOCKS, build
 
 from peer import requests, stateless, wire
+from peer.blocks import HostedSpan
+from peer.requests import BackwardRequest, ForwardRequest
 from peer.scheduler import Expired, Overloaded, Priority, Scheduler
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import to_message
@@ -159,6 +162,60 @@ class Stream:
 
     def close(self) -> None:
         self._requests.put(None)
+
+
+def test_forward_and_backward_calls_queued_together_run_as_one_batch_each() -> None:
+    """Training batches among itself: Forward pieces of different calls share one forward, Backward pieces
+    one forward and backward, never mixed with each other; each result equals the call run alone."""
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(2, 7), (1, 12), (3, 3)]
+    hiddens = [torch.randn(b, s, span.hidden_size, generator=generator) for b, s in shapes]
+    grads = [torch.randn(h.shape, generator=generator) for h in hiddens]
+
+    async def main() -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        scheduler = Scheduler(max_stateless_tokens=4096)
+        gate, started = threading.Event(), threading.Event()
+        blocker = asyncio.create_task(scheduler.run(_blocker(gate, started), priority=Priority.BACKGROUND))
+        await _started(started)
+        limits = dict(chunk_tokens=4096, remaining=None)
+        forwards = [
+            asyncio.create_task(
+                stateless.forward(scheduler, span, ForwardRequest(0, NUM_BLOCKS, h, None), **limits)
+            )
+            for h in hiddens
+        ]
+        backwards = [
+            asyncio.create_task(
+                stateless.backward(scheduler, span, BackwardRequest(0, NUM_BLOCKS, h, g, None), **limits)
+            )
+            for h, g in zip(hiddens, grads, strict=True)
+        ]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await blocker
+        outputs = await asyncio.gather(*forwards)
+        gradients = [grad for grad, _ in await asyncio.gather(*backwards)]
+        scheduler.shutdown()
+        return outputs, gradients, span_calls["batches"]
+
+    span_calls = {"batches": 0}
+    original = span.forward_batch, span.backward_batch
+
+    def counted(fn: Callable) -> Callable:
+        def call(items, **kwargs):
+            span_calls["batches"] += 1
+            assert len(items) == len(shapes)  # all three calls in one forward
+            return fn(items, **kwargs)
+
+        return call
+
+    span.forward_batch, span.backward_batch = map(counted, original)  # type: ignore[method-assign]
+    outputs, gradients, batches = asyncio.run(main())
+    assert batches == 2
+    for hidden, grad, output, gradient in zip(hiddens, grads, outputs, gradients, strict=True):
+        torch.testing.assert_close(output, span.forward(hidden), atol=1e-5, rtol=0)
+        torch.testing.assert_close(gradient, span.backward(hidden, grad)[0], atol=1e-5, rtol=0)
 
 
 async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
