@@ -12,15 +12,9 @@ from typing import Any
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import (
-    DYNAMIC_LAYER_TYPE_MAPPING,
-    Cache,
-    DummyLayer,
-    DynamicCache,
-    get_layer_types_and_kwargs,
-)
 
 from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
+from peer.cache import SpanCache
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
 from protos.partition import (
@@ -38,39 +32,6 @@ from protos.partition import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-class SpanCache(DynamicCache):
-    """K/V of blocks [start, end) for one session; `DummyLayer` (no memory) at every other block index.
-
-    Indices stay global because attention modules call `update(k, v, self.layer_idx)`. transformers
-    redirects `get_seq_length()` and mask sizing on a dummy layer 0 to the first real attention layer.
-    """
-
-    def __init__(self, config: Any, start: int, end: int) -> None:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        layers = [
-            DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs) if start <= i < end else DummyLayer()
-            for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs, strict=True))
-        ]
-        Cache.__init__(self, layers=layers)
-        self.start, self.end = start, end
-
-    def nbytes(self) -> int:
-        total = 0
-        for layer in self.layers[self.start : self.end]:
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
-    def cached_batch(self) -> int | None:
-        """Batch size of the cached positions; None while the cache is empty."""
-        for layer in self.layers[self.start : self.end]:
-            keys = getattr(layer, "keys", None)
-            if isinstance(keys, torch.Tensor) and keys.numel():
-                return int(keys.shape[0])
-        return None
 
 
 @dataclass(eq=False)
@@ -231,14 +192,14 @@ class HostedSpan:
                 valid.append(index)
         if len(valid) > 1 and self.batches:
             lengths = [cache.get_seq_length() if (cache := items[i].cache) else 0 for i in valid]
+            saved = [cache.snapshot() if (cache := items[i].cache) else [] for i in valid]
             try:
                 outputs = self._run_packed([items[i] for i in valid], lengths, start, end)
             except Exception:  # one item's fault must not cost the others their step
                 logger.exception("batched forward of %d items failed: running them one by one", len(valid))
-                for i, length in zip(valid, lengths, strict=True):
-                    cache = items[i].cache
-                    if cache is not None and cache.get_seq_length() > length:
-                        cache.crop(length)
+                for i, snapshot in zip(valid, saved, strict=True):
+                    if (cache := items[i].cache) is not None:
+                        cache.restore(snapshot)
             else:
                 for i, output in zip(valid, outputs, strict=True):
                     results[i] = output

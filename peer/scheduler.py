@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from peer.blocks import BatchItem
 from protos.errors import CorollaError
 
 if TYPE_CHECKING:
-    from peer.blocks import BatchItem, HostedSpan
+    from peer.blocks import HostedSpan
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -171,6 +172,24 @@ class Scheduler:
         the error of this work alone."""
         output: torch.Tensor = await self._submit(_unbatched, priority, kind, cost, deadline, work)
         return output
+
+    async def prefill(
+        self, work: StepWork, *, chunk_tokens: int, deadline: float | None = None
+    ) -> torch.Tensor:
+        """`step` for a session's step of any length: a long one (a prompt) goes in chunks of about
+        `chunk_tokens` tokens, in order, so other sessions' decode steps join the batches in between and
+        wait for one chunk at most. The cost of each chunk is its tokens x blocks."""
+        hidden, ids = work.item.hidden, work.item.positions
+        rows, length = hidden.shape[0], hidden.shape[1]
+        chunk = max(chunk_tokens // rows, 1)
+        outputs = []
+        for begin in range(0, length, chunk):
+            piece = slice(begin, begin + chunk)
+            item = BatchItem(hidden[:, piece], work.item.cache, None if ids is None else ids[:, piece])
+            part = StepWork(work.span, work.start, work.end, item, work.prepare if begin == 0 else None)
+            cost = part.tokens * (work.end - work.start)
+            outputs.append(await self.step(part, cost=cost, deadline=deadline))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _submit(
         self,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import torch
 
 from peer import requests, stateless, wire
 from peer.blocks import BatchItem, HostedSpan
@@ -211,27 +210,19 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             if self.sessions.get(session.session_id) is not session or span is None or cache is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
             parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
-            hidden, position = parsed.hidden.to(span.dtype), session.position
-            rows, length = hidden.shape[0], hidden.shape[1]
+            hidden = parsed.hidden.to(span.dtype)
+            length = hidden.shape[1]
             self._make_room(session, parsed.base + length)
 
             def prepare() -> None:
-                if parsed.base != position:
-                    cache.crop(parsed.base - position)
+                cache.rollback(parsed.base)  # also trims sliding layers to their window
                 if parsed.beam_indices is not None:
                     cache.reorder_cache(parsed.beam_indices)
 
-            # a long prompt goes in chunks: other sessions' decode steps join the batches in between
-            chunk = max(self.config.prefill_chunk_tokens // rows, 1)
-            outputs = []
-            for begin in range(0, length, chunk):
-                piece = slice(begin, begin + chunk)
-                ids = parsed.position_ids
-                item = BatchItem(hidden[:, piece], cache, None if ids is None else ids[:, piece])
-                work = StepWork(span, session.start, session.end, item, prepare if begin == 0 else None)
-                cost = item.hidden.shape[0] * item.hidden.shape[1] * (session.end - session.start)
-                outputs.append(await self.scheduler.step(work, cost=cost, deadline=deadline))
-            output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+            item = BatchItem(hidden, cache, parsed.position_ids)
+            work = StepWork(span, session.start, session.end, item, prepare)
+            chunk = self.config.prefill_chunk_tokens  # a prompt goes in chunks: others decode in between
+            output = await self.scheduler.prefill(work, chunk_tokens=chunk, deadline=deadline)
             session.position = parsed.base + length
             session.touch()
             push = bool(session.next_hops) and not step.local_only

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import grpc
 
+from peer.cache import RollbackTooFar
 from peer.requests import PositionMismatch, PushRefused
 from peer.scheduler import Expired, Overloaded
 from peer.sessions import NoRoom, SessionExists
@@ -45,7 +46,7 @@ def status_of(error: BaseException) -> Status:
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, PushRefused):  # the same answer for an unknown session and a wrong token
         return Status(grpc.StatusCode.PERMISSION_DENIED, str(error))
-    if isinstance(error, PositionMismatch):
+    if isinstance(error, PositionMismatch | RollbackTooFar):  # the client reopens and replays
         return Status(grpc.StatusCode.FAILED_PRECONDITION, str(error))
     if isinstance(error, NoRoom | Overloaded):  # full, over a quota or too busy: another peer may serve it
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))

@@ -17,9 +17,9 @@ from fakes import FakePeer, hidden_states
 from families import NUM_BLOCKS, build
 
 from peer import requests, stateless, wire
-from peer.blocks import HostedSpan
+from peer.blocks import BatchItem, HostedSpan
 from peer.requests import BackwardRequest, ForwardRequest
-from peer.scheduler import Expired, Overloaded, Priority, Scheduler
+from peer.scheduler import Expired, Overloaded, Priority, Scheduler, StepWork
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import to_message
 
@@ -216,6 +216,48 @@ def test_forward_and_backward_calls_queued_together_run_as_one_batch_each() -> N
     for hidden, grad, output, gradient in zip(hiddens, grads, outputs, gradients, strict=True):
         torch.testing.assert_close(output, span.forward(hidden), atol=1e-5, rtol=0)
         torch.testing.assert_close(gradient, span.backward(hidden, grad)[0], atol=1e-5, rtol=0)
+
+
+def test_a_long_prompt_computes_in_chunks_equal_to_the_whole_and_others_decode_in_between() -> None:
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(2, 30, span.hidden_size, generator=generator)
+    decode = torch.randn(1, 1, span.hidden_size, generator=generator)
+    whole, other = span.new_cache(), span.new_cache()
+    span.forward(decode, other)
+    expected = span.forward(prompt, whole)
+    batches: list[list[int]] = []  # the positions of each item, per forward
+    forward_batch = span.forward_batch
+
+    def counted(items, **kwargs):
+        batches.append([item.hidden.shape[1] for item in items])
+        if len(batches) == 1:  # while the first chunk computes, another session's decode step arrives
+            asyncio.run_coroutine_threadsafe(queue_decode(), loop).result(GATE_TIMEOUT)
+        return forward_batch(items, **kwargs)
+
+    async def queue_decode() -> None:
+        tasks.append(
+            asyncio.create_task(
+                scheduler.step(StepWork(span, 0, NUM_BLOCKS, BatchItem(decode, other)), cost=1)
+            )
+        )
+
+    async def main() -> torch.Tensor:
+        nonlocal loop, scheduler
+        loop, scheduler = asyncio.get_running_loop(), Scheduler()
+        work = StepWork(span, 0, NUM_BLOCKS, BatchItem(prompt, span.new_cache()))
+        output = await scheduler.prefill(work, chunk_tokens=16)  # 8 positions x 2 rows per chunk
+        await asyncio.gather(*tasks)
+        scheduler.shutdown()
+        return output
+
+    tasks: list[asyncio.Task] = []
+    loop: asyncio.AbstractEventLoop
+    scheduler: Scheduler
+    span.forward_batch = counted  # type: ignore[method-assign]
+    output = asyncio.run(main())
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    assert batches == [[8], [1], [8], [8], [6]]  # 4 chunks of 8 positions x 2 rows; the decode in between
 
 
 async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
