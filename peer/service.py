@@ -160,7 +160,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     raise InvalidInputError(f"unexpected {kind} in an open session")
                 await self._step_or_report(session, request.step)
             replies.end(_End())
-        except StopAsyncIteration:
+        except (StopAsyncIteration, grpc.aio.AbortError):  # the client's end, or ours (preempted, retired)
             replies.end(_End())
         except asyncio.CancelledError:
             raise
