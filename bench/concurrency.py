@@ -15,6 +15,7 @@ their own machines. Latencies exclude the prompt and the first (prefill) token.
 
     python bench/concurrency.py [--clients 1,2,4,8,16] [--new-tokens 32] [--prefill-tokens 2000]
                                 [--insecure] [--skip-interference] [--skip-step]
+                                [--peer-option=--prefill-chunk-tokens=128 ...]
 """
 
 from __future__ import annotations
@@ -304,6 +305,13 @@ def main() -> None:
     )
     parser.add_argument("--skip-interference", action="store_true", help="skip the prefill interference run")
     parser.add_argument("--skip-step", action="store_true", help="skip the batched step of one span alone")
+    parser.add_argument(
+        "--peer-option",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="an option for every peer, e.g. --peer-option=--prefill-chunk-tokens=128 (repeatable)",
+    )
     internal = parser.add_argument_group("client process (internal, started by this script)")
     internal.add_argument("--worker", choices=["decode", "prefill"], help="run as one client process")
     internal.add_argument("--folder", help="model folder")
@@ -322,7 +330,10 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     interference = None
-    with running(folder, SPANS, *(["--insecure"] if args.insecure else [])) as swarm:
+    peer_options = (["--insecure"] if args.insecure else []) + [
+        f"--{option}" if not option.startswith("--") else option for option in args.peer_option
+    ]
+    with running(folder, SPANS, *peer_options) as swarm:
         for n in clients:
             logger.info("%d client(s) at once", n)
             rows.append(_summary(_run_clients(folder, swarm.initial_peers, args, n)[0]))
@@ -338,6 +349,7 @@ def main() -> None:
         "model": str(folder),
         "peers": SPANS,
         "tls": not args.insecure,
+        "peer_options": peer_options,
         "new_tokens": args.new_tokens,
         "concurrency": rows,
         "interference": interference,
