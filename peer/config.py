@@ -154,10 +154,11 @@ class PeerConfig(BaseModel):
         "forward; steps that arrive while the span computes join the next batch",
     )
     prefill_chunk_tokens: int = Field(
-        default=512,
+        default=128,
         ge=1,
-        description="a step longer than this (a prompt) computes in chunks of about this many tokens, so "
-        "other sessions' decode steps wait for one chunk at most",
+        description="while other sessions decode, a step longer than this (a prompt) computes in chunks of "
+        "about this many tokens, so their decode steps wait for one chunk at most; a session alone computes "
+        "in pieces of --compute-chunk-tokens",
     )
     compute_chunk_tokens: int = Field(
         default=4096,

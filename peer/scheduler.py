@@ -25,6 +25,7 @@ import enum
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ Result = TypeVar("Result")
 DRAIN_POLL_PERIOD = 0.05  # seconds between checks for steps still in flight
 RATE_SMOOTHING = 0.3  # weight of the newest job in the running mean of seconds per unit of cost
 DEFAULT_BATCH_TOKENS = 1024  # tokens (rows x positions) of all the steps in one batched forward
+DECODING_WINDOW = 2.0  # seconds after a short step during which other sessions count as decoding
 
 
 class Priority(enum.IntEnum):
@@ -87,6 +89,7 @@ class StepWork:
     item: BatchItem
     prepare: Callable[[], None] | None = None
     grad_output: torch.Tensor | None = None
+    decode: bool = False  # a short step of a session (not a piece of a prompt): prompts then go in chunks
 
     @property
     def tokens(self) -> int:
@@ -120,6 +123,7 @@ class Scheduler:
         # Forward/Backward pieces of different requests in one forward (training batches among itself)
         self.max_stateless_tokens = max_batch_tokens if max_stateless_tokens is None else max_stateless_tokens
         self.stats = BatchStats()
+        self._decode_seen = -math.inf  # when a batch last held a short step (some session decodes)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corolla-compute")
         self._queue: list[_Job] = []
         self._order = itertools.count()
@@ -174,21 +178,32 @@ class Scheduler:
         return output
 
     async def prefill(
-        self, work: StepWork, *, chunk_tokens: int, deadline: float | None = None
+        self,
+        work: StepWork,
+        *,
+        chunk_tokens: int,
+        lone_chunk_tokens: int | None = None,
+        deadline: float | None = None,
     ) -> torch.Tensor:
-        """`step` for a session's step of any length: a long one (a prompt) goes in chunks of about
-        `chunk_tokens` tokens, in order, so other sessions' decode steps join the batches in between and
-        wait for one chunk at most. The cost of each chunk is its tokens x blocks."""
+        """`step` for a session's step of any length. While other sessions decode (a step of at most
+        `chunk_tokens` ran within the last `DECODING_WINDOW` seconds), a long step (a prompt) goes in chunks
+        of about `chunk_tokens` tokens, in order, so their decode steps run in between and wait for one
+        chunk at most; a session alone goes in chunks of `lone_chunk_tokens` (default: `chunk_tokens`), which
+        bound memory without slowing it. The cost of each chunk is its tokens x blocks."""
         hidden, ids = work.item.hidden, work.item.positions
         rows, length = hidden.shape[0], hidden.shape[1]
-        chunk = max(chunk_tokens // rows, 1)
-        outputs = []
-        for begin in range(0, length, chunk):
-            piece = slice(begin, begin + chunk)
+        outputs, begin = [], 0
+        while begin < length:
+            decoding = time.monotonic() - self._decode_seen < DECODING_WINDOW
+            tokens = chunk_tokens if decoding or lone_chunk_tokens is None else lone_chunk_tokens
+            piece = slice(begin, begin + max(tokens // rows, 1))
             item = BatchItem(hidden[:, piece], work.item.cache, None if ids is None else ids[:, piece])
             part = StepWork(work.span, work.start, work.end, item, work.prepare if begin == 0 else None)
-            cost = part.tokens * (work.end - work.start)
-            outputs.append(await self.step(part, cost=cost, deadline=deadline))
+            part.decode = work.tokens <= chunk_tokens
+            outputs.append(
+                await self.step(part, cost=part.tokens * (work.end - work.start), deadline=deadline)
+            )
+            begin = piece.stop
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     async def _submit(
@@ -280,6 +295,8 @@ class Scheduler:
         return taken
 
     def _measured(self, batch: list[_Job], seconds: float) -> None:
+        if any(job.work is not None and job.work.decode for job in batch):
+            self._decode_seen = time.monotonic()
         if batch[0].work is not None and batch[0].priority == Priority.STEP:
             self.stats.steps += len(batch)
             self.stats.batches += 1

@@ -221,8 +221,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
             item = BatchItem(hidden, cache, parsed.position_ids)
             work = StepWork(span, session.start, session.end, item, prepare)
-            chunk = self.config.prefill_chunk_tokens  # a prompt goes in chunks: others decode in between
-            output = await self.scheduler.prefill(work, chunk_tokens=chunk, deadline=deadline)
+            chunk, lone = self.config.prefill_chunk_tokens, self.config.compute_chunk_tokens
+            output = await self.scheduler.prefill(
+                work, chunk_tokens=chunk, lone_chunk_tokens=lone, deadline=deadline
+            )
             session.position = parsed.base + length
             session.touch()
             push = bool(session.next_hops) and not step.local_only

@@ -326,3 +326,5 @@ def test_a_preempted_session_finishes_elsewhere_with_the_same_tokens(checkpoint,
     assert reasons == ["RESOURCE_EXHAUSTED"]
     assert torch.equal(second[:, : first.shape[1]], first)
     assert torch.equal(second, _generate(local, prompt, FIRST_TOKENS + MORE_TOKENS))
+    log = small.text()
+    assert "reason=preempted" in log and "internal error" not in log  # a preemption is no peer failure

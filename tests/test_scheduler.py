@@ -260,6 +260,39 @@ def test_a_long_prompt_computes_in_chunks_equal_to_the_whole_and_others_decode_i
     assert batches == [[8], [1], [8], [8], [6]]  # 4 chunks of 8 positions x 2 rows; the decode in between
 
 
+def test_a_prompt_alone_is_not_cut_small_but_goes_in_chunks_while_others_decode() -> None:
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randn(1, 40, span.hidden_size, generator=generator)
+    pieces: list[int] = []
+    forward_batch = span.forward_batch
+
+    def counted(items, **kwargs):
+        pieces.extend(item.hidden.shape[1] for item in items)
+        return forward_batch(items, **kwargs)
+
+    span.forward_batch = counted  # type: ignore[method-assign]
+
+    async def prefill(hidden: torch.Tensor) -> torch.Tensor:
+        work = StepWork(span, 0, NUM_BLOCKS, BatchItem(hidden, span.new_cache()))
+        return await scheduler.prefill(work, chunk_tokens=16, lone_chunk_tokens=4096)
+
+    async def main() -> tuple[list[int], list[int]]:
+        alone = await prefill(prompt)  # nobody decodes: one piece, exactly as a forward of the whole
+        assert torch.equal(alone, span.forward(prompt, span.new_cache()))
+        first = pieces.copy()
+        pieces.clear()
+        await prefill(prompt[:, :1])  # a session decodes
+        await prefill(prompt)
+        return first, pieces.copy()
+
+    scheduler = Scheduler()
+    try:
+        assert asyncio.run(main()) == ([40], [1, 16, 16, 8])
+    finally:
+        scheduler.shutdown()
+
+
 async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
     """A second listener on [::1] for the same servicer: a client there is another client."""
     server = grpc.aio.server()
