@@ -455,23 +455,33 @@ def test_open_with_a_flood_of_hops_is_refused(swarm) -> None:
 
 
 def test_no_cache_room_until_a_session_closes(swarm) -> None:
-    _wait_idle(swarm["full"])  # the sessions of earlier tests take no room
-    holders = [Stream(swarm["full"]) for _ in range(2)]
-    for number, holder in enumerate(holders):  # 2 x (batch 4 x 128 positions) fill the 1024-token budget
-        assert holder.open(f"holder-{number}", batch=4, max_length=128).WhichOneof("kind") == "opened"
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub(swarm["full"]).Session(iter([_open(session_id="one-too-many")]), timeout=30))
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "no cache room" in caught.value.details()
-    holders[0].close()
+    """Pages are taken by steps, not by opens. A step that would take this client past its share of the
+    pool (here the whole 1024 tokens) is refused and changes nothing; it fits once a session closes and
+    gives its pages back. (Preemption for another client: tests/test_batching_swarm.py.)"""
+    _wait_idle(swarm["full"])  # the sessions of earlier tests hold no pages
+    oldest, other, newcomer = Stream(swarm["full"]), Stream(swarm["full"]), Stream(swarm["full"])
+    for stream, name in ((oldest, "oldest"), (other, "other"), (newcomer, "newcomer")):
+        assert stream.open(name, batch=4, max_length=128).WhichOneof("kind") == "opened"  # no room taken
+    assert stub(swarm["full"]).Info(peer_pb2.InfoRequest()).free_cache_tokens == 1024
+    prompt = torch.randn(4, 96, HIDDEN)  # 4 rows x 6 pages of 16 positions: 384 tokens
+    for stream in (oldest, other):
+        assert stream.step(1, 0, prompt).WhichOneof("kind") == "result"
+    assert stub(swarm["full"]).Info(peer_pb2.InfoRequest()).free_cache_tokens == 256
+    refused = newcomer.step(1, 0, prompt)
+    assert refused.WhichOneof("kind") == "error" and "client quota" in refused.error.message
+    assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    oldest.close()
     deadline = time.monotonic() + 10
-    while stub(swarm["full"]).Info(peer_pb2.InfoRequest()).free_cache_tokens < 512:
-        assert time.monotonic() < deadline, "the closed session's room was not freed"
+    while stub(swarm["full"]).Info(peer_pb2.InfoRequest()).free_cache_tokens < 640:
+        assert time.monotonic() < deadline, "the closed session's pages were not freed"
         time.sleep(0.05)
-    fits = Stream(swarm["full"])
-    assert fits.open("fits-now", max_length=64).WhichOneof("kind") == "opened"
-    fits.close()
-    holders[1].close()
+    assert newcomer.step(2, 0, prompt).WhichOneof("kind") == "result"  # the refused step changed nothing
+    step = other.step(2, 96, torch.randn(4, 1, HIDDEN))  # the other session's cache is whole
+    assert step.WhichOneof("kind") == "result" and step.result.position == 97
+    info = stub(swarm["full"]).Info(peer_pb2.InfoRequest())
+    assert (info.preempted, info.num_sessions, info.free_cache_tokens) == (0, 2, 1024 - 384 - 448)
+    for stream in (other, newcomer):
+        stream.close()
 
 
 def test_session_opened_twice(swarm) -> None:
