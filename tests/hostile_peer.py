@@ -42,6 +42,11 @@ class HostileSpan(HostedSpan):
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return garble(super().forward(hidden, *args, **kwargs), self.mode)
 
+    def forward_batch(self, items: Any, **kwargs: Any) -> list[torch.Tensor | Exception]:
+        """Inference steps and stateless Forwards: each output garbled."""
+        outputs = super().forward_batch(items, **kwargs)
+        return [output if isinstance(output, Exception) else garble(output, self.mode) for output in outputs]
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
