@@ -93,7 +93,9 @@ def test_push_flood_into_ones_own_session_stays_bounded(swarm, checkpoint) -> No
     grown = _rss(peer) - before
     print(f"push flood: peer RSS grew by {grown / MiB:.0f} MiB")
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, set(codes)
-    assert grown < 100 * MiB, f"peer RSS grew by {grown / MiB:.0f} MiB"
+    # unbounded, 200 accepted pushes would hold over 800 MiB; bounded, runs measured 56-114 MiB of growth
+    # (gRPC buffers and the allocator's arenas vary from run to run)
+    assert grown < 200 * MiB, f"peer RSS grew by {grown / MiB:.0f} MiB"
     # another client is served exactly meanwhile
     span = HostedSpan.load(checkpoint("llama"), 0, 4)
     other = Stream(peer)
