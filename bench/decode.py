@@ -3,10 +3,15 @@
 Prints JSON: median ms per generated token (batch 1, greedy, after a chat prompt) both ways and their
 ratio, and the time of a 512-token prefill both ways. Peers run as separate processes on 127.0.0.1.
 
-    python bench/decode.py [--new-tokens 64] [--repeats 3] [--insecure]
+    python bench/decode.py [--new-tokens 64] [--repeats 3] [--insecure] [--profile] [--peer-option=...]
 
 Peers and client speak TLS with signed records (the default); `--insecure` runs the same on plaintext gRPC,
-so the two runs give what security costs per hop and token.
+so the two runs give what security costs per hop and token. `--profile` adds one more generation through the
+swarm, split per token: the client's embeddings and LM head, the rest of its generate loop, and the time in
+the swarm; per hop what the peer reports (`Info.step_seconds`: decode, wait, compute, encode, report,
+push) and what is left, the transport (gRPC, event loops, wake-ups); CPU time per token of every process.
+`--peer-option` passes an option to every peer (e.g. `--peer-option=--quant=int8`); `--wire` picks the
+client's wire format (float32, float16, bfloat16, int8).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from client.local_swarm import running
 from client.model import AutoDistributedModelForCausalLM
+from client.remote_cache import RemoteCache
+from protos import peer_pb2
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
@@ -56,6 +63,98 @@ def _prefill_ms(model, length: int) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+class _Profile(TextStreamer):
+    """Marks the window of the decode steps (after the first generated token) and snapshots the peers'
+    `Info` at its start; sums the client's embedding, LM head and swarm time inside it."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, snapshot) -> None:
+        super().__init__(tokenizer, skip_prompt=True)
+        self.snapshot, self.puts = snapshot, 0
+        self.seconds = {"embed": 0.0, "head": 0.0, "swarm": 0.0}
+        self.started = self.ended = 0.0
+        self.before: list[peer_pb2.InfoReply] = []
+        self.cpu = 0.0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first token: decode steps follow
+            self.before = self.snapshot()
+            self.seconds = dict.fromkeys(self.seconds, 0.0)
+            self.cpu = time.process_time()
+            self.started = time.perf_counter()
+        self.ended = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+    def timed(self, what: str, fn):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[what] += time.perf_counter() - started
+
+        return wrapper
+
+
+def _profile(remote, tokenizer, inputs, new_tokens: int) -> dict:
+    swarm = remote.swarm
+
+    async def infos() -> list[peer_pb2.InfoReply]:
+        view = await swarm.discovery.view(refresh=True)
+        replies = []
+        for record in sorted(view.peers().values(), key=lambda r: r.start):
+            stub = swarm.channels.stub(record.address, record.certificate and record.certificate.encode())
+            replies.append(await stub.Info(peer_pb2.InfoRequest(), timeout=10))
+        return replies
+
+    def snapshot() -> list[peer_pb2.InfoReply]:
+        return swarm.runtime.run(infos())
+
+    profile = _Profile(tokenizer, snapshot)
+    embed, head = remote.get_input_embeddings(), remote.get_output_embeddings()
+    saved = embed.forward, head.forward, RemoteCache.step
+    embed.forward, head.forward = profile.timed("embed", embed.forward), profile.timed("head", head.forward)
+    RemoteCache.step = profile.timed("swarm", RemoteCache.step)
+    try:
+        remote.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=profile
+        )
+    finally:
+        embed.forward, head.forward, RemoteCache.step = saved
+    cpu = time.process_time() - profile.cpu
+    after = snapshot()
+    steps = new_tokens - 1
+    per_token = {k: round(v / steps * 1000, 3) for k, v in profile.seconds.items()}
+    total = (profile.ended - profile.started) / steps * 1000
+    hops, compute = [], 0.0
+    for old, new in zip(profile.before, after, strict=True):
+        delta = {k: new.step_seconds[k] - old.step_seconds.get(k, 0.0) for k in new.step_seconds}
+        counted = delta.pop("steps")
+        hop = {k: round(v / steps * 1000, 3) for k, v in delta.items()}
+        hop.update(blocks=f"{new.start}:{new.end}", steps=int(counted))
+        hop["cpu_ms"] = round((new.cpu_seconds - old.cpu_seconds) / steps * 1000, 2)
+        compute += delta["compute"] / steps * 1000
+        hops.append(hop)
+    not_compute = per_token["swarm"] - compute
+    return {
+        "decode_steps": steps,
+        "ms_per_token": round(total, 2),
+        "client_ms": {
+            "embed": per_token["embed"],
+            "head": per_token["head"],
+            "generate_loop": round(total - per_token["swarm"] - per_token["embed"] - per_token["head"], 3),
+            "swarm": per_token["swarm"],
+            "cpu": round(cpu / steps * 1000, 2),
+        },
+        "hops_ms": hops,
+        "swarm_compute_ms": round(compute, 3),
+        "swarm_not_compute_ms": round(not_compute, 3),
+        "not_compute_ms_per_hop": round(not_compute / len(hops), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -65,6 +164,14 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512, help="tokens in the prefill measurement")
     parser.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC between client and peers (default: TLS)"
+    )
+    parser.add_argument("--profile", action="store_true", help="split a token's time per stage and hop")
+    parser.add_argument(
+        "--peer-option", action="append", default=[], help="an option for every peer (repeatable)"
+    )
+    parser.add_argument("--wire", default=None, help="the client's wire format (default: the peers' dtype)")
+    parser.add_argument(
+        "--quant", default="any", help="which peers' weights the client accepts (default: any)"
     )
     args = parser.parse_args()
     folder = prepare_default_model()
@@ -84,15 +191,23 @@ def main() -> None:
         local_prefill.append(_prefill_ms(local, args.prefill))
     del local
 
-    with running(folder, SPANS, *(["--insecure"] if args.insecure else [])) as swarm:
+    peer_options = [*(["--insecure"] if args.insecure else []), *args.peer_option]
+    profile = None
+    with running(folder, SPANS, *peer_options) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(
-            folder, initial_peers=swarm.initial_peers, insecure=args.insecure
+            folder,
+            initial_peers=swarm.initial_peers,
+            insecure=args.insecure,
+            wire_dtype=args.wire,
+            quant=args.quant,
         )
         swarm_ms, swarm_out, swarm_prefill = [], None, []
         for _ in range(args.repeats):
             ms, swarm_out = _ms_per_token(remote, tokenizer, inputs, args.new_tokens)
             swarm_ms.append(ms)
             swarm_prefill.append(_prefill_ms(remote, args.prefill))
+        if args.profile:
+            profile = _profile(remote, tokenizer, inputs, args.new_tokens)
         remote.shutdown()
 
     decode_swarm, decode_local = statistics.median(swarm_ms), statistics.median(local_ms)
@@ -112,7 +227,10 @@ def main() -> None:
                 "prefill_ratio": round(prefill_swarm / prefill_local, 3),
                 "same_tokens": bool(torch.equal(swarm_out, local_out)),
                 "tls": not args.insecure,
+                "peer_options": args.peer_option,
+                "wire": args.wire or "float32",
                 "repeats": args.repeats,
+                **({"profile": profile} if profile is not None else {}),
             },
             indent=2,
         )

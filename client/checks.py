@@ -8,11 +8,18 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-# (rtol, atol) of a recomputation by another peer, per wire dtype: torch.testing's defaults
+from protos.tensors import BLOCKWISE_INT8, INT8_BLOCK
+
+# (rtol, atol) of a recomputation by another peer, per wire dtype: torch.testing's defaults. For blockwise
+# int8 rtol is relative to the absmax of the element's block, not to the element: one quantization step
+# (absmax / 127: float noise flipped a rounding) plus 1%. Measured: float32 outputs of the same hop's inputs
+# by the cached and the stateless path (1e-6 apart) differ after quantization by at most 1.000 step (tiny
+# Llama over 8 x 34 positions, SmolLM2-135M over 2 x 40).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
     torch.float16: (1e-3, 1e-5),
     torch.bfloat16: (1.6e-2, 1e-5),
+    BLOCKWISE_INT8: (1.01 / 127, 1e-5),
 }
 
 # Largest relative difference of one position's hidden state, ||computed - held|| / ||held||, that a spot
@@ -22,11 +29,15 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 # blocks); float16 1.1e-3 (tiny); bfloat16 1e-2 (tiny), 1.6e-2 (SmolLM2). Elementwise tolerances do not
 # work in 16 bits: honest bfloat16 SmolLM2 outputs differ by up to 38, and by 10% of an element plus 6.
 # Hidden states off by 0.01 everywhere differ by 0.029 or more on the tiny model: caught in float32 and
-# float16, not in bfloat16, and within noise on SmolLM2 (2e-4: its hidden states reach 2e4).
+# float16, not in bfloat16, and within noise on SmolLM2 (2e-4: its hidden states reach 2e4). Blockwise int8
+# (both sides quantized, so only flipped roundings differ): honest 2.8e-3 (tiny, one step of a 64-value
+# position), 5.9e-4 (SmolLM2 float32), 2.1e-2 (SmolLM2 bfloat16, under bfloat16's own tolerance); off by
+# 0.01 and then quantized, 0.019 or more on the tiny model: caught.
 SPOT_CHECK_TOLERANCES: dict[torch.dtype, float] = {
     torch.float32: 1e-3,
     torch.float16: 2e-2,
     torch.bfloat16: 1e-1,
+    BLOCKWISE_INT8: 1e-2,
 }
 
 
@@ -44,12 +55,25 @@ def result_problem(
     return None
 
 
-def agrees(computed: torch.Tensor, held: torch.Tensor) -> bool:
-    """Whether a recomputation matches what the client holds, within the tolerance of `held`'s dtype."""
+def agrees(computed: torch.Tensor, held: torch.Tensor, *, wire_dtype: torch.dtype | None = None) -> bool:
+    """Whether a recomputation matches what the client holds, within the tolerance of the wire dtype they
+    came in (default: `held`'s dtype; both are float32 when it is `BLOCKWISE_INT8`)."""
     if computed.shape != held.shape or computed.dtype != held.dtype:
         return False
-    rtol, atol = TOLERANCES.get(held.dtype, (0.0, 0.0))
+    wire_dtype = held.dtype if wire_dtype is None else wire_dtype
+    rtol, atol = TOLERANCES.get(wire_dtype, (0.0, 0.0))
+    if wire_dtype == BLOCKWISE_INT8:
+        return bool(((computed - held).abs() <= atol + rtol * block_absmax(held)).all())
     return torch.allclose(computed, held, rtol=rtol, atol=atol)
+
+
+def block_absmax(t: torch.Tensor) -> torch.Tensor:
+    """The absmax of each element's int8 block (`INT8_BLOCK` consecutive values of flattened `t`), in
+    `t`'s shape and as float32."""
+    flat = t.detach().reshape(-1).float()
+    num_blocks = -(-flat.numel() // INT8_BLOCK)
+    blocks = torch.nn.functional.pad(flat, (0, num_blocks * INT8_BLOCK - flat.numel())).view(-1, INT8_BLOCK)
+    return blocks.abs().amax(dim=1).repeat_interleave(INT8_BLOCK)[: flat.numel()].view(t.shape)
 
 
 def spot_check_agrees(computed: torch.Tensor, held: torch.Tensor, *, dtypes: Iterable[torch.dtype]) -> bool:

@@ -6,13 +6,13 @@ Each knob is documented once (`Field(description=...)`); command lines are gener
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protos import swarm_key
 from protos.records import validate_model_id
-from protos.tensors import FLOAT_DTYPE_NAMES
+from protos.tensors import WIRE_FORMAT_NAMES
 
 _Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
@@ -98,9 +98,18 @@ class ClientConfig(BaseModel):
         "networks); by default only TLS peers whose certificate their signed record vouches for are used",
     )
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
+    quant: Literal["none", "any", "int8"] = Field(
+        default="none",
+        description="whose weights a route may use: none (only peers serving the weights as loaded: outputs "
+        "equal the model's own, the default), int8 (only `--quant int8` peers), any (every peer: faster or "
+        "more capacity, outputs within the quantization's error; replays and spot checks then allow it)",
+    )
     wire_dtype: str | None = Field(
         default=None,
-        description="dtype of hidden states on the wire (float32, float16, bfloat16); default: the peers'",
+        description="how hidden states travel between client and peers, in bytes per value: float32 (4, "
+        "exact), float16 (2; overflows beyond +-65504), bfloat16 (2), int8 (about 1.06: int8 values and a "
+        "float32 scale per block of 64, error up to half a step of absmax/127 per block; gradients of "
+        "fine-tuning stay float32); default: the peers' dtype",
     )
 
     @field_validator("initial_peers")
@@ -124,8 +133,8 @@ class ClientConfig(BaseModel):
     @field_validator("wire_dtype")
     @classmethod
     def _wire_dtype(cls, dtype: str | None) -> str | None:
-        if dtype is not None and dtype not in FLOAT_DTYPE_NAMES:
-            raise ValueError(f"must be one of {', '.join(FLOAT_DTYPE_NAMES)}")
+        if dtype is not None and dtype not in WIRE_FORMAT_NAMES:
+            raise ValueError(f"must be one of {', '.join(WIRE_FORMAT_NAMES)}")
         return dtype
 
     @model_validator(mode="after")

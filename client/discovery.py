@@ -184,34 +184,53 @@ class DhtDiscovery:
         return view
 
 
-class TlsPeersOnly:
-    """The view of another `Discovery` without the peers a TLS client cannot reach: those whose record
-    carries no certificate, or one their peer id's key did not vouch for (`protos.tls.binds`)."""
+class FilteredPeers:
+    """The view of another `Discovery` with only the peers `keep(peer_id, record)` accepts; `skipped` says
+    why the others are left out (logged once per change of the skipped count)."""
 
-    def __init__(self, inner: Discovery) -> None:
+    def __init__(self, inner: Discovery, keep: Callable[[str, PeerRecord], bool], *, skipped: str) -> None:
         self.inner = inner
+        self.keep = keep
+        self.skipped = skipped
         self._source: SwarmView | None = None
         self._view: SwarmView | None = None
+        self._logged = 0
 
     async def view(self, *, refresh: bool = False) -> SwarmView:
         source = await self.inner.view(refresh=refresh)
         if source is not self._source or self._view is None:
             records = source.peers()
-            reachable = {
-                peer_id: record
-                for peer_id, record in records.items()
-                if record.certificate is not None and tls.binds(record.certificate.encode(), peer_id)
-            }
-            if len(reachable) < len(records):
-                logger.debug(
-                    "peers without a valid TLS certificate skipped count=%d", len(records) - len(reachable)
-                )
-            view = SwarmView.from_records(source.num_blocks, reachable, fetched_at=source.fetched_at)
+            kept = {peer_id: record for peer_id, record in records.items() if self.keep(peer_id, record)}
+            if len(records) - len(kept) != self._logged:
+                self._logged = len(records) - len(kept)
+                logger.info("%s count=%d", self.skipped, self._logged)
+            view = SwarmView.from_records(source.num_blocks, kept, fetched_at=source.fetched_at)
             self._source, self._view = source, view
         return self._view
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+def tls_peers_only(inner: Discovery) -> FilteredPeers:
+    """Without the peers a TLS client cannot reach: those whose record carries no certificate, or one their
+    peer id's key did not vouch for (`protos.tls.binds`)."""
+
+    def reachable(peer_id: str, record: PeerRecord) -> bool:
+        return record.certificate is not None and tls.binds(record.certificate.encode(), peer_id)
+
+    return FilteredPeers(inner, reachable, skipped="peers without a valid TLS certificate skipped")
+
+
+def weights_filter(inner: Discovery, quant: str) -> Discovery:
+    """Only the peers whose weights `quant` accepts: "none" (unquantized only), "any", or one mode."""
+    if quant == "any":
+        return inner
+    return FilteredPeers(
+        inner,
+        lambda _, record: record.quantization == quant,
+        skipped=f"peers with other weights than quant={quant!r} skipped (quant='any' accepts them)",
+    )
 
 
 class InMemoryDiscovery:

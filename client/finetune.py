@@ -5,6 +5,9 @@ another peer for the same blocks; and the trainable prompts (`ptune`, `deep_ptun
     backward:  grad_in ◀─ [0, a) ◀─ [a, b) ◀─ [b, n) ◀─ grad_out   (each peer recomputes its forward)
 Peers keep nothing between calls, so a failed hop is re-run on any peer serving its blocks; when no single
 peer serves them any more, the span's forward is re-run through the new hops first to get their inputs.
+With the "int8" wire only hidden states travel as blockwise int8 (a hop's input, sent again identically
+with its backward, and its output); gradients and the per-block prompts stay float32: they are the smaller
+share of a training step's bytes, and quantizing them would add noise to every update.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from client.route import Hop, Needs, plan_forward_route
 from client.streams import rpc_failure
 from protos import peer_pb2
 from protos.errors import InvalidInputError
-from protos.tensors import dtype_from_name, from_message, to_message
+from protos.tensors import decoded_dtype, from_message, to_message, wire_dtype_from_name
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -43,7 +46,7 @@ class HopInput:
 
     start: int
     end: int
-    hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, in the wire dtype
+    hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, as decoded from the wire dtype
     hop: Hop | None = None  # the peer that ran the forward: the backward tries it first
 
 
@@ -53,7 +56,8 @@ class RemoteSpans:
     def __init__(self, swarm: SwarmConnection) -> None:
         self.swarm = swarm
         self.config = swarm.config
-        self.wire_dtype = dtype_from_name(swarm.wire_dtype)
+        self.wire_dtype = wire_dtype_from_name(swarm.wire_dtype)  # of hidden states; BLOCKWISE_INT8: "int8"
+        self.dtype = decoded_dtype(self.wire_dtype)  # of what comes back, and of gradients and prompts sent
 
     def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """`hidden` [batch, seq, hidden] through every block; `prompts` [num_blocks, batch or 1, pre_seq_len,
@@ -72,7 +76,7 @@ class RemoteSpans:
         """Blocks [start, end) hop by hop; returns the output (in `hidden`'s dtype) and each hop's input."""
         view = await self.swarm.discovery.view()
         end = view.num_blocks if end is None else end
-        current = hidden.to(self.wire_dtype)
+        current = hidden.to(self.dtype)
         hops: list[HopInput] = []
         block = start
         while block < end:
@@ -82,7 +86,7 @@ class RemoteSpans:
 
             hop, output = await self._retrying("forward", block, end, current, forward)
             hops.append(HopInput(hop.start, hop.end, current, hop))
-            current, block = output.to(self.wire_dtype), hop.end
+            current, block = output.to(self.dtype), hop.end
         return current.to(hidden.dtype), hops
 
     async def abackward(
@@ -90,7 +94,7 @@ class RemoteSpans:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients of the inputs and prompts of a forward whose hops are `hops`, from the gradient of its
         output [batch, seq, hidden]; the hops are visited in reverse."""
-        grad = grad_output.to(self.wire_dtype)
+        grad = grad_output.to(self.dtype)
         grad_prompts = None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32)
         for hop in reversed(hops):
             grad = await self._backward_span(hop, grad, prompts, grad_prompts)
@@ -146,7 +150,9 @@ class RemoteSpans:
     async def _forward_hop(
         self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None
     ) -> torch.Tensor:
-        request = peer_pb2.ForwardRequest(start=hop.start, end=hop.end, hidden=to_message(hidden))
+        request = peer_pb2.ForwardRequest(
+            start=hop.start, end=hop.end, hidden=to_message(hidden, dtype=self.wire_dtype)
+        )
         reply = await self._call(hop, "Forward", request, prompts)
         return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
@@ -159,7 +165,10 @@ class RemoteSpans:
         grad_prompts: torch.Tensor | None,
     ) -> torch.Tensor:
         request = peer_pb2.BackwardRequest(
-            start=hop.start, end=hop.end, hidden=to_message(span.hidden), grad_output=to_message(grad)
+            start=hop.start,
+            end=hop.end,
+            hidden=to_message(span.hidden, dtype=self.wire_dtype),  # the bytes its forward was sent
+            grad_output=to_message(grad),
         )
         reply = await self._call(hop, "Backward", request, prompts)
         # gradients overflow honestly in fp16, and a non-finite gradient sent gives one back (loss scaling
@@ -170,13 +179,13 @@ class RemoteSpans:
             expected = prompts[hop.start : hop.end].shape
             piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop, finite=finite)
             grad_prompts[hop.start : hop.end] += piece.float()
-        return grad_input.to(self.wire_dtype)
+        return grad_input.to(self.dtype)
 
     async def _call(self, hop: Hop, rpc: str, request: Any, prompts: torch.Tensor | None) -> Any:
         """The stateless `rpc` ("Forward" or "Backward") on `hop`, with its blocks' share of the per-block
         prompts; a gRPC error becomes the hop's `PeerFailure`."""
         if prompts is not None:
-            request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.wire_dtype))
+            request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.dtype))
         call = getattr(self.swarm.channels.stub(hop.address, hop.certificate), rpc)
         try:
             return await call(request, timeout=self.config.forward_timeout)
@@ -186,16 +195,16 @@ class RemoteSpans:
     def _decode(
         self, message: peer_pb2.Tensor, name: str, shape: torch.Size, hop: Hop, *, finite: bool = True
     ) -> torch.Tensor:
-        """A reply's tensor, which must have `shape`, the wire dtype and (hidden states) finite values;
-        anything else is a failure of the hop (retried elsewhere), never an error that escapes the retry
-        loop."""
+        """A reply's tensor, which must have `shape`, the dtype the wire decodes to and (hidden states) only
+        finite values; anything else is a failure of the hop (retried elsewhere), never an error that escapes
+        the retry loop."""
         try:
             tensor = from_message(
                 message, max_bytes=self.config.max_message_bytes, expected_ndim=len(shape), name=name
             )
         except Exception as e:  # the peer's reply is garbled, not the caller's request
             raise PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e}", hop.peer_id) from None
-        problem = result_problem(tensor, shape=shape, dtype=self.wire_dtype, finite=finite)
+        problem = result_problem(tensor, shape=shape, dtype=self.dtype, finite=finite)
         if problem is not None:
             raise PeerFailure(grpc.StatusCode.INTERNAL, f"bad {name}: {problem}", hop.peer_id)
         self.swarm.bans.served(hop.peer_id)

@@ -39,6 +39,7 @@ from protos.partition import (
     install_slots,
     locate,
     module_filter,
+    move_loaded,
 )
 from protos.records import model_id_from_path
 
@@ -77,11 +78,13 @@ class DistributedModelMixin:
                         else cache.session.position
                     )
                     positions = torch.arange(start, start + seq).expand(batch, -1)
-                hidden = cache.step(hidden, positions.expand(batch, -1), swarm.runtime)
+                output = cache.step(hidden, positions.expand(batch, -1), swarm.runtime)
+                hidden = output.to(hidden.device)  # the client's modules may be on an accelerator
             elif cache is None:
                 # differentiable: a loss on the output backpropagates through the peers to the client
                 tuning = getattr(self, "prompt_tuning", None)
-                hidden = swarm.remote(hidden, tuning.remote_prompts() if tuning is not None else None)
+                prompts = tuning.remote_prompts() if tuning is not None else None
+                hidden = swarm.remote(hidden, prompts).to(hidden.device)
             else:
                 raise InvalidInputError(
                     f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
@@ -215,6 +218,7 @@ class AutoDistributedModelForCausalLM:
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         swarm: SwarmConnection | None = None,
+        device: str | torch.device = "cpu",
         **config: Any,
     ) -> DistributedCausalLM:
         torch_dtype = parse_dtype(dtype)
@@ -222,7 +226,16 @@ class AutoDistributedModelForCausalLM:
         model, anatomy = load_client_model(name_or_path, torch_dtype, model_class=_distributed(family_class))
         trainable = _add_prompts(model, anatomy, tuning_mode, pre_seq_len)
         return _join(
-            model, anatomy, name_or_path, torch_dtype, trainable, swarm, model_id, initial_peers, config
+            model,
+            anatomy,
+            name_or_path,
+            torch_dtype,
+            trainable,
+            swarm,
+            model_id,
+            initial_peers,
+            config,
+            device,
         )
 
 
@@ -243,6 +256,7 @@ class AutoDistributedModelForSequenceClassification:
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         swarm: SwarmConnection | None = None,
+        device: str | torch.device = "cpu",
         **config: Any,
     ) -> DistributedCausalLM:
         torch_dtype = parse_dtype(dtype)
@@ -274,7 +288,16 @@ class AutoDistributedModelForSequenceClassification:
         trainable = [_new_head(skeleton, name) for name in heads]
         trainable += _add_prompts(skeleton, anatomy, tuning_mode, pre_seq_len)
         model = _join(
-            skeleton, anatomy, name_or_path, torch_dtype, trainable, swarm, model_id, initial_peers, config
+            skeleton,
+            anatomy,
+            name_or_path,
+            torch_dtype,
+            trainable,
+            swarm,
+            model_id,
+            initial_peers,
+            config,
+            device,
         )
         model._causal = False
         return model
@@ -329,8 +352,10 @@ def _join(
     model_id: str | None,
     initial_peers: list[str] | None,
     config: dict[str, Any],
+    device: str | torch.device,
 ) -> DistributedCausalLM:
-    """Freeze all but `trainable`, connect the loaded client model to the swarm and route its blocks there."""
+    """Freeze all but `trainable`, move the client's modules to `device`, connect the loaded client model to
+    the swarm and route its blocks there (hidden states cross to the CPU and back once per call)."""
     freeze_except(model, trainable)
     if swarm is None:
         client_config = ClientConfig(initial_peers=list(initial_peers or []), **config)
@@ -345,6 +370,7 @@ def _join(
     distributed = cast("DistributedCausalLM", model)
     distributed.swarm = swarm
     install_slots(distributed, anatomy, distributed._swarm_dispatch)
+    move_loaded(distributed, torch.device(device))
     distributed._tuple_output = detect_tuple_output(distributed, anatomy)
     logger.info(
         "client ready model=%s blocks=%d trainable=%d",

@@ -31,7 +31,7 @@ from client.streams import HopStream
 from client.verify import SpotChecker, WrongOutput
 from protos import peer_pb2
 from protos.errors import InvalidInputError
-from protos.tensors import dtype_from_name, to_message
+from protos.tensors import decoded_dtype, to_message, wire_dtype_from_name
 
 if TYPE_CHECKING:
     from client.swarm import SwarmConnection
@@ -80,7 +80,7 @@ class InferenceSession:
         self.failovers: list[Failover] = []  # the hops replaced after a failure, in order
         self.closed = False
         self._failed_at = 0.0
-        self._wire_dtype = dtype_from_name(swarm.wire_dtype)
+        self._wire_dtype = wire_dtype_from_name(swarm.wire_dtype)  # BLOCKWISE_INT8 for "int8"
         self._step_ids = itertools.count()
         self._waiting: dict[int, Waiting] = {}
         self._sent: dict[int, StepLog] = {}  # every send's step: reports may come after its result
@@ -284,7 +284,7 @@ class InferenceSession:
                         log.inputs[end] = held
                 if held is not None and not torch.equal(output, held):
                     where = f"block {end} position {log.position}"
-                    if not agrees(output, held):
+                    if not agrees(output, held, wire_dtype=self._wire_dtype):
                         raise PeerFailure(
                             grpc.StatusCode.INTERNAL, f"replay differs at {where}", stream.hop.peer_id
                         )
@@ -321,7 +321,7 @@ class InferenceSession:
             session_id="",
             step_id=step_id,
             position=log.position,
-            hidden=to_message(log.inputs[stream.hop.start], dtype=dtype_from_name(self.swarm.wire_dtype)),
+            hidden=to_message(log.inputs[stream.hop.start], dtype=self._wire_dtype),
             position_ids=to_message(log.positions),
             local_only=local_only,
             timeout_ms=int(self.config.forward_timeout * 1000),  # peers skip or refuse what comes too late
@@ -353,7 +353,7 @@ class InferenceSession:
         log = self._sent.get(step_id)
         if log is None or stream.closed or stream.failure is not None:
             return
-        problem = result_problem(hidden, shape=log.inputs[0].shape, dtype=self._wire_dtype)
+        problem = result_problem(hidden, shape=log.inputs[0].shape, dtype=decoded_dtype(self._wire_dtype))
         if problem is not None:  # the hop is not trusted for the rest of the session
             stream.fail(PeerFailure(grpc.StatusCode.INTERNAL, f"bad result: {problem}", stream.hop.peer_id))
             return

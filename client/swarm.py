@@ -9,7 +9,7 @@ import logging
 from hivemind.dht.node import DHTNode
 
 from client.config import ClientConfig
-from client.discovery import BanList, DhtDiscovery, Discovery, TlsPeersOnly
+from client.discovery import BanList, DhtDiscovery, Discovery, tls_peers_only, weights_filter
 from client.finetune import RemoteSpans
 from client.route import PeerStats
 from client.runtime import Runtime
@@ -17,7 +17,7 @@ from client.session import InferenceSession
 from protos.channels import ChannelPool
 from protos.dht import start_dht_node
 from protos.swarm_key import SwarmKey
-from protos.tensors import FLOAT_DTYPE_NAMES
+from protos.tensors import WIRE_FORMAT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,12 @@ class SwarmConnection:
         wire_dtype: str,
         node: DHTNode | None = None,
     ) -> None:
-        if wire_dtype not in FLOAT_DTYPE_NAMES:
-            raise ValueError(f"wire_dtype must be one of {', '.join(FLOAT_DTYPE_NAMES)}, got {wire_dtype!r}")
+        if wire_dtype not in WIRE_FORMAT_NAMES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_FORMAT_NAMES)}, got {wire_dtype!r}")
         self.config = config
-        # a TLS client routes only through peers it can authenticate
-        self.discovery = discovery if config.insecure else TlsPeersOnly(discovery)
+        # a TLS client routes only through peers it can authenticate, and whose weights it accepts
+        discovery = discovery if config.insecure else tls_peers_only(discovery)
+        self.discovery = weights_filter(discovery, config.quant)
         self.runtime = runtime
         self.wire_dtype = wire_dtype
         self.node = node

@@ -27,7 +27,7 @@ from client.route import Hop, Needs, usable_peers
 from protos import peer_pb2
 from protos.errors import CorollaError
 from protos.records import PeerRecord
-from protos.tensors import dtype_from_name, from_message, to_message
+from protos.tensors import decoded_dtype, dtype_from_name, from_message, to_message, wire_dtype_from_name
 
 if TYPE_CHECKING:
     from client.discovery import SwarmView
@@ -116,7 +116,7 @@ class SpotChecker:
         self.every = swarm.config.verify_every
         self.rng = rng or random.Random()  # which peers verify: not predictable by the peers
         self.stats = SpotCheckStats()
-        self._wire_dtype = dtype_from_name(swarm.wire_dtype)
+        self._wire_dtype = wire_dtype_from_name(swarm.wire_dtype)  # BLOCKWISE_INT8 for "int8"
         self._num_steps = 0
         self._unreachable: set[str] = set()  # verifiers whose Forward failed in this session
         self._told: set[tuple[int, int]] = set()  # blocks whose missing verifier was logged at INFO
@@ -239,7 +239,7 @@ class SpotChecker:
             except Exception as e:  # a garbled reply, not the session's fault
                 self.swarm.bans.ban(peer_id, f"spot check: bad reply: {e}")
                 continue
-            problem = result_problem(output, shape=hidden.shape, dtype=self._wire_dtype)
+            problem = result_problem(output, shape=hidden.shape, dtype=decoded_dtype(self._wire_dtype))
             if problem is not None:
                 self.swarm.bans.ban(peer_id, f"spot check: bad reply: {problem}")
                 continue

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
 from peer.cache import SpanCache
+from peer.quant import Int8Linear, check_quant, quantize_blocks
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
 from protos.partition import (
@@ -28,6 +29,7 @@ from protos.partition import (
     locate,
     materialized_bytes,
     module_filter,
+    move_loaded,
     replace_hidden,
 )
 
@@ -67,12 +69,22 @@ class HostedSpan:
     """
 
     def __init__(
-        self, model: PreTrainedModel, anatomy: Anatomy, start: int, end: int, dtype: torch.dtype
+        self,
+        model: PreTrainedModel,
+        anatomy: Anatomy,
+        start: int,
+        end: int,
+        dtype: torch.dtype,
+        *,
+        device: torch.device | None = None,
+        quant: str = "none",
     ) -> None:
         self.model = model
         self.anatomy = anatomy
         self.start, self.end = start, end
         self.dtype = dtype
+        self.device = device or torch.device("cpu")  # weights, caches and compute; inputs move here once
+        self.quant = quant  # "none" or the `peer.quant` mode of the hosted blocks' linear layers
         self.config = model.config
         self._call: _Call | None = None
         self._lock = threading.Lock()  # one forward at a time: `_call` is per forward
@@ -92,10 +104,15 @@ class HostedSpan:
         end: int,
         *,
         dtype: str | torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quant: str = "none",
     ) -> HostedSpan:
         """Load blocks [start, end) and the small modules around the block loop; never the vocabulary-sized
-        embeddings or LM head."""
+        embeddings or LM head. `device` holds the weights, caches and compute; `quant` (`peer.quant`)
+        replaces the hosted blocks' linear layers."""
         torch_dtype = parse_dtype(dtype)
+        torch_device = torch.device(device)
+        check_quant(quant, dtype=torch_dtype, device=torch_device)
         folder = resolve_model_path(name_or_path)
         skeleton = build_skeleton(load_config(folder), torch_dtype)
         anatomy = locate(skeleton)
@@ -110,26 +127,35 @@ class HostedSpan:
             wanted_module=module_filter(anatomy, Role.PEER, start, end),
             dtype=torch_dtype,
         )
-        span = cls(skeleton, anatomy, start, end, torch_dtype)
+        span = cls(skeleton, anatomy, start, end, torch_dtype, device=torch_device, quant=quant)
+        quantize_blocks(list(span.blocks[start:end]), quant)
+        move_loaded(skeleton, torch_device)
         logger.info(
-            "span loaded model=%s blocks=[%d,%d) dtype=%s bytes=%d",
+            "span loaded model=%s blocks=[%d,%d) dtype=%s device=%s quant=%s bytes=%d",
             folder.name,
             start,
             end,
             str(torch_dtype).removeprefix("torch."),
+            torch_device,
+            quant,
             span.parameter_bytes(),
         )
         return span
 
     @classmethod
-    def from_model(cls, model: PreTrainedModel, start: int, end: int) -> HostedSpan:
-        """Wrap an already loaded full model (tests, benchmarks); the model's block list is replaced."""
+    def from_model(cls, model: PreTrainedModel, start: int, end: int, *, quant: str = "none") -> HostedSpan:
+        """Wrap an already loaded full model (tests, benchmarks); the model's block list is replaced (and its
+        span's linear layers quantized with `quant`)."""
         anatomy = locate(model)
         if not 0 <= start < end <= anatomy.num_blocks:
             raise InvalidInputError(
                 f"span [{start}, {end}) is outside the model's blocks [0, {anatomy.num_blocks})"
             )
-        return cls(model, anatomy, start, end, next(model.parameters()).dtype)
+        parameter = next(model.parameters())
+        check_quant(quant, dtype=parameter.dtype, device=parameter.device)
+        span = cls(model, anatomy, start, end, parameter.dtype, device=parameter.device, quant=quant)
+        quantize_blocks(list(span.blocks[start:end]), quant)
+        return span
 
     @property
     def hidden_size(self) -> int:
@@ -138,7 +164,10 @@ class HostedSpan:
     def parameter_bytes(self) -> int:
         """Bytes of weights and buffers this span holds in memory."""
         hosted = self.blocks[self.start : self.end]
-        return materialized_bytes(self.model) + sum(materialized_bytes(block) for block in hosted)
+        packed = sum(
+            m.packed_bytes() for block in hosted for m in block.modules() if isinstance(m, Int8Linear)
+        )
+        return materialized_bytes(self.model) + sum(materialized_bytes(block) for block in hosted) + packed
 
     def new_cache(self, *, start: int | None = None, end: int | None = None) -> SpanCache:
         start, end = self._check_span(start, end)
@@ -313,8 +342,11 @@ class HostedSpan:
         extra: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None, **(extra or {})}
+        hidden = hidden.to(self.device)  # no copy when it is there already
+        if prompts is not None:
+            prompts = prompts.to(self.device)
         if positions is not None and "position_ids" in self.anatomy.owner_params:
-            kwargs["position_ids"] = positions
+            kwargs["position_ids"] = positions.to(self.device)
         dummy = hidden.new_zeros(*hidden.shape[:-1], self.anatomy.embed_dim)
         with self._lock:
             self._call = _Call(start, end, hidden, prompts)

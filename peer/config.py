@@ -14,6 +14,17 @@ from protos.records import model_id_from_path, validate_model_id
 from protos.tensors import FLOAT_DTYPE_NAMES
 from protos.validation import MAX_RECORD_TTL
 
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$"
+DEVICE_HELP = (
+    "where weights, KV caches and compute live: auto (a CUDA GPU, else Apple's mps, else the CPU), cpu, "
+    "cuda, cuda:N or mps; hidden states cross to and from it once per step"
+)
+QUANT_MODES = ("none", "int8")
+QUANT_HELP = (
+    "weights of the hosted blocks: none (as loaded: the exact path), int8 (int8 linear layers with a scale "
+    "per output channel, CPU and float32 only: about 4x less weight memory and faster decode; outputs are "
+    "no longer bit-exact, and clients can refuse such peers with quant='none')"
+)
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
 HOST_HELP = (
     "address to listen on; 127.0.0.1 by default: serving other machines (0.0.0.0) is an explicit choice"
@@ -79,8 +90,12 @@ class PeerConfig(BaseModel):
         "need insecure=True, and a secure client never routes through this peer",
     )
     dtype: str = Field(
-        default="float32", description=f"dtype of weights and activations: {', '.join(FLOAT_DTYPE_NAMES)}"
+        default="auto",
+        description=f"dtype of weights and activations: auto (float32 on the CPU, bfloat16 or float16 on a "
+        f"GPU), {', '.join(FLOAT_DTYPE_NAMES)}",
     )
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
+    quant: str = Field(default="none", description=QUANT_HELP)
     model_id: str = Field(
         default="", description="the swarm's name for this model; default: derived from MODEL's last part"
     )
@@ -264,8 +279,15 @@ class PeerConfig(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
-        if value not in FLOAT_DTYPE_NAMES:
-            raise ValueError(f"must be one of {', '.join(FLOAT_DTYPE_NAMES)}")
+        if value != "auto" and value not in FLOAT_DTYPE_NAMES:
+            raise ValueError(f"must be auto or one of {', '.join(FLOAT_DTYPE_NAMES)}")
+        return value
+
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, value: str) -> str:
+        if value not in QUANT_MODES:
+            raise ValueError(f"must be one of {', '.join(QUANT_MODES)}")
         return value
 
     @field_validator("model_id")

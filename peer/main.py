@@ -26,6 +26,7 @@ from peer import throughput, wire
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import DhtConfig, PeerConfig
+from peer.devices import resolve_device, resolve_dtype
 from peer.scheduler import Scheduler
 from peer.service import PeerService
 from peer.sessions import SessionTable
@@ -139,6 +140,8 @@ class Peer:
 
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
+        self.device = resolve_device(config.device)  # fails here, before anything starts, without one
+        self.dtype = resolve_dtype(config.dtype, self.device)
         self.sessions = SessionTable.from_config(config)
         self.scheduler = Scheduler(
             max_batch_tokens=config.max_batch_tokens, max_stateless_tokens=config.compute_chunk_tokens
@@ -227,10 +230,10 @@ class Peer:
             span = config.span
             await announcer.announce(PeerState.JOINING)
         announcer.start()  # keeps the claim alive while a large span loads
-        hosted = await asyncio.to_thread(HostedSpan.load, config.model, *span, dtype=config.dtype)
+        hosted = await asyncio.to_thread(self._load, span)
         if config.bandwidth is not None:
             self.speed.network = network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
-        key = throughput.cache_key(config.model_id, config.dtype, self.version)
+        key = throughput.cache_key(hosted, config.model_id, self.version)
         cache_dir = config.cache_dir or default_cache_dir()
         self.speed.per_block = await self.scheduler.run(
             lambda: throughput.resolve(config.throughput, hosted, key=key, cache_dir=cache_dir)
@@ -288,7 +291,8 @@ class Peer:
             max_length=config.max_length,
             max_batch_size=config.max_batch_size,
             max_forward_tokens=config.max_forward_tokens,
-            dtype=config.dtype,  # type: ignore[arg-type]  # validated by PeerConfig
+            dtype=self.dtype,  # type: ignore[arg-type]  # validated by PeerConfig
+            quantization=config.quant,
             version=self.version,
             public_name=config.public_name,
             certificate=self.tls.certificate.decode() if self.tls is not None else None,
@@ -297,7 +301,7 @@ class Peer:
     async def move(self, target: tuple[int, int]) -> None:
         """Load the new span first, serve and announce it, then end the old span's sessions and free it."""
         service, announcer = self._serving()
-        new = await asyncio.to_thread(HostedSpan.load, self.config.model, *target, dtype=self.config.dtype)
+        new = await asyncio.to_thread(self._load, target)
         old_span, old_sessions = service.swap_span(new)
         self.speed.update(target)
         await announcer.announce(PeerState.ONLINE)
@@ -313,6 +317,10 @@ class Peer:
         )
         del old_span
         gc.collect()
+
+    def _load(self, span: tuple[int, int]) -> HostedSpan:
+        config = self.config
+        return HostedSpan.load(config.model, *span, dtype=self.dtype, device=self.device, quant=config.quant)
 
     async def stop(self) -> None:
         """The one shutdown path: stop rebalancing; when serving, refuse new sessions, announce DRAINING, let

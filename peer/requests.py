@@ -16,7 +16,15 @@ import torch
 from protos import peer_pb2
 from protos.errors import CorollaError, InvalidInputError, PeerLimitError
 from protos.records import validate_address
-from protos.tensors import FLOAT_DTYPES, INDEX_DTYPES, WIRE_DTYPES, from_message, optional_from_message
+from protos.tensors import (
+    HIDDEN_WIRE_DTYPES,
+    INDEX_DTYPES,
+    WIRE_FORMAT_NAMES,
+    from_message,
+    optional_from_message,
+    wire_dtype_from_name,
+    wire_dtype_of,
+)
 
 if TYPE_CHECKING:
     from peer.blocks import HostedSpan
@@ -75,7 +83,7 @@ class OpenRequest:
     end: int
     batch_size: int
     max_length: int
-    wire_dtype: torch.dtype  # dtype of the hidden states this peer sends on
+    wire_dtype: torch.dtype  # dtype of the hidden states this peer sends on (BLOCKWISE_INT8: "int8")
     next_hops: tuple[peer_pb2.Hop, ...]
     report_outputs: bool
     push_token: bytes = b""  # empty: the session takes no pushes
@@ -89,7 +97,7 @@ class PushRefused(CorollaError):
 class StepRequest:
     step_id: int
     base: int  # positions the cache keeps before this step (after a rollback)
-    hidden: torch.Tensor  # [batch, seq, hidden], in the dtype it arrived in
+    hidden: torch.Tensor  # [batch, seq, hidden], in the dtype it arrived in (float32 for int8)
     position_ids: torch.Tensor | None  # [batch, seq]
     beam_indices: torch.LongTensor | None  # [batch]
 
@@ -100,6 +108,12 @@ class ForwardRequest:
     end: int
     hidden: torch.Tensor  # [batch, seq, hidden]
     prompts: torch.Tensor | None  # [end - start, batch or 1, pre_seq_len, hidden]; checked by HostedSpan
+    wire_dtype: torch.dtype | None = None  # what `hidden` travelled as (BLOCKWISE_INT8); None: its dtype
+
+    @property
+    def reply_dtype(self) -> torch.dtype:
+        """The wire dtype of the reply: the one the hidden states came in."""
+        return self.hidden.dtype if self.wire_dtype is None else self.wire_dtype
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,9 +210,9 @@ def parse_open(request: peer_pb2.OpenSession, *, served: Served, limits: Limits)
         raise PeerLimitError(
             "max_length", f"max_length {request.max_length} is outside 1..{limits.max_length}"
         )
-    wire_dtype = WIRE_DTYPES.get(request.dtype) if request.dtype else served.dtype
-    if wire_dtype not in FLOAT_DTYPES:
+    if request.dtype and request.dtype not in WIRE_FORMAT_NAMES:
         raise InvalidInputError(f"unknown wire dtype {request.dtype!r}")
+    wire_dtype = wire_dtype_from_name(request.dtype) if request.dtype else served.dtype
     return OpenRequest(
         session_id=session_id,
         start=start,
@@ -229,7 +243,7 @@ def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, lim
         raise InvalidInputError("step for another session")
     max_bytes = limits.max_message_bytes
     hidden = from_message(
-        step.hidden, max_bytes=max_bytes, expected_dtypes=FLOAT_DTYPES, expected_ndim=3, name="hidden"
+        step.hidden, max_bytes=max_bytes, expected_dtypes=HIDDEN_WIRE_DTYPES, expected_ndim=3, name="hidden"
     )
     batch, seq, width = hidden.shape
     if batch != session.batch_size:
@@ -284,7 +298,9 @@ def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, lim
 def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: Limits) -> ForwardRequest:
     start, end = parse_span(request.start, request.end, served)
     hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
-    return ForwardRequest(start, end, hidden, _prompts(request.prompts, limits))
+    return ForwardRequest(
+        start, end, hidden, _prompts(request.prompts, limits), wire_dtype_of(request.hidden)
+    )
 
 
 def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits: Limits) -> BackwardRequest:
@@ -314,7 +330,11 @@ def backward_bytes(shape: Sequence[int], num_blocks: int, *, itemsize: int) -> i
 
 def _float_tensor(message: peer_pb2.Tensor, name: str, limits: Limits) -> torch.Tensor:
     return from_message(
-        message, max_bytes=limits.max_message_bytes, expected_dtypes=FLOAT_DTYPES, expected_ndim=3, name=name
+        message,
+        max_bytes=limits.max_message_bytes,
+        expected_dtypes=HIDDEN_WIRE_DTYPES,
+        expected_ndim=3,
+        name=name,
     )
 
 
@@ -337,7 +357,7 @@ def _prompts(message: peer_pb2.Tensor, limits: Limits) -> torch.Tensor | None:
     return optional_from_message(
         message,
         max_bytes=limits.max_message_bytes,
-        expected_dtypes=FLOAT_DTYPES,
+        expected_dtypes=HIDDEN_WIRE_DTYPES,
         expected_ndim=4,
         name="prompts",
     )

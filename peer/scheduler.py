@@ -90,6 +90,7 @@ class StepWork:
     prepare: Callable[[], None] | None = None
     grad_output: torch.Tensor | None = None
     decode: bool = False  # a short step of a session (not a piece of a prompt): prompts then go in chunks
+    computed: float = 0.0  # seconds of the forwards that computed it (shared with its batch companions)
 
     @property
     def tokens(self) -> int:
@@ -203,6 +204,7 @@ class Scheduler:
             outputs.append(
                 await self.step(part, cost=part.tokens * (work.end - work.start), deadline=deadline)
             )
+            work.computed += part.computed
             begin = piece.stop
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -344,6 +346,7 @@ def _forward(works: list[StepWork]) -> list[torch.Tensor | Exception]:
         else:
             ready.append(index)
     if ready:
+        started = time.perf_counter()
         first = works[ready[0]]
         if first.grad_output is not None:
             pairs = [(works[i].item.hidden, works[i].grad_output) for i in ready]
@@ -352,6 +355,8 @@ def _forward(works: list[StepWork]) -> list[torch.Tensor | Exception]:
             outputs = first.span.forward_batch(
                 [works[i].item for i in ready], start=first.start, end=first.end
             )
+        elapsed = time.perf_counter() - started
         for index, output in zip(ready, outputs, strict=True):
             results[index] = output
+            works[index].computed += elapsed
     return results

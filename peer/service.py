@@ -21,13 +21,14 @@ from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
 from peer.scheduler import Scheduler, StepWork
 from peer.sessions import PeerSession, SessionTable, log_id
+from peer.stats import StepTimes, info_reply
 from peer.status import RequestError, Status, aborts_on_error, status_of
 from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.channels import ChannelPool
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord
 from protos.swarm_key import SwarmKey
-from protos.tensors import dtype_name, to_message
+from protos.tensors import to_message
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         )
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
+        self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
 
     # ---- Session ---------------------------------------------------------------------------------
 
@@ -198,17 +200,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         deadline = requests.step_deadline(step, time.monotonic())  # counted from its arrival here
         session.touch()  # a step waiting for its turn keeps its session from expiring as idle
         try:
-            await self._step(session, step, deadline)
+            await self._step(session, step, deadline, time.perf_counter())
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
             await session.reply(self._step_error(step.step_id, e))
 
-    async def _step(self, session: PeerSession, step: peer_pb2.Step, deadline: float | None) -> None:
+    async def _step(
+        self, session: PeerSession, step: peer_pb2.Step, deadline: float | None, arrived: float
+    ) -> None:
         async with session.lock:
             span, cache = session.span, session.cache
             if self.sessions.get(session.session_id) is not session or span is None or cache is None:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
+            started = time.perf_counter()
             parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
             hidden = parsed.hidden.to(span.dtype)
             length = hidden.shape[1]
@@ -222,13 +227,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             item = BatchItem(hidden, cache, parsed.position_ids)
             work = StepWork(span, session.start, session.end, item, prepare)
             chunk, lone = self.config.prefill_chunk_tokens, self.config.compute_chunk_tokens
+            decoded = time.perf_counter()
             output = await self.scheduler.prefill(
                 work, chunk_tokens=chunk, lone_chunk_tokens=lone, deadline=deadline
             )
+            computed = time.perf_counter()
             session.position = parsed.base + length
             session.touch()
             push = bool(session.next_hops) and not step.local_only
             hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
+            encoded = time.perf_counter()
             if push:
                 self._spawn(self._push(session, step, hidden_message, session.next_hops[0], deadline))
             if not push or session.report_outputs:  # the report goes out before the push can fail
@@ -241,6 +249,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 # under the lock: replies keep the steps' order, and a client that does not read its
                 # stream stalls its own session once the stream's queue is full
                 await session.reply(peer_pb2.SessionReply(result=result))
+            self.step_times.add(
+                steps=1,
+                decode=decoded - started,
+                wait=started - arrived + computed - decoded - work.computed,
+                compute=work.computed,
+                encode=encoded - computed,
+                report=time.perf_counter() - encoded,
+            )
 
     def _make_room(self, session: PeerSession, positions: int) -> None:
         """Pages for `positions` cached positions of `session`; the sessions preempted for them end with
@@ -290,9 +306,11 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 raise RequestError(
                     grpc.StatusCode.UNAUTHENTICATED, "next hop's certificate is not its peer's"
                 )
+            started = time.perf_counter()
             await self.channels.stub(hop.address, hop.certificate).Push(
                 peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
             )
+            self.step_times.add(push=time.perf_counter() - started)
         except RequestError as e:
             await session.reply(self._step_error(step.step_id, e, peer_id=hop.peer_id))
         except grpc.aio.AioRpcError as e:
@@ -342,7 +360,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 chunk_tokens=self.config.compute_chunk_tokens,
                 remaining=context.time_remaining(),
             )
-            return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.hidden.dtype))
+            return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.reply_dtype))
 
     @aborts_on_error
     async def Backward(
@@ -380,28 +398,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def Info(
         self, request: peer_pb2.InfoRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.InfoReply:
-        record = self.make_record()
-        return peer_pb2.InfoReply(
-            model_id=self.config.model_id,
-            peer_id=self.peer_id,
-            start=self.span.start,
-            end=self.span.end,
-            num_blocks=self.span.anatomy.num_blocks,
-            dtype=dtype_name(self.span.dtype),
-            version=self.version,
-            free_cache_tokens=self.sessions.free_tokens,
-            max_cache_tokens=self.sessions.max_cache_tokens,
-            num_sessions=len(self.sessions),
-            throughput=record.throughput,
-            max_batch_size=self.config.max_batch_size,
-            max_length=self.config.max_length,
-            max_message_bytes=self.config.max_message_bytes,
-            page_tokens=self.sessions.page_tokens,
-            queued=self.scheduler.in_flight,
-            steps_computed=self.scheduler.stats.steps,
-            step_batches=self.scheduler.stats.batches,
-            preempted=self.sessions.preempted,
-        )
+        return info_reply(self)
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 

@@ -12,10 +12,10 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import torch
 
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import parse_option
+from peer.devices import device_name, synchronize
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,24 @@ def network_rps(bandwidth_mbit: float, hidden_size: int, bytes_per_value: int) -
     return bandwidth_mbit * 1e6 / bits_per_step
 
 
-def device_name() -> str:
-    """What the measurement depends on besides the model: the device and the threads torch uses."""
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+def cache_key(span: HostedSpan, model_id: str, version: str) -> str:
+    """What a measurement depends on: the model, dtype, weights' quantization, device, and software."""
+    dtype = str(span.dtype).removeprefix("torch.")
+    weights = dtype if span.quant == "none" else f"{dtype}+{span.quant}"
+    return f"{model_id}|{weights}|{device_name(span.device)}|corolla-{version}|torch-{torch.__version__}"
 
 
-def cache_key(model_id: str, dtype: str, version: str) -> str:
-    return f"{model_id}|{dtype}|{device_name()}|corolla-{version}|torch-{torch.__version__}"
+def _zeros(span: HostedSpan, tokens: int) -> torch.Tensor:
+    return torch.zeros(1, tokens, span.hidden_size, dtype=span.dtype, device=span.device)
+
+
+def _timed(span: HostedSpan, run: Callable[[], object]) -> float:
+    """Seconds `run` takes, the device's queued work included."""
+    synchronize(span.device)
+    started = time.perf_counter()
+    run()
+    synchronize(span.device)
+    return time.perf_counter() - started
 
 
 @torch.inference_mode()
@@ -68,18 +80,12 @@ def measure(span: HostedSpan) -> Throughput:
     """Time decode steps (median) and one 128-token forward through the loaded span, per block."""
     blocks = span.end - span.start
     cache = span.new_cache()
-    span.forward(torch.zeros(1, 16, span.hidden_size, dtype=span.dtype), cache)  # a short prompt, warm-up
-    step = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype)
-    times = []
-    for _ in range(DECODE_STEPS):
-        started = time.perf_counter()
-        span.forward(step, cache)
-        times.append(time.perf_counter() - started)
+    span.forward(_zeros(span, 16), cache)  # a short prompt, warm-up
+    step = _zeros(span, 1)
+    times = [_timed(span, lambda: span.forward(step, cache)) for _ in range(DECODE_STEPS)]
     decode = blocks / max(statistics.median(times), 1e-9)
-    prompt = torch.zeros(1, FORWARD_TOKENS, span.hidden_size, dtype=span.dtype)
-    started = time.perf_counter()
-    span.forward(prompt)
-    forward = FORWARD_TOKENS * blocks / max(time.perf_counter() - started, 1e-9)
+    prompt = _zeros(span, FORWARD_TOKENS)
+    forward = FORWARD_TOKENS * blocks / max(_timed(span, lambda: span.forward(prompt)), 1e-9)
     return Throughput(decode_rps=decode, forward_tps=forward, batch_tps=_batched(span))
 
 
@@ -90,13 +96,10 @@ def _batched(span: HostedSpan) -> float:
         return 0.0
     caches = [span.new_cache() for _ in range(BATCH_SESSIONS)]
     for cache in caches:
-        span.forward(torch.zeros(1, 16, span.hidden_size, dtype=span.dtype), cache)
-    step = torch.zeros(1, 1, span.hidden_size, dtype=span.dtype)
-    times = []
-    for _ in range(DECODE_STEPS):
-        started = time.perf_counter()
-        span.forward_batch([BatchItem(step, cache) for cache in caches])
-        times.append(time.perf_counter() - started)
+        span.forward(_zeros(span, 16), cache)
+    step = _zeros(span, 1)
+    items = [BatchItem(step, cache) for cache in caches]
+    times = [_timed(span, lambda: span.forward_batch(items)) for _ in range(DECODE_STEPS)]
     return BATCH_SESSIONS * (span.end - span.start) / max(statistics.median(times), 1e-9)
 
 

@@ -230,6 +230,23 @@ def materialized_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             yield tensor
 
 
+def move_loaded(model: nn.Module, device: torch.device) -> None:
+    """Move the loaded tensors of `model` to `device` (trainable ones stay trainable, tied ones stay tied);
+    the blocks it does not hold stay empty (meta)."""
+    moved: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if not parameter.is_meta and parameter.device != device:
+                if id(parameter) not in moved:
+                    copy = nn.Parameter(parameter.detach().to(device), requires_grad=parameter.requires_grad)
+                    moved[id(parameter)] = copy
+                module.register_parameter(name, moved[id(parameter)])
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and not buffer.is_meta and buffer.device != device:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, buffer.to(device), persistent=persistent)
+
+
 def materialized_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in materialized_tensors(model))
 

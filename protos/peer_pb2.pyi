@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "scales", "block")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    scales: bytes
+    block: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token", "certificate")
@@ -199,7 +203,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes", "page_tokens", "queued", "steps_computed", "step_batches", "preempted")
+    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes", "page_tokens", "queued", "steps_computed", "step_batches", "preempted", "step_seconds", "cpu_seconds", "quantization", "device")
+    class StepSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +230,10 @@ class InfoReply(_message.Message):
     STEPS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     STEP_BATCHES_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     peer_id: str
     start: int
@@ -238,4 +253,8 @@ class InfoReply(_message.Message):
     steps_computed: int
     step_batches: int
     preempted: int
-    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., page_tokens: _Optional[int] = ..., queued: _Optional[int] = ..., steps_computed: _Optional[int] = ..., step_batches: _Optional[int] = ..., preempted: _Optional[int] = ...) -> None: ...
+    step_seconds: _containers.ScalarMap[str, float]
+    cpu_seconds: float
+    quantization: str
+    device: str
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., page_tokens: _Optional[int] = ..., queued: _Optional[int] = ..., steps_computed: _Optional[int] = ..., step_batches: _Optional[int] = ..., preempted: _Optional[int] = ..., step_seconds: _Optional[_Mapping[str, float]] = ..., cpu_seconds: _Optional[float] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...

@@ -1,6 +1,6 @@
-"""`torch.Tensor` <-> `Tensor` wire message: dtype names, shapes, raw little-endian bytes, lossy casts.
-
-The only code that knows byte layouts. Decoding validates every field before it allocates anything.
+"""`torch.Tensor` <-> `Tensor` wire message: dtype names, shapes, raw little-endian bytes, lossy casts and
+the blockwise int8 format of hidden states. The only code that knows byte layouts. Decoding validates
+every field before it allocates anything.
 """
 
 from __future__ import annotations
@@ -39,6 +39,16 @@ MAX_NDIM = 8
 # numpy has no bfloat16: raw bytes go through an integer view of the same width
 _BYTES_VIEW: Mapping[torch.dtype, torch.dtype] = MappingProxyType({torch.bfloat16: torch.int16})
 
+# Blockwise int8: a float tensor as int8 values plus one float32 scale (absmax / 127) per block of
+# INT8_BLOCK consecutive values of the flattened tensor; about 1.06 bytes per value, decoded to float32.
+# Where a wire dtype is passed around (a session's, `to_message(dtype=...)`), torch.int8 stands for it.
+INT8 = "int8"
+BLOCKWISE_INT8 = torch.int8
+INT8_BLOCK = 64
+MIN_SCALE, MAX_SCALE = 2.0**-120, 2.0**120  # a block with a smaller absmax / 127 is sent as zeros
+WIRE_FORMAT_NAMES = (*FLOAT_DTYPE_NAMES, INT8)  # what hidden states may travel as
+HIDDEN_WIRE_DTYPES: frozenset[torch.dtype] = FLOAT_DTYPES | {BLOCKWISE_INT8}  # a float may arrive as these
+
 
 def dtype_from_name(name: str) -> torch.dtype:
     """The torch dtype of a wire dtype name; `InvalidInputError` for a name not on the wire."""
@@ -56,13 +66,37 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
+def wire_dtype_from_name(name: str) -> torch.dtype:
+    """The wire dtype of a name of `WIRE_FORMAT_NAMES`: a float dtype, or `BLOCKWISE_INT8` for "int8"."""
+    if name == INT8:
+        return BLOCKWISE_INT8
+    if name not in FLOAT_DTYPE_NAMES:
+        raise InvalidInputError(f"unknown wire dtype {name!r}; expected one of {list(WIRE_FORMAT_NAMES)}")
+    return WIRE_DTYPES[name]
+
+
+def decoded_dtype(wire_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor sent as `wire_dtype` decodes to: float32 for blockwise int8, else itself."""
+    return torch.float32 if wire_dtype == BLOCKWISE_INT8 else wire_dtype
+
+
+def wire_dtype_of(msg: peer_pb2.Tensor) -> torch.dtype:
+    """The wire dtype `msg` travelled as (`BLOCKWISE_INT8` for "int8"); for a message `from_message` took."""
+    return BLOCKWISE_INT8 if msg.dtype == INT8 else dtype_from_name(msg.dtype)
+
+
 def to_message(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> peer_pb2.Tensor:
     """Encode `t` as a `Tensor` message, optionally cast to the wire `dtype` first.
 
     A cast is allowed from a float dtype to a float wire dtype only (fp32 -> fp16/bf16 halves the
     bytes at a precision cost; fp16 overflows to inf beyond +-65504). The cast runs on `t`'s device,
-    before the copy to CPU.
+    before the copy to CPU. `dtype=BLOCKWISE_INT8` sends a float tensor as blockwise int8 (see
+    `_int8_message`); it refuses non-finite values.
     """
+    if dtype == BLOCKWISE_INT8:
+        if not t.dtype.is_floating_point:
+            raise InvalidInputError(f"cannot send a {t.dtype} tensor as int8: only floats are quantized")
+        return _int8_message(t)
     if dtype is not None and dtype != t.dtype:
         if not t.dtype.is_floating_point or dtype not in FLOAT_DTYPES:
             raise InvalidInputError(
@@ -79,6 +113,30 @@ def to_message(t: torch.Tensor, *, dtype: torch.dtype | None = None) -> peer_pb2
     return peer_pb2.Tensor(dtype=name, shape=list(t.shape), data=data)
 
 
+def _int8_message(t: torch.Tensor) -> peer_pb2.Tensor:
+    """`t` as blockwise int8: per block of `INT8_BLOCK` values, scale = absmax / 127 and value =
+    round(x / scale), so |x - value * scale| <= scale / 2. Deterministic (IEEE division and rounding), on
+    `t`'s device. A decoded tensor encodes to the very same bytes again, so a replayed hidden state reaches
+    a peer bit for bit as the previous hop pushed it: its absmax decodes to 127 * scale, and for every
+    float32 absmax a, (a / 127) * 127 / 127 == a / 127 in float32 (checked over all of them)."""
+    flat = t.detach().reshape(-1).float()
+    numel = flat.numel()
+    num_blocks = -(-numel // INT8_BLOCK)
+    blocks = torch.nn.functional.pad(flat, (0, num_blocks * INT8_BLOCK - numel)).view(num_blocks, INT8_BLOCK)
+    absmax = blocks.abs().amax(dim=1)  # [num_blocks]; NaN propagates
+    if not bool(torch.isfinite(absmax).all()):
+        raise InvalidInputError("cannot send non-finite values as int8")
+    scales = absmax / 127
+    scales = torch.where(scales < MIN_SCALE, 0.0, scales)
+    if bool((scales > MAX_SCALE).any()):
+        raise InvalidInputError(f"cannot send values beyond +-{127 * MAX_SCALE:.3g} as int8")
+    divisor = torch.where(scales > 0, scales, 1.0)[:, None]
+    values = torch.where(scales[:, None] > 0, blocks / divisor, 0.0).round_().clamp_(-127, 127)
+    data = values.to(torch.int8).reshape(-1)[:numel].cpu().numpy().tobytes()
+    scale_bytes = scales.cpu().numpy().tobytes()
+    return peer_pb2.Tensor(dtype=INT8, shape=list(t.shape), data=data, scales=scale_bytes, block=INT8_BLOCK)
+
+
 def from_message(
     msg: peer_pb2.Tensor,
     *,
@@ -89,15 +147,20 @@ def from_message(
 ) -> torch.Tensor:
     """Decode a `Tensor` message into a tensor that owns its (writable) memory.
 
-    Checks, before allocating: the dtype is a wire dtype (and in `expected_dtypes` when given), the
-    number of dims is `expected_ndim` (or at most `MAX_NDIM`), no dim is negative, the claimed size
-    is at most `max_bytes` and `data` holds exactly that many bytes. `name` prefixes every error.
+    Checks, before allocating: the dtype is a wire dtype (and in `expected_dtypes` when given; "int8" is
+    accepted only where `BLOCKWISE_INT8` is), the number of dims is `expected_ndim` (or at most
+    `MAX_NDIM`), no dim is negative, the decoded size is at most `max_bytes` (float32 for "int8") and
+    `data` (and `scales`) hold exactly that many values. `name` prefixes every error.
     """
-    dtype = WIRE_DTYPES.get(msg.dtype)
+    int8 = msg.dtype == INT8
+    dtype = torch.float32 if int8 else WIRE_DTYPES.get(msg.dtype)
     if dtype is None:
-        raise InvalidInputError(f"{name}: unknown dtype {msg.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
-    if expected_dtypes is not None and dtype not in expected_dtypes:
-        allowed = sorted(WIRE_DTYPE_NAMES[d] for d in expected_dtypes if d in WIRE_DTYPE_NAMES)
+        known = sorted([*WIRE_DTYPES, INT8])
+        raise InvalidInputError(f"{name}: unknown dtype {msg.dtype!r}; expected one of {known}")
+    wire_dtype = BLOCKWISE_INT8 if int8 else dtype
+    if expected_dtypes is not None and wire_dtype not in expected_dtypes:
+        names = {**WIRE_DTYPE_NAMES, BLOCKWISE_INT8: INT8}
+        allowed = sorted(names[d] for d in expected_dtypes if d in names)
         raise InvalidInputError(f"{name}: dtype {msg.dtype!r} not allowed here; expected one of {allowed}")
     if expected_ndim is not None and len(msg.shape) != expected_ndim:  # len() first: O(1), copies nothing
         raise InvalidInputError(f"{name}: expected {expected_ndim} dims, got {len(msg.shape)}")
@@ -113,13 +176,21 @@ def from_message(
         raise InvalidInputError(
             f"{name}: shape {list(shape)} of {msg.dtype} is more than the limit of {max_bytes} bytes"
         )
+    if int8:
+        return _from_int8(msg, shape, name)
+    if msg.block or msg.scales:
+        raise InvalidInputError(f"{name}: block and scales are for dtype 'int8' only, not {msg.dtype!r}")
     data = msg.data  # each access is a fresh copy out of the message: read it once
     if len(data) != nbytes:
         raise InvalidInputError(
             f"{name}: shape {list(shape)} of {msg.dtype} needs {nbytes} bytes, but data holds {len(data)}"
         )
+    return _from_buffer(data, shape, dtype, name)
+
+
+def _from_buffer(data: bytes, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> torch.Tensor:
     try:
-        if nbytes == 0:
+        if not data:
             return torch.empty(shape, dtype=dtype)
         # bytearray is the one copy: a writable buffer the tensor keeps alive after the message is gone
         return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
@@ -132,6 +203,41 @@ def from_message(
         raise InvalidInputError(f"{name}: cannot decode shape {list(shape)}: {type(e).__name__}") from None
 
 
+def _from_int8(msg: peer_pb2.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """The float32 tensor of a blockwise int8 message whose dtype, shape and decoded size are checked."""
+    if msg.block != INT8_BLOCK:
+        raise InvalidInputError(f"{name}: int8 block of {msg.block} values; only {INT8_BLOCK} is allowed")
+    numel = math.prod(shape)
+    num_blocks = -(-numel // INT8_BLOCK)
+    data, scale_bytes = msg.data, msg.scales  # each read once: every access is a fresh copy
+    if len(data) != numel:
+        raise InvalidInputError(
+            f"{name}: shape {list(shape)} of int8 needs {numel} bytes, but data holds {len(data)}"
+        )
+    if len(scale_bytes) != 4 * num_blocks:
+        raise InvalidInputError(
+            f"{name}: {num_blocks} blocks of int8 need {4 * num_blocks} bytes of scales, "
+            f"but scales hold {len(scale_bytes)}"
+        )
+    scales = _from_buffer(scale_bytes, (num_blocks,), torch.float32, name)
+    valid = (scales == 0) | ((scales >= MIN_SCALE) & (scales <= MAX_SCALE))  # False for NaN
+    if not bool(valid.all()):
+        block = int((~valid).nonzero()[0, 0])
+        raise InvalidInputError(
+            f"{name}: scale {float(scales[block])!r} of block {block} is neither 0 nor in [2**-120, 2**120]"
+        )
+    if not numel:
+        return _from_buffer(b"", shape, torch.float32, name)  # torch.empty refuses what no view could hold
+    values = _from_buffer(data, (numel,), torch.int8, name)
+    if int(values.min()) < -127:
+        raise InvalidInputError(f"{name}: int8 value -128 is outside -127..127")
+    out = values.to(torch.float32)
+    full = numel - numel % INT8_BLOCK
+    out[:full].view(-1, INT8_BLOCK).mul_(scales[: full // INT8_BLOCK, None])
+    out[full:].mul_(scales[-1:])  # the last, partial block (empty when numel is a multiple of the block)
+    return out.view(shape)  # numel and every dim's size were checked by the caller
+
+
 def optional_from_message(
     msg: peer_pb2.Tensor,
     *,
@@ -142,7 +248,7 @@ def optional_from_message(
 ) -> torch.Tensor | None:
     """`from_message` for an optional field: an unset or empty message (no dtype) decodes to None."""
     if not msg.dtype:
-        if msg.shape or msg.data:
+        if msg.shape or msg.data or msg.scales or msg.block:
             raise InvalidInputError(f"{name}: has shape or data but no dtype")
         return None
     return from_message(

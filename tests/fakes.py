@@ -233,7 +233,7 @@ class FakePeer:
         self.config = PeerConfig(
             model=str(swarm.folder), blocks=f"{start}:{end}", host="127.0.0.1", **options
         )
-        self.span = _FaultySpan.from_model(model, start, end)
+        self.span = _FaultySpan.from_model(model, start, end, quant=self.config.quant)
         self.span.faults = self.faults
         self.sessions = SessionTable.from_config(self.config)
         self.scheduler = Scheduler(
@@ -273,6 +273,7 @@ class FakePeer:
             max_batch_size=config.max_batch_size,
             max_forward_tokens=config.max_forward_tokens,
             dtype=dtype_name(self.span.dtype),  # type: ignore[arg-type]
+            quantization=self.config.quant,
             version=VERSION,
         ).model_copy(update=self.announced)
 

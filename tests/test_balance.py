@@ -209,7 +209,8 @@ def test_move_abandoned_when_another_peer_filled_the_hole() -> None:
 
 def test_throughput_is_measured_once_and_cached(tmp_path, local) -> None:
     span = HostedSpan.from_model(copy.deepcopy(local), 0, 2)
-    key = throughput.cache_key("llama", "float32", "test")
+    key = throughput.cache_key(span, "llama", "test")
+    assert "float32" in key and "cpu-" in key
     first = throughput.resolve("auto", span, key=key, cache_dir=tmp_path)
     assert first.decode_rps > 0 and first.forward_tps > 0
     assert first.batch_tps > 0  # the tiny Llama batches: its batched decode is measured too

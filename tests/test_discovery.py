@@ -80,7 +80,7 @@ def test_ban_list_rejects_bad_policy(arguments: tuple[float, float, float]) -> N
         {"ban_timeout": 60.0, "max_ban_timeout": 30.0},
         {"initial_peers": ["127.0.0.1:31337"]},
         {"model_id": "has space"},
-        {"wire_dtype": "int8"},
+        {"wire_dtype": "int4"},
         {"unknown": 1},
     ],
 )
