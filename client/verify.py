@@ -176,7 +176,8 @@ class SpotChecker:
         self.stats.checked += 1
         new = held.shape[1]
         dtypes = [self._wire_dtype, *(dtype_from_name(r.dtype) for r in (checked, verifier.record))]
-        if spot_check_agrees(verifier.output[:, -new:], held, dtypes=dtypes):
+        quantized = any(r.quantization != "none" for r in (checked, verifier.record))
+        if spot_check_agrees(verifier.output[:, -new:], held, dtypes=dtypes, quantized=quantized):
             return _Verdict(hop)
         self.stats.mismatches += 1
         reason = f"recomputed by {short_id(verifier.peer_id)}, differs at position {logs[-1].position}"
@@ -186,8 +187,9 @@ class SpotChecker:
         if arbiter is None:  # undecidable: the hop's outputs are not to be built on
             return _Verdict(hop, hop.peer_id, reason)
         dtypes.append(dtype_from_name(arbiter.record.dtype))
-        with_hop = spot_check_agrees(arbiter.output[:, -new:], held, dtypes=dtypes)
-        with_verifier = spot_check_agrees(arbiter.output, verifier.output, dtypes=dtypes)
+        quantized = quantized or arbiter.record.quantization != "none"
+        with_hop = spot_check_agrees(arbiter.output[:, -new:], held, dtypes=dtypes, quantized=quantized)
+        with_verifier = spot_check_agrees(arbiter.output, verifier.output, dtypes=dtypes, quantized=quantized)
         judge = short_id(arbiter.peer_id)
         if with_hop and with_verifier:  # a borderline difference: the hop's output stands
             logger.info("spot check: %s accepts both blocks=[%d,%d)", judge, hop.start, hop.end)

@@ -148,3 +148,15 @@ def test_int8_smollm2_on_shakespeare_agrees_with_float32() -> None:
     agreement = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
     kl = (exact.exp() * (exact - approx)).sum(-1).mean().item()
     assert agreement >= 0.8 and kl <= 0.1, (agreement, kl)
+
+
+def test_a_session_fails_over_between_quantized_and_exact_peers(fake_swarm, connect) -> None:
+    """A replay on a peer of other weights differs within the quantization's error: accepted (quant="any")."""
+    from test_inprocess import run
+
+    swarm = fake_swarm([])
+    quantized = swarm.add(0, 4, throughput=1000.0, quant="int8")
+    swarm.add(0, 4, throughput=1.0)
+    result = run(connect(swarm, quant="any"), {3: lambda session: quantized.kill()})
+    assert result.num_failovers == 1 and result.route[0][0] != quantized.peer_id
+    assert len(result.outputs) == 8
