@@ -77,13 +77,25 @@ def format_report(health: dict[str, Any]) -> str:
     """A table of peers, then the blocks grouped by how many ONLINE peers serve them."""
     num_blocks = health["num_blocks"]
     lines = [f"model {health['model_id']}: {num_blocks} blocks, {len(health['peers'])} peers", ""]
-    header = ("PEER", "STATE", "ADDRESS", "SPAN", "STEPS/S", "BATCHED TOK/S", "LOAD", "FREE CACHE", "NAME")
+    header = (
+        "PEER",
+        "STATE",
+        "ADDRESS",
+        "SPAN",
+        "WEIGHTS",
+        "STEPS/S",
+        "BATCHED TOK/S",
+        "LOAD",
+        "FREE CACHE",
+        "NAME",
+    )
     rows = [
         (
             short_id(peer["peer_id"]),
             peer["state"],
             peer["address"],
             f"[{peer['start']},{peer['end']})",
+            peer["dtype"] if peer["quantization"] == "none" else f"{peer['dtype']}+{peer['quantization']}",
             f"{peer['throughput']:.1f}",
             f"{peer['batch_throughput']:.1f}" if peer["batch_throughput"] else "-",
             f"{peer['num_sessions']} sessions, {peer['queued']} queued",
