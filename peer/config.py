@@ -21,10 +21,10 @@ DEVICE_HELP = (
 )
 QUANT_MODES = ("none", "int8")
 QUANT_HELP = (
-    "weights of the hosted blocks: none (as loaded: the exact path), int8 (int8 linear layers with a scale per "
-    "output channel, CPU and float32 only: half the weight memory, decode about 3x faster on large layers, "
-    "none on small ones like SmolLM2-135M's; outputs are no longer exact, so clients use such peers only "
-    "when they pass quant='any' or 'int8')"
+    "weights of the hosted blocks: none (as loaded: the exact path), int8 (int8 linear layers with a "
+    "scale per output channel, CPU and float32 only: half the weight memory, decode about 3x faster on "
+    "large layers, none on small ones like SmolLM2-135M's; outputs are no longer exact, so clients use "
+    "such peers only when they pass quant='any' or 'int8')"
 )
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
 HOST_HELP = (
@@ -96,6 +96,13 @@ class PeerConfig(BaseModel):
         f"GPU), {', '.join(FLOAT_DTYPE_NAMES)}",
     )
     device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="CPU threads torch computes with; default: torch's choice (one per core). Several peers "
+        "sharing a machine may each take cores / peers",
+    )
     quant: str = Field(default="none", description=QUANT_HELP)
     model_id: str = Field(
         default="", description="the swarm's name for this model; default: derived from MODEL's last part"

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 from hivemind.dht.node import DHTNode
 
 from peer import throughput, wire
@@ -141,6 +142,8 @@ class Peer:
     def __init__(self, config: PeerConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)  # fails here, before anything starts, without one
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.sessions = SessionTable.from_config(config)
         self.scheduler = Scheduler(
