@@ -14,7 +14,9 @@ from protos.tensors import BLOCKWISE_INT8, INT8_BLOCK
 # int8 rtol is relative to the absmax of the element's block, not to the element: one quantization step
 # (absmax / 127: float noise flipped a rounding) plus 1%. Measured: float32 outputs of the same hop's inputs
 # by the cached and the stateless path (1e-6 apart) differ after quantization by at most 1.000 step (tiny
-# Llama over 8 x 34 positions, SmolLM2-135M over 2 x 40).
+# Llama over 8 x 34 positions, SmolLM2-135M over 2 x 40). Outliers sent exactly (protos/tensors.py) still
+# count in this absmax, so the bound is loose in their blocks; re-measured with them, SmolLM2's cached and
+# full-sequence outputs of blocks 10, 20, 29 (2 x 40 positions) differ by at most 0.93 step.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1.3e-6, 1e-5),
     torch.float16: (1e-3, 1e-5),
@@ -31,8 +33,8 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 # Hidden states off by 0.01 everywhere differ by 0.029 or more on the tiny model: caught in float32 and
 # float16, not in bfloat16, and within noise on SmolLM2 (2e-4: its hidden states reach 2e4). Blockwise int8
 # (both sides quantized, so only flipped roundings differ): honest 2.8e-3 (tiny, one step of a 64-value
-# position), 5.9e-4 (SmolLM2 float32), 2.1e-2 (SmolLM2 bfloat16, under bfloat16's own tolerance); off by
-# 0.01 and then quantized, 0.019 or more on the tiny model: caught.
+# position), 5.9e-4 (SmolLM2 float32; 6.5e-4 with outliers sent exactly), 2.1e-2 (SmolLM2 bfloat16, under
+# bfloat16's own tolerance); off by 0.01 and then quantized, 0.019 or more on the tiny model: caught.
 SPOT_CHECK_TOLERANCES: dict[torch.dtype, float] = {
     torch.float32: 1e-3,
     torch.float16: 2e-2,

@@ -107,9 +107,9 @@ class ClientConfig(BaseModel):
     wire_dtype: str | None = Field(
         default=None,
         description="how hidden states travel between client and peers, in bytes per value: float32 (4, "
-        "exact), float16 (2; overflows beyond +-65504), bfloat16 (2), int8 (about 1.06: int8 values and a "
-        "float32 scale per block of 64, error up to half a step of absmax/127 per block; gradients of "
-        "fine-tuning stay float32); default: the peers' dtype",
+        "exact), float16 (2; overflows beyond +-65504), bfloat16 (2), int8 (about 1.36: each row's 1/32 "
+        "largest values exact, the rest int8 with a float32 scale per block of 64, error up to half a step "
+        "of absmax/127 per block; gradients of fine-tuning stay float32); default: the peers' dtype",
     )
 
     @field_validator("initial_peers")

@@ -7,18 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "scales", "block")
+    __slots__ = ("dtype", "shape", "data", "scales", "block", "outlier_index", "outlier_values")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     SCALES_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_VALUES_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     scales: bytes
     block: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ...) -> None: ...
+    outlier_index: bytes
+    outlier_values: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token", "certificate")
