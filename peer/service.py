@@ -22,13 +22,12 @@ from peer.requests import Limits, PushRefused, Served
 from peer.scheduler import Scheduler, StepWork
 from peer.sessions import PeerSession, SessionTable, log_id
 from peer.stats import StepTimes, info_reply
-from peer.status import RequestError, Status, aborts_on_error, status_of
+from peer.status import RequestError, Status, aborts_on_error, encode_output, status_of
 from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.channels import ChannelPool
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord
 from protos.swarm_key import SwarmKey
-from protos.tensors import to_message
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             session.position = parsed.base + length
             session.touch()
             push = bool(session.next_hops) and not step.local_only
-            hidden_message = to_message(output, dtype=session.wire_dtype)  # serialized once for both uses
+            hidden_message = encode_output(output, session.wire_dtype)  # serialized once for both uses
             encoded = time.perf_counter()
             if push:
                 self._spawn(self._push(session, step, hidden_message, session.next_hops[0], deadline))
@@ -360,7 +359,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 chunk_tokens=self.config.compute_chunk_tokens,
                 remaining=context.time_remaining(),
             )
-            return peer_pb2.ForwardReply(hidden=to_message(output, dtype=parsed.reply_dtype))
+            return peer_pb2.ForwardReply(hidden=encode_output(output, parsed.reply_dtype))
 
     @aborts_on_error
     async def Backward(
@@ -377,9 +376,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 chunk_tokens=self.config.compute_chunk_tokens,
                 remaining=context.time_remaining(),
             )
-            reply = peer_pb2.BackwardReply(grad_input=to_message(grad_input, dtype=parsed.hidden.dtype))
+            reply = peer_pb2.BackwardReply(grad_input=encode_output(grad_input, parsed.hidden.dtype))
             if grad_prompts is not None and parsed.prompts is not None:
-                reply.grad_prompts.CopyFrom(to_message(grad_prompts, dtype=parsed.prompts.dtype))
+                reply.grad_prompts.CopyFrom(encode_output(grad_prompts, parsed.prompts.dtype))
             return reply
 
     @contextlib.contextmanager

@@ -10,12 +10,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple, TypeVar
 
 import grpc
+import torch
 
 from peer.cache import RollbackTooFar
 from peer.requests import PositionMismatch, PushRefused
 from peer.scheduler import Expired, Overloaded
 from peer.sessions import NoRoom, SessionExists
+from protos import peer_pb2
 from protos.errors import LIMIT_METADATA_KEY, InvalidInputError, PeerLimitError
+from protos.tensors import to_message
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,15 @@ class RequestError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def encode_output(output: torch.Tensor, dtype: torch.dtype) -> peer_pb2.Tensor:
+    """This peer's own result as a wire message. A result the wire cannot carry (non-finite values in the
+    int8 format) is the peer's fault, not the caller's: INTERNAL, so the client moves to another peer."""
+    try:
+        return to_message(output, dtype=dtype)
+    except InvalidInputError as e:
+        raise RequestError(grpc.StatusCode.INTERNAL, f"this peer's output cannot be sent: {e}") from None
 
 
 class Status(NamedTuple):

@@ -585,6 +585,24 @@ def test_replay_over_int8_reproduces_the_hop_bit_for_bit(fake_swarm, over, caplo
         assert torch.equal(output, want)
 
 
+def test_a_peer_whose_output_int8_cannot_carry_is_failed_over(fake_swarm, over) -> None:
+    """Non-finite outputs cannot travel as int8: the peer says INTERNAL (its own fault, as a NaN result is on
+    a float wire), so the client moves the session to another peer instead of raising to the caller."""
+    swarm = fake_swarm([])
+    broken = swarm.add(0, 4, throughput=1000.0)
+    swarm.add(0, 4, throughput=1.0)
+
+    def nan_outputs(items: list[Any], **kwargs: Any) -> list[torch.Tensor]:
+        return [torch.full_like(item.hidden, float("nan")) for item in items]
+
+    broken.span.forward_batch = nan_outputs  # type: ignore[method-assign]
+    result = run(over(swarm, "int8"))
+    assert result.num_failovers == 1 and result.route[0][0] != broken.peer_id
+    assert (
+        max(_relative(out, want) for out, want in zip(result.outputs, reference(swarm), strict=True)) < 4e-2
+    )
+
+
 @pytest.mark.parametrize("wire", ["float16", "bfloat16", "int8"])
 def test_greedy_generation_over_a_lossy_wire_agrees_with_float32(fake_swarm, over, local, wire: str) -> None:
     """16 greedy tokens equal transformers' in float32 for these prompts. Not for every prompt: a lossy wire
