@@ -1,14 +1,23 @@
-"""`corolla generate`: stream a completion through the swarm to stdout."""
+"""`corolla generate` (stream a completion through the swarm to stdout) and `corolla api` (serve the OpenAI
+HTTP API over the swarm, `client/gateway.py`)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import ipaddress
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+
+from client.config import ClientConfig, GatewayConfig
+from protos.cli import setup_logging, write_ready_file
+from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 
 logger = logging.getLogger(__name__)
 
@@ -100,5 +109,96 @@ def main(argv: Sequence[str], prog: str) -> int:
         print(f"\n{prog}: {e}", file=sys.stderr)
         return 1
     finally:
+        model.shutdown()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) for a "
+        "model whose blocks a swarm serves; the embeddings and LM head run here. Each request is one "
+        "inference "
+        "session. Every option can also be set as a COROLLA_<OPTION> environment variable.",
+    )
+    add_config_arguments(parser, GatewayConfig, positional=["model"])
+    add_config_arguments(parser, ClientConfig)
+    namespace = parser.parse_args(list(argv))
+    try:
+        config = config_from_arguments(GatewayConfig, namespace)
+        client = config_from_arguments(ClientConfig, namespace)
+    except ValidationError as e:
+        parser.error(validation_problems(e))
+    if not client.initial_peers:
+        parser.error("--initial-peers is required: the DHT multiaddresses of the swarm")
+    if config.api_key is None and not config.allow_no_api_key and not _is_loopback(config.host):
+        parser.error(
+            f"listening on {config.host} without --api-key would open the swarm to anyone who reaches the "
+            "port; set --api-key (or COROLLA_API_KEY), or pass --allow-no-api-key"
+        )
+    return config, client
+
+
+def api_main(argv: Sequence[str], prog: str) -> int:
+    """`corolla api`: load the client's modules, join the swarm and serve the gateway until stopped."""
+    config, client = _parse(argv, prog)
+    setup_logging()
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from client.gateway import Gateway
+    from client.model import AutoDistributedModelForCausalLM
+    from protos.errors import CorollaError
+    from protos.records import model_id_from_path
+
+    model_id = client.model_id or model_id_from_path(config.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        options = client.model_dump(exclude={"model_id"})
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            config.model, dtype=config.dtype, model_id=model_id, **options
+        )
+    except (CorollaError, OSError) as e:
+        logger.error("cannot start: %s", e)
+        return 1
+    gateway = Gateway(model, tokenizer, config, name=config.served_model_name or model_id)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            gateway.app(),
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(config.drain_timeout),
+        )
+    )
+
+    async def serve() -> None:
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://{config.host}:{port}/v1"
+            logger.info("serving %s at %s", gateway.name, url)
+            if config.ready_file is not None:
+                write_ready_file(config.ready_file, {"url": url, "port": port, "pid": os.getpid()})
+        await task
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if config.ready_file is not None:
+            config.ready_file.unlink(missing_ok=True)
+        gateway.executor.shutdown(wait=False, cancel_futures=True)
         model.shutdown()
     return 0

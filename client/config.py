@@ -155,3 +155,53 @@ class ClientConfig(BaseModel):
                 f"max_retry_delay ({self.max_retry_delay}) must be >= retry_delay ({self.retry_delay})"
             )
         return self
+
+
+class GatewayConfig(BaseModel):
+    """`corolla api` options (the client's own options, `ClientConfig`, come with them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(
+        description="checkpoint folder (config, tokenizer and the client's weights) or hub name"
+    )
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port; 0 picks a free one")
+    api_key: str | None = Field(
+        default=None,
+        min_length=8,
+        description="clients must send `Authorization: Bearer KEY` (better set as COROLLA_API_KEY than on "
+        "the command line); /health and /ready stay open for probes",
+    )
+    allow_no_api_key: bool = Field(
+        default=False,
+        description="serve on an address other than loopback without --api-key (anyone who reaches the port "
+        "can use the swarm through it)",
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        max_length=256,
+        description="the name clients pass as `model`; default: the swarm's model id",
+    )
+    max_concurrent_requests: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="requests generating at once (each is one session on the peers)",
+    )
+    max_waiting_requests: int = Field(
+        default=64, ge=0, description="requests waiting for a free slot; beyond them a request gets 429"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="longest prompt + completion in tokens; default: the model's context"
+    )
+    max_request_bytes: int = Field(
+        default=4 * 2**20, ge=2**10, description="largest request body; a larger one gets 413"
+    )
+    dtype: str = Field(default="float32", description="dtype of the local embeddings and LM head")
+    drain_timeout: float = Field(
+        default=30.0, gt=0, description="seconds a stopping server gives requests in flight to finish"
+    )
+    ready_file: Path | None = Field(
+        default=None, description="write {url, pid} as JSON here once serving (for tests and supervisors)"
+    )

@@ -7,17 +7,11 @@ import asyncio
 import contextlib
 import ctypes
 import gc
-import json
 import logging
 import os
 import signal
-import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any
 
 import grpc
 import torch
@@ -33,6 +27,7 @@ from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
+from protos.cli import corolla_version, setup_logging, write_ready_file
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.identity import Identity
@@ -55,13 +50,6 @@ KEEPALIVE_PERIOD = 60.0  # seconds between the server's pings on a quiet connect
 KEEPALIVE_TIMEOUT = 20.0  # seconds a pinged client has to answer before its connection is closed
 
 
-def corolla_version() -> str:
-    try:
-        return version("corolla")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_ARENA_MAX = -3, -1, -8  # glibc mallopt parameters
 MALLOC_ARENAS = 2
 MMAP_THRESHOLD_BYTES = 1 << 20
@@ -76,14 +64,6 @@ def return_freed_memory() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD_BYTES)  # free heap tops go back to the system
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)  # gRPC's threads share arenas instead of fragmenting more
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    for noisy in ("hivemind", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def server_options(config: PeerConfig) -> list[tuple[str, int]]:
@@ -109,14 +89,6 @@ def _stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
-
-
-def write_ready_file(path: Path, content: dict[str, Any]) -> None:
-    """Replace `path` with `content` as JSON; written next to it first, so a reader never sees half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        json.dump(content, handle)
-    os.replace(handle.name, path)
 
 
 @dataclass

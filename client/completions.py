@@ -1,0 +1,359 @@
+"""What the OpenAI-compatible gateway (`client/gateway.py`) asks of the model: a request's prompts as token
+ids checked against the model (`Plan`), and its generation by transformers' own `generate()` over the swarm on
+a worker thread, its text, stop sequences, finish reasons and log-probabilities handed out token by token as
+`Delta`s.
+
+Sampling draws from a generator of the request's own (`seed`), so a seeded request gives the same text
+whatever runs beside it; greedy requests (`temperature=0`) are transformers' greedy search, unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from client.openai_types import ChatCompletionRequest, CompletionRequest, Message
+from protos.errors import InvalidInputError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request's generation, checked against the model: prompts as token ids and how to decode."""
+
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[int, float]
+    stop: list[str]
+    logprobs: int | None  # alternatives per token (0: the chosen token's only); None: no log-probabilities
+    echo: bool = False
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
+    """The messages through the model's own chat template, ending with the assistant's turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError("this model has no chat template: use /v1/completions")
+    try:
+        text = tokenizer.apply_chat_template(
+            [m.template_input() for m in messages], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as e:  # jinja's raise_exception() in the template, e.g. roles that must alternate
+        raise InvalidInputError(f"the chat template refused the messages: {e}") from e
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def completion_prompts(tokenizer: PreTrainedTokenizerBase, prompt: CompletionRequest) -> list[list[int]]:
+    """A /v1/completions prompt (text, texts, token ids, lists of token ids) as lists of token ids."""
+    value = prompt.prompt
+    if isinstance(value, str):
+        return [list(tokenizer(value)["input_ids"])]
+    if isinstance(value[0], int):
+        return [list(value)]  # type: ignore[arg-type]
+    return [list(tokenizer(p)["input_ids"]) if isinstance(p, str) else list(p) for p in value]  # type: ignore[union-attr]
+
+
+def make_plan(
+    request: ChatCompletionRequest | CompletionRequest,
+    prompts: list[list[int]],
+    *,
+    context_length: int,
+    vocab_size: int,
+) -> Plan:
+    """Check the prompts and the budget against the model before anything is sent to the swarm."""
+    for ids in prompts:
+        if not ids:
+            raise InvalidInputError("the prompt is empty")
+        if min(ids) < 0 or max(ids) >= vocab_size:
+            raise InvalidInputError(f"prompt token ids must be in 0..{vocab_size - 1}")
+    longest = max(len(ids) for ids in prompts)
+    limit = request.token_limit()
+    max_tokens = context_length - longest if limit is None else limit
+    if longest + max_tokens > context_length or max_tokens < 1:
+        raise ContextLengthError(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{longest + max(max_tokens, 1)} tokens ({longest} in the prompt, {max(max_tokens, 1)} for the "
+            "completion). Please reduce the prompt or the completion length."
+        )
+    bias = request.logit_bias or {}
+    if any(not 0 <= token < vocab_size for token in bias):
+        raise InvalidInputError(f"logit_bias token ids must be in 0..{vocab_size - 1}")
+    chat = isinstance(request, ChatCompletionRequest)
+    return Plan(
+        prompts=prompts,
+        n=request.n,
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias=bias,
+        stop=list(request.stop or []),
+        logprobs=request.logprob_alternatives() if chat else request.logprobs,  # type: ignore[union-attr]
+        echo=not chat and request.echo,  # type: ignore[union-attr]
+    )
+
+
+class ContextLengthError(InvalidInputError):
+    """The prompt and the completion would not fit the model's context (HTTP 400, code context_length)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]  # the most likely tokens at this position, best first
+
+
+@dataclass
+class Delta:
+    """New output of one choice: text, the log-probabilities of the tokens behind it, and (last) why it
+    finished: "stop" (end of turn or a stop sequence), "length" (max_tokens) or "cancelled"."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class _Choice:
+    """One row's text, decoded incrementally (a prefix window, so multi-byte characters and word-initial
+    spaces come out as a full decode gives them), cut at the first stop sequence, holding back any tail that
+    may begin one."""
+
+    def __init__(self, index: int, tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
+        self.index = index
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.sent = 0  # characters of `text` handed out
+        self.tokens = 0  # generated tokens, the one that ended the choice included
+        self.pending: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+
+    def add(self, token: int, is_end: bool, logprob: TokenLogprob | None) -> Delta | None:
+        self.tokens += 1
+        if logprob is not None:
+            self.pending.append(logprob)
+        if is_end:
+            return self.finish("stop")
+        self.ids.append(token)
+        self.text += self._decode_next()
+        cut = min((i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            return self.finish("stop", flush=False)
+        held = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._release(len(self.text) - held)
+
+    def finish(self, reason: str, *, flush: bool = True) -> Delta:
+        if flush:  # the bytes of a character left unfinished, as a full decode shows them
+            decode = self._decode
+            before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+            self.text += decode(self.ids[self.prefix_offset :], skip_special_tokens=True)[len(before) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
+        delta = self._release(len(self.text)) or Delta(self.index)
+        delta.finish_reason = self.finish_reason = reason
+        return delta
+
+    def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def _decode_next(self) -> str:
+        decode = self._decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):  # an incomplete character: wait
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return after[len(before) :]
+
+    def _release(self, end: int) -> Delta | None:
+        if end <= self.sent and not self.pending:
+            return None
+        delta = Delta(self.index, self.text[self.sent : end], self.pending)
+        self.sent, self.pending = max(self.sent, end), []
+        return delta
+
+
+class _Choices(StoppingCriteria):
+    """Runs inside `generate()` after each step (transformers calls stopping criteria with the new tokens
+    appended): turns each row's new token into a `Delta`, and tells `generate()` which rows are done (end of
+    turn, a stop sequence) or that the request was cancelled (all rows)."""
+
+    def __init__(
+        self,
+        choices: list[_Choice],
+        end_ids: frozenset[int],
+        emit: Callable[[Delta], None],
+        cancelled: threading.Event,
+        logprobs: _Logprobs | None,
+    ) -> None:
+        self.choices = choices
+        self.end_ids = end_ids
+        self.emit = emit
+        self.cancelled = cancelled
+        self.logprobs = logprobs
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        tokens = input_ids[:, -1].tolist()
+        for row, (choice, token) in enumerate(zip(self.choices, tokens, strict=True)):
+            if choice.finish_reason is not None:
+                continue
+            logprob = self.logprobs.of(row, token) if self.logprobs is not None else None
+            delta = choice.add(token, token in self.end_ids, logprob)
+            if delta is not None:
+                self.emit(delta)
+        done = [c.finish_reason is not None or self.cancelled.is_set() for c in self.choices]
+        return torch.tensor(done, dtype=torch.bool)  # type: ignore[return-value]
+
+
+class _Logprobs(LogitsProcessor):
+    """First of the processors: keeps the model's log-probabilities of the step (before penalties and
+    temperature, as OpenAI and vLLM report them) for `_Choices` to read once the token is chosen."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, alternatives: int) -> None:
+        self.tokenizer = tokenizer
+        self.alternatives = alternatives
+        self.last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def of(self, row: int, token: int) -> TokenLogprob | None:
+        if self.last is None:
+            return None
+        values = self.last[row]
+        top: list[tuple[str, float]] = []
+        if self.alternatives:
+            best = values.topk(self.alternatives)
+            top = [(self._text(i), float(v)) for v, i in zip(best.values, best.indices.tolist(), strict=True)]
+        return TokenLogprob(self._text(token), float(values[token]), top)
+
+    def _text(self, token: int) -> str:
+        return str(self.tokenizer.decode([token]))
+
+
+class _Penalties(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated so far (not the prompt):
+    logit -= frequency * count + presence * (count > 0)."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self.prompt_length = prompt_length
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)  # type: ignore[return-value]
+
+
+class _LogitBias(LogitsProcessor):
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.tokens = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()  # type: ignore[assignment]
+        scores[:, self.tokens] += self.values.to(scores.dtype)
+        return scores
+
+
+class _Sample(LogitsProcessor):
+    """Last of the processors: draws each row's token from the request's own generator and leaves it the
+    only candidate, so `generate()`'s greedy pick takes it (the global RNG is shared by other requests)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.multinomial(probs, 1, generator=self.generator)
+        picked = torch.full_like(scores, float("-inf"))
+        return picked.scatter_(1, chosen, 0.0)  # type: ignore[return-value]
+
+
+def end_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """The tokens that end a turn: the generation config's EOS ids and the tokenizer's."""
+    ids = model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        found.add(int(tokenizer.eos_token_id))
+    return frozenset(found)
+
+
+def run_plan(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    plan: Plan,
+    emit: Callable[[Delta], None],
+    cancelled: threading.Event,
+) -> int:
+    """Generate every choice of `plan` (blocking; on a worker thread), handing out `Delta`s as tokens come.
+    Returns the completion tokens generated. Choices of prompt i are numbered i * n .. i * n + n - 1."""
+    generator = torch.Generator()
+    if plan.seed is not None:
+        generator.manual_seed(plan.seed)
+    else:
+        generator.seed()
+    stops, ends, completion_tokens = plan.stop, end_ids(model, tokenizer), 0
+    for prompt_index, ids in enumerate(plan.prompts):
+        choices = [_Choice(prompt_index * plan.n + j, tokenizer, stops) for j in range(plan.n)]
+        if plan.echo:
+            text = str(tokenizer.decode(ids, skip_special_tokens=True))
+            for choice in choices:
+                emit(Delta(choice.index, text))
+        processors = LogitsProcessorList()
+        logprobs = _Logprobs(tokenizer, plan.logprobs) if plan.logprobs is not None else None
+        if logprobs is not None:
+            processors.append(logprobs)
+        if plan.presence_penalty or plan.frequency_penalty:
+            processors.append(_Penalties(len(ids), plan.presence_penalty, plan.frequency_penalty))
+        if plan.logit_bias:
+            processors.append(_LogitBias(plan.logit_bias))
+        if plan.temperature > 0:
+            processors.append(TemperatureLogitsWarper(plan.temperature))
+            if plan.top_p < 1.0:
+                processors.append(TopPLogitsWarper(plan.top_p))
+            processors.append(_Sample(generator))
+        tracker = _Choices(choices, ends, emit, cancelled, logprobs)
+        input_ids = torch.tensor([ids] * plan.n, dtype=torch.long)
+        if not cancelled.is_set():
+            model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=plan.max_tokens,
+                do_sample=False,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([tracker]),
+            )
+        for choice in choices:
+            if choice.finish_reason is None:
+                emit(choice.finish("cancelled" if cancelled.is_set() else "length"))
+            completion_tokens += choice.tokens
+    return completion_tokens

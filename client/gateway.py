@@ -1,0 +1,437 @@
+"""`corolla api`: the OpenAI HTTP API over the swarm (FastAPI + uvicorn), backed by the client library.
+
+    GET  /v1/models             the served model
+    POST /v1/chat/completions   the model's own chat template; streamed (server-sent events) or whole
+    POST /v1/completions        text or token-id prompts
+    GET  /health, /ready        the process is up; the swarm serves every block (503 names the gap)
+
+Each request is its own inference session, generated on a worker thread by transformers' `generate()`
+(`client/completions.py`); requests run concurrently and the peers batch them. A client that disconnects
+cancels its generation after the step in flight, which closes its session on every peer. Errors have
+OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from client.completions import (
+    ContextLengthError,
+    Delta,
+    Plan,
+    chat_prompt,
+    completion_prompts,
+    make_plan,
+    run_plan,
+)
+from client.config import GatewayConfig
+from client.errors import PeerFailure, SwarmError, format_ranges
+from client.openai_types import (
+    ChatCompletionRequest,
+    ChatReplies,
+    CompletionReplies,
+    CompletionRequest,
+    Replies,
+    error_body,
+)
+from client.route import missing_blocks
+from protos.errors import CorollaError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT = 10.0  # seconds to read the swarm's coverage before a request or /ready gives up
+
+
+class GatewayError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(
+        self, status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(str(self), self.kind, self.code, self.param), status_code=self.status)
+
+
+def _http_error(error: BaseException) -> GatewayError:
+    """The one map from the client library's errors to HTTP statuses."""
+    if isinstance(error, GatewayError):
+        return error
+    if isinstance(error, ContextLengthError):
+        return GatewayError(400, str(error), kind="invalid_request_error", code="context_length_exceeded")
+    if isinstance(error, InvalidInputError):
+        return GatewayError(400, str(error), kind="invalid_request_error")
+    if isinstance(error, SwarmError):
+        return GatewayError(503, str(error), kind="server_error", code="swarm_unavailable")
+    if isinstance(error, PeerFailure):
+        return GatewayError(
+            502, f"a peer refused the request: {error}", kind="server_error", code="peer_error"
+        )
+    logger.error("request failed", exc_info=error)
+    return GatewayError(500, f"internal error: {type(error).__name__}", kind="server_error")
+
+
+class _End:
+    def __init__(self, completion_tokens: int = 0, error: BaseException | None = None) -> None:
+        self.completion_tokens, self.error = completion_tokens, error
+
+
+class Run:
+    """One request's generation: a worker thread runs `run_plan`, its deltas come out of `deltas()` on the
+    server's loop. Leaving `deltas()` early (the client went away) cancels the generation."""
+
+    def __init__(self, gateway: Gateway, plan: Plan, endpoint: str) -> None:
+        self.gateway, self.plan, self.endpoint = gateway, plan, endpoint
+        self.cancelled = threading.Event()
+        self.queue: asyncio.Queue[Delta | _End] = asyncio.Queue()
+        self.prompt_tokens = sum(len(ids) for ids in plan.prompts)
+        self.completion_tokens = 0
+        self.started = time.perf_counter()
+        self.first_token: float | None = None
+        self.finish_reasons: dict[int, str] = {}
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        def emit(item: Delta | _End) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+        try:
+            emit(_End(run_plan(self.gateway.model, self.gateway.tokenizer, self.plan, emit, self.cancelled)))
+        except BaseException as e:  # handed to the request's handler, which answers with it
+            emit(_End(error=e))
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
+        gateway = self.gateway
+        try:
+            await gateway.slots.acquire()
+        except BaseException:
+            gateway.admitted -= 1
+            raise
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(gateway.executor, self._work, loop)
+        future.add_done_callback(lambda _: gateway.release())
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, _End):
+                    if item.error is not None:
+                        raise item.error
+                    self.completion_tokens = item.completion_tokens
+                    self._log("done")
+                    return
+                if self.first_token is None and item.text:
+                    self.first_token = time.perf_counter()
+                if item.finish_reason is not None:
+                    self.finish_reasons[item.index] = item.finish_reason
+                yield item
+        finally:
+            if not self.cancelled.is_set() and not future.done():
+                self.cancelled.set()
+                self._log("cancelled (client gone)")
+
+    def _log(self, outcome: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        first = self.first_token - self.started if self.first_token is not None else float("nan")
+        rate = self.completion_tokens / elapsed if elapsed > 0 else 0.0
+        logger.info(
+            "request %s endpoint=%s prompt_tokens=%d completion_tokens=%d ttft=%.3fs total=%.3fs "
+            "tokens_per_s=%.1f finish=%s",
+            outcome,
+            self.endpoint,
+            self.prompt_tokens,
+            self.completion_tokens,
+            first,
+            elapsed,
+            rate,
+            ",".join(sorted(set(self.finish_reasons.values()))) or "-",
+        )
+
+
+class Gateway:
+    """The HTTP app over one model loaded with `AutoDistributedModelForCausalLM` (`app()`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: GatewayConfig, *, name: str) -> None:
+        self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        limits = [x for x in (context, config.max_model_len) if x]
+        if not limits:
+            raise InvalidInputError("the model's config names no context length: pass --max-model-len")
+        self.context_length = min(limits)
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="corolla-api")
+        self.slots = asyncio.Semaphore(config.max_concurrent_requests)
+        self.admitted = 0  # requests generating or waiting for a slot
+        self.created = int(time.time())
+
+    def release(self) -> None:
+        self.slots.release()
+        self.admitted -= 1
+
+    def start(self, plan: Plan, endpoint: str) -> Run:
+        """A new run, or 429 when every slot and waiting place is taken."""
+        if self.admitted >= self.config.max_concurrent_requests + self.config.max_waiting_requests:
+            raise GatewayError(
+                429,
+                "the gateway is at its request limit; retry shortly",
+                kind="rate_limit_error",
+                code="busy",
+            )
+        self.admitted += 1
+        return Run(self, plan, endpoint)
+
+    async def check_ready(self) -> int:
+        """The model's number of blocks when usable peers (not banned) serve them all in the client's current
+        view of the swarm; else 503 naming the blocks nobody serves."""
+        swarm = self.model.swarm
+        future = asyncio.run_coroutine_threadsafe(swarm.discovery.view(), swarm.runtime.loop)
+        try:
+            view = await asyncio.wait_for(asyncio.wrap_future(future), READY_TIMEOUT)
+        except TimeoutError:
+            future.cancel()
+            raise GatewayError(
+                503,
+                "the swarm's records could not be read in time",
+                kind="server_error",
+                code="swarm_unavailable",
+            ) from None
+        gaps = missing_blocks(view, banned=swarm.bans.banned())
+        if gaps:
+            raise GatewayError(
+                503,
+                f"the swarm cannot serve {self.name} now: no peer serves blocks {format_ranges(gaps)} "
+                f"(of {view.num_blocks})",
+                kind="server_error",
+                code="swarm_unavailable",
+            )
+        return view.num_blocks
+
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise GatewayError(
+                404,
+                f"The model `{model}` does not exist; this gateway serves `{self.name}`",
+                kind="invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
+
+    async def respond(self, request: Request, plan: Plan, replies: Replies, stream: bool) -> Any:
+        await self.check_ready()
+        run = self.start(plan, request.url.path)
+        if stream:
+            return StreamingResponse(self._events(run, replies), media_type="text/event-stream")
+        collect = asyncio.ensure_future(_collect(run, replies))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not collect.done():  # the client left: stop generating for it
+            collect.cancel()
+            return JSONResponse({}, status_code=499)
+        return collect.result()
+
+    async def _events(self, run: Run, replies: Replies) -> AsyncIterator[str]:
+        deltas = run.deltas()
+        try:
+            for chunk in replies.opening(run.plan):
+                yield _sse(chunk)
+            async for delta in deltas:
+                yield _sse(replies.chunk(delta))
+            if replies.include_usage:
+                yield _sse(replies.usage_chunk(run.prompt_tokens, run.completion_tokens))
+        except Exception as e:  # the status line is sent: the error travels as an event, as OpenAI does
+            error = _http_error(e)
+            yield _sse(error_body(str(error), error.kind, error.code, error.param))
+        finally:
+            await deltas.aclose()
+        yield "data: [DONE]\n\n"
+
+    def app(self) -> ASGIApp:
+        """The FastAPI app, behind the guard (API key, body limit, request log)."""
+        app = FastAPI(title="corolla", docs_url=None, redoc_url=None, openapi_url=None)
+        gateway = self
+
+        async def gateway_error(request: Request, error: Exception) -> JSONResponse:
+            return _http_error(error).response()
+
+        for kind in (GatewayError, CorollaError, Exception):
+            app.add_exception_handler(kind, gateway_error)
+
+        @app.exception_handler(RequestValidationError)
+        async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+            problems = [
+                (".".join(str(p) for p in e.get("loc", ()) if p != "body"), str(e.get("msg", "")))
+                for e in error.errors()
+            ]
+            message = "; ".join(f"{where or 'body'}: {what}" for where, what in problems[:5])
+            param = problems[0][0] if problems and problems[0][0] else None
+            return JSONResponse(error_body(message, "invalid_request_error", None, param), status_code=400)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+            body = error_body(str(error.detail), "invalid_request_error", None, None)
+            return JSONResponse(body, status_code=error.status_code)
+
+        @app.get("/health")
+        async def health() -> dict[str, str]:
+            return {"status": "ok"}
+
+        @app.get("/ready")
+        async def ready() -> dict[str, Any]:
+            return {"status": "ready", "model": gateway.name, "num_blocks": await gateway.check_ready()}
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [gateway.model_card()]}
+
+        @app.get("/v1/models/{name:path}")
+        async def model(name: str) -> dict[str, Any]:
+            gateway.check_model(name)
+            return gateway.model_card()
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+            gateway.check_model(body.model)
+            prompt = chat_prompt(gateway.tokenizer, body.messages)
+            plan = gateway.plan(body, [prompt])
+            replies = ChatReplies(gateway.name, body.include_usage(), logprobs=body.logprobs)
+            return await gateway.respond(request, plan, replies, body.stream)
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request) -> Any:
+            gateway.check_model(body.model)
+            plan = gateway.plan(body, completion_prompts(gateway.tokenizer, body))
+            replies = CompletionReplies(
+                gateway.name, body.include_usage(), logprobs=body.logprobs is not None
+            )
+            return await gateway.respond(request, plan, replies, body.stream)
+
+        return _Guard(app, self)
+
+    def plan(self, body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]) -> Plan:
+        return make_plan(body, prompts, context_length=self.context_length, vocab_size=self.vocab_size)
+
+    def authorized(self, header: bytes | None) -> bool:
+        key = self.config.api_key
+        if key is None:
+            return True
+        scheme, _, given = (header or b"").decode("latin-1").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+
+    def model_card(self) -> dict[str, Any]:
+        return {
+            "id": self.name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "corolla",
+            "max_model_len": self.context_length,
+        }
+
+
+async def _collect(run: Run, replies: Replies) -> JSONResponse:
+    texts: dict[int, list[Delta]] = {}
+    async for delta in run.deltas():
+        texts.setdefault(delta.index, []).append(delta)
+    return JSONResponse(replies.whole(run.plan, texts, run.prompt_tokens, run.completion_tokens))
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes its connection (the body was read: the next message is the end)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+class _Guard:
+    """In front of the app: the API key (on /v1/), the body limit (413 before a larger body is read whole)
+    and one log line per request with its status and time (a stream's time runs to its last event)."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+        self.limit = gateway.config.max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 0
+
+        async def logged(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                raise HTTPException(413, f"request bodies are limited to {self.limit} bytes")
+            return message
+
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length", b"0")
+        try:
+            if scope["path"].startswith("/v1/") and not self.gateway.authorized(
+                headers.get(b"authorization")
+            ):
+                await _send_error(
+                    logged,
+                    GatewayError(
+                        401,
+                        "a valid API key is required (Authorization: Bearer KEY)",
+                        kind="invalid_request_error",
+                        code="invalid_api_key",
+                    ),
+                )
+            elif not declared.isdigit() or int(declared) > self.limit:
+                await _send_error(
+                    logged,
+                    GatewayError(
+                        413,
+                        f"request bodies are limited to {self.limit} bytes",
+                        kind="invalid_request_error",
+                        code="request_too_large",
+                    ),
+                )
+            else:
+                await self.app(scope, limited, logged)
+        finally:
+            logger.info(
+                "%s %s %d %.3fs",
+                scope.get("method", ""),
+                scope["path"],
+                status,
+                time.perf_counter() - started,
+            )
+
+
+async def _send_error(send: Send, error: GatewayError) -> None:
+    data = json.dumps(error_body(str(error), error.kind, error.code, error.param)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,305 @@
+"""OpenAI's shapes for the gateway: the request bodies of `/v1/chat/completions` and `/v1/completions` as
+strict pydantic models (OpenAI's defaults and ranges), and the replies: whole responses, stream chunks
+(`chat.completion.chunk`, `text_completion`), usage, log-probabilities and errors, built from `Delta`s."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from client.completions import Delta, Plan, TokenLogprob
+
+MAX_CHOICES = 16  # n (times the prompts of a /v1/completions request)
+MAX_STOP = 4  # stop sequences, as OpenAI allows
+MAX_STOP_CHARS = 256
+MAX_TOP_LOGPROBS = 20  # alternatives per token (chat); /v1/completions allows 5, as OpenAI does
+MAX_LOGIT_BIAS = 300  # entries of logit_bias
+
+
+class _Strict(BaseModel):
+    """Unknown fields are refused (400) rather than silently ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=64)
+
+    def template_input(self) -> dict[str, str]:
+        """The message as chat templates take it: the text parts joined; `developer` is a system message."""
+        content = self.content
+        text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
+        role = "system" if self.role == "developer" else self.role
+        return {"role": role, "content": text} | ({"name": self.name} if self.name else {})
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text"]  # json_object / json_schema need constrained decoding: refused by validation
+
+
+class SamplingRequest(_Strict):
+    """The fields both endpoints share, with OpenAI's defaults and ranges."""
+
+    model: str = Field(max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    user: str | None = Field(default=None, max_length=256)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, stop: str | list[str] | None) -> list[str]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not 0 < len(s) <= MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"each stop sequence has 1..{MAX_STOP_CHARS} characters")
+        return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[int, float] | None) -> dict[int, float] | None:
+        if bias and any(not -100.0 <= value <= 100.0 for value in bias.values()):
+            raise ValueError("logit_bias values are in -100..100")
+        return bias
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[Message] = Field(min_length=1, max_length=4096)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprob_alternatives(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this endpoint
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        prompts = 1 if isinstance(self.prompt, str) or isinstance(self.prompt[0], int) else len(self.prompt)
+        if prompts * self.n > MAX_CHOICES:
+            raise ValueError(f"prompts x n is at most {MAX_CHOICES}")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs (log-probabilities of the prompt) is not supported")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+
+def error_body(message: str, kind: str, code: str | None, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class Replies:
+    """What both endpoints share: the response id, creation time, model name and the usage chunk."""
+
+    prefix = ""
+    object_name = ""
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def _head(self, object_name: str) -> dict[str, Any]:
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model}
+
+    def opening(self, plan: Plan) -> list[dict[str, Any]]:
+        """Chunks sent before the first token."""
+        return []
+
+    def chunk(self, delta: Delta) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def whole(
+        self, plan: Plan, deltas: dict[int, list[Delta]], prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        return self._head(self.object_name) | {
+            "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+
+def _choices(plan: Plan, deltas: dict[int, list[Delta]]) -> list[tuple[int, str, list[TokenLogprob], str]]:
+    """(index, text, log-probabilities, finish reason) of every choice, in index order."""
+    merged = []
+    for index in range(len(plan.prompts) * plan.n):
+        parts = deltas.get(index, [])
+        finish = next((d.finish_reason for d in reversed(parts) if d.finish_reason), "length")
+        merged.append(
+            (index, "".join(d.text for d in parts), [lp for d in parts for lp in d.logprobs], finish)
+        )
+    return merged
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+class ChatReplies(Replies):
+    prefix = "chatcmpl"
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, model: str, include_usage: bool, *, logprobs: bool) -> None:
+        super().__init__(model, include_usage)
+        self.logprobs = logprobs
+
+    def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        return {
+            "content": [
+                _token_entry(e.token, e.logprob) | {"top_logprobs": [_token_entry(t, lp) for t, lp in e.top]}
+                for e in entries
+            ]
+        }
+
+    def opening(self, plan: Plan) -> list[dict[str, Any]]:
+        return [
+            self._head(self.object_name)
+            | {
+                "choices": [
+                    {
+                        "index": index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ]
+            }
+            for index in range(len(plan.prompts) * plan.n)
+        ]
+
+    def chunk(self, delta: Delta) -> dict[str, Any]:
+        content = {"content": delta.text} if delta.text or delta.finish_reason is None else {}
+        choice = {
+            "index": delta.index,
+            "delta": content,
+            "logprobs": self._logprobs(delta.logprobs) if delta.logprobs else None,
+            "finish_reason": delta.finish_reason,
+        }
+        return self._head(self.object_name) | {"choices": [choice]}
+
+    def whole(
+        self, plan: Plan, deltas: dict[int, list[Delta]], prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": self._logprobs(entries),
+                "finish_reason": finish,
+            }
+            for index, text, entries, finish in _choices(plan, deltas)
+        ]
+        return self._head("chat.completion") | {
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
+
+
+class CompletionReplies(Replies):
+    prefix = "cmpl"
+    object_name = "text_completion"
+
+    def __init__(self, model: str, include_usage: bool, *, logprobs: bool) -> None:
+        super().__init__(model, include_usage)
+        self.logprobs = logprobs
+        self.offsets: dict[int, int] = {}  # characters of each choice's text so far (text_offset)
+
+    def _logprobs(self, index: int, entries: list[TokenLogprob], start: int) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        offsets, at = [], start
+        for entry in entries:
+            offsets.append(at)
+            at += len(entry.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries],
+            "text_offset": offsets,
+        }
+
+    def chunk(self, delta: Delta) -> dict[str, Any]:
+        start = self.offsets.get(delta.index, 0)
+        self.offsets[delta.index] = start + len(delta.text)
+        choice = {
+            "index": delta.index,
+            "text": delta.text,
+            "logprobs": self._logprobs(delta.index, delta.logprobs, start) if delta.logprobs else None,
+            "finish_reason": delta.finish_reason,
+        }
+        return self._head(self.object_name) | {"choices": [choice]}
+
+    def whole(
+        self, plan: Plan, deltas: dict[int, list[Delta]], prompt_tokens: int, completion_tokens: int
+    ) -> dict[str, Any]:
+        choices = [
+            {
+                "index": index,
+                "text": text,
+                "logprobs": self._logprobs(index, entries, 0),
+                "finish_reason": finish,
+            }
+            for index, text, entries, finish in _choices(plan, deltas)
+        ]
+        return self._head("text_completion") | {
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+        }
