@@ -1,18 +1,22 @@
 """`make demo`: a local swarm (a DHT bootstrap and 3 peers on 127.0.0.1) serving SmolLM2-135M-Instruct;
-streams a chat answer through it, shows the route and the speed next to local transformers."""
+streams a chat answer through it, shows the route and the speed next to local transformers, then asks the
+same through the OpenAI-compatible gateway (`corolla api`) and shows how to talk to it."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
 from client.errors import short_id
-from client.local_swarm import running
+from client.local_swarm import LocalSwarm, running, start_api
 from client.model import AutoDistributedModelForCausalLM
 from protos.cli import emit
 from protos.prepare import prepare_default_model
@@ -81,7 +85,43 @@ def main() -> int:
         emit(f"through the swarm: {swarm_speed:.1f} tokens/s, local transformers: {local_speed:.1f} tokens/s")
         same = torch.equal(swarm_out, local_out)
         emit(f"same tokens as local transformers: {'yes' if same else 'NO'}")
-    return 0 if same else 1
+        answer = tokenizer.decode(swarm_out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        same_text = _through_the_api(swarm, model_dir, args.prompt, args.max_new_tokens) == answer
+        emit(f"same text through the OpenAI API: {'yes' if same_text else 'NO'}")
+    return 0 if same and same_text else 1
+
+
+def _through_the_api(swarm: LocalSwarm, model_dir: Path, prompt: str, max_tokens: int) -> str:
+    """Start `corolla api` on the swarm, ask `prompt` over HTTP, print how to do the same; the answer."""
+    emit("\nstarting the OpenAI-compatible gateway (corolla api) on 127.0.0.1 ...")
+    api = start_api(swarm.log_dir, model_dir, swarm.initial_peers)
+    try:
+        body = {
+            "model": model_dir.name,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+        }
+        request = urllib.request.Request(
+            api.address + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=300) as reply:
+            answer = str(json.load(reply)["choices"][0]["message"]["content"])
+        emit(f"POST {api.address}/chat/completions -> {answer!r}")
+        emit(
+            "\ntalk to a swarm like to OpenAI: run `corolla api MODEL --initial-peers MADDR...`, then\n"
+            f"  curl {api.address}/chat/completions -H 'Content-Type: application/json' \\\n"
+            f'    -d \'{{"model": "{model_dir.name}", "messages": [{{"role": "user", "content": "Hi!"}}], '
+            '"stream": true}\'\n'
+            "or, with the openai SDK:\n"
+            f'  OpenAI(base_url="{api.address}", api_key="unused").chat.completions.create(\n'
+            f'      model="{model_dir.name}", messages=[{{"role": "user", "content": "Hi!"}}])'
+        )
+        return answer
+    finally:
+        api.stop()
 
 
 if __name__ == "__main__":

@@ -162,6 +162,22 @@ def start_peers(
     return started
 
 
+def start_api(
+    log_dir: Path,
+    model: Path | str,
+    initial_peers: list[str],
+    *extra: str,
+    env: dict[str, str] | None = None,
+) -> LocalProcess:
+    """A `corolla api` gateway on a free port of 127.0.0.1 (with `extra` options), ready to be called; its
+    `address` is the base URL (http://127.0.0.1:PORT/v1)."""
+    args = ["api", str(model), "--host", "127.0.0.1", "--port", "0", "--initial-peers", *initial_peers]
+    args += extra
+    process = _spawn(args, log_dir / "api.log", env)
+    process.address = str(_wait_ready(process, STARTUP_TIMEOUT)["url"])
+    return process
+
+
 @dataclass
 class LocalSwarm:
     """A DHT bootstrap and the peers started under it, all serving `model`; `running()` stops them."""

@@ -1,6 +1,6 @@
-"""A tiny chat model for gateway tests: the tiny Llama's weights with a byte-level tokenizer built in code (one
-token per byte, so every id the random model picks decodes, multi-byte characters split across tokens) and a
-ChatML template, as SmolLM2 has; no download."""
+"""A tiny chat model for gateway tests: the tiny Llama's weights with a byte-level tokenizer built in code
+(one token per byte, so every id the random model picks decodes, multi-byte characters split across tokens)
+and a ChatML template, as SmolLM2 has; no download."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
+from families import VOCAB
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
-
-from families import VOCAB
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2; <|im_end|> ends a turn
 CHAT_TEMPLATE = (
@@ -22,7 +21,11 @@ CHAT_TEMPLATE = (
 
 def _bytes_to_symbols() -> dict[int, str]:
     """GPT-2's printable stand-in for every byte (what the ByteLevel pre-tokenizer and decoder use)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     symbols, extra = {}, 0
     for byte in range(256):
         if byte in printable:
