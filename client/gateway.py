@@ -21,11 +21,13 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -45,8 +47,10 @@ from client.openai_types import (
     ChatReplies,
     CompletionReplies,
     CompletionRequest,
+    GatewayError,
     Replies,
     error_body,
+    sse_event,
 )
 from client.route import missing_blocks
 from protos.errors import CorollaError, InvalidInputError
@@ -56,17 +60,9 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0  # seconds to read the swarm's coverage before a request or /ready gives up
 
 
-class GatewayError(Exception):
-    """An HTTP error in OpenAI's shape."""
-
-    def __init__(
-        self, status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.kind, self.code, self.param = status, kind, code, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(error_body(str(self), self.kind, self.code, self.param), status_code=self.status)
+def _error_response(error: GatewayError) -> JSONResponse:
+    body = error_body(str(error), error.kind, error.code, error.param)
+    return JSONResponse(body, status_code=error.status)
 
 
 def _http_error(error: BaseException) -> GatewayError:
@@ -87,14 +83,16 @@ def _http_error(error: BaseException) -> GatewayError:
     return GatewayError(500, f"internal error: {type(error).__name__}", kind="server_error")
 
 
+@dataclass
 class _End:
-    def __init__(self, completion_tokens: int = 0, error: BaseException | None = None) -> None:
-        self.completion_tokens, self.error = completion_tokens, error
+    completion_tokens: int = 0
+    error: BaseException | None = None
 
 
 class Run:
-    """One request's generation: a worker thread runs `run_plan`, its deltas come out of `deltas()` on the
-    server's loop. Leaving `deltas()` early (the client went away) cancels the generation."""
+    """One request's generation: `begin` starts `run_plan` on a worker thread once a slot is free, its deltas
+    come out of `deltas()` on the server's loop. Leaving `deltas()` early or `cancel()` (the client went
+    away) stops the generation."""
 
     def __init__(self, gateway: Gateway, plan: Plan, endpoint: str) -> None:
         self.gateway, self.plan, self.endpoint = gateway, plan, endpoint
@@ -105,6 +103,7 @@ class Run:
         self.started = time.perf_counter()
         self.first_token: float | None = None
         self.finish_reasons: dict[int, str] = {}
+        self.future: asyncio.Future[None] | None = None
 
     def _work(self, loop: asyncio.AbstractEventLoop) -> None:
         def emit(item: Delta | _End) -> None:
@@ -115,7 +114,8 @@ class Run:
         except BaseException as e:  # handed to the request's handler, which answers with it
             emit(_End(error=e))
 
-    async def deltas(self) -> AsyncGenerator[Delta, None]:
+    async def begin(self) -> None:
+        """Wait for a free slot, then start generating on a worker thread."""
         gateway = self.gateway
         try:
             await gateway.slots.acquire()
@@ -123,8 +123,16 @@ class Run:
             gateway.admitted -= 1
             raise
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(gateway.executor, self._work, loop)
-        future.add_done_callback(lambda _: gateway.release())
+        self.future = loop.run_in_executor(gateway.executor, self._work, loop)
+        self.future.add_done_callback(lambda _: gateway.release())
+
+    def cancel(self) -> None:
+        """Stop generating after the step in flight (its session then closes on every peer)."""
+        if self.future is not None and not self.future.done() and not self.cancelled.is_set():
+            self.cancelled.set()
+            self._log("cancelled (client gone)")
+
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
         try:
             while True:
                 item = await self.queue.get()
@@ -140,9 +148,7 @@ class Run:
                     self.finish_reasons[item.index] = item.finish_reason
                 yield item
         finally:
-            if not self.cancelled.is_set() and not future.done():
-                self.cancelled.set()
-                self._log("cancelled (client gone)")
+            self.cancel()
 
     def _log(self, outcome: str) -> None:
         elapsed = time.perf_counter() - self.started
@@ -233,8 +239,12 @@ class Gateway:
     async def respond(self, request: Request, plan: Plan, replies: Replies, stream: bool) -> Any:
         await self.check_ready()
         run = self.start(plan, request.url.path)
-        if stream:
-            return StreamingResponse(self._events(run, replies), media_type="text/event-stream")
+        await run.begin()
+        if stream:  # after the stream, finished or cut by the client: `cancel` is then a no-op or stops it
+            events = self._events(run, replies)
+            return StreamingResponse(
+                events, media_type="text/event-stream", background=BackgroundTask(run.cancel)
+            )
         collect = asyncio.ensure_future(_collect(run, replies))
         gone = asyncio.ensure_future(_disconnected(request))
         try:
@@ -243,6 +253,7 @@ class Gateway:
             gone.cancel()
         if not collect.done():  # the client left: stop generating for it
             collect.cancel()
+            run.cancel()
             return JSONResponse({}, status_code=499)
         return collect.result()
 
@@ -250,14 +261,14 @@ class Gateway:
         deltas = run.deltas()
         try:
             for chunk in replies.opening(run.plan):
-                yield _sse(chunk)
+                yield sse_event(chunk)
             async for delta in deltas:
-                yield _sse(replies.chunk(delta))
+                yield sse_event(replies.chunk(delta))
             if replies.include_usage:
-                yield _sse(replies.usage_chunk(run.prompt_tokens, run.completion_tokens))
+                yield sse_event(replies.usage_chunk(run.prompt_tokens, run.completion_tokens))
         except Exception as e:  # the status line is sent: the error travels as an event, as OpenAI does
             error = _http_error(e)
-            yield _sse(error_body(str(error), error.kind, error.code, error.param))
+            yield sse_event(error_body(str(error), error.kind, error.code, error.param))
         finally:
             await deltas.aclose()
         yield "data: [DONE]\n\n"
@@ -268,7 +279,7 @@ class Gateway:
         gateway = self
 
         async def gateway_error(request: Request, error: Exception) -> JSONResponse:
-            return _http_error(error).response()
+            return _error_response(_http_error(error))
 
         for kind in (GatewayError, CorollaError, Exception):
             app.add_exception_handler(kind, gateway_error)
@@ -308,7 +319,8 @@ class Gateway:
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Any:
             gateway.check_model(body.model)
-            prompt = chat_prompt(gateway.tokenizer, body.messages)
+            # templating and tokenizing a long prompt takes a while: off the loop that streams the others
+            prompt = await asyncio.to_thread(chat_prompt, gateway.tokenizer, body.messages)
             plan = gateway.plan(body, [prompt])
             replies = ChatReplies(gateway.name, body.include_usage(), logprobs=body.logprobs)
             return await gateway.respond(request, plan, replies, body.stream)
@@ -316,7 +328,7 @@ class Gateway:
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Any:
             gateway.check_model(body.model)
-            plan = gateway.plan(body, completion_prompts(gateway.tokenizer, body))
+            plan = gateway.plan(body, await asyncio.to_thread(completion_prompts, gateway.tokenizer, body))
             replies = CompletionReplies(
                 gateway.name, body.include_usage(), logprobs=body.logprobs is not None
             )
@@ -357,10 +369,6 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 class _Guard:

@@ -4,6 +4,7 @@ strict pydantic models (OpenAI's defaults and ranges), and the replies: whole re
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,6 +128,21 @@ class CompletionRequest(SamplingRequest):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+class GatewayError(Exception):
+    """An HTTP error in OpenAI's shape: status, message, `type` (kind), `code` and `param`."""
+
+    def __init__(
+        self, status: int, message: str, *, kind: str, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+
+def sse_event(payload: dict[str, Any]) -> str:
+    """One server-sent event carrying `payload` as compact JSON."""
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def error_body(message: str, kind: str, code: str | None, param: str | None) -> dict[str, Any]:
