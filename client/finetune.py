@@ -48,6 +48,7 @@ class HopInput:
     end: int
     hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, as decoded from the wire dtype
     hop: Hop | None = None  # the peer that ran the forward: the backward tries it first
+    mask: torch.Tensor | None = None  # the pass's attention mask [batch, seq] (int64 0/1); None: no padding
 
 
 class RemoteSpans:
@@ -59,10 +60,17 @@ class RemoteSpans:
         self.wire_dtype = wire_dtype_from_name(swarm.wire_dtype)  # of hidden states; BLOCKWISE_INT8: "int8"
         self.dtype = decoded_dtype(self.wire_dtype)  # of what comes back, and of gradients and prompts sent
 
-    def __call__(self, hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`hidden` [batch, seq, hidden] through every block; `prompts` [num_blocks, batch or 1, pre_seq_len,
-        hidden] are added to the first positions entering each block. Gradients flow to both."""
-        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self)
+        hidden] are added to the first positions entering each block; `mask` [batch, seq] marks padding (0)
+        as transformers' attention_mask does. Gradients flow to hidden and prompts."""
+        if mask is not None and bool(mask.all()):
+            mask = None  # nothing padded: sent as an unpadded pass (peers batch those together)
+        elif mask is not None:
+            mask = mask.to(device="cpu", dtype=torch.int64)
+        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self, mask)
         return output
 
     async def aforward(
@@ -72,6 +80,7 @@ class RemoteSpans:
         *,
         start: int = 0,
         end: int | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[HopInput]]:
         """Blocks [start, end) hop by hop; returns the output (in `hidden`'s dtype) and each hop's input."""
         view = await self.swarm.discovery.view()
@@ -82,10 +91,10 @@ class RemoteSpans:
         while block < end:
 
             async def forward(route: list[Hop], inputs: torch.Tensor = current) -> tuple[Hop, torch.Tensor]:
-                return route[0], await self._forward_hop(route[0], inputs, prompts)
+                return route[0], await self._forward_hop(route[0], inputs, prompts, mask)
 
             hop, output = await self._retrying("forward", block, end, current, forward)
-            hops.append(HopInput(hop.start, hop.end, current, hop))
+            hops.append(HopInput(hop.start, hop.end, current, hop, mask))
             current, block = output.to(self.dtype), hop.end
         return current.to(hidden.dtype), hops
 
@@ -111,7 +120,9 @@ class RemoteSpans:
             if len(route) > 1:
                 # the span now takes several hops (say its peer died): recompute their inputs first
                 logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))
-                _, inner = await self.aforward(span.hidden, prompts, start=span.start, end=span.end)
+                _, inner = await self.aforward(
+                    span.hidden, prompts, start=span.start, end=span.end, mask=span.mask
+                )
                 result = grad
                 for hop_input in reversed(inner):
                     result = await self._backward_span(hop_input, result, prompts, grad_prompts)
@@ -148,12 +159,12 @@ class RemoteSpans:
                 await retries.failed(error)
 
     async def _forward_hop(
-        self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None
+        self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None, mask: torch.Tensor | None
     ) -> torch.Tensor:
         request = peer_pb2.ForwardRequest(
             start=hop.start, end=hop.end, hidden=to_message(hidden, dtype=self.wire_dtype)
         )
-        reply = await self._call(hop, "Forward", request, prompts)
+        reply = await self._call(hop, "Forward", request, prompts, mask)
         return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
     async def _backward_hop(
@@ -170,7 +181,7 @@ class RemoteSpans:
             hidden=to_message(span.hidden, dtype=self.wire_dtype),  # the bytes its forward was sent
             grad_output=to_message(grad),
         )
-        reply = await self._call(hop, "Backward", request, prompts)
+        reply = await self._call(hop, "Backward", request, prompts, span.mask)
         # gradients overflow honestly in fp16, and a non-finite gradient sent gives one back (loss scaling
         # expects to see both); anything else non-finite is the peer's fault
         finite = self.wire_dtype != torch.float16 and bool(torch.isfinite(grad).all())
@@ -181,11 +192,15 @@ class RemoteSpans:
             grad_prompts[hop.start : hop.end] += piece.float()
         return grad_input.to(self.dtype)
 
-    async def _call(self, hop: Hop, rpc: str, request: Any, prompts: torch.Tensor | None) -> Any:
+    async def _call(
+        self, hop: Hop, rpc: str, request: Any, prompts: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> Any:
         """The stateless `rpc` ("Forward" or "Backward") on `hop`, with its blocks' share of the per-block
-        prompts; a gRPC error becomes the hop's `PeerFailure`."""
+        prompts and the attention mask; a gRPC error becomes the hop's `PeerFailure`."""
         if prompts is not None:
             request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.dtype))
+        if mask is not None:
+            request.attention_mask.CopyFrom(to_message(mask))
         call = getattr(self.swarm.channels.stub(hop.address, hop.certificate), rpc)
         try:
             return await call(request, timeout=self.config.forward_timeout)
@@ -216,24 +231,28 @@ class _ThroughSwarm(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, hidden: torch.Tensor, prompts: torch.Tensor | None, remote: RemoteSpans
+        ctx: Any,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        remote: RemoteSpans,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         detached = None if prompts is None else prompts.detach()
-        output, hops = remote.swarm.runtime.run(remote.aforward(hidden.detach(), detached))
+        output, hops = remote.swarm.runtime.run(remote.aforward(hidden.detach(), detached, mask=mask))
         ctx.remote, ctx.hops, ctx.prompts = remote, hops, detached
         return output
 
     @staticmethod
     def backward(
         ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         remote: RemoteSpans = ctx.remote
         grad_input, grad_prompts = remote.swarm.runtime.run(
             remote.abackward(ctx.hops, grad_output, ctx.prompts)
         )
         if grad_prompts is not None and ctx.prompts is not None:
             grad_prompts = grad_prompts.to(ctx.prompts.dtype)
-        return grad_input, grad_prompts, None
+        return grad_input, grad_prompts, None, None
 
 
 class PromptTuning(nn.Module):

@@ -5,6 +5,8 @@ losses and training work as with transformers."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -46,9 +48,22 @@ from protos.records import model_id_from_path
 logger = logging.getLogger(__name__)
 
 
-def _refuse_padding(mask: Any) -> None:
-    if isinstance(mask, torch.Tensor) and not bool(mask.all()):
-        raise InvalidInputError("padded batches are not supported over the swarm yet; send rows separately")
+# the 2D attention mask of the model call running on this thread: its block-0 slot sends it to the peers
+_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("corolla_mask", default=None)
+
+
+def _padding_mask(mask: Any) -> torch.Tensor | None:
+    """transformers' 2D attention_mask [batch, positions] of 0 (padding) and 1, on the CPU as int64; None
+    when there is none or nothing is padding."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2:
+        raise InvalidInputError("attention_mask must be a 2D tensor [batch, positions] of 0 and 1")
+    if bool(mask.all()):
+        return None
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InvalidInputError("attention_mask holds values other than 0 and 1")
+    return mask.to(device="cpu", dtype=torch.int64)
 
 
 class DistributedModelMixin:
@@ -78,13 +93,15 @@ class DistributedModelMixin:
                         else cache.session.position
                     )
                     positions = torch.arange(start, start + seq).expand(batch, -1)
-                output = cache.step(hidden, positions.expand(batch, -1), swarm.runtime)
+                mask = _MASK.get()
+                new = None if mask is None else mask[:, -seq:]  # the peers keep the earlier positions' mask
+                output = cache.step(hidden, positions.expand(batch, -1), swarm.runtime, new)
                 hidden = output.to(hidden.device)  # the client's modules may be on an accelerator
             elif cache is None:
                 # differentiable: a loss on the output backpropagates through the peers to the client
                 tuning = getattr(self, "prompt_tuning", None)
                 prompts = tuning.remote_prompts() if tuning is not None else None
-                hidden = swarm.remote(hidden, prompts).to(hidden.device)
+                hidden = swarm.remote(hidden, prompts, _MASK.get()).to(hidden.device)
             else:
                 raise InvalidInputError(
                     f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
@@ -95,7 +112,14 @@ class DistributedModelMixin:
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is None:
             kwargs["use_cache"] = False  # a plain forward is stateless: one Forward per hop, no session
-        _refuse_padding(kwargs.get("attention_mask"))
+        token = _MASK.set(None)  # set by `_forward` once prompts (if any) are in front of the inputs
+        try:
+            return self._forward(*args, **kwargs)
+        finally:
+            _MASK.reset(token)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        _MASK.set(_padding_mask(kwargs.get("attention_mask")))
         tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
         if tuning is None and self._causal:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
@@ -107,14 +131,20 @@ class DistributedModelMixin:
             if input_ids is None:
                 raise InvalidInputError("pass input_ids or inputs_embeds")
             embeds = self.get_input_embeddings()(input_ids)  # type: ignore[attr-defined]
-        if tuning is None:  # a classifier pools the last position of an unpadded batch
-            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]
+        if tuning is None:
+            if _MASK.get() is not None and input_ids is not None:  # pools each row's last non-pad token
+                return super().forward(input_ids=input_ids, **kwargs)  # type: ignore[misc]
+            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]  # the last position
         if self._placeholders:  # generate(): the first pre_seq_len positions stand for the prompts
             cache = kwargs.get("past_key_values")
             if cache is None or cache.get_seq_length() == 0:
                 embeds = tuning.replace_placeholders(embeds)
             return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]
-        output = super().forward(**tuning.prepend(embeds, kwargs, extend_labels=self._causal))  # type: ignore[misc]
+        if not self._causal and _MASK.get() is not None:
+            raise InvalidInputError("a classifier with tuned prompts takes unpadded batches only")
+        prepended = tuning.prepend(embeds, kwargs, extend_labels=self._causal)
+        _MASK.set(_padding_mask(prepended.get("attention_mask")))
+        output = super().forward(**prepended)  # type: ignore[misc]
         if self._causal and getattr(output, "logits", None) is not None:
             output.logits = output.logits[:, tuning.pre_seq_len :]  # logits of the caller's positions only
         return output
@@ -166,7 +196,6 @@ class DistributedModelMixin:
     def _generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("past_key_values") is not None:
             return super().generate(inputs, *args, **kwargs)  # type: ignore[misc]
-        _refuse_padding(kwargs.get("attention_mask"))
         if self._active_session is not None:
             return super().generate(  # type: ignore[misc]
                 inputs, *args, past_key_values=RemoteCache(self._active_session), **kwargs
@@ -242,7 +271,8 @@ class AutoDistributedModelForCausalLM:
 class AutoDistributedModelForSequenceClassification:
     """The family's `*ForSequenceClassification` over the swarm: a trainable float32 head (new, initialized
     as transformers does) on the client's last position, optionally with tuned prompts as for a causal LM.
-    Batches must be unpadded (every row the same length)."""
+    A padded batch (`attention_mask`) is pooled at each row's last token that is not the config's
+    pad_token_id, as transformers does; with tuned prompts, batches must be unpadded."""
 
     @classmethod
     def from_pretrained(
@@ -304,8 +334,17 @@ class AutoDistributedModelForSequenceClassification:
 
 
 def _distributed(family_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The family's class with the swarm mixed in (its own forward, post-block code and `generate()`)."""
-    return type(f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {})
+    """The family's class with the swarm mixed in (its own forward, post-block code and `generate()`).
+    Its `forward` shows the family's signature: `generate()` reads it to pass position ids derived from the
+    attention mask (left padding), as it does for the family's own model."""
+
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return DistributedModelMixin.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.signature(family_class.forward)  # type: ignore[attr-defined]
+    return type(
+        f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {"forward": forward}
+    )
 
 
 def _new_head(model: PreTrainedModel, name: str) -> torch.nn.Module:

@@ -74,9 +74,17 @@ class RemoteCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("selecting rows of a remote cache is not supported")
 
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    def step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        runtime: Runtime,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Send a step of new positions (with their attention `mask`, None: all real) through the swarm."""
         beam, rollback = self.pending_beam, self.pending_rollback
-        output = runtime.run(self.session.astep(hidden, positions, beam_indices=beam, rollback_to=rollback))
+        step = self.session.astep(hidden, positions, beam_indices=beam, rollback_to=rollback, mask=mask)
+        output = runtime.run(step)
         self.pending_beam = self.pending_rollback = None
         self._length.length = self.session.position
         return output

@@ -48,6 +48,7 @@ class StepLog:
     beam_indices: torch.Tensor | None
     rollback_to: int | None
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> hidden entering it [b, t, h]
+    mask: torch.Tensor | None = None  # attention mask of the new positions [batch, new_positions]; None: real
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,11 @@ class InferenceSession:
         *,
         beam_indices: torch.Tensor | None = None,
         rollback_to: int | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Send new positions through every hop; returns the last hop's output [batch, seq, hidden]."""
+        """Send new positions through every hop; returns the last hop's output [batch, seq, hidden].
+        `mask` [batch, seq] marks the new positions that are padding (0), as transformers' attention_mask;
+        the peers keep it with their caches."""
         if self.closed:
             raise InvalidInputError("the inference session is closed")
         base = self.position if rollback_to is None else rollback_to
@@ -115,7 +119,10 @@ class InferenceSession:
                 f"step of {hidden.shape[1]} positions at {base} does not fit the session "
                 f"(holds {self.position}, max_length {self.max_length})"
             )
-        log = StepLog(base, positions.to(torch.int64), beam_indices, rollback_to, {0: hidden})
+        if mask is not None and tuple(mask.shape) != tuple(hidden.shape[:2]):
+            raise InvalidInputError(f"mask must be {list(hidden.shape[:2])}, got {list(mask.shape)}")
+        mask = None if mask is None or bool(mask.all()) else mask.to(torch.int64)  # all real: not sent
+        log = StepLog(base, positions.to(torch.int64), beam_indices, rollback_to, {0: hidden}, mask)
         async with self._lock:
             output = await self._with_failover(log, hidden.shape[0], check=self.spot_checks.due())
             self.history.append(log)
@@ -337,6 +344,8 @@ class InferenceSession:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
         if log.rollback_to is not None:
             step.rollback_to = log.rollback_to
+        if log.mask is not None:
+            step.attention_mask.CopyFrom(to_message(log.mask))
         waiting = Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._waiting[step_id] = waiting
         self._sent[step_id] = log

@@ -162,6 +162,8 @@ class SpotChecker:
         if held is None or contents is None:
             return self._skip(hop, "the hop's inputs are not all held")
         hidden, positions = contents
+        if any(step.mask is not None for step in logs):
+            return self._skip(hop, "a padded session (Forward carries no session's mask history)")
         if not torch.equal(positions, torch.arange(hidden.shape[1]).expand_as(positions)):
             return self._skip(hop, "position ids other than 0..n-1 (Forward cannot express them)")
         checked = view.peers().get(hop.peer_id)

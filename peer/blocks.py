@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
 from peer.cache import SpanCache
+from peer.inputs import check_inputs, check_prompts
 from peer.quant import Int8Linear, check_quant, quantize_blocks
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
 from protos.errors import InvalidInputError
@@ -39,11 +40,13 @@ logger = logging.getLogger(__name__)
 @dataclass(eq=False)
 class BatchItem:
     """One session's step (or one stateless forward) in a batch: `hidden` [rows, seq, hidden_size], the
-    session's `cache` (None: stateless) and absolute `positions` [rows, seq] (None: after the cache)."""
+    session's `cache` (None: stateless), absolute `positions` [rows, seq] (None: after the cache) and the
+    attention `mask` [rows, cached + seq] of 0/1 (None: no padding; such an item runs alone)."""
 
     hidden: torch.Tensor
     cache: SpanCache | None = None
     positions: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -183,19 +186,21 @@ class HostedSpan:
         start: int | None = None,
         end: int | None = None,
         prompts: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (default: the hosted span) on `hidden` [batch, seq, hidden_size].
 
         `cache` (from `new_cache`) holds earlier positions and is extended in place; without it the call is
         stateless. `positions` are absolute position ids [batch, seq]; without them the family derives them
         from the cache length. `prompts` [end - start, batch or 1, pre_seq_len, hidden_size] are added to the
-        first positions of the hidden states entering each block (deep prompt tuning).
+        first positions of the hidden states entering each block (deep prompt tuning). `mask` [batch, cached
+        + seq] marks padding (0) as transformers' attention_mask does; the family's own mask code applies it.
         Returns the hidden states after block end-1 [batch, seq, hidden_size].
         """
         start, end = self._check_span(start, end)
-        self._check_inputs(hidden, cache, positions, start, end)
-        self._check_prompts(prompts, hidden, start, end)
-        return self._run(hidden, cache, positions, start, end, prompts)
+        check_inputs(self, hidden, cache, positions, start, end, mask)
+        check_prompts(self, prompts, hidden, start, end)
+        return self._run(hidden, cache, positions, start, end, prompts, mask=mask)
 
     @torch.inference_mode()
     def forward_batch(
@@ -214,12 +219,12 @@ class HostedSpan:
         valid: list[int] = []
         for index, item in enumerate(items):
             try:
-                self._check_inputs(item.hidden, item.cache, item.positions, start, end)
+                check_inputs(self, item.hidden, item.cache, item.positions, start, end, item.mask)
             except InvalidInputError as e:
                 results[index] = e
             else:
                 valid.append(index)
-        if len(valid) > 1 and self.batches:
+        if len(valid) > 1 and self.batches and all(items[i].mask is None for i in valid):
             lengths = [cache.get_seq_length() if (cache := items[i].cache) else 0 for i in valid]
             saved = [cache.snapshot() if (cache := items[i].cache) else [] for i in valid]
             try:
@@ -236,7 +241,9 @@ class HostedSpan:
         for i in valid:
             item = items[i]
             try:
-                results[i] = self._run(item.hidden, item.cache, item.positions, start, end, None)
+                results[i] = self._run(
+                    item.hidden, item.cache, item.positions, start, end, None, mask=item.mask
+                )
             except Exception as e:
                 results[i] = e
         return results
@@ -258,27 +265,27 @@ class HostedSpan:
 
     def backward_batch(
         self,
-        items: list[tuple[torch.Tensor, torch.Tensor]],
+        items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
         *,
         start: int | None = None,
         end: int | None = None,
     ) -> list[torch.Tensor | Exception]:
         """Input gradients of several stateless forwards of blocks [start, end), given as (hidden, grad of
-        the output) pairs of any shapes, from one packed forward and one backward; each as `backward` would
-        give it alone (within float rounding), or the error that item alone raised."""
+        the output, mask or None) of any shapes, from one packed forward and one backward (padded ones
+        alone); each as `backward` would give it alone (within float rounding), or the error it raised."""
         start, end = self._check_span(start, end)
         results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(items)
         valid: list[int] = []
-        for index, (hidden, grad_output) in enumerate(items):
+        for index, (hidden, grad_output, mask) in enumerate(items):
             try:
-                self._check_inputs(hidden, None, None, start, end)
+                check_inputs(self, hidden, None, None, start, end, mask)
                 if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
                     raise InvalidInputError("grad_output must match hidden in shape and dtype")
             except InvalidInputError as e:
                 results[index] = e
             else:
                 valid.append(index)
-        if len(valid) > 1 and self.batches:
+        if len(valid) > 1 and self.batches and all(items[i][2] is None for i in valid):
             with torch.inference_mode(False), torch.enable_grad():
                 inputs = [items[i][0].detach().clone().requires_grad_(True) for i in valid]
                 outputs = self._run_packed([BatchItem(x) for x in inputs], [0] * len(valid), start, end)
@@ -288,7 +295,8 @@ class HostedSpan:
             return results
         for i in valid:
             try:
-                results[i] = self._gradients(*items[i], start, end, None)[0]
+                hidden, grad_output, mask = items[i]
+                results[i] = self._gradients(hidden, grad_output, start, end, None, mask)[0]
             except Exception as e:
                 results[i] = e
         return results
@@ -301,23 +309,31 @@ class HostedSpan:
         start: int | None = None,
         end: int | None = None,
         prompts: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients of a stateless forward of blocks [start, end): recomputes the forward of `hidden`
-        [batch, seq, hidden_size] with autograd on and backpropagates `grad_output` (same shape) into the
-        inputs. Returns (grad of hidden, grad of prompts or None); the weights stay frozen, nothing is kept.
+        [batch, seq, hidden_size] (with `mask`, as `forward`) with autograd on and backpropagates
+        `grad_output` (same shape) into the inputs. Returns (grad of hidden, grad of prompts or None); the
+        weights stay frozen, nothing is kept.
         """
         start, end = self._check_span(start, end)
-        self._check_inputs(hidden, None, None, start, end)
-        self._check_prompts(prompts, hidden, start, end)
+        check_inputs(self, hidden, None, None, start, end, mask)
+        check_prompts(self, prompts, hidden, start, end)
         if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
             raise InvalidInputError(
                 f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
                 f"{grad_output.dtype} {tuple(grad_output.shape)}"
             )
-        return self._gradients(hidden, grad_output, start, end, prompts)
+        return self._gradients(hidden, grad_output, start, end, prompts, mask)
 
     def _gradients(
-        self, hidden: torch.Tensor, grad: torch.Tensor, start: int, end: int, prompts: torch.Tensor | None
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        start: int,
+        end: int,
+        prompts: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # the scheduler runs jobs in inference mode; clones outside it are tensors autograd accepts
         with torch.inference_mode(False), torch.enable_grad():
@@ -327,7 +343,7 @@ class HostedSpan:
             if prompts is not None:
                 prompt_leaf = prompts.detach().clone().requires_grad_(True)
                 wrt.append(prompt_leaf)
-            output = self._run(inputs, None, None, start, end, prompt_leaf)
+            output = self._run(inputs, None, None, start, end, prompt_leaf, mask=mask)
             grads = torch.autograd.grad(output, wrt, grad_outputs=grad.detach().clone())
         return grads[0], (grads[1] if prompt_leaf is not None else None)
 
@@ -340,8 +356,12 @@ class HostedSpan:
         end: int,
         prompts: torch.Tensor | None,
         extra: dict[str, Any] | None = None,
+        *,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None, **(extra or {})}
+        if mask is not None:  # as transformers takes it: int64 0/1 over the cached and new positions
+            kwargs["attention_mask"] = mask.to(self.device, torch.int64)
         hidden = hidden.to(self.device)  # no copy when it is there already
         if prompts is not None:
             prompts = prompts.to(self.device)
@@ -386,55 +406,3 @@ class HostedSpan:
                 f"span [{start}, {end}) is not inside the hosted span [{self.start}, {self.end})"
             )
         return start, end
-
-    def _check_prompts(
-        self, prompts: torch.Tensor | None, hidden: torch.Tensor, start: int, end: int
-    ) -> None:
-        if prompts is None:
-            return
-        batch, seq, width = hidden.shape
-        if (
-            prompts.ndim != 4
-            or prompts.shape[0] != end - start
-            or prompts.shape[1] not in (1, batch)
-            or not 1 <= prompts.shape[2] <= seq
-            or prompts.shape[3] != width
-        ):
-            raise InvalidInputError(
-                f"prompts must be [{end - start}, 1 or {batch}, 1..{seq}, {width}] for blocks "
-                f"[{start}, {end}), "
-                f"got {tuple(prompts.shape)}"
-            )
-        if prompts.dtype != self.dtype:
-            raise InvalidInputError(f"prompts dtype {prompts.dtype} does not match the span's {self.dtype}")
-
-    def _check_inputs(
-        self,
-        hidden: torch.Tensor,
-        cache: SpanCache | None,
-        positions: torch.Tensor | None,
-        start: int,
-        end: int,
-    ) -> None:
-        if not isinstance(hidden, torch.Tensor) or hidden.ndim != 3:
-            raise InvalidInputError("hidden must be a tensor [batch, seq, hidden_size]")
-        batch, seq, width = hidden.shape
-        if width != self.hidden_size:
-            raise InvalidInputError(f"hidden size {width} does not match the model's {self.hidden_size}")
-        if batch < 1 or seq < 1:
-            raise InvalidInputError(f"hidden has an empty batch or sequence: shape {tuple(hidden.shape)}")
-        if hidden.dtype != self.dtype:
-            raise InvalidInputError(f"hidden dtype {hidden.dtype} does not match the span's {self.dtype}")
-        if positions is not None and (
-            positions.shape != (batch, seq) or positions.dtype not in (torch.int64, torch.int32)
-        ):
-            raise InvalidInputError(
-                f"positions must be integer ids of shape {(batch, seq)}, got {positions.dtype} "
-                f"{tuple(positions.shape)}"
-            )
-        if cache is not None:
-            if not isinstance(cache, SpanCache) or (cache.start, cache.end) != (start, end):
-                raise InvalidInputError(f"the cache is not one of blocks [{start}, {end})")
-            cached_batch = cache.cached_batch()
-            if cached_batch is not None and cached_batch != batch:
-                raise InvalidInputError(f"batch {batch} does not match the session's batch {cached_batch}")

@@ -100,6 +100,8 @@ class StepRequest:
     hidden: torch.Tensor  # [batch, seq, hidden], in the dtype it arrived in (float32 for int8)
     position_ids: torch.Tensor | None  # [batch, seq]
     beam_indices: torch.LongTensor | None  # [batch]
+    # the session's whole mask after this step [batch, base + seq] (bool); None: no padding anywhere
+    attention_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,6 +111,7 @@ class ForwardRequest:
     hidden: torch.Tensor  # [batch, seq, hidden]
     prompts: torch.Tensor | None  # [end - start, batch or 1, pre_seq_len, hidden]; checked by HostedSpan
     wire_dtype: torch.dtype | None = None  # what `hidden` travelled as (BLOCKWISE_INT8); None: its dtype
+    attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
 
     @property
     def reply_dtype(self) -> torch.dtype:
@@ -123,6 +126,7 @@ class BackwardRequest:
     hidden: torch.Tensor  # [batch, seq, hidden], the forward's input
     grad_output: torch.Tensor  # [batch, seq, hidden]
     prompts: torch.Tensor | None
+    attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
 
 
 def client_key(peer: str) -> str:
@@ -290,16 +294,72 @@ def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, lim
     if beam is not None and (beam.shape[0] != batch or beam.min() < 0 or beam.max() >= batch):
         raise InvalidInputError(f"beam_indices must be {batch} indices in 0..{batch - 1}")
     beam = cast("torch.LongTensor | None", beam)  # int64: checked by optional_from_message
+    new = attention_mask(step.attention_mask, batch, seq, max_bytes=max_bytes, whole=False)
     return StepRequest(
-        step_id=step.step_id, base=base, hidden=hidden, position_ids=positions, beam_indices=beam
+        step_id=step.step_id,
+        base=base,
+        hidden=hidden,
+        position_ids=positions,
+        beam_indices=beam,
+        attention_mask=session_mask(session.attention_mask, base, beam, new, seq),
     )
+
+
+def attention_mask(
+    message: peer_pb2.Tensor, batch: int, seq: int, *, max_bytes: int, whole: bool = True
+) -> torch.Tensor | None:
+    """An optional int64 mask [batch, seq] of 0 and 1, as bool; with `whole` (a stateless pass), every row
+    needs a real position."""
+    mask = optional_from_message(
+        message, max_bytes=max_bytes, expected_dtypes=INDEX_DTYPES, expected_ndim=2, name="attention_mask"
+    )
+    if mask is None:
+        return None
+    if tuple(mask.shape) != (batch, seq):
+        raise InvalidInputError(f"attention_mask must be [{batch}, {seq}], got {list(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise InvalidInputError("attention_mask holds values other than 0 and 1")
+    mask = mask.bool()
+    if whole:
+        _every_row_real(mask)
+    return mask
+
+
+def session_mask(
+    held: torch.Tensor | None,
+    base: int,
+    beam: torch.Tensor | None,
+    new: torch.Tensor | None,
+    seq: int,
+) -> torch.Tensor | None:
+    """A session's mask after a step: the `held` mask of its cached positions cut to `base` and reordered
+    by `beam`, then `new` (all real when None) for the step's `seq` positions. None while nothing is
+    padding. Refuses a row that would hold no real position."""
+    if held is None and new is None:
+        return None
+    batch = (new if new is not None else held).shape[0]  # type: ignore[union-attr]
+    past = torch.ones(batch, base, dtype=torch.bool) if held is None else held[:, :base]
+    if beam is not None:
+        past = past[beam]
+    step = torch.ones(batch, seq, dtype=torch.bool) if new is None else new
+    mask = torch.cat([past, step], dim=1)
+    _every_row_real(mask)
+    return mask
+
+
+def _every_row_real(mask: torch.Tensor) -> None:
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InvalidInputError(f"attention_mask rows {empty[:8]} are all padding")
 
 
 def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: Limits) -> ForwardRequest:
     start, end = parse_span(request.start, request.end, served)
     hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
+    batch, seq, _ = hidden.shape
+    mask = attention_mask(request.attention_mask, batch, seq, max_bytes=limits.max_message_bytes)
     return ForwardRequest(
-        start, end, hidden, _prompts(request.prompts, limits), wire_dtype_of(request.hidden)
+        start, end, hidden, _prompts(request.prompts, limits), wire_dtype_of(request.hidden), mask
     )
 
 
@@ -318,7 +378,9 @@ def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits:
         raise InvalidInputError(
             f"grad_output shape {list(grad_output.shape)} does not match hidden {list(hidden.shape)}"
         )
-    return BackwardRequest(start, end, hidden, grad_output, _prompts(request.prompts, limits))
+    batch, seq, _ = hidden.shape
+    mask = attention_mask(request.attention_mask, batch, seq, max_bytes=limits.max_message_bytes)
+    return BackwardRequest(start, end, hidden, grad_output, _prompts(request.prompts, limits), mask)
 
 
 def backward_bytes(shape: Sequence[int], num_blocks: int, *, itemsize: int) -> int:

@@ -98,7 +98,8 @@ class StepWork:
 
     def joins(self, other: StepWork) -> bool:
         same_blocks = self.span is other.span and (self.start, self.end) == (other.start, other.end)
-        return same_blocks and (self.grad_output is None) == (other.grad_output is None)
+        unpadded = self.item.mask is None and other.item.mask is None  # a padded step runs alone
+        return same_blocks and unpadded and (self.grad_output is None) == (other.grad_output is None)
 
 
 @dataclass
@@ -191,14 +192,20 @@ class Scheduler:
         of about `chunk_tokens` tokens, in order, so their decode steps run in between and wait for one
         chunk at most; a session alone goes in chunks of `lone_chunk_tokens` (default: `chunk_tokens`), which
         bound memory without slowing it. The cost of each chunk is its tokens x blocks."""
-        hidden, ids = work.item.hidden, work.item.positions
+        hidden, ids, mask = work.item.hidden, work.item.positions, work.item.mask
         rows, length = hidden.shape[0], hidden.shape[1]
+        cached = 0 if mask is None else mask.shape[1] - length  # the mask covers the cache and the step
         outputs, begin = [], 0
         while begin < length:
             decoding = time.monotonic() - self._decode_seen < DECODING_WINDOW
             tokens = chunk_tokens if decoding or lone_chunk_tokens is None else lone_chunk_tokens
             piece = slice(begin, begin + max(tokens // rows, 1))
-            item = BatchItem(hidden[:, piece], work.item.cache, None if ids is None else ids[:, piece])
+            item = BatchItem(
+                hidden[:, piece],
+                work.item.cache,
+                None if ids is None else ids[:, piece],
+                None if mask is None else mask[:, : cached + piece.stop],
+            )
             part = StepWork(work.span, work.start, work.end, item, work.prepare if begin == 0 else None)
             part.decode = work.tokens <= chunk_tokens
             outputs.append(
@@ -349,7 +356,7 @@ def _forward(works: list[StepWork]) -> list[torch.Tensor | Exception]:
         started = time.perf_counter()
         first = works[ready[0]]
         if first.grad_output is not None:
-            pairs = [(works[i].item.hidden, works[i].grad_output) for i in ready]
+            pairs = [(works[i].item.hidden, works[i].grad_output, works[i].item.mask) for i in ready]
             outputs = first.span.backward_batch(pairs, start=first.start, end=first.end)  # type: ignore[arg-type]
         else:
             outputs = first.span.forward_batch(

@@ -223,7 +223,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 if parsed.beam_indices is not None:
                     cache.reorder_cache(parsed.beam_indices)
 
-            item = BatchItem(hidden, cache, parsed.position_ids)
+            item = BatchItem(hidden, cache, parsed.position_ids, parsed.attention_mask)
             work = StepWork(span, session.start, session.end, item, prepare)
             chunk, lone = self.config.prefill_chunk_tokens, self.config.compute_chunk_tokens
             decoded = time.perf_counter()
@@ -232,6 +232,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             )
             computed = time.perf_counter()
             session.position = parsed.base + length
+            session.attention_mask = parsed.attention_mask
             session.touch()
             push = bool(session.next_hops) and not step.local_only
             hidden_message = encode_output(output, session.wire_dtype)  # serialized once for both uses
@@ -295,6 +296,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             hidden=hidden,
             position_ids=step.position_ids,
             beam_indices=step.beam_indices,  # an unset tensor stays unset (no dtype)
+            attention_mask=step.attention_mask,
         )
         if step.HasField("rollback_to"):
             pushed.rollback_to = step.rollback_to

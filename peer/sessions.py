@@ -73,6 +73,7 @@ class PeerSession:
     span: HostedSpan | None = None  # the span the session runs on (the peer may move meanwhile)
     next_hops: list[peer_pb2.Hop] = field(default_factory=list)
     position: int = 0  # positions already in the cache
+    attention_mask: torch.Tensor | None = None  # [batch, position] bool; None while nothing is padding
     pages: int = 0  # pages of the pool this session holds
     last_used: float = field(default_factory=time.monotonic)
     opened_at: float = field(default_factory=time.monotonic)

@@ -31,6 +31,10 @@ def _rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
     return prompts[:, rows]
 
 
+def _mask_rows(mask: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[rows]
+
+
 def _job(kind: str, hidden: torch.Tensor, blocks: int, remaining: float | None) -> dict[str, Any]:
     return {
         "priority": Priority.STATELESS,
@@ -55,14 +59,16 @@ async def forward(
     blocks = request.end - request.start
     outputs = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
-        part, prompt = hidden[rows], _rows(prompts, rows)
+        part, prompt, mask = hidden[rows], _rows(prompts, rows), _mask_rows(request.attention_mask, rows)
         if prompt is None:
-            work = StepWork(span, request.start, request.end, BatchItem(part))
+            work = StepWork(span, request.start, request.end, BatchItem(part, mask=mask))
             outputs.append(await scheduler.step(work, **_job("forward", part, blocks, remaining)))
             continue
         outputs.append(
             await scheduler.run(
-                functools.partial(span.forward, part, start=request.start, end=request.end, prompts=prompt),
+                functools.partial(
+                    span.forward, part, start=request.start, end=request.end, prompts=prompt, mask=mask
+                ),
                 **_job("forward", part, blocks, remaining),
             )
         )
@@ -85,13 +91,21 @@ async def backward(
     grad_prompts: list[torch.Tensor] = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, part_grad, prompt = hidden[rows], grad_output[rows], _rows(prompts, rows)
+        mask = _mask_rows(request.attention_mask, rows)
         if prompt is None:
-            work = StepWork(span, request.start, request.end, BatchItem(part), grad_output=part_grad)
+            item = BatchItem(part, mask=mask)
+            work = StepWork(span, request.start, request.end, item, grad_output=part_grad)
             grad_inputs.append(await scheduler.step(work, **_job("backward", part, blocks, remaining)))
             continue
         grad_input, grad_prompt = await scheduler.run(
             functools.partial(
-                span.backward, part, part_grad, start=request.start, end=request.end, prompts=prompt
+                span.backward,
+                part,
+                part_grad,
+                start=request.start,
+                end=request.end,
+                prompts=prompt,
+                mask=mask,
             ),
             **_job("backward", part, blocks, remaining),
         )
