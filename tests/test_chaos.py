@@ -341,3 +341,26 @@ def test_full_peer_is_skipped(make_swarm, local) -> None:
     assert torch.equal(run.tokens, _generate(local, prompt))
     assert [hop.peer_id for hop in run.route] == [roomy.peer_id]
     assert run.session.num_failovers == 0 and not run.bans.banned()
+
+
+def test_kill_a_hop_mid_generation_of_a_padded_batch(make_swarm, local) -> None:
+    """Three prompts of different lengths, left-padded: the replacement replays the steps with their masks."""
+    swarm = make_swarm(TWO_PER_SPAN)
+    rows = [_prompt(length, seed=length)[0] for length in (10, 4, 7)]
+    prompt = torch.zeros(len(rows), 10, dtype=torch.long)
+    mask = torch.zeros_like(prompt)
+    for index, row in enumerate(rows):
+        prompt[index, 10 - len(row) :], mask[index, 10 - len(row) :] = row, 1
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    kill = _Signal(swarm, 1)
+    model = swarm.client()
+    try:
+        with model.inference_session(max_length=prompt.shape[1] + NEW_TOKENS) as session:
+            tokens = model.generate(
+                prompt, attention_mask=mask, streamer=_Actions(session, {5: kill}), **options
+            )
+            failed = [failover.peer_id for failover in session.failovers]
+    finally:
+        model.shutdown()
+    assert torch.equal(tokens, local.generate(prompt, attention_mask=mask, **options))
+    assert kill.peer is not None and failed == [kill.peer.peer_id]

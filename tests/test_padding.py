@@ -82,6 +82,38 @@ def test_batched_generate_on_prompts_of_different_lengths_equals_transformers(pa
     assert torch.equal(got, expected)
 
 
+def test_beam_search_on_a_padded_batch_equals_transformers(pair) -> None:
+    model, local, _ = pair
+    ids, mask = _batch("left", seed=3)
+    options = dict(max_new_tokens=8, min_new_tokens=8, num_beams=3, do_sample=False)
+    assert torch.equal(
+        model.generate(ids, attention_mask=mask, **options),
+        local.generate(ids, attention_mask=mask, **options),
+    )
+
+
+def test_assisted_generation_of_a_padded_row_equals_transformers(
+    fake_swarm, connect, checkpoint, tmp_path
+) -> None:
+    """transformers' assisted generation (a local draft model proposes, the swarm verifies and rolls back)
+    takes one row; here a row with padding in front."""
+    from families import save
+
+    swarm = fake_swarm(SPANS)
+    model = without_eos(AutoDistributedModelForCausalLM.from_pretrained(swarm.folder, swarm=connect(swarm)))
+    local = without_eos(AutoModelForCausalLM.from_pretrained(swarm.folder, dtype=torch.float32).eval())
+    draft = without_eos(
+        AutoModelForCausalLM.from_pretrained(save("llama", tmp_path / "draft", seed=1)).eval()
+    )
+    ids, mask = _batch("left", seed=8)
+    row, row_mask = ids[1:2], mask[1:2]  # 8 positions of padding, then 4 real ones
+    options = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    expected = local.generate(row, attention_mask=row_mask, **options)
+    assert torch.equal(
+        model.generate(row, attention_mask=row_mask, assistant_model=draft, **options), expected
+    )
+
+
 def test_gradients_of_a_padded_batch_equal_local_autograd(pair) -> None:
     model, local, _ = pair
     ids, mask = _batch("right", seed=2)
