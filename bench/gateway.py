@@ -1,6 +1,6 @@
 """The OpenAI gateway's cost: time to first token and decode speed through `corolla api` (the official
-`openai` SDK, streamed chat) vs the client library called directly, on the same local 3-peer SmolLM2
-swarm; then 8 streamed requests at once through the gateway.
+`openai` SDK, streamed chat; and plain HTTP without the SDK) vs the client library called directly, on the
+same local 3-peer SmolLM2 swarm; then 8 streamed requests at once through the gateway.
 
     python bench/gateway.py [--new-tokens 48] [--repeats 5] [--concurrent 8]
 
@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import openai
 import torch
 from transformers import AutoTokenizer
@@ -103,6 +104,27 @@ def _through_api(sdk: openai.OpenAI, question: str, new_tokens: int, end_id: int
     return result
 
 
+def _through_http(url: str, question: str, new_tokens: int, end_id: int) -> dict[str, float]:
+    """The same request as plain HTTP (httpx, server-sent events read as lines): the gateway without the
+    SDK's own cost of building requests and parsing every chunk into objects."""
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": new_tokens,
+        "logit_bias": {str(end_id): -100},
+        "stream": True,
+    }
+    started, times = time.perf_counter(), []
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=600) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: {") and '"content":"' in line and '"content":""' not in line:
+                times.append(time.perf_counter())
+    result = _timing(started, times)
+    result["tokens"] = len(times)
+    return result
+
+
 def _median(runs: list[dict[str, float]], key: str) -> float:
     return round(statistics.median(run[key] for run in runs), 2)
 
@@ -125,10 +147,11 @@ def main() -> None:
         try:
             _direct(model, tokenizer, QUESTION, 4)  # warm-up both ways: routes, channels, first-call costs
             _through_api(sdk, QUESTION, 4, tokenizer.eos_token_id)
-            direct, gateway = [], []
+            direct, gateway, http = [], [], []
             for _ in range(args.repeats):
                 direct.append(_direct(model, tokenizer, QUESTION, args.new_tokens))
                 gateway.append(_through_api(sdk, QUESTION, args.new_tokens, tokenizer.eos_token_id))
+                http.append(_through_http(api.address, QUESTION, args.new_tokens, tokenizer.eos_token_id))
             questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.concurrent)]
             started = time.perf_counter()
             end = tokenizer.eos_token_id
@@ -150,6 +173,12 @@ def main() -> None:
                 "gateway": {"tokens_per_s": gateway_speed, "ttft_ms": gateway_ttft},
                 "gateway_speed_ratio": round(gateway_speed / direct_speed, 3),
                 "gateway_ttft_ratio": round(gateway_ttft / direct_ttft, 3),
+                "plain_http": {
+                    "tokens_per_s": _median(http, "tokens_per_s"),
+                    "ttft_ms": _median(http, "ttft_ms"),
+                    "speed_ratio": round(_median(http, "tokens_per_s") / direct_speed, 3),
+                    "ttft_ratio": round(_median(http, "ttft_ms") / direct_ttft, 3),
+                },
                 "concurrent": {
                     "requests": args.concurrent,
                     "all_tokens": all(run["tokens"] == args.new_tokens for run in together),
