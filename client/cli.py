@@ -8,6 +8,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,7 +152,7 @@ def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]
 def api_main(argv: Sequence[str], prog: str) -> int:
     """`corolla api`: load the client's modules, join the swarm and serve the gateway until stopped."""
     config, client = _parse(argv, prog)
-    setup_logging()
+    setup_logging(log_format=config.log_format)
     import uvicorn
     from transformers import AutoTokenizer
 
@@ -183,6 +184,11 @@ def api_main(argv: Sequence[str], prog: str) -> int:
     )
 
     async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # uvicorn takes these while it serves and raises them again once stopped: a no-op here, so the
+            # swarm connection (DHT node and daemon) closes below instead of the process dying at once
+            loop.add_signal_handler(sig, lambda: None)
         task = asyncio.ensure_future(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)

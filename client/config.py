@@ -205,3 +205,7 @@ class GatewayConfig(BaseModel):
     ready_file: Path | None = Field(
         default=None, description="write {url, pid} as JSON here once serving (for tests and supervisors)"
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="logs on stderr as text lines, or as one JSON object per line (for log collectors)",
+    )

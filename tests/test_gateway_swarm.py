@@ -40,7 +40,9 @@ def up(smollm2, tmp_path_factory) -> Iterator[tuple[LocalSwarm, Process]]:
         try:
             yield swarm, api
         finally:
-            api.stop()
+            code = api.stop()
+        assert code == 0, api.text()[-3000:]  # SIGTERM: the gateway drains, leaves the swarm and exits
+        assert api.ready() is None
 
 
 @pytest.fixture(scope="module")
