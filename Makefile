@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint format typecheck demo bench bench-train clean
+.PHONY: install browser test test-fast lint format typecheck demo bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,19 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-test: install
+# tests/test_monitor.py opens the swarm page in Debian's headless Chromium: installed here when missing and
+# this is root on a machine with apt (CI); elsewhere that test is skipped, and under CI=true it fails
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+		else \
+			echo "chromium and chromedriver missing: apt-get install chromium chromium-driver (as root)"; \
+		fi; \
+	fi
+
+test: install browser
 	$(VENV)/bin/corolla prepare-model
 	$(ISOLATE) bash -c 'ip link set lo up 2>/dev/null; HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)'
 

@@ -12,23 +12,38 @@ the swarm; per hop what the peer reports (`Info.step_seconds`: decode, wait, com
 push) and what is left, the transport (gRPC, event loops, wake-ups); CPU time per token of every process.
 `--peer-option` passes an option to every peer (e.g. `--peer-option=--quant=int8`); `--wire` picks the
 client's wire format (float32, float16, bfloat16, int8).
+
+`--metrics` measures instead what the peers' Prometheus metrics cost: two swarms run side by side, one
+plain and one with `--metrics-port` on every peer, scraped every `--scrape-period` seconds (far more often
+than Prometheus would); generations alternate between them, and the medians give the decode slowdown. It
+also times, in microseconds, the metric updates one step makes on a peer and what the interceptor adds to
+a call (loopback, alternating rounds), and gives their sum per token as a share of the token's time: a
+bound that the machine's noise does not blur.
+
+`--batch 8 --ragged` times instead a left-padded batch of 8 chat prompts of different lengths in one
+`generate()` against the same rows one at a time, through the swarm (tokens/s both ways; `bench/ragged.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import statistics
+import threading
 import time
+import urllib.request
 
+import grpc
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
-from client.local_swarm import running
+from client.local_swarm import LocalSwarm, running
 from client.model import AutoDistributedModelForCausalLM
 from client.remote_cache import RemoteCache
-from protos import peer_pb2
+from peer.metrics import PeerMetrics
+from protos import peer_pb2, peer_pb2_grpc
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
@@ -155,6 +170,126 @@ def _profile(remote, tokenizer, inputs, new_tokens: int) -> dict:
     }
 
 
+class _Scraper(threading.Thread):
+    """Scrapes every peer's /metrics every `period` seconds until stopped."""
+
+    def __init__(self, swarm: LocalSwarm, period: float) -> None:
+        super().__init__(daemon=True)
+        self.urls = [f"http://127.0.0.1:{peer.ready()['metrics_port']}/metrics" for peer in swarm.peers]
+        self.period, self.scrapes, self.bytes = period, 0, 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period):
+            for url in self.urls:
+                with urllib.request.urlopen(url, timeout=10) as reply:
+                    self.bytes += len(reply.read())
+                self.scrapes += 1
+
+
+def _update_us(repeats: int = 100_000) -> float:
+    """Microseconds of the metric updates of one inference step on a peer (step, batch and push)."""
+    metrics, step = PeerMetrics(), peer_pb2.Step(hidden=peer_pb2.Tensor(data=bytes(2304)))
+    started = time.perf_counter()
+    for _ in range(repeats):
+        metrics.step(tokens=1, wait=0.0001, seconds=0.002)
+        metrics.batch("step", 1)
+        metrics.pushed(step)
+    return (time.perf_counter() - started) / repeats * 1e6
+
+
+class _Info(peer_pb2_grpc.PeerServicer):
+    async def Info(self, request, context):
+        return peer_pb2.InfoReply(model_id="bench")
+
+
+async def _call_us(calls: int = 200, rounds: int = 30) -> dict[str, float]:
+    """CPU microseconds (client and server together: one process) of a unary call on loopback without and
+    with the metrics interceptor: the medians, and the median of the differences of adjacent rounds (which
+    cancels the machine's drift)."""
+    stubs, servers, channels = {}, [], []
+    for name, interceptors in (("off", []), ("on", [PeerMetrics().interceptor])):
+        server = grpc.aio.server(interceptors=interceptors)
+        peer_pb2_grpc.add_PeerServicer_to_server(_Info(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        servers.append(server)
+        channels.append(channel)
+        stubs[name] = peer_pb2_grpc.PeerStub(channel)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for repeat in range(rounds + 1):
+            for name in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
+                started = time.process_time()
+                for _ in range(calls):
+                    await stubs[name].Info(peer_pb2.InfoRequest(), timeout=10)
+                if repeat:  # the first round warms both
+                    times[name].append((time.process_time() - started) / calls * 1e6)
+    finally:
+        for channel in channels:
+            await channel.close()
+        for server in servers:
+            await server.stop(None)
+    differences = [on - off for off, on in zip(times["off"], times["on"], strict=True)]
+    return {
+        **{name: statistics.median(values) for name, values in times.items()},
+        "added": statistics.median(differences),
+    }
+
+
+def _metrics_overhead(folder, tokenizer, inputs, args) -> dict:
+    options = ["--insecure"] if args.insecure else []
+    on_options = [*options, "--metrics-port", "0"]
+    with running(folder, SPANS, *options) as plain, running(folder, SPANS, *on_options) as metered:
+        models = {
+            name: AutoDistributedModelForCausalLM.from_pretrained(
+                folder, initial_peers=swarm.initial_peers, insecure=args.insecure
+            )
+            for name, swarm in (("off", plain), ("on", metered))
+        }
+        scraper = _Scraper(metered, args.scrape_period)
+        scraper.start()
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        outputs = {}
+        try:
+            for name in models:  # a first generation each: connections, caches and JIT warm
+                _ms_per_token(models[name], tokenizer, inputs, 8)
+            for repeat in range(args.repeats):
+                for name in ("off", "on") if repeat % 2 == 0 else ("on", "off"):
+                    ms, outputs[name] = _ms_per_token(models[name], tokenizer, inputs, args.new_tokens)
+                    times[name].append(ms)
+        finally:
+            scraper.done.set()
+            scraper.join()
+            for model in models.values():
+                model.shutdown()
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    per_step_us = _update_us()
+    call_us = asyncio.run(_call_us())
+    interceptor_us = call_us["added"]
+    # per token: each peer updates its step metrics; each hop but the first takes one Push call
+    bound_us = per_step_us * len(SPANS) + max(interceptor_us, 0.0) * (len(SPANS) - 1)
+    return {
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "decode_ms_per_token": {"off": round(off, 2), "on": round(on, 2)},
+        "decode_tokens_per_s": {"off": round(1000 / off, 2), "on": round(1000 / on, 2)},
+        "slowdown": round(on / off - 1, 4),
+        "runs_ms": {name: [round(ms, 2) for ms in runs] for name, runs in times.items()},
+        "scrapes": scraper.scrapes,
+        "scrape_period_s": args.scrape_period,
+        "bytes_per_scrape": scraper.bytes // max(scraper.scrapes, 1),
+        "updates_us_per_step_per_peer": round(per_step_us, 2),
+        "call_us": {name: round(us, 1) for name, us in call_us.items()},
+        "interceptor_us_per_call": round(interceptor_us, 1),
+        "cost_us_per_token": round(bound_us, 1),
+        "cost_share_of_a_token": round(bound_us / (off * 1000), 5),
+        "same_tokens": bool(torch.equal(outputs["off"], outputs["on"])),
+        "tls": not args.insecure,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -173,15 +308,44 @@ def main() -> None:
     parser.add_argument(
         "--quant", default="any", help="which peers' weights the client accepts (default: any)"
     )
+    parser.add_argument(
+        "--metrics", action="store_true", help="measure the cost of the peers' metrics instead (see above)"
+    )
+    parser.add_argument(
+        "--scrape-period", type=float, default=1.0, help="with --metrics: seconds between scrapes"
+    )
+    parser.add_argument("--batch", type=int, default=8, help="with --ragged: prompts in the batch")
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="instead: a left-padded batch of --batch prompts of different lengths in one generate() vs the "
+        "same rows one at a time, through the swarm (bench/ragged.py)",
+    )
     args = parser.parse_args()
     folder = prepare_default_model()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    if args.ragged:
+        from ragged import ragged_batch  # bench/ is this script's folder
+
+        result = ragged_batch(
+            folder, tokenizer, SPANS, batch=args.batch, new_tokens=args.new_tokens, repeats=args.repeats
+        )
+        print(json.dumps({"model": str(folder), "peers": SPANS, **result}, indent=2))
+        return
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Write a short story about a lighthouse keeper."}],
         add_generation_prompt=True,
         tokenize=False,
     )
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    if args.metrics:
+        print(
+            json.dumps(
+                {"model": str(folder), "peers": SPANS, **_metrics_overhead(folder, tokenizer, inputs, args)},
+                indent=2,
+            )
+        )
+        return
 
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     local_ms, local_out, local_prefill = [], None, []

@@ -4,7 +4,7 @@ documented once; the CLI is generated from them. Import-light: no model code, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -33,6 +33,7 @@ HOST_HELP = (
 IDENTITY_HELP = (
     "file holding the node's DHT private key, created if missing; keeps its id and multiaddress stable"
 )
+LOG_FORMAT_HELP = "logs on stderr as text lines, or as one JSON object per line (for log collectors)"
 
 
 def parse_option(value: str) -> str | float:
@@ -252,11 +253,24 @@ class PeerConfig(BaseModel):
         description="where the throughput measurement is cached; default: $COROLLA_CACHE_DIR or "
         "~/.cache/corolla",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0 picks a free port, "
+        "written to the ready file); off by default",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address the metrics endpoint listens on; 127.0.0.1 by default: a scraper on another "
+        "machine (0.0.0.0) is an explicit choice",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description=LOG_FORMAT_HELP)
     ready_file: Path | None = Field(
         default=None,
         description="once serving and announced ONLINE, write a JSON object {peer_id, address, start, end, "
-        "model_id, pid, certificate} to this file (atomically), and rewrite it after each move to another "
-        "span",
+        "model_id, pid, certificate, metrics_port} to this file (atomically), and rewrite it after each move "
+        "to another span",
     )
 
     @model_validator(mode="before")
@@ -354,6 +368,7 @@ class DhtConfig(BaseModel):
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    log_format: Literal["text", "json"] = Field(default="text", description=LOG_FORMAT_HELP)
     ready_file: Path | None = Field(
         default=None,
         description="once listening, write a JSON object {maddrs, pid} to this file (atomically)",

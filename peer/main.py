@@ -22,12 +22,13 @@ from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import DhtConfig, PeerConfig
 from peer.devices import resolve_device, resolve_dtype
+from peer.metrics import PeerMetrics
 from peer.scheduler import Scheduler
 from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
-from protos.cli import corolla_version, setup_logging, write_ready_file
+from protos.cli import corolla_version, progress, setup_logging, write_ready_file
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.identity import Identity
@@ -118,8 +119,12 @@ class Peer:
             torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.sessions = SessionTable.from_config(config)
+        self.metrics = PeerMetrics()
+        self.metrics_port: int | None = None  # where /metrics is served, once it is
         self.scheduler = Scheduler(
-            max_batch_tokens=config.max_batch_tokens, max_stateless_tokens=config.compute_chunk_tokens
+            max_batch_tokens=config.max_batch_tokens,
+            max_stateless_tokens=config.compute_chunk_tokens,
+            on_batch=self.metrics.batch,
         )
         # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
         self.identity = Identity.load_or_create(config.identity)
@@ -131,10 +136,11 @@ class Peer:
             if self.tls is None:  # PeerConfig refuses it too: never a private swarm without its guard
                 raise InvalidInputError("--swarm-key needs TLS (drop --insecure)")
             guard.append(SwarmGuard(self.swarm_key.grpc_token(self.tls.certificate)))
+        counted = [self.metrics.interceptor] if config.metrics_port is not None else []  # first: sees all
         self.server = grpc.aio.server(
             options=server_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=guard,
+            interceptors=[*counted, *guard],
         )
         self.speed = _Speed()
         self.version = corolla_version()
@@ -205,14 +211,17 @@ class Peer:
             span = config.span
             await announcer.announce(PeerState.JOINING)
         announcer.start()  # keeps the claim alive while a large span loads
-        hosted = await asyncio.to_thread(self._load, span)
+        self._serve_metrics(announcer)
+        with progress(f"loading blocks [{span[0]},{span[1]})", enabled=config.log_format == "text"):
+            hosted = await asyncio.to_thread(self._load, span)
         if config.bandwidth is not None:
             self.speed.network = network_rps(config.bandwidth, hosted.hidden_size, hosted.dtype.itemsize)
         key = throughput.cache_key(hosted, config.model_id, self.version)
         cache_dir = config.cache_dir or default_cache_dir()
-        self.speed.per_block = await self.scheduler.run(
-            lambda: throughput.resolve(config.throughput, hosted, key=key, cache_dir=cache_dir)
-        )
+        with progress("measuring throughput", enabled=config.log_format == "text"):
+            self.speed.per_block = await self.scheduler.run(
+                lambda: throughput.resolve(config.throughput, hosted, key=key, cache_dir=cache_dir)
+            )
         self.speed.update(span)
         self.service = PeerService(
             span=hosted,
@@ -223,6 +232,7 @@ class Peer:
             make_record=lambda: self.make_record(announcer.state, announcer.span),
             version=self.version,
             swarm_key=self.swarm_key,
+            metrics=self.metrics,
         )
         wire.add_to_server(self.service, self.server)
         await self.server.start()
@@ -293,6 +303,17 @@ class Peer:
         del old_span
         gc.collect()
 
+    def _serve_metrics(self, announcer: Announcer) -> None:
+        if self.config.metrics_port is None:
+            return
+        self.metrics.watch(
+            sessions=self.sessions,
+            scheduler=self.scheduler,
+            record=lambda: self.make_record(announcer.state, announcer.span),
+            labels={"model_id": self.config.model_id, "peer_id": self.peer_id},
+        )
+        self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
+
     def _load(self, span: tuple[int, int]) -> HostedSpan:
         config = self.config
         return HostedSpan.load(config.model, *span, dtype=self.dtype, device=self.device, quant=config.quant)
@@ -322,6 +343,7 @@ class Peer:
         if self.announcer is not None:
             await self.announcer.stop(final_state=PeerState.OFFLINE)
         self.scheduler.shutdown()
+        self.metrics.close()
         if self.config.ready_file is not None:
             self.config.ready_file.unlink(missing_ok=True)  # a stopped peer is not ready
         if self.node is not None:
@@ -350,6 +372,7 @@ class Peer:
             "model_id": self.config.model_id,
             "pid": os.getpid(),
             "certificate": self.tls.certificate.decode() if self.tls is not None else None,
+            "metrics_port": self.metrics_port,
         }
         write_ready_file(self.config.ready_file, content)
 
@@ -367,7 +390,7 @@ def serve_main(argv: Sequence[str], prog: str) -> int:
         "COROLLA_<OPTION> environment variables (e.g. COROLLA_MAX_CACHE_TOKENS=4096).",
         positional=("model",),
     )
-    setup_logging()
+    setup_logging(log_format=config.log_format)
     return_freed_memory()
     asyncio.run(serve(config))
     return 0
@@ -404,6 +427,6 @@ def dht_main(argv: Sequence[str], prog: str) -> int:
         description="Run a bootstrap DHT node for a swarm. Prints the multiaddresses that peers and clients "
         "pass as --initial-peers, one per line, and runs until SIGTERM or Ctrl-C.",
     )
-    setup_logging()
+    setup_logging(log_format=config.log_format)
     asyncio.run(run_dht(config))
     return 0

@@ -119,9 +119,14 @@ class Scheduler:
     """One compute thread shared by every request of the peer; `run` awaits a function on it."""
 
     def __init__(
-        self, *, max_batch_tokens: int = DEFAULT_BATCH_TOKENS, max_stateless_tokens: int | None = None
+        self,
+        *,
+        max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        max_stateless_tokens: int | None = None,
+        on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
         self.max_batch_tokens = max_batch_tokens  # inference steps in one forward
+        self.on_batch = on_batch  # told (kind, jobs) of each batched forward: the peer's metrics
         # Forward/Backward pieces of different requests in one forward (training batches among itself)
         self.max_stateless_tokens = max_batch_tokens if max_stateless_tokens is None else max_stateless_tokens
         self.stats = BatchStats()
@@ -310,6 +315,8 @@ class Scheduler:
             self.stats.steps += len(batch)
             self.stats.batches += 1
             self.stats.largest = max(self.stats.largest, len(batch))
+        if batch[0].work is not None and self.on_batch is not None:
+            self.on_batch(batch[0].kind, len(batch))
         cost = sum(job.cost for job in batch)
         if cost <= 0:
             return

@@ -17,6 +17,7 @@ import grpc
 from peer import requests, stateless, wire
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
+from peer.metrics import PeerMetrics
 from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
 from peer.scheduler import Scheduler, StepWork
@@ -51,16 +52,6 @@ def _pushed(session: PeerSession, task: asyncio.Task[None]) -> None:
     session.tasks.discard(task)
 
 
-async def _checked(
-    requests: AsyncIterator[peer_pb2.SessionRequest | wire.Refused],
-) -> AsyncIterator[peer_pb2.SessionRequest]:
-    """The stream's messages; one refused on the wire (`peer.wire`) ends the stream with its reason."""
-    async for request in requests:
-        if isinstance(request, wire.Refused):
-            raise InvalidInputError(request.reason)
-        yield request
-
-
 class PeerService(peer_pb2_grpc.PeerServicer):
     """Serves one hosted span (swappable at run time, see `swap_span`) over the `Peer` gRPC service."""
 
@@ -76,6 +67,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         version: str,
         channels: ChannelPool | None = None,
         swarm_key: SwarmKey | None = None,
+        metrics: PeerMetrics | None = None,
     ) -> None:
         self.span = span
         self.config = config
@@ -93,6 +85,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
         self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
+        self.metrics = metrics if metrics is not None else PeerMetrics()
 
     # ---- Session ---------------------------------------------------------------------------------
 
@@ -102,7 +95,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         replies: _Replies = ReplyQueue(self.config.max_queued_replies)
         opened: list[str] = []
         client = requests.client_key(context.peer())
-        requests_ = _checked(request_iterator)
+        requests_ = wire.checked(request_iterator)
         reader = asyncio.create_task(self._read_session(requests_, replies, opened, client))
 
         def ended(_: object = None) -> None:
@@ -249,14 +242,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 # under the lock: replies keep the steps' order, and a client that does not read its
                 # stream stalls its own session once the stream's queue is full
                 await session.reply(peer_pb2.SessionReply(result=result))
+            wait, reported = started - arrived + computed - decoded - work.computed, time.perf_counter()
             self.step_times.add(
                 steps=1,
                 decode=decoded - started,
-                wait=started - arrived + computed - decoded - work.computed,
+                wait=wait,
                 compute=work.computed,
                 encode=encoded - computed,
-                report=time.perf_counter() - encoded,
+                report=reported - encoded,
             )
+            self.metrics.step(tokens=hidden.shape[0] * length, wait=wait, seconds=reported - arrived)
 
     def _make_room(self, session: PeerSession, positions: int) -> None:
         """Pages for `positions` cached positions of `session`; the sessions preempted for them end with
@@ -308,6 +303,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     grpc.StatusCode.UNAUTHENTICATED, "next hop's certificate is not its peer's"
                 )
             started = time.perf_counter()
+            self.metrics.pushed(pushed)
             await self.channels.stub(hop.address, hop.certificate).Push(
                 peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
             )

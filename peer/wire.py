@@ -9,12 +9,13 @@ merge) and top-level fields, and refuses a message past the bounds without parsi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import grpc
 
 from protos import peer_pb2
+from protos.errors import InvalidInputError
 
 MAX_HOPS = 4096  # next hops one message may name: no model has more blocks (protos.swarm.MAX_NUM_BLOCKS)
 MAX_TOP_LEVEL_FIELDS = 16  # a SessionRequest has one; a few repeats are harmless, a flood is refused
@@ -93,6 +94,16 @@ def session_request(data: bytes) -> peer_pb2.SessionRequest | Refused:
         return peer_pb2.SessionRequest.FromString(data)
     except Exception:  # a truncated varint or length, protobuf's DecodeError
         return Refused("malformed session message")
+
+
+async def checked(
+    requests: AsyncIterator[peer_pb2.SessionRequest | Refused],
+) -> AsyncIterator[peer_pb2.SessionRequest]:
+    """The stream's messages; one refused on the wire ends the stream with its reason."""
+    async for request in requests:
+        if isinstance(request, Refused):
+            raise InvalidInputError(request.reason)
+        yield request
 
 
 def add_to_server(servicer: object, server: grpc.aio.Server) -> None:

@@ -1,18 +1,25 @@
 """The `corolla` command: dispatches each subcommand to the side it drives, importing only that side; and
 what every command shares: `emit`, the one way a command writes its result on stdout (logs and progress go
-to stderr), logging setup, the ready file a supervisor or test waits for, and the installed version."""
+to stderr), logging setup (text or JSON lines), progress lines, the ready file a supervisor or test waits
+for, and the installed version."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
 import os
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+PROGRESS_REFRESH_PERIOD = 0.5  # seconds between redraws of a progress line
 
 # name -> ("module:function" taking (argv, prog), one-line help); modules load lazily so `--help` is fast
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "client.cli:api_main",
         "serve the OpenAI API (chat, completions) over the swarm",
     ),
+    "monitor": (
+        "client.monitor:monitor_main",
+        "serve a live web page (and JSON) of a swarm's peers and coverage",
+    ),
 }
 
 
@@ -38,12 +49,79 @@ def emit(text: str) -> None:
     sys.stdout.flush()
 
 
-def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
+# the standard names whatever a library renamed them to (hivemind calls WARNING "WARN")
+_LEVELS = {
+    logging.DEBUG: "DEBUG",
+    logging.INFO: "INFO",
+    logging.WARNING: "WARNING",
+    logging.ERROR: "ERROR",
+    logging.CRITICAL: "CRITICAL",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the traceback if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": _LEVELS.get(record.levelno, record.levelname),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup_logging(level: int = logging.INFO, *, log_format: str = "text") -> None:
+    """Logs on stderr: `text` lines, or `json` (one object per line, for log collectors)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+        from hivemind.utils.logging import use_hivemind_log_handler  # the commands that log JSON load it
+
+        use_hivemind_log_handler("nowhere")  # hivemind's own text handler off: its records come here too
+        logging.captureWarnings(True)  # Python's warnings too: every line on stderr is one JSON object
+        # and no progress bars from transformers or the hub (read at import, or switched off if loaded)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("hivemind", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def progress(what: str, *, enabled: bool = True) -> Iterator[None]:
+    """A progress line on stderr while something long runs (loading a span, measuring throughput): `what`
+    and the time so far, refreshed twice a second. Only on a terminal: logs collected from a file or a
+    pipe stay clean."""
+    from tqdm import tqdm  # loaded by the commands that wait, not by every `corolla --help`
+
+    disable = None if enabled else True  # None: on a terminal only
+    bar = tqdm(desc=what, bar_format="{desc}: {elapsed}", file=sys.stderr, leave=False, disable=disable)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(PROGRESS_REFRESH_PERIOD):
+            bar.refresh()
+
+    ticker = threading.Thread(target=tick, name="corolla-progress", daemon=True)
+    if not bar.disable:
+        ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        if ticker.is_alive():
+            ticker.join()
+        bar.close()
 
 
 def write_ready_file(path: Path, content: dict[str, Any]) -> None:
