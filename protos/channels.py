@@ -81,12 +81,13 @@ class ChannelPool:
         key = self._key(address, certificate)
         channel = self._channels.get(key)
         if channel is None:
+            target = f"dns:///{address}"  # explicit: a host named like a resolver ("unix:") stays a host
             if self.insecure:
-                channel = grpc.aio.insecure_channel(address, options=self._options)
+                channel = grpc.aio.insecure_channel(target, options=self._options)
             else:
                 credentials = tls.channel_credentials(key[1])
                 channel = grpc.aio.secure_channel(
-                    address, credentials, options=self._options + tls.channel_options()
+                    target, credentials, options=self._options + tls.channel_options()
                 )
             self._channels[key] = channel
             self._evict()

@@ -37,6 +37,24 @@ MAX_ADDRESS_CHARS = 260  # a 253-character DNS name, ":" and a port
 
 _MODEL_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_ID_CHARS}}}")
 _HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+# gRPC reads "scheme:rest" as a URI when `scheme` names one of its resolvers: "unix:8700" would dial a local
+# socket, not a host. No such name is a host here, in any case (resolver lookups are not case-sensitive
+# everywhere); the channel pool also dials "dns:///" explicitly.
+GRPC_SCHEMES = frozenset(
+    {
+        "dns",
+        "ipv4",
+        "ipv6",
+        "unix",
+        "unix-abstract",
+        "vsock",
+        "xds",
+        "google-c2p",
+        "c2p",
+        "passthrough",
+        "fake",
+    }
+)
 # version, quantization, adapter names and ping peer ids; pydantic searches patterns, hence the anchors
 _TOKEN_PATTERN = r"^[A-Za-z0-9._+/-]+$"
 
@@ -124,8 +142,9 @@ class PeerRecord(BaseModel):
 
 
 def validate_address(address: str) -> str:
-    """Return `address` if it is host:port (a DNS name, IPv4, or [IPv6]; port 1..65535); `InvalidInputError`
-    otherwise. Used for announced addresses and for the next hops a client sends."""
+    """Return `address` if it is host:port (a DNS name, IPv4, or [IPv6]; port 1..65535) and its host is no
+    gRPC scheme name (`unix:8700` is a local socket to gRPC); `InvalidInputError` otherwise. Used for
+    announced addresses and for the next hops a client sends."""
     if len(address) > MAX_ADDRESS_CHARS:
         raise InvalidInputError(f"address of {len(address)} characters is longer than {MAX_ADDRESS_CHARS}")
     host, sep, port = address.rpartition(":")
@@ -138,6 +157,8 @@ def validate_address(address: str) -> str:
             raise InvalidInputError(f"address {address!r} has an invalid IPv6 host") from None
     elif not _HOST.fullmatch(host) or len(host) > 253:
         raise InvalidInputError(f"address {address!r} has an invalid host")
+    elif host.lower() in GRPC_SCHEMES:
+        raise InvalidInputError(f"address {address!r} names a gRPC scheme ({host}:), not a host")
     return address
 
 
