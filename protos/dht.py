@@ -1,6 +1,8 @@
 """Starting a hivemind DHT node inside the caller's asyncio loop, with the options both sides need.
 
-The node runs in-process (no forked DHT process, no IPC, no pickling); see shared/research/hivemind.md.
+The node runs in-process (no forked DHT process, no IPC, no pickling); see shared/research/hivemind.md. Every
+node of the process runs `protos.dht_storage.BoundedDHTProtocol` (bounded replicas, answers checked entry by
+entry), and caches nothing it reads: corolla's reads always ask the replicas for the latest entries.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hivemind.dht import node as hivemind_node
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 from hivemind.utils import timed_storage
 
+from protos.dht_storage import BoundedDHTProtocol
 from protos.errors import CorollaError
 from protos.identity import Identity, IdentityError
 from protos.swarm_key import SwarmKey
@@ -40,6 +44,8 @@ def _store_keeping_newer(self: Any, key: Any, value: Any, expiration_time: float
 
 
 timed_storage.TimedStorage.store = _store_keeping_newer  # type: ignore[method-assign]
+# `DHTNode.create` builds its protocol from this name and takes no class to use instead
+hivemind_node.DHTProtocol = BoundedDHTProtocol  # type: ignore[misc]
 
 
 class JoinError(CorollaError, RuntimeError):
@@ -107,7 +113,9 @@ async def start_dht_node(
             p2p=p2p,
             initial_peers=list(initial_peers),
             client_mode=client_mode,
-            cache_locally=not client_mode,
+            # a cached copy is served instead of the stored entries when it expires later (protos.dht_storage)
+            cache_locally=False,
+            cache_nearest=0,
             record_validator=SignedRecordValidator(*([identity] if identity is not None else [])),
             authorizer=swarm_key.dht_authorizer() if swarm_key is not None else None,
             ensure_bootstrap_success=ensure_bootstrap_success,

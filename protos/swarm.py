@@ -3,27 +3,34 @@
 For each peer the record with the latest expiration wins: a peer that moved or went offline left older
 records behind under other block keys. A record stored under a block outside its own span, or beyond the
 model, is dropped, as is anything that does not validate. Every DHT node has already checked each entry's
-signature (`protos.validation`); readers also ignore a record that would outlive `MAX_RECORD_TTL`, even one
-they cached earlier, and take at most `MAX_ENTRIES_PER_KEY` entries from a key.
+signature and schema (`protos.validation`); readers also ignore a record that would outlive `MAX_RECORD_TTL`
+(plus `CLOCK_SKEW_MARGIN`), even one they cached earlier, and take at most `MAX_ENTRIES_PER_KEY` valid entries
+from a key: invalid ones are skipped, not counted. Keys are read `KEYS_PER_GET` at a time, so that a replica
+answers a few keys per message (`protos.dht_storage`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 from protos.errors import CorollaError
 from protos.records import MODEL_INDEX_KEY, PeerRecord, block_key, record_from_dht
-from protos.validation import MAX_RECORD_TTL
+from protos.validation import CLOCK_SKEW_MARGIN, MAX_NUM_BLOCKS, MAX_RECORD_TTL
 
 logger = logging.getLogger(__name__)
 
-MAX_NUM_BLOCKS = 4096  # bounds the keys read for a model index value that came from the network
-MAX_ENTRIES_PER_KEY = 1024  # entries (peers) a reader takes from one key; the rest is ignored
+MAX_ENTRIES_PER_KEY = 1024  # valid entries (peers) a reader takes from one key; the rest is ignored
+# hivemind asks each replica for sqrt(n) of the n keys of a get at once: 3 for 15 keys, whose entries (about
+# 1 MiB per key at most, protos.dht_storage) stay under p2pd's 4 MiB message
+KEYS_PER_GET = 15
+_MAX_LIFETIME = MAX_RECORD_TTL + CLOCK_SKEW_MARGIN  # the longest a writer ahead of this clock may ask for
 _PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{1,128}")  # base58
 
 Latest = dict[str, tuple[float, PeerRecord]]  # peer_id -> (DHT expiration, record)
@@ -45,13 +52,15 @@ async def read_num_blocks(node: DHTNode, model_id: str) -> int:
     entries = entry.value if isinstance(entry, ValueWithExpiration) else None
     counts: Counter[int] = Counter()
     invalid = None
-    for item in list(entries.values())[:MAX_ENTRIES_PER_KEY] if isinstance(entries, dict) else []:
+    for item in entries.values() if isinstance(entries, dict) else []:
         value = item.value if isinstance(item, ValueWithExpiration) else None
         if not isinstance(value, dict) or value.get("model_id") != model_id:
             continue
         num_blocks = value.get("num_blocks")
         if type(num_blocks) is int and 1 <= num_blocks <= MAX_NUM_BLOCKS:
             counts[num_blocks] += 1
+            if counts.total() >= MAX_ENTRIES_PER_KEY:
+                break
         else:
             invalid = value
     if counts:
@@ -69,22 +78,29 @@ async def read_records(
     Records of `previous` that have not expired stay when this read misses them (a frozen DHT replica).
     """
     keys = [block_key(model_id, block) for block in range(num_blocks)]
-    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    batches = [keys[i : i + KEYS_PER_GET] for i in range(0, len(keys), KEYS_PER_GET)]
+    found: dict = {}
+    for batch in await asyncio.gather(
+        *(node.get_many(batch, sufficient_expiration_time=float("inf")) for batch in batches)
+    ):
+        found.update(batch)
     now = get_dht_time()
     latest = {
-        peer_id: entry
-        for peer_id, entry in (previous or {}).items()
-        if now < entry[0] <= now + MAX_RECORD_TTL
+        peer_id: entry for peer_id, entry in (previous or {}).items() if now < entry[0] <= now + _MAX_LIFETIME
     }
     dropped = 0
     for block, key in enumerate(keys):
+        taken = 0
         for peer_id, record, expiration in _entries(found.get(key)):
-            if expiration > now + MAX_RECORD_TTL:
+            if taken >= MAX_ENTRIES_PER_KEY:
+                break
+            if expiration > now + _MAX_LIFETIME:
                 dropped += 1
                 continue
             if record is None or not record.start <= block < record.end or record.end > num_blocks:
                 dropped += 1
                 continue
+            taken += 1
             if peer_id not in latest or expiration > latest[peer_id][0]:
                 latest[peer_id] = (expiration, record)
     if dropped:
@@ -92,15 +108,13 @@ async def read_records(
     return latest
 
 
-def _entries(entry: object) -> list[tuple[str, PeerRecord | None, float]]:
+def _entries(entry: object) -> Iterator[tuple[str, PeerRecord | None, float]]:
     """(peer_id, record or None when invalid, expiration) of one block key's value, as read from the DHT."""
     value = entry.value if isinstance(entry, ValueWithExpiration) else None
     if not isinstance(value, dict):
-        return []
-    entries = []
-    for peer_id, item in list(value.items())[:MAX_ENTRIES_PER_KEY]:
+        return
+    for peer_id, item in value.items():
         if not isinstance(peer_id, str) or not _PEER_ID.fullmatch(peer_id):
             continue
         if isinstance(item, ValueWithExpiration):
-            entries.append((peer_id, record_from_dht(item.value), float(item.expiration_time)))
-    return entries
+            yield peer_id, record_from_dht(item.value), float(item.expiration_time)

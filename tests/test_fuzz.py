@@ -1,6 +1,8 @@
 """Property-based fuzzing of every RPC of an in-process peer (the real servicer, tests/fakes.py) with random
 and hostile messages: every call ends with a clear status (never INTERNAL, never a hang), and afterwards the
-peer still serves a well-behaved client exactly. Bounded and derandomized, so CI runs the same cases."""
+peer still serves a well-behaved client exactly. The DHT record validator gets random, oversized and tampered
+records: it never raises, and what it accepts is within its caps. Bounded and derandomized, so CI runs the
+same cases."""
 
 from __future__ import annotations
 
@@ -9,12 +11,29 @@ import math
 import grpc
 import pytest
 import torch
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from records_factory import peer_record
 from test_inprocess import ONE_PER_SPAN, assert_exact, reference, run
 
 from protos import peer_pb2, peer_pb2_grpc
+from protos.identity import Identity
+from protos.records import block_key, record_to_dht
 from protos.tensors import to_message
+from protos.validation import (
+    CLOCK_SKEW_MARGIN,
+    INDEX_KEY_ID,
+    MAX_NUM_BLOCKS,
+    MAX_RECORD_TTL,
+    MAX_VALUE_BYTES,
+    SIGNATURE_MAGIC,
+    SignedRecordValidator,
+    schema_error_of,
+)
 
 HIDDEN = 64  # the tiny Llama's width
 CALL_TIMEOUT = 10.0  # seconds; a call still running then counts as a hang
@@ -190,3 +209,97 @@ def test_fuzzed_forward_and_backward(peer, connect) -> None:
 
     one_call()
     _still_exact(swarm, connect)
+
+
+# ---- the DHT record validator (protos.validation): every replica and reader runs it on network input ----
+
+_SIGNER = Identity.load_or_create(None)
+_BLOCK_KEY_ID = DHTID.generate(block_key("fuzz-model", 0)).to_bytes()
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | _int64 | st.floats() | st.text(max_size=40) | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@st.composite
+def _values(draw: st.DrawFn, *, valid: bool = False) -> object:
+    """A value before signing: a valid record or index entry, one with a field changed, or junk."""
+    record = record_to_dht(peer_record(0, draw(st.integers(1, 4))))
+    index = {"model_id": "fuzz-model", "num_blocks": draw(st.integers(1, MAX_NUM_BLOCKS))}
+    base = draw(st.sampled_from([record, index]))
+    kind = "valid" if valid else draw(st.sampled_from(["valid", "changed", "padded", "junk"]))
+    if kind == "changed":
+        return base | {draw(st.sampled_from([*base, "extra"])): draw(_msgpack_values)}
+    if kind == "padded":  # beyond the size cap, however valid the rest
+        return base | {"public_name": "x" * draw(st.integers(MAX_VALUE_BYTES, 4 * MAX_VALUE_BYTES))}
+    return base if kind == "valid" else draw(_msgpack_values)
+
+
+def _mostly(usual: st.SearchStrategy, unusual: st.SearchStrategy) -> st.SearchStrategy:
+    """`usual` three times in four: most records get far enough to reach the schema and signature checks."""
+    return st.sampled_from([True, True, True, False]).flatmap(lambda take: usual if take else unusual)
+
+
+@st.composite
+def dht_records(draw: st.DrawFn) -> DHTRecord:
+    key = draw(_mostly(st.sampled_from([INDEX_KEY_ID, _BLOCK_KEY_ID]), st.binary(max_size=24)))
+    subkey = draw(
+        _mostly(
+            st.just(MSGPackSerializer.dumps(_SIGNER.peer_id)),
+            st.sampled_from([b"", MSGPackSerializer.dumps(None)])
+            | st.binary(max_size=60)
+            | st.builds(MSGPackSerializer.dumps, st.text(max_size=60)),
+        )
+    )
+    ahead = st.sampled_from([60.0, MAX_RECORD_TTL + 5, MAX_RECORD_TTL + CLOCK_SKEW_MARGIN + 1, 1e9, -10.0])
+    expiration = draw(
+        _mostly(
+            ahead.map(lambda seconds: get_dht_time() + seconds),
+            st.floats(allow_nan=True, allow_infinity=True) | _int64,
+        )
+    )
+    kind = draw(
+        st.sampled_from(["signed", "signed", "signed", "flipped", "random", "oversized", "not bytes"])
+    )
+    if kind == "random":
+        value: object = draw(st.binary(max_size=512))
+    elif kind == "oversized":
+        value = (
+            draw(st.binary(min_size=1, max_size=64)) * (MAX_VALUE_BYTES // 32) + SIGNATURE_MAGIC + bytes(64)
+        )
+    elif kind == "not bytes":
+        value = draw(_msgpack_values.filter(lambda value: not isinstance(value, bytes)))
+    else:
+        plain = draw(_values(valid=kind in ("flipped", "replayed")))  # tampered after signing
+        unsigned = DHTRecord(key, subkey, MSGPackSerializer.dumps(plain), expiration)
+        value = SignedRecordValidator(_SIGNER).sign_value(unsigned)
+        if kind == "flipped" and value:
+            at = draw(st.integers(0, len(value) - 1) | st.integers(max(0, len(value) - 64), len(value) - 1))
+            value = value[:at] + bytes([value[at] ^ 1]) + value[at + 1 :]
+        if kind == "replayed":  # a signed entry given another lifetime
+            expiration = draw(st.sampled_from([1.0, -1.0])) + expiration
+    return DHTRecord(key, subkey, value, expiration)  # type: ignore[arg-type]
+
+
+def test_fuzzed_dht_records() -> None:
+    validator = SignedRecordValidator()
+    accepted: list[DHTRecord] = []
+
+    @settings(FUZZ, max_examples=400)  # no RPC per example: cheap
+    @given(dht_records())
+    def one_record(record: DHTRecord) -> None:
+        valid = validator.validate(record)  # must not raise, whatever the record holds
+        stripped = validator.strip_value(record)
+        if not valid:
+            return
+        accepted.append(record)
+        assert isinstance(record.value, bytes) and len(record.value) <= MAX_VALUE_BYTES
+        assert record.expiration_time <= get_dht_time() + MAX_RECORD_TTL + CLOCK_SKEW_MARGIN
+        assert MSGPackSerializer.loads(record.subkey) == _SIGNER.peer_id
+        assert schema_error_of(record.key, stripped) is None
+
+    one_record()
+    assert accepted  # the strategy reaches valid records too: the checks above ran
