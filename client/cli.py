@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
@@ -18,6 +17,7 @@ from pydantic import ValidationError
 
 from client.config import ClientConfig, GatewayConfig
 from protos.cli import setup_logging, write_ready_file
+from protos.dht import is_loopback
 from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 
 logger = logging.getLogger(__name__)
@@ -114,22 +114,12 @@ def main(argv: Sequence[str], prog: str) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) for a "
         "model whose blocks a swarm serves; the embeddings and LM head run here. Each request is one "
-        "inference "
-        "session. Every option can also be set as a COROLLA_<OPTION> environment variable.",
+        "inference session. Every option can also be set as a COROLLA_<OPTION> environment variable.",
     )
     add_config_arguments(parser, GatewayConfig, positional=["model"])
     add_config_arguments(parser, ClientConfig)
@@ -141,7 +131,8 @@ def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]
         parser.error(validation_problems(e))
     if not client.initial_peers:
         parser.error("--initial-peers is required: the DHT multiaddresses of the swarm")
-    if config.api_key is None and not config.allow_no_api_key and not _is_loopback(config.host):
+    keyless = config.api_key is None and not config.api_keys
+    if keyless and not config.allow_no_api_key and not is_loopback(config.host):
         parser.error(
             f"listening on {config.host} without --api-key would open the swarm to anyone who reaches the "
             "port; set --api-key (or COROLLA_API_KEY), or pass --allow-no-api-key"

@@ -10,6 +10,7 @@ whatever runs beside it; greedy requests (`temperature=0`) are transformers' gre
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,14 +77,18 @@ def make_plan(
     *,
     context_length: int,
     vocab_size: int,
+    max_request_tokens: int,
 ) -> Plan:
-    """Check the prompts and the budget against the model before anything is sent to the swarm."""
+    """Check the prompts and the budget against the model before anything is sent to the swarm. A request
+    asks for max_tokens x n x prompts completion tokens, at most `max_request_tokens`; without max_tokens
+    it gets the context's rest or its share of that budget, whichever is less."""
     for ids in prompts:
         if not ids:
             raise InvalidInputError("the prompt is empty")
         if min(ids) < 0 or max(ids) >= vocab_size:
             raise InvalidInputError(f"prompt token ids must be in 0..{vocab_size - 1}")
     longest = max(len(ids) for ids in prompts)
+    choices = len(prompts) * request.n
     limit = request.token_limit()
     max_tokens = context_length - longest if limit is None else limit
     if longest + max_tokens > context_length or max_tokens < 1:
@@ -91,6 +96,14 @@ def make_plan(
             f"This model's maximum context length is {context_length} tokens. However, you requested "
             f"{longest + max(max_tokens, 1)} tokens ({longest} in the prompt, {max(max_tokens, 1)} for the "
             "completion). Please reduce the prompt or the completion length."
+        )
+    if limit is None:
+        max_tokens = min(max_tokens, max_request_tokens // choices)
+    if max_tokens * choices > max_request_tokens or max_tokens < 1:
+        raise TokenBudgetError(
+            f"this request asks for {max(max_tokens, 1) * choices} completion tokens or more "
+            f"({max(max_tokens, 1)} max_tokens x {choices} choices); this gateway allows "
+            f"{max_request_tokens} per request"
         )
     bias = request.logit_bias or {}
     if any(not 0 <= token < vocab_size for token in bias):
@@ -116,6 +129,35 @@ class ContextLengthError(InvalidInputError):
     """The prompt and the completion would not fit the model's context (HTTP 400, code context_length)."""
 
 
+class TokenBudgetError(InvalidInputError):
+    """max_tokens x n x prompts is beyond the gateway's per-request budget (HTTP 400, param max_tokens)."""
+
+
+class Stop:
+    """Why a generation ends before its choices do, set on the server's loop and read by the worker thread
+    after each step: the client left ("cancelled"), or the gateway's time or byte budget is spent ("length":
+    OpenAI clients keep the text so far, as when max_tokens is reached)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+        self.deadline: float | None = None  # time.monotonic() past which the run ends with "length"
+
+    def request(self, reason: str) -> bool:
+        """Ask the run to stop for `reason`; False when it was already stopping (the first reason stays)."""
+        with self._lock:
+            if self._reason is not None:
+                return False
+            self._reason = reason
+            return True
+
+    @property
+    def reason(self) -> str | None:
+        if self._reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.request("length")
+        return self._reason
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     token: str
@@ -126,7 +168,8 @@ class TokenLogprob:
 @dataclass
 class Delta:
     """New output of one choice: text, the log-probabilities of the tokens behind it, and (last) why it
-    finished: "stop" (end of turn or a stop sequence), "length" (max_tokens) or "cancelled"."""
+    finished: "stop" (end of turn or a stop sequence), "length" (max_tokens, or the gateway's time or byte
+    budget) or "cancelled"."""
 
     index: int
     text: str = ""
@@ -200,20 +243,20 @@ class _Choice:
 class _Choices(StoppingCriteria):
     """Runs inside `generate()` after each step (transformers calls stopping criteria with the new tokens
     appended): turns each row's new token into a `Delta`, and tells `generate()` which rows are done (end of
-    turn, a stop sequence) or that the request was cancelled (all rows)."""
+    turn, a stop sequence) or that the request must stop (all rows)."""
 
     def __init__(
         self,
         choices: list[_Choice],
         end_ids: frozenset[int],
         emit: Callable[[Delta], None],
-        cancelled: threading.Event,
+        stop: Stop,
         logprobs: _Logprobs | None,
     ) -> None:
         self.choices = choices
         self.end_ids = end_ids
         self.emit = emit
-        self.cancelled = cancelled
+        self.stop = stop
         self.logprobs = logprobs
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
@@ -225,7 +268,8 @@ class _Choices(StoppingCriteria):
             delta = choice.add(token, token in self.end_ids, logprob)
             if delta is not None:
                 self.emit(delta)
-        done = [c.finish_reason is not None or self.cancelled.is_set() for c in self.choices]
+        stopping = self.stop.reason is not None
+        done = [c.finish_reason is not None or stopping for c in self.choices]
         return torch.tensor(done, dtype=torch.bool)  # type: ignore[return-value]
 
 
@@ -312,10 +356,11 @@ def run_plan(
     tokenizer: PreTrainedTokenizerBase,
     plan: Plan,
     emit: Callable[[Delta], None],
-    cancelled: threading.Event,
+    stop: Stop,
 ) -> int:
-    """Generate every choice of `plan` (blocking; on a worker thread), handing out `Delta`s as tokens come.
-    Returns the completion tokens generated. Choices of prompt i are numbered i * n .. i * n + n - 1."""
+    """Generate every choice of `plan` (blocking; on a worker thread), handing out `Delta`s as tokens come,
+    until the choices finish or `stop` says why not (checked after each step). Returns the completion tokens
+    generated. Choices of prompt i are numbered i * n .. i * n + n - 1."""
     generator = torch.Generator()
     if plan.seed is not None:
         generator.manual_seed(plan.seed)
@@ -341,9 +386,9 @@ def run_plan(
             if plan.top_p < 1.0:
                 processors.append(TopPLogitsWarper(plan.top_p))
             processors.append(_Sample(generator))
-        tracker = _Choices(choices, ends, emit, cancelled, logprobs)
+        tracker = _Choices(choices, ends, emit, stop, logprobs)
         input_ids = torch.tensor([ids] * plan.n, dtype=torch.long)
-        if not cancelled.is_set():
+        if stop.reason is None:
             model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -354,6 +399,6 @@ def run_plan(
             )
         for choice in choices:
             if choice.finish_reason is None:
-                emit(choice.finish("cancelled" if cancelled.is_set() else "length"))
+                emit(choice.finish(stop.reason or "length"))
             completion_tokens += choice.tokens
     return completion_tokens

@@ -173,10 +173,21 @@ class GatewayConfig(BaseModel):
         description="clients must send `Authorization: Bearer KEY` (better set as COROLLA_API_KEY than on "
         "the command line); /health and /ready stay open for probes",
     )
+    api_keys: list[Annotated[str, Field(min_length=8)]] = Field(
+        default_factory=list,
+        description="more API keys, one per user or application (better set as COROLLA_API_KEYS, separated "
+        "by spaces): each is accepted like --api-key, and the slots are shared fairly between the keys",
+    )
     allow_no_api_key: bool = Field(
         default=False,
         description="serve on an address other than loopback without --api-key (anyone who reaches the port "
         "can use the swarm through it)",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names clients may reach the gateway by (the Host header), beside IP addresses, "
+        "localhost and --host; `*`: any (behind a proxy). Other names get 400: a web page cannot read the "
+        "API through DNS rebinding",
     )
     served_model_name: str | None = Field(
         default=None,
@@ -195,8 +206,34 @@ class GatewayConfig(BaseModel):
     max_model_len: int | None = Field(
         default=None, ge=1, description="longest prompt + completion in tokens; default: the model's context"
     )
+    max_requests_per_key: int | None = Field(
+        default=None,
+        ge=1,
+        description="requests one API key may have generating or waiting at once, beyond which it gets 429 "
+        "(a freed slot goes to the waiting key holding the fewest); default: an equal share of "
+        "max_concurrent_requests + max_waiting_requests between the keys",
+    )
     max_request_bytes: int = Field(
         default=4 * 2**20, ge=2**10, description="largest request body; a larger one gets 413"
+    )
+    max_request_tokens: int = Field(
+        default=32768,
+        ge=1,
+        description="most completion tokens one request may ask for, max_tokens x n x prompts (a larger "
+        "request gets 400); without max_tokens a request gets the context's rest or its share of this",
+    )
+    generation_timeout: float = Field(
+        default=600.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds one request may generate once it has a slot; then its choices end after the "
+        'step in flight with finish_reason "length" (clients keep the text so far, as at max_tokens)',
+    )
+    max_response_bytes: int = Field(
+        default=16 * 2**20,
+        ge=2**10,
+        description="bytes of choices (text and log-probabilities) one response may carry; the token that "
+        'crosses it is the last, and the choices end with finish_reason "length"',
     )
     dtype: str = Field(default="float32", description="dtype of the local embeddings and LM head")
     drain_timeout: float = Field(

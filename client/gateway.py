@@ -9,15 +9,19 @@ Each request is its own inference session, generated on a worker thread by trans
 (`client/completions.py`); requests run concurrently and the peers batch them. A client that disconnects
 cancels its generation after the step in flight, which closes its session on every peer. Errors have
 OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+Before a handler runs (`client/gateway_guard.py`), the Host must be a name the operator chose, the API key
+valid, a body JSON (no DNS rebinding or cross-site form posts, even on loopback) and small enough. A
+request's budget is bounded in tokens (max_tokens x n x prompts), time and response bytes (past the last
+two its choices end with finish_reason "length", which OpenAI clients take as a cut completion), and the
+slots are shared between API keys (`client/admission.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +33,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
+from client.admission import Admission, Ticket
 from client.completions import (
     ContextLengthError,
     Delta,
     Plan,
+    Stop,
+    TokenBudgetError,
     chat_prompt,
     completion_prompts,
     make_plan,
@@ -42,6 +49,7 @@ from client.completions import (
 )
 from client.config import GatewayConfig
 from client.errors import PeerFailure, SwarmError, format_ranges
+from client.gateway_guard import KEY_SCOPE, Guard
 from client.openai_types import (
     ChatCompletionRequest,
     ChatReplies,
@@ -71,6 +79,8 @@ def _http_error(error: BaseException) -> GatewayError:
         return error
     if isinstance(error, ContextLengthError):
         return GatewayError(400, str(error), kind="invalid_request_error", code="context_length_exceeded")
+    if isinstance(error, TokenBudgetError):
+        return GatewayError(400, str(error), kind="invalid_request_error", param="max_tokens")
     if isinstance(error, InvalidInputError):
         return GatewayError(400, str(error), kind="invalid_request_error")
     if isinstance(error, SwarmError):
@@ -90,13 +100,15 @@ class _End:
 
 
 class Run:
-    """One request's generation: `begin` starts `run_plan` on a worker thread once a slot is free, its deltas
-    come out of `deltas()` on the server's loop. Leaving `deltas()` early or `cancel()` (the client went
-    away) stops the generation."""
+    """One request's generation: `begin` starts `run_plan` on a worker thread once its ticket holds a slot,
+    its deltas come out of `deltas()` on the server's loop. Leaving `deltas()` early or `cancel()` (the
+    client went away) stops the generation; so do its time and byte budgets (`spend`): finish "length"."""
 
-    def __init__(self, gateway: Gateway, plan: Plan, endpoint: str) -> None:
-        self.gateway, self.plan, self.endpoint = gateway, plan, endpoint
-        self.cancelled = threading.Event()
+    def __init__(self, gateway: Gateway, plan: Plan, endpoint: str, ticket: Ticket) -> None:
+        self.gateway, self.plan, self.endpoint, self.ticket = gateway, plan, endpoint, ticket
+        self.stop = Stop()
+        self.sent_bytes = 0
+        self.over_budget = False  # past max_response_bytes
         self.queue: asyncio.Queue[Delta | _End] = asyncio.Queue()
         self.prompt_tokens = sum(len(ids) for ids in plan.prompts)
         self.completion_tokens = 0
@@ -110,27 +122,35 @@ class Run:
             loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
         try:
-            emit(_End(run_plan(self.gateway.model, self.gateway.tokenizer, self.plan, emit, self.cancelled)))
+            emit(_End(run_plan(self.gateway.model, self.gateway.tokenizer, self.plan, emit, self.stop)))
         except BaseException as e:  # handed to the request's handler, which answers with it
             emit(_End(error=e))
 
     async def begin(self) -> None:
-        """Wait for a free slot, then start generating on a worker thread."""
+        """Wait for a slot, then start generating on a worker thread (its time budget starts now)."""
         gateway = self.gateway
         try:
-            await gateway.slots.acquire()
+            await gateway.granted(self.ticket)
         except BaseException:
-            gateway.admitted -= 1
+            gateway.leave(self.ticket)
             raise
+        self.stop.deadline = time.monotonic() + gateway.config.generation_timeout
         loop = asyncio.get_running_loop()
         self.future = loop.run_in_executor(gateway.executor, self._work, loop)
-        self.future.add_done_callback(lambda _: gateway.release())
+        self.future.add_done_callback(lambda _: gateway.leave(self.ticket))
 
     def cancel(self) -> None:
         """Stop generating after the step in flight (its session then closes on every peer)."""
-        if self.future is not None and not self.future.done() and not self.cancelled.is_set():
-            self.cancelled.set()
+        if self.future is not None and not self.future.done() and self.stop.request("cancelled"):
             self._log("cancelled (client gone)")
+
+    def spend(self, num_bytes: int) -> None:
+        """Count bytes of the response; past `max_response_bytes` the choices end with this delta."""
+        self.sent_bytes += num_bytes
+        if self.sent_bytes > self.gateway.config.max_response_bytes and not self.over_budget:
+            self.over_budget = True
+            self.stop.request("length")
+            logger.info("request cut endpoint=%s reason=max_response_bytes", self.endpoint)
 
     async def deltas(self) -> AsyncGenerator[Delta, None]:
         try:
@@ -142,6 +162,10 @@ class Run:
                     self.completion_tokens = item.completion_tokens
                     self._log("done")
                     return
+                if self.over_budget:  # what the worker made meanwhile is dropped: the choices end here
+                    if item.finish_reason is None:
+                        continue
+                    item = Delta(item.index, finish_reason="length")
                 if self.first_token is None and item.text:
                     self.first_token = time.perf_counter()
                 if item.finish_reason is not None:
@@ -155,10 +179,11 @@ class Run:
         first = self.first_token - self.started if self.first_token is not None else float("nan")
         rate = self.completion_tokens / elapsed if elapsed > 0 else 0.0
         logger.info(
-            "request %s endpoint=%s prompt_tokens=%d completion_tokens=%d ttft=%.3fs total=%.3fs "
+            "request %s endpoint=%s key=%s prompt_tokens=%d completion_tokens=%d ttft=%.3fs total=%.3fs "
             "tokens_per_s=%.1f finish=%s",
             outcome,
             self.endpoint,
+            self.ticket.key or "-",
             self.prompt_tokens,
             self.completion_tokens,
             first,
@@ -180,25 +205,60 @@ class Gateway:
         self.context_length = min(limits)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="corolla-api")
-        self.slots = asyncio.Semaphore(config.max_concurrent_requests)
-        self.admitted = 0  # requests generating or waiting for a slot
+        # key label ("key1", ...) -> key; a request's label names its key in logs and the admission
+        keys = ([config.api_key] if config.api_key is not None else []) + list(config.api_keys)
+        self.keys = {f"key{i}": key.encode() for i, key in enumerate(dict.fromkeys(keys), 1)}
+        room = config.max_concurrent_requests + config.max_waiting_requests
+        share = config.max_requests_per_key or max(1, room // max(1, len(self.keys)))
+        self.admission = Admission(
+            num_slots=config.max_concurrent_requests,
+            num_waiting=config.max_waiting_requests,
+            max_per_key=share,
+        )
+        self.waiters: dict[Ticket, asyncio.Future[None]] = {}
         self.created = int(time.time())
 
-    def release(self) -> None:
-        self.slots.release()
-        self.admitted -= 1
-
-    def start(self, plan: Plan, endpoint: str) -> Run:
-        """A new run, or 429 when every slot and waiting place is taken."""
-        if self.admitted >= self.config.max_concurrent_requests + self.config.max_waiting_requests:
+    def start(self, plan: Plan, endpoint: str, key: str) -> Run:
+        """A new run for API key `key`, or 429 when every place, or every place of that key, is taken."""
+        ticket = self.admission.admit(key)
+        if isinstance(ticket, Ticket):
+            return Run(self, plan, endpoint, ticket)
+        if ticket == "full":
             raise GatewayError(
                 429,
                 "the gateway is at its request limit; retry shortly",
                 kind="rate_limit_error",
                 code="busy",
             )
-        self.admitted += 1
-        return Run(self, plan, endpoint)
+        raise GatewayError(
+            429,
+            f"this API key has {self.admission.max_per_key} requests generating or waiting, its share of "
+            "the gateway; retry when one finishes",
+            kind="rate_limit_error",
+            code="key_busy",
+        )
+
+    async def granted(self, ticket: Ticket) -> None:
+        """Returns once `ticket` holds a slot."""
+        self._grant()
+        if ticket.granted:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[ticket] = waiter
+        try:
+            await waiter
+        finally:
+            self.waiters.pop(ticket, None)
+
+    def leave(self, ticket: Ticket) -> None:
+        self.admission.leave(ticket)
+        self._grant()
+
+    def _grant(self) -> None:
+        for ticket in self.admission.grant():
+            waiter = self.waiters.get(ticket)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
 
     async def check_ready(self) -> int:
         """The model's number of blocks when usable peers (not banned) serve them all in the client's current
@@ -238,7 +298,7 @@ class Gateway:
 
     async def respond(self, request: Request, plan: Plan, replies: Replies, stream: bool) -> Any:
         await self.check_ready()
-        run = self.start(plan, request.url.path)
+        run = self.start(plan, request.url.path, str(request.scope.get(KEY_SCOPE, "")))
         await run.begin()
         if stream:  # after the stream, finished or cut by the client: `cancel` is then a no-op or stops it
             events = self._events(run, replies)
@@ -263,7 +323,9 @@ class Gateway:
             for chunk in replies.opening(run.plan):
                 yield sse_event(chunk)
             async for delta in deltas:
-                yield sse_event(replies.chunk(delta))
+                event = sse_event(replies.chunk(delta))
+                run.spend(len(event))
+                yield event
             if replies.include_usage:
                 yield sse_event(replies.usage_chunk(run.prompt_tokens, run.completion_tokens))
         except Exception as e:  # the status line is sent: the error travels as an event, as OpenAI does
@@ -334,17 +396,29 @@ class Gateway:
             )
             return await gateway.respond(request, plan, replies, body.stream)
 
-        return _Guard(app, self)
+        return Guard(app, self.config, self.key_of)
 
     def plan(self, body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]) -> Plan:
-        return make_plan(body, prompts, context_length=self.context_length, vocab_size=self.vocab_size)
+        return make_plan(
+            body,
+            prompts,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            max_request_tokens=self.config.max_request_tokens,
+        )
 
-    def authorized(self, header: bytes | None) -> bool:
-        key = self.config.api_key
-        if key is None:
-            return True
+    def key_of(self, header: bytes | None) -> str | None:
+        """The label of the API key an Authorization header carries ("" on a gateway without keys), or None
+        when it carries none of them. Every key is compared, in constant time."""
+        if not self.keys:
+            return ""
         scheme, _, given = (header or b"").decode("latin-1").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
+        token = given.strip().encode()
+        found = None
+        for label, key in self.keys.items():
+            if hmac.compare_digest(token, key):
+                found = label
+        return found if scheme.lower() == "bearer" else None
 
     def model_card(self) -> dict[str, Any]:
         return {
@@ -359,6 +433,7 @@ class Gateway:
 async def _collect(run: Run, replies: Replies) -> JSONResponse:
     texts: dict[int, list[Delta]] = {}
     async for delta in run.deltas():
+        run.spend(replies.size(delta))
         texts.setdefault(delta.index, []).append(delta)
     return JSONResponse(replies.whole(run.plan, texts, run.prompt_tokens, run.completion_tokens))
 
@@ -369,77 +444,3 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-class _Guard:
-    """In front of the app: the API key (on /v1/), the body limit (413 before a larger body is read whole)
-    and one log line per request with its status and time (a stream's time runs to its last event)."""
-
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
-        self.app, self.gateway = app, gateway
-        self.limit = gateway.config.max_request_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started, status = time.perf_counter(), 0
-
-        async def logged(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise HTTPException(413, f"request bodies are limited to {self.limit} bytes")
-            return message
-
-        headers = dict(scope.get("headers", []))
-        declared = headers.get(b"content-length", b"0")
-        try:
-            if scope["path"].startswith("/v1/") and not self.gateway.authorized(
-                headers.get(b"authorization")
-            ):
-                await _send_error(
-                    logged,
-                    GatewayError(
-                        401,
-                        "a valid API key is required (Authorization: Bearer KEY)",
-                        kind="invalid_request_error",
-                        code="invalid_api_key",
-                    ),
-                )
-            elif not declared.isdigit() or int(declared) > self.limit:
-                await _send_error(
-                    logged,
-                    GatewayError(
-                        413,
-                        f"request bodies are limited to {self.limit} bytes",
-                        kind="invalid_request_error",
-                        code="request_too_large",
-                    ),
-                )
-            else:
-                await self.app(scope, limited, logged)
-        finally:
-            logger.info(
-                "%s %s %d %.3fs",
-                scope.get("method", ""),
-                scope["path"],
-                status,
-                time.perf_counter() - started,
-            )
-
-
-async def _send_error(send: Send, error: GatewayError) -> None:
-    data = json.dumps(error_body(str(error), error.kind, error.code, error.param)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})

@@ -6,6 +6,11 @@ peer's record, and each peer's `Info` (its round trip is the latency shown, its 
 peer that does not answer is shown as unreachable and no longer counts for coverage. The page
 (`client/static/`: plain HTML, CSS and JS, no build step) polls `/api/swarm` four times per period, so a
 change shows within `refresh_period`. Reads only: it never opens a session.
+
+Anyone can put any address in a signed record, so the monitor must not become a port scanner or a
+reflector: it calls only peers whose TLS certificate binds to their peer id (a plaintext peer only with
+`--probe-plaintext`), at most `max_probes_per_refresh` of them per read (the longest unprobed first), and
+publishes only whether a peer answered, never why not.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,11 +34,12 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import ValueWithExpiration
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from client.browser_guard import host_allowed
 from client.config import ClientConfig
 from client.discovery import SwarmView
 from client.errors import short_id
 from client.health import report
-from protos import peer_pb2
+from protos import peer_pb2, tls
 from protos.channels import ChannelPool
 from protos.cli import corolla_version, setup_logging, write_ready_file
 from protos.dht import JoinError, start_dht_node
@@ -46,7 +52,6 @@ from protos.swarm_key import SwarmKey
 logger = logging.getLogger(__name__)
 
 MAX_MODELS = 32  # models of one swarm shown; a swarm index with more is cut (largest counts first)
-MAX_PROBED_PEERS = 256  # Info calls per round; peers beyond are shown without a measured latency
 _CLIENT_OPTIONS = ("initial_peers", "swarm_key", "join_timeout", "fetch_timeout")
 _STATIC = ("index.html", "monitor.css", "monitor.js")
 _TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css", ".js": "text/javascript"}
@@ -86,6 +91,25 @@ class MonitorConfig(BaseModel):
         allow_inf_nan=False,
         description="seconds a peer has to answer the monitor's Info call before it is shown as unreachable",
     )
+    max_probes_per_refresh: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="peers called (Info) per read of the swarm, the longest unprobed first; the others keep "
+        "their last result until their turn. Bounds the connections any set of records can make the "
+        "monitor open",
+    )
+    probe_plaintext: bool = Field(
+        default=False,
+        description="also call peers whose record announces no TLS certificate (`corolla serve --insecure`: "
+        "tests, trusted networks); by default only peers whose certificate binds to their peer id are "
+        "called, shown and counted as serving",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="names the page may be reached by (the Host header), beside IP addresses, localhost and "
+        "--host; `*`: any. Other names get 400: a web page cannot read it through DNS rebinding",
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="logs on stderr as text lines, or as one JSON object per line"
     )
@@ -102,7 +126,7 @@ class MonitorConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Probe:
-    """One Info call to a peer: its round trip, or why it failed."""
+    """One Info call to a peer: its round trip, or why it failed (logged, never published)."""
 
     latency_ms: float | None = None
     info: peer_pb2.InfoReply | None = None
@@ -133,14 +157,20 @@ async def read_models(node: DHTNode) -> dict[str, int]:
 
 
 def model_report(
-    model_id: str, num_blocks: int, records: dict[str, PeerRecord], probes: dict[str, Probe]
+    model_id: str,
+    num_blocks: int,
+    records: dict[str, PeerRecord],
+    probes: dict[str, Probe],
+    *,
+    unverified: Collection[str] = (),
 ) -> dict[str, Any]:
     """One model's part of the page: coverage, per-block throughput and the bottleneck over the peers that
-    serve (ONLINE and not found unreachable), and every peer with its record and what the monitor measured."""
+    serve (ONLINE, verified and not found unreachable), and every peer with its record and what the monitor
+    measured. `unverified` peers (a certificate that does not bind to them, or none) are never called."""
     serving = {
         peer_id: record
         for peer_id, record in records.items()
-        if peer_id not in probes or probes[peer_id].reachable
+        if peer_id not in unverified and (peer_id not in probes or probes[peer_id].reachable)
     }
     health = report(SwarmView.from_records(num_blocks, serving), model_id)
     peers = []
@@ -153,10 +183,10 @@ def model_report(
                 "short_id": short_id(peer_id),
                 **record.model_dump(mode="json", exclude={"pings", "certificate"}),
                 "tls": record.certificate is not None,
+                "verified": peer_id not in unverified,
                 "serving": record.state is PeerState.ONLINE and peer_id in serving,
                 "reachable": None if probe is None else probe.reachable,
                 "latency_ms": None if probe is None else probe.latency_ms,
-                "probe_error": None if probe is None else probe.error,
                 # fresher than the record (announced every few tens of seconds)
                 "live": None
                 if info is None
@@ -175,6 +205,9 @@ def model_report(
     return health
 
 
+Target = tuple[str, str]  # (peer id, address): what one probe calls
+
+
 class SwarmWatch:
     """Reads the swarm and probes its peers in a loop; `snapshot` is the latest state as plain data."""
 
@@ -185,9 +218,13 @@ class SwarmWatch:
         swarm_key = SwarmKey.load(client.swarm_key) if client.swarm_key is not None else None
         size = client.max_message_bytes
         self._secure = ChannelPool(max_message_bytes=size, swarm_key=swarm_key)
-        # peers announcing no certificate (`--insecure`) speak plaintext; never in a private swarm
-        self._plain = None if swarm_key is not None else ChannelPool(max_message_bytes=size, insecure=True)
-        self._warm: set[tuple[str, str]] = set()  # (peer, address) probed last round: its channel is open
+        # plaintext peers (no certificate, `--insecure`): called only when asked, never in a private swarm
+        plain = config.probe_plaintext and swarm_key is None
+        self._plain = ChannelPool(max_message_bytes=size, insecure=True) if plain else None
+        self._warm: set[Target] = set()  # probed and answered: its channel is open
+        self._results: dict[Target, Probe] = {}  # the last probe of each target still in the swarm
+        self._probed_at: dict[Target, int] = {}  # the refresh that last probed it (who goes next)
+        self._round = 0
         self._latest: dict[str, Latest] = {}
         self.snapshot: dict[str, Any] = {"updated_at": None, "models": [], "error": "reading the swarm"}
 
@@ -206,17 +243,30 @@ class SwarmWatch:
         models = await read_models(self.node)
         if self.config.model_id is not None:
             models = {k: v for k, v in models.items() if k == self.config.model_id}
-        reports: list[dict[str, Any]] = []
-        probed: set[tuple[str, str]] = set()
+        swarm: dict[str, dict[str, PeerRecord]] = {}
         for model_id, num_blocks in models.items():
             latest = await read_records(self.node, model_id, num_blocks, previous=self._latest.get(model_id))
             self._latest[model_id] = latest
-            records = {peer_id: record for peer_id, (_, record) in latest.items()}
-            probes = await self._probe(records)
-            probed |= {(peer_id, records[peer_id].address) for peer_id in probes}
-            reports.append(model_report(model_id, num_blocks, records, probes))
+            swarm[model_id] = {peer_id: record for peer_id, (_, record) in latest.items()}
         self._latest = {k: v for k, v in self._latest.items() if k in models}
-        self._warm &= probed  # peers gone from the swarm are forgotten
+        targets = {
+            (peer_id, record.address): record
+            for records in swarm.values()
+            for peer_id, record in records.items()
+            if self.callable(peer_id, record)
+        }
+        await self._probe(targets)
+        reports = []
+        for model_id, records in swarm.items():
+            probes = {
+                peer_id: self._results[(peer_id, record.address)]
+                for peer_id, record in records.items()
+                if (peer_id, record.address) in self._results
+            }
+            unverified = {
+                peer_id for peer_id, record in records.items() if not self.verified(peer_id, record)
+            }
+            reports.append(model_report(model_id, models[model_id], records, probes, unverified=unverified))
         self.snapshot = {
             "updated_at": time.time(),
             "refresh_period": self.config.refresh_period,
@@ -225,29 +275,53 @@ class SwarmWatch:
             "error": None if reports else "no model is announced in this swarm (yet)",
         }
 
-    async def _probe(self, records: dict[str, PeerRecord]) -> dict[str, Probe]:
-        # a JOINING peer serves no gRPC yet, an OFFLINE one is gone
-        serving = (PeerState.ONLINE, PeerState.DRAINING)
-        live = [(p, r) for p, r in records.items() if r.state in serving][:MAX_PROBED_PEERS]
-        probes = await asyncio.gather(*(self._probe_one(peer_id, record) for peer_id, record in live))
-        return {peer_id: probe for (peer_id, _), probe in zip(live, probes, strict=True)}
+    def verified(self, peer_id: str, record: PeerRecord) -> bool:
+        """Whether the monitor may call this record's address: its certificate binds to the peer id (what a
+        TLS client checks), or it is a plaintext peer and `probe_plaintext` allows those."""
+        if record.certificate is None:
+            return self._plain is not None
+        return tls.binds(record.certificate.encode(), peer_id)
 
-    async def _probe_one(self, peer_id: str, record: PeerRecord) -> Probe:
+    def callable(self, peer_id: str, record: PeerRecord) -> bool:
+        # a JOINING peer serves no gRPC yet, an OFFLINE one is gone
+        return record.state in (PeerState.ONLINE, PeerState.DRAINING) and self.verified(peer_id, record)
+
+    async def _probe(self, targets: dict[Target, PeerRecord]) -> None:
+        """Probe at most `max_probes_per_refresh` targets, each address once, those probed longest ago (or
+        never) first; forget the results and channels of targets gone from the swarm."""
+        self._round += 1
+        chosen: list[Target] = []
+        addresses: set[str] = set()  # records of many identities naming one address: one call per read
+        for target in sorted(targets, key=lambda target: (self._probed_at.get(target, 0), target)):
+            if len(chosen) < self.config.max_probes_per_refresh and target[1] not in addresses:
+                chosen.append(target)
+                addresses.add(target[1])
+        probes = await asyncio.gather(*(self._probe_one(*target, targets[target]) for target in chosen))
+        for target, probe in zip(chosen, probes, strict=True):
+            self._results[target] = probe
+            self._probed_at[target] = self._round
+        self._results = {t: p for t, p in self._results.items() if t in targets}
+        self._probed_at = {t: r for t, r in self._probed_at.items() if t in targets}
+        self._warm &= set(targets)
+
+    async def _probe_one(self, peer_id: str, address: str, record: PeerRecord) -> Probe:
         pool = self._secure if record.certificate is not None else self._plain
-        if pool is None:
-            return Probe(error="announces no TLS certificate (a plaintext peer in a private swarm)")
+        if pool is None:  # `callable` let no such record through
+            return Probe(error="not verified")
         certificate = record.certificate.encode() if record.certificate is not None else None
         timeout = self.config.probe_timeout
         try:
-            stub = pool.stub(record.address, certificate)
-            if (peer_id, record.address) not in self._warm:  # the first call also connects: not latency
+            stub = pool.stub(address, certificate)
+            if (peer_id, address) not in self._warm:  # the first call also connects: not latency
                 await stub.Info(peer_pb2.InfoRequest(), timeout=timeout)
-                self._warm.add((peer_id, record.address))
+                self._warm.add((peer_id, address))
             started = time.perf_counter()
             info = await stub.Info(peer_pb2.InfoRequest(), timeout=timeout)
         except Exception as e:  # an RPC error, a refused certificate: the peer is not reachable from here
-            self._warm.discard((peer_id, record.address))
-            return Probe(error=e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__)
+            self._warm.discard((peer_id, address))
+            reason = e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
+            logger.debug("probe failed peer=%s reason=%s", short_id(peer_id), reason)
+            return Probe(error=reason)
         return Probe(latency_ms=round((time.perf_counter() - started) * 1000, 2), info=info)
 
     async def close(self) -> None:
@@ -270,6 +344,18 @@ def make_app(watch: SwarmWatch) -> Any:
             raise HTTPException(status_code=404)
         media = _TYPES[Path(name).suffix]
         return Response(files[name], media_type=media, headers=_HEADERS)
+
+    config = watch.config
+
+    @app.middleware("http")
+    async def known_host(request: Any, call_next: Any) -> Response:
+        # no DNS rebinding: a page on a name the operator did not choose cannot read the swarm through us
+        host = request.headers.get("host")
+        if not host_allowed(host, listen_host=config.host, allowed=config.allowed_hosts):
+            body = {"error": "this monitor does not answer for that host (name it with --allowed-hosts)"}
+            return JSONResponse(body, status_code=400, headers=_HEADERS)
+        response: Response = await call_next(request)
+        return response
 
     @app.get("/")
     async def index() -> Response:

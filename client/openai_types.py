@@ -179,6 +179,14 @@ class Replies:
     def chunk(self, delta: Delta) -> dict[str, Any]:
         raise NotImplementedError
 
+    def delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def size(self, delta: Delta) -> int:
+        """About the bytes `delta` adds to a whole response: its text and log-probabilities as JSON."""
+        logprobs = self.delta_logprobs(delta) if delta.logprobs else None
+        return len(json.dumps(delta.text)) + (len(json.dumps(logprobs)) if logprobs is not None else 0)
+
     def whole(
         self, plan: Plan, deltas: dict[int, list[Delta]], prompt_tokens: int, completion_tokens: int
     ) -> dict[str, Any]:
@@ -224,6 +232,9 @@ class ChatReplies(Replies):
                 for e in entries
             ]
         }
+
+    def delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        return self._logprobs(delta.logprobs)
 
     def opening(self, plan: Plan) -> list[dict[str, Any]]:
         return [
@@ -278,7 +289,7 @@ class CompletionReplies(Replies):
         self.logprobs = logprobs
         self.offsets: dict[int, int] = {}  # characters of each choice's text so far (text_offset)
 
-    def _logprobs(self, index: int, entries: list[TokenLogprob], start: int) -> dict[str, Any] | None:
+    def _logprobs(self, entries: list[TokenLogprob], start: int) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
         offsets, at = [], start
@@ -292,13 +303,16 @@ class CompletionReplies(Replies):
             "text_offset": offsets,
         }
 
+    def delta_logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        return self._logprobs(delta.logprobs, 0)
+
     def chunk(self, delta: Delta) -> dict[str, Any]:
         start = self.offsets.get(delta.index, 0)
         self.offsets[delta.index] = start + len(delta.text)
         choice = {
             "index": delta.index,
             "text": delta.text,
-            "logprobs": self._logprobs(delta.index, delta.logprobs, start) if delta.logprobs else None,
+            "logprobs": self._logprobs(delta.logprobs, start) if delta.logprobs else None,
             "finish_reason": delta.finish_reason,
         }
         return self._head(self.object_name) | {"choices": [choice]}
@@ -310,7 +324,7 @@ class CompletionReplies(Replies):
             {
                 "index": index,
                 "text": text,
-                "logprobs": self._logprobs(index, entries, 0),
+                "logprobs": self._logprobs(entries, 0),
                 "finish_reason": finish,
             }
             for index, text, entries, finish in _choices(plan, deltas)

@@ -404,7 +404,8 @@ def test_requests_beyond_the_waiting_room_get_429(folder, checkpoint) -> None:
         peer.slow(1.0, at_least=0.05)
         body = {"model": NAME, "prompt": "go", "max_tokens": 60, "temperature": 0, "stream": True}
         with httpx.stream("POST", url + "/completions", json=body, timeout=60) as first:
-            next(first.iter_lines())
+            lines = first.iter_lines()  # kept: a generator dropped closes the stream, freeing the slot
+            assert next(lines).startswith("data: ")
             second = httpx.post(url + "/completions", json={**body, "stream": False}, timeout=60)
             assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
         peer.slow(1.0)

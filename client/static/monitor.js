@@ -31,6 +31,8 @@ function fixed(value, digits) {
 }
 
 function peerState(peer) {
+  // the monitor calls only peers whose certificate binds to their id, and says whether they answered, not why
+  if (peer.verified === false && peer.state !== "offline") return [`${peer.state}, unverified`, true];
   if (peer.reachable === false && peer.state !== "offline") return [`${peer.state}, unreachable`, true];
   return [peer.state, false];
 }
@@ -96,7 +98,7 @@ function peerTable(model) {
       el("td", { class: "num" }, live.num_sessions ?? peer.num_sessions),
       el("td", { class: "num" }, live.queued ?? peer.queued),
       el("td", { class: "num" }, live.free_cache_tokens ?? peer.free_cache_tokens),
-      el("td", { class: "num", title: peer.probe_error || "" }, fixed(peer.latency_ms, 1)),
+      el("td", { class: "num" }, fixed(peer.latency_ms, 1)),
       el("td", {}, peer.public_name || "–"),
     ];
     return el(
