@@ -141,6 +141,26 @@ class PeerConfig(BaseModel):
         gt=0,
         description="seconds an opened session may wait for its first step; then it is closed",
     )
+    max_network_sessions: int = Field(
+        default=64,
+        ge=1,
+        description="sessions the clients of one network (an IPv4 /24 or IPv6 /48) may hold open here "
+        "together, so a host with many addresses counts about once; more are refused with RESOURCE_EXHAUSTED",
+    )
+    max_network_cache_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="cache tokens the clients of one network (an IPv4 /24 or IPv6 /48) may hold here "
+        "together; default: what one client may hold (--max-client-cache-tokens)",
+    )
+    preempt_idle_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="seconds without a step after which a session counts as idle: when the peer holds "
+        "--max-sessions, a new session preempts the oldest idle session of the network holding the most, if "
+        "that network holds more than an even share and at least two more than the newcomer's; the preempted "
+        "session ends with RESOURCE_EXHAUSTED and its client moves it to another peer",
+    )
     max_batch_size: int = Field(default=16, ge=1, description="largest batch one session or forward may send")
     max_length: int = Field(default=8192, ge=1, description="longest session (prompt + generated positions)")
     max_forward_tokens: int = Field(
@@ -154,11 +174,31 @@ class PeerConfig(BaseModel):
         ge=1,
         description="pushed steps one session may have queued; more are refused with RESOURCE_EXHAUSTED",
     )
+    max_pending_push_bytes: int = Field(
+        default=256 * 2**20,
+        ge=1,
+        description="bytes of pushed steps queued (received, not yet run) over all sessions; more are "
+        "refused with RESOURCE_EXHAUSTED (one push is taken whatever its size when nothing else is queued)",
+    )
+    max_client_pending_push_bytes: int = Field(
+        default=32 * 2**20,
+        ge=1,
+        description="bytes of pushed steps queued for the sessions of one client (the address that opened "
+        "them); more are refused with RESOURCE_EXHAUSTED (one push is taken whatever its size when nothing "
+        "else of the client's is queued). Raise it for a client that prefills many sessions at once",
+    )
     max_queued_replies: int = Field(
         default=8,
         ge=1,
         description="replies queued on one session stream; a client that does not read stalls its own "
         "session",
+    )
+    stalled_stream_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a session stream's reply queue may stay full (its client reads nothing) before "
+        "the stream ends with RESOURCE_EXHAUSTED and its sessions close, freeing their cache and queued "
+        "pushes",
     )
     max_concurrent_rpcs: int = Field(
         default=1024,
@@ -348,6 +388,13 @@ class PeerConfig(BaseModel):
         if self.max_client_cache_tokens is not None:
             return self.max_client_cache_tokens
         return max(self.max_cache_tokens // 2, 1)
+
+    @property
+    def network_cache_tokens(self) -> int:
+        """What one network may reserve: --max-network-cache-tokens, or what one client may."""
+        if self.max_network_cache_tokens is not None:
+            return self.max_network_cache_tokens
+        return self.client_cache_tokens
 
     @property
     def span(self) -> tuple[int, int] | None:

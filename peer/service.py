@@ -18,6 +18,7 @@ from peer import requests, stateless, wire
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
 from peer.metrics import PeerMetrics
+from peer.pushes import PushBudget
 from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
 from peer.scheduler import Scheduler, StepWork
@@ -45,11 +46,7 @@ class _End:
 
 
 _Replies = ReplyQueue[peer_pb2.SessionReply, _End]
-
-
-def _pushed(session: PeerSession, task: asyncio.Task[None]) -> None:
-    session.pending_pushes -= 1  # runs whether the pushed step finished, failed or was cancelled
-    session.tasks.discard(task)
+_STALLED = _End(Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "stream stalled: its replies were not read"))
 
 
 class PeerService(peer_pb2_grpc.PeerServicer):
@@ -84,6 +81,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         )
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
+        self.pushes = PushBudget.from_config(config)  # bytes of pushed steps waiting to run
         self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
         self.metrics = metrics if metrics is not None else PeerMetrics()
 
@@ -92,17 +90,26 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     async def Session(
         self, request_iterator: AsyncIterator[peer_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[peer_pb2.SessionReply]:
-        replies: _Replies = ReplyQueue(self.config.max_queued_replies)
+        rpc = asyncio.current_task()  # gRPC's task for this call: it writes the replies yielded here
+        limit, timeout = self.config.max_queued_replies, self.config.stalled_stream_timeout
+        replies: _Replies = ReplyQueue(
+            limit, stall_timeout=timeout, stalled=_STALLED, on_stall=lambda: stalled()
+        )
         opened: list[str] = []
         client = requests.client_key(context.peer())
         requests_ = wire.checked(request_iterator)
         reader = asyncio.create_task(self._read_session(requests_, replies, opened, client))
 
-        def ended(_: object = None) -> None:
+        def ended(_: object = None, *, reason: str = "stream ended") -> None:
             replies.end(_End())  # replies still waiting for room are dropped: nobody reads them
             reader.cancel()
             for session_id in opened:
-                self.sessions.close(session_id, reason="stream ended")
+                self.sessions.close(session_id, reason=reason)
+
+        def stalled() -> None:  # its client reads nothing (see `ReplyQueue`): free everything the call holds
+            ended(reason=f"stream stalled: no reply read for {timeout:.0f}s")
+            if rpc is not None:  # always: gRPC runs each call in a task
+                rpc.cancel()
 
         # the RPC's end frees the sessions even when gRPC abandons this generator at a `yield` (a client that
         # went away while a reply was being written): its `finally` would then wait for garbage collection
@@ -180,7 +187,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             report_outputs=parsed.report_outputs,
             push_token=parsed.push_token,
         )
-        self.sessions.open(session)  # raises NoRoom / SessionExists before anything is allocated
+        # raises NoRoom / SessionExists before anything is allocated; when full, may preempt an idle squatter
+        for victim in self.sessions.open(session, busy=lambda s: s.lock.locked() or s.pending_pushes > 0):
+            reason = "preempted: this peer is full and its sessions are shared out evenly between networks"
+            victim.finish(_End(Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)))
         session.span = span
         session.cache = span.new_cache(start=parsed.start, end=parsed.end)
         return session
@@ -331,14 +341,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         # an unknown id and a wrong token get the same answer: a push tells a stranger nothing
         if session is None or not session.push_token or not hmac.compare_digest(token, session.push_token):
             raise PushRefused("push refused")
-        if session.pending_pushes >= self.config.max_pending_pushes:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many pushed steps queued")
+        nbytes = self.pushes.admit(session, request, hidden_size=self.span.hidden_size)
         # accepted: the step runs in order behind the session's earlier steps, and a failure goes to the
         # client on this hop's stream, so the sender waits only for delivery, never for compute
-        session.pending_pushes += 1
-        task = self._spawn(self._step_or_report(session, request.step))
-        session.tasks.add(task)
-        task.add_done_callback(lambda done: _pushed(session, done))
+        self.pushes.queued(session, self._spawn(self._step_or_report(session, request.step)), nbytes)
         return peer_pb2.PushReply()
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------

@@ -12,17 +12,32 @@ the pool no longer has, the least recently used sessions with no step under way 
 their clients move them by the usual failover, replaying exactly) to make room; a step that finds no
 such room fails alone and leaves its session as it was.
 
-Quotas keep one client from taking it all: at most `max_sessions` sessions in all and, per client (its
-network address), `max_client_sessions` sessions and `max_client_tokens` tokens of pages held; a session
-that gets no step within `first_step_timeout` seconds of opening is closed. Session ids are
-capabilities: they are logged only as a short hash (`log_id`), and an id closed here is refused for
-`reuse_timeout` seconds so a stale push can never land in a new session.
+Quotas keep one client from taking it all: at most `max_sessions` sessions in all; per client (its
+address, `requests.client_key`) `max_client_sessions` sessions and `max_client_tokens` tokens of pages
+held; per network (the client's IPv4 /24 or IPv6 /48: one host's many addresses) `max_network_sessions`
+and `max_network_tokens`. A session that gets no step within `first_step_timeout` seconds of opening is
+closed. When every session slot is taken, a new session preempts an idle one (no step for
+`preempt_idle_timeout` seconds, none under way) of the network holding the most sessions, and only when
+that network holds more than an even share (`max_sessions` over the networks holding sessions, the
+newcomer's included) and, afterwards, still at least as many as the newcomer's: holders even out and
+nobody at or under an even share is ever preempted; the oldest such session goes first.
+
+    full, 3 networks + a newcomer: even share 256 / 4 = 64
+    A: 128 ██████████████  ◀── preempt A's oldest idle session
+    B:  96 ██████████
+    C:  32 ███                 (C and the newcomer are never taken from)
+    new: 0
+
+Session ids are capabilities: they are logged only as a short hash (`log_id`), and an id closed here is
+refused for `reuse_timeout` seconds so a stale push can never land in a new session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -43,11 +58,35 @@ logger = logging.getLogger(__name__)
 
 MAX_CLOSED_IDS = 65536  # recently closed ids remembered (as 16-byte hashes) to refuse their reuse
 DEFAULT_PAGE_TOKENS = 16  # positions of one row per page
+IPV4_NETWORK = 24  # one provider's subnet: a host with many IPv4 addresses usually holds them in one /24
+IPV6_NETWORK = 48  # one site: providers hand out /48 to /64, so a /48 bounds what one customer holds
 
 
 def log_id(session_id: str) -> str:
     """What logs show of a session id: a short hash, useless to push with but stable for grep."""
     return hashlib.blake2b(session_id.encode(), digest_size=4).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def network_of(client: str) -> str:
+    """The network a client key (`requests.client_key`: "ipv4:ADDRESS" or "ipv6:NETWORK/64") counts under
+    for quotas: its IPv4 /24 or IPv6 /48. Any other key is a network of its own."""
+    family, _, address = client.partition(":")
+    try:
+        if family == "ipv4":
+            return f"ipv4:{ipaddress.IPv4Network((address, IPV4_NETWORK), strict=False)}"
+        if family == "ipv6":
+            network = ipaddress.IPv6Network(address, strict=False)
+            if network.prefixlen > IPV6_NETWORK:
+                network = network.supernet(new_prefix=IPV6_NETWORK)
+            return f"ipv6:{network}"
+    except ValueError:
+        pass
+    return client
+
+
+def _never(_: PeerSession) -> bool:
+    return False
 
 
 def _id_key(session_id: str) -> bytes:
@@ -124,7 +163,10 @@ class SessionTable:
         max_sessions: int = 256,
         max_client_sessions: int = 32,
         max_client_tokens: int | None = None,
+        max_network_sessions: int | None = None,
+        max_network_tokens: int | None = None,
         first_step_timeout: float = 30.0,
+        preempt_idle_timeout: float = 30.0,
     ) -> None:
         self.page_tokens = page_tokens
         self.num_pages = max_cache_tokens // page_tokens
@@ -134,10 +176,14 @@ class SessionTable:
         self.max_sessions = max_sessions
         self.max_client_sessions = max_client_sessions
         self.max_client_tokens = max_cache_tokens if max_client_tokens is None else max_client_tokens
+        self.max_network_sessions = max_sessions if max_network_sessions is None else max_network_sessions
+        self.max_network_tokens = self.max_client_tokens if max_network_tokens is None else max_network_tokens
         self.first_step_timeout = first_step_timeout
-        self.preempted = 0  # sessions closed to make room for others' steps
+        self.preempt_idle_timeout = preempt_idle_timeout
+        self.preempted = 0  # sessions closed to make room for others' steps or sessions
         self._sessions: dict[str, PeerSession] = {}
         self._usage: dict[str, _Usage] = {}  # client -> what its open sessions hold
+        self._networks: dict[str, _Usage] = {}  # network (`network_of`) -> what its clients' sessions hold
         self._closed: OrderedDict[bytes, float] = OrderedDict()  # id hash -> when it closed, oldest first
         self._used_pages = 0
 
@@ -150,7 +196,10 @@ class SessionTable:
             max_sessions=config.max_sessions,
             max_client_sessions=config.max_client_sessions,
             max_client_tokens=config.client_cache_tokens,
+            max_network_sessions=config.max_network_sessions,
+            max_network_tokens=config.network_cache_tokens,
             first_step_timeout=config.first_step_timeout,
+            preempt_idle_timeout=config.preempt_idle_timeout,
         )
 
     @property
@@ -167,20 +216,36 @@ class SessionTable:
     def pages_for(self, batch_size: int, positions: int) -> int:
         return batch_size * -(-positions // self.page_tokens)
 
-    def open(self, session: PeerSession) -> None:
-        """Add `session` (it holds no page until its first step); raises QuotaExceeded or SessionExists and
-        then changes nothing."""
+    def open(
+        self, session: PeerSession, *, busy: Callable[[PeerSession], bool] = _never, now: float | None = None
+    ) -> list[PeerSession]:
+        """Add `session` (it holds no page until its first step). When every slot is taken, preempts (closes)
+        the session `preemptible` names; returns the preempted sessions. Raises QuotaExceeded or
+        SessionExists and then changes nothing."""
         if session.session_id in self._sessions or self._recently_closed(session.session_id):
             raise SessionExists("this session id is in use or was used recently: choose a fresh random id")
-        if len(self._sessions) >= self.max_sessions:
-            raise QuotaExceeded(f"this peer holds as many sessions as it takes ({self.max_sessions})")
         usage = self._usage.get(session.client, _Usage())
         if usage.sessions >= self.max_client_sessions:
             raise QuotaExceeded(
                 f"client quota: {usage.sessions} sessions open here, at most {self.max_client_sessions}"
             )
+        network = network_of(session.client)
+        held = self._networks.get(network, _Usage()).sessions
+        if held >= self.max_network_sessions:
+            raise QuotaExceeded(
+                f"network quota: {held} sessions of {network} open here, at most {self.max_network_sessions}"
+            )
+        victims: list[PeerSession] = []
+        if len(self._sessions) >= self.max_sessions:
+            victim = self.preemptible(network, busy=busy, now=now)
+            if victim is None:
+                raise QuotaExceeded(f"this peer holds as many sessions as it takes ({self.max_sessions})")
+            self.close(victim.session_id, reason="preempted for a new session")
+            self.preempted += 1
+            victims.append(victim)
         self._sessions[session.session_id] = session
         self._usage.setdefault(session.client, _Usage()).sessions += 1
+        self._networks.setdefault(network, _Usage()).sessions += 1
         logger.info(
             "session open id=%s client=%s span=[%d,%d) batch=%d max_length=%d free_tokens=%d",
             log_id(session.session_id),
@@ -191,6 +256,29 @@ class SessionTable:
             session.max_length,
             self.free_tokens,
         )
+        return victims
+
+    def preemptible(
+        self, network: str, *, busy: Callable[[PeerSession], bool] = _never, now: float | None = None
+    ) -> PeerSession | None:
+        """The session a newcomer from `network` may take the slot of (see the module doc): idle and not
+        `busy`, of the network holding the most sessions, over an even share and at least two more than
+        `network`; the oldest of them. None when no session qualifies."""
+        now = time.monotonic() if now is None else now
+        mine = self._networks.get(network, _Usage()).sessions
+        holders = len(self._networks) + (network not in self._networks)
+        best: tuple[int, float] | None = None
+        victim = None
+        for candidate in self._sessions.values():
+            held = self._networks[network_of(candidate.client)].sessions
+            if held < mine + 2 or held * holders <= self.max_sessions:  # even share: max_sessions / holders
+                continue
+            if now - candidate.last_used < self.preempt_idle_timeout or busy(candidate):
+                continue
+            rank = (-held, candidate.last_used)
+            if best is None or rank < best:
+                best, victim = rank, candidate
+        return victim
 
     def resize(
         self, session: PeerSession, positions: int, *, busy: Callable[[PeerSession], bool]
@@ -208,6 +296,13 @@ class SessionTable:
             raise QuotaExceeded(
                 f"client quota: {usage.pages * self.page_tokens} cache tokens held here, "
                 f"{extra * self.page_tokens} more would pass the {self.max_client_tokens} one client may hold"
+            )
+        network = network_of(session.client)
+        network_pages = self._networks[network].pages
+        if (network_pages + extra) * self.page_tokens > self.max_network_tokens:
+            raise QuotaExceeded(
+                f"network quota: {network_pages * self.page_tokens} cache tokens held here by {network}, "
+                f"{extra * self.page_tokens} more would pass the {self.max_network_tokens} it may hold"
             )
         victims: list[PeerSession] = []
         if extra > self.free_pages:
@@ -235,11 +330,17 @@ class SessionTable:
     def _take(self, session: PeerSession, usage: _Usage, pages: int) -> None:
         session.pages += pages
         usage.pages += pages
+        self._networks[network_of(session.client)].pages += pages
         self._used_pages += pages
 
     def client_usage(self, client: str) -> tuple[int, int]:
         """(sessions, cache tokens held) of `client` here."""
         usage = self._usage.get(client, _Usage())
+        return usage.sessions, usage.pages * self.page_tokens
+
+    def network_usage(self, network: str) -> tuple[int, int]:
+        """(sessions, cache tokens held) of the clients of `network` (`network_of`) here."""
+        usage = self._networks.get(network, _Usage())
         return usage.sessions, usage.pages * self.page_tokens
 
     def get(self, session_id: str) -> PeerSession | None:
@@ -248,11 +349,14 @@ class SessionTable:
     def close(self, session_id: str, *, reason: str = "closed") -> PeerSession | None:
         session = self._sessions.pop(session_id, None)
         if session is not None:
-            usage = self._usage[session.client]
+            usage, network = self._usage[session.client], network_of(session.client)
             self._take(session, usage, -session.pages)
             usage.sessions -= 1
             if not usage.sessions:
                 del self._usage[session.client]
+            self._networks[network].sessions -= 1
+            if not self._networks[network].sessions:
+                del self._networks[network]
             session.cache = None
             self._remember_closed(session_id)
             for task in session.tasks:  # pushed steps still queued would only find the session gone

@@ -86,7 +86,12 @@ def aborts_on_error(method: _Unary[_Reply]) -> _Unary[_Reply]:
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # mapped to a status in one place
-            await context.abort(*status_of(e))
-            raise  # unreachable: abort raises
+            status = status_of(e)
+        # gRPC keeps an aborted call's AbortError in a reference cycle with the frames it went through, so
+        # whatever they hold lives until the garbage collector runs: abort outside the `except` (the error's
+        # traceback holds the handler's frames) and without the request (a refused push may be 64 MiB)
+        del request
+        await context.abort(*status)
+        raise RuntimeError("unreachable: context.abort raises")
 
     return wrapper

@@ -315,3 +315,197 @@ def test_a_session_without_a_step_is_closed() -> None:
     assert table.expire(waiting.opened_at + 4.0) == []
     assert table.expire(waiting.opened_at + 6.0) == [(waiting, "no first step")]
     assert table.session_ids() == ["b"] and table.free_tokens == BUDGET - 100
+
+
+# ---- networks and squatting (security review 3, H2) ----------------------------------------------------
+
+NOW = 1000.0  # the clock of the preemption scenarios; IDLE (10 s) is also their preempt_idle_timeout
+
+
+def _client(network: str, host: int = 1) -> str:
+    """A client key (`requests.client_key`) in a network named by a letter: A is 10.0.1.0/24, B 10.0.2.0/24,
+    ...; the v6 networks a and b are /48s, each host a /64 of them."""
+    if network.islower():
+        return f"ipv6:2001:db8:{ord(network) - ord('a') + 1}:{host}::/64"
+    return f"ipv4:10.0.{ord(network) - ord('A') + 1}.{host}"
+
+
+NETWORKS = {
+    "an IPv4 address counts under its /24": ("ipv4:203.0.113.77", "ipv4:203.0.113.0/24"),
+    "an IPv6 /64 counts under its /48": ("ipv6:2001:db8:7:9::/64", "ipv6:2001:db8:7::/48"),
+    "any other key is a network of its own": ("unknown", "unknown"),
+    "a malformed key too": ("ipv4:not-an-address", "ipv4:not-an-address"),
+}
+
+
+@pytest.mark.parametrize(("client", "network"), NETWORKS.values(), ids=NETWORKS.keys())
+def test_network_of(client: str, network: str) -> None:
+    assert sessions.network_of(client) == network
+
+
+# each: (open sessions as (id, network, host, seconds since its last step), the newcomer's network and host,
+# busy ids) -> the id preempted for it, or None when it is refused; max_sessions is the number opened
+PREEMPTIONS = {
+    "one network holds all: its oldest idle session goes": (
+        [("a1", "A", 1, 50), ("a2", "A", 2, 80), ("a3", "A", 1, 60), ("a4", "A", 3, 70)],
+        ("B", 1),
+        set(),
+        "a2",
+    ),
+    "a session with a step under way or queued is skipped": (
+        [("a1", "A", 1, 50), ("a2", "A", 2, 80), ("a3", "A", 1, 60), ("a4", "A", 3, 70)],
+        ("B", 1),
+        {"a2"},
+        "a4",
+    ),
+    "a session stepped within the idle timeout is not idle": (
+        [("a1", "A", 1, 9), ("a2", "A", 2, 5), ("a3", "A", 1, 1), ("a4", "A", 3, 0)],
+        ("B", 1),
+        set(),
+        None,
+    ),
+    "idle exactly the timeout counts": (
+        [("a1", "A", 1, 10), ("a2", "A", 2, 5), ("a3", "A", 1, 1), ("a4", "A", 3, 0)],
+        ("B", 1),
+        set(),
+        "a1",
+    ),
+    "the network holding the most goes first, however recent its sessions": (
+        [("a1", "A", 1, 20), ("a2", "A", 2, 30), ("a3", "A", 3, 40), ("b1", "B", 1, 500)],
+        ("C", 1),
+        set(),
+        "a3",
+    ),
+    "then the next network, when the largest has no idle session": (
+        [("a1", "A", 1, 1), ("a2", "A", 2, 1), ("a3", "A", 3, 1), ("b1", "B", 1, 500), ("b2", "B", 2, 400)],
+        ("C", 1),
+        set(),
+        "b1",
+    ),
+    "not from a network at an even share (6 slots / 3 networks = 2)": (
+        [
+            *[(f"a{host}", "A", host, 1) for host in range(1, 5)],  # all stepped a second ago
+            *[("b1", "B", 1, 500), ("b2", "B", 2, 400)],
+        ],
+        ("C", 1),
+        set(),
+        None,
+    ),
+    "one session each: a newcomer takes nobody's": (
+        [("a1", "A", 1, 90), ("b1", "B", 1, 80), ("c1", "C", 1, 70), ("d1", "D", 1, 60)],
+        ("E", 1),
+        set(),
+        None,
+    ),
+    "the newcomer must stay at or below the victim's network": (
+        [("a1", "A", 1, 90), ("a2", "A", 1, 80), ("b1", "B", 1, 70), ("b2", "B", 2, 60)],
+        ("B", 3),
+        set(),
+        None,
+    ),
+    "two more than the newcomer's network: taken": (
+        [("a1", "A", 1, 90), ("a2", "A", 1, 80), ("a3", "A", 2, 70), ("b1", "B", 2, 60)],
+        ("B", 3),
+        set(),
+        "a1",
+    ),
+    "IPv6 /64s of one /48 count together": (
+        [("x1", "a", 1, 90), ("x2", "a", 2, 80), ("x3", "a", 3, 70), ("y1", "b", 1, 900)],
+        ("b", 2),
+        set(),
+        "x1",
+    ),
+}
+
+
+def _squatted(opened: list[tuple[str, str, int, float]], **options: float) -> SessionTable:
+    table = _table(max_sessions=len(opened), preempt_idle_timeout=IDLE, **options)
+    for session_id, network, host, idle in opened:
+        table.open(_session(session_id, 1, 10, last_used=NOW - idle, client=_client(network, host)))
+    return table
+
+
+@pytest.mark.parametrize(
+    ("opened", "newcomer", "busy", "victim"), PREEMPTIONS.values(), ids=PREEMPTIONS.keys()
+)
+def test_opening_when_full_preempts_the_oldest_idle_session_of_the_largest_holder(
+    opened: list[tuple[str, str, int, float]], newcomer: tuple[str, int], busy: set[str], victim: str | None
+) -> None:
+    table = _squatted(opened)
+    ids = sorted(s[0] for s in opened)
+    session = _session("new", 1, 10, last_used=NOW, client=_client(*newcomer))
+    if victim is None:
+        with pytest.raises(QuotaExceeded, match="this peer holds as many sessions as it takes"):
+            table.open(session, busy=lambda s: s.session_id in busy, now=NOW)
+        assert sorted(table.session_ids()) == ids and table.preempted == 0
+        return
+    preempted = table.open(session, busy=lambda s: s.session_id in busy, now=NOW)
+    assert [s.session_id for s in preempted] == [victim] and preempted[0].cache is None
+    assert sorted(table.session_ids()) == sorted([*(set(ids) - {victim}), "new"]) and table.preempted == 1
+
+
+def test_network_quotas_refuse_and_change_nothing() -> None:
+    table = _table(max_network_sessions=2, max_network_tokens=300, max_client_tokens=BUDGET)
+    _open(table, _session("a", 1, 200, client=_client("A", 1)))
+    _open(table, _session("b", 1, 50, client=_client("A", 2)))  # another address of the same /24
+    before = _state(table), table.network_usage("ipv4:10.0.1.0/24")
+    assert before[1] == (2, 250)
+    with pytest.raises(QuotaExceeded, match=re.escape("network quota: 2 sessions of ipv4:10.0.1.0/24")):
+        table.open(_session("c", 1, 10, client=_client("A", 3)))
+    b = table.get("b")
+    assert b is not None
+    with pytest.raises(
+        QuotaExceeded, match=re.escape("network quota: 250 cache tokens held here by ipv4:10.0.1.0/24")
+    ):
+        table.resize(b, 110, busy=_idle)  # 60 more tokens: the address's own quota would allow it
+    assert (_state(table), table.network_usage("ipv4:10.0.1.0/24")) == before
+    _open(table, _session("d", 1, 300, client=_client("B", 1)))  # another network is not affected
+    table.close("a")
+    assert table.network_usage("ipv4:10.0.1.0/24") == (1, 50)
+    _open(table, _session("c", 1, 10, client=_client("A", 3)))
+
+
+def _default_table() -> SessionTable:
+    from peer.config import PeerConfig
+
+    return SessionTable.from_config(PeerConfig(model="/models/tiny", blocks="0:1"))  # documented defaults
+
+
+def _squat(table: SessionTable, addresses: list[str], *, stepped: float) -> int:
+    """Open sessions from each address until refused (each with a step at `stepped`); returns how many."""
+    opened = 0
+    for address in addresses:
+        for index in range(table.max_sessions):
+            session = _session(f"{address}-{index}", 1, 1, last_used=stepped, client=f"ipv4:{address}")
+            try:
+                table.open(session, now=stepped)
+            except QuotaExceeded:
+                break
+            opened += 1
+    return opened
+
+
+def test_a_client_holding_8_addresses_cannot_keep_a_ninth_from_opening_a_session() -> None:
+    # the review's squatter: 8 IPv4 addresses in 8 networks fill all 256 slots with the default limits and
+    # keep each session with a 1-token step every 10 minutes
+    table, start = _default_table(), time.monotonic()
+    squatter = [f"198.51.{network}.7" for network in range(8)]
+    assert _squat(table, squatter, stepped=start) == 256 == len(table)
+    later = start + 60  # a minute after their last step: idle
+    newcomers = [_session(f"new-{n}", 1, 1, last_used=later, client=f"ipv4:203.0.{n}.1") for n in range(8)]
+    for newcomer in newcomers:
+        (victim,) = table.open(newcomer, now=later)
+        assert victim.client.startswith("ipv4:198.51.") and victim.cache is None
+    assert len(table) == 256 and table.preempted == 8
+    # the squatter cannot take the slots back: its addresses hold 31 or 32 each, a newcomer 1
+    with pytest.raises(QuotaExceeded, match="as many sessions as it takes"):
+        table.open(_session("again", 1, 1, client=f"ipv4:{squatter[0]}"), now=later + 3600)
+    assert all(table.get(n.session_id) is n for n in newcomers)
+
+
+def test_addresses_of_one_network_hold_at_most_a_quarter_of_the_peer() -> None:
+    table = _default_table()
+    assert _squat(table, [f"198.51.100.{host}" for host in range(1, 9)], stepped=time.monotonic()) == 64
+    assert table.network_usage("ipv4:198.51.100.0/24") == (64, 0)
+    table.open(_session("ninth", 1, 1, client="ipv4:203.0.113.1"))  # no preemption needed
+    assert table.preempted == 0
