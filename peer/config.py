@@ -205,6 +205,47 @@ class PeerConfig(BaseModel):
         ge=1,
         description="calls served at once, open session streams included; more are refused by gRPC",
     )
+    max_client_calls: int | None = Field(
+        default=None,
+        ge=1,
+        description="calls one client (one IPv4 address or IPv6 /64; every local process is 127.0.0.1) may "
+        "have under way here at once, open session streams included; more are refused with "
+        "RESOURCE_EXHAUSTED before anything of theirs is read. Default: a quarter of "
+        "--max-concurrent-rpcs (so no one address can take every call slot), at least 64 (a peer pushing "
+        "many sessions' steps at once) unless there are fewer slots",
+    )
+    request_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a call's request (Push, Forward, Backward, a session's open) may take to "
+        "arrive, waiting for a turn to be received included; then the call ends with DEADLINE_EXCEEDED, so "
+        "a caller that sends only headers holds its slot this long at most. Raise it on slow links that "
+        "carry large prefills",
+    )
+    max_receives: int = Field(
+        default=8,
+        ge=1,
+        description="request messages received at once over all clients; more wait for a turn. gRPC holds "
+        "a message whole (and a copy or two while it is parsed) before any check can refuse it, so the "
+        "memory they take stays under about 3 x this x --max-message-bytes",
+    )
+    max_client_receives: int = Field(
+        default=2,
+        ge=1,
+        description="request messages one client may have being received at once (of --max-receives)",
+    )
+    max_connections: int = Field(
+        default=512,
+        ge=1,
+        description="client connections open at once over all clients (gRPC cannot count them per address); "
+        "more are closed at once, keeping file descriptors for the peer's own work",
+    )
+    handshake_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a new connection may take to finish its TLS and HTTP/2 handshake before it is "
+        "closed",
+    )
     max_stateless_in_flight: int = Field(
         default=4,
         ge=1,
@@ -388,6 +429,22 @@ class PeerConfig(BaseModel):
         if self.max_client_cache_tokens is not None:
             return self.max_client_cache_tokens
         return max(self.max_cache_tokens // 2, 1)
+
+    @model_validator(mode="after")
+    def _call_bounds(self) -> PeerConfig:
+        if self.max_client_calls is not None and self.max_client_calls > self.max_concurrent_rpcs:
+            raise ValueError("--max-client-calls must not be above --max-concurrent-rpcs")
+        if self.max_client_receives > self.max_receives:
+            raise ValueError("--max-client-receives must not be above --max-receives")
+        return self
+
+    @property
+    def client_calls(self) -> int:
+        """What one client may have under way: --max-client-calls, or a quarter of the call slots (at
+        least MIN_CLIENT_CALLS, or all the slots when there are fewer)."""
+        if self.max_client_calls is not None:
+            return self.max_client_calls
+        return max(self.max_concurrent_rpcs // 4, min(self.max_concurrent_rpcs, MIN_CLIENT_CALLS))
 
     @property
     def network_cache_tokens(self) -> int:

@@ -18,6 +18,7 @@ import torch
 from hivemind.dht.node import DHTNode
 
 from peer import throughput, wire
+from peer.admission import CallGuard
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import DhtConfig, PeerConfig
@@ -49,6 +50,7 @@ DRAIN_ANNOUNCE_TIMEOUT = 3.0  # seconds the DRAINING announcement may take befor
 MAX_STREAMS_PER_CONNECTION = 100  # calls one connection may have open at once; more wait at the client
 KEEPALIVE_PERIOD = 60.0  # seconds between the server's pings on a quiet connection: finds dead clients
 KEEPALIVE_TIMEOUT = 20.0  # seconds a pinged client has to answer before its connection is closed
+IDENTITY_ONLY = 1  # gRPC's bitset of the compression algorithms a server accepts: bit 0 is "none"
 
 
 M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_ARENA_MAX = -3, -1, -8  # glibc mallopt parameters
@@ -68,8 +70,9 @@ def return_freed_memory() -> None:
 
 
 def server_options(config: PeerConfig) -> list[tuple[str, int]]:
-    """The gRPC server's options: message caps, and connection limits so idle or half-open connections
-    (slowloris) cannot hold file descriptors forever; clients may not ping more often than HTTP/2 allows."""
+    """The gRPC server's options: message caps, and connection limits so idle, half-open or too many
+    connections (slowloris) cannot hold file descriptors; clients may not ping more often than HTTP/2
+    allows. Per-client caps on calls and on messages being received are `peer.admission`'s."""
     return [
         *channel_options(config.max_message_bytes),
         ("grpc.max_connection_idle_ms", int(config.connection_idle_timeout * 1000)),
@@ -81,6 +84,11 @@ def server_options(config: PeerConfig) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.http2.bdp_probe", 0),  # windows stay 64 KiB per stream: a flood buffers little
         ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
+        ("grpc.server_handshake_timeout_ms", int(config.handshake_timeout * 1000)),
+        # identity only: corolla never compresses, and a compressed request would be a bomb that inflates
+        # to --max-message-bytes from a few kilobytes on the wire
+        ("grpc.compression_enabled_algorithms_bitset", IDENTITY_ONLY),
     ]
 
 
@@ -140,7 +148,13 @@ class Peer:
         self.server = grpc.aio.server(
             options=server_options(config),
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-            interceptors=[*counted, *guard],
+            # strangers refused first, then per-client caps and turns (peer.admission) for members' calls
+            interceptors=[*counted, *guard, CallGuard.from_config(config)],
+        )
+        self.health = (
+            HealthServer(config.health_host, config.health_port, service=HEALTH_SERVICE)
+            if config.health_port is not None
+            else None
         )
         self.speed = _Speed()
         self.version = corolla_version()

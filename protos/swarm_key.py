@@ -25,6 +25,7 @@ from hivemind.utils.auth import AuthorizedRequestBase, AuthorizedResponseBase, A
 from hivemind.utils.timed_storage import TimedStorage, get_dht_time
 
 from protos.errors import CorollaError
+from protos.identity import private_file_problem
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class SwarmKey:
         """The key in `path`; refused when others may read the file (like an ssh key)."""
         path = Path(path).expanduser()
         try:
-            if path.stat().st_mode & 0o077:
-                raise SwarmKeyError(f"swarm key file {path} is readable by others: chmod 600 {path}")
+            problem = private_file_problem(path)
+            if problem is not None:
+                raise SwarmKeyError(f"swarm key file {problem}")
             with path.open("rb") as file:
                 content = file.read(MAX_KEY_FILE_BYTES + 1)
         except OSError as e:
@@ -196,13 +198,20 @@ class SwarmAuthorizer(AuthorizerBase):
         return True
 
 
-async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+async def _refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
     await context.abort(grpc.StatusCode.UNAUTHENTICATED, "not a member of this private swarm")
+
+
+# The refusal of every method, unary or not: gRPC reads a unary request whole before its handler runs, so
+# a unary refusal would wait for a message a stranger need never send, holding a call slot meanwhile. A
+# request-streaming handler that never reads ends the call at once (on the wire both are the same stream).
+_REFUSAL = grpc.stream_unary_rpc_method_handler(_refuse)  # no deserializer: nothing is read anyway
 
 
 class SwarmGuard(grpc.aio.ServerInterceptor):
     """Ends every call without this server's swarm token (`SwarmKey.grpc_token`) with UNAUTHENTICATED before
-    its request is parsed or any handler runs. Every RPC, `Info` included: a stranger learns nothing."""
+    its request is read or any handler runs. Every RPC, `Info` included: a stranger learns nothing, and
+    holds no call slot beyond the moment its headers are checked."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
@@ -217,16 +226,7 @@ class SwarmGuard(grpc.aio.ServerInterceptor):
         if self.allows(handler_call_details.invocation_metadata or ()):  # type: ignore[attr-defined]
             return handler
         self.refused("no valid swarm token (a caller outside this private swarm)")
-        streaming = (
-            (handler.request_streaming, handler.response_streaming) if handler is not None else (False, False)
-        )
-        make = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[streaming]
-        return make(_refuse)  # no deserializer: a refused request stays raw bytes
+        return _REFUSAL
 
     def allows(self, metadata: Sequence[tuple[str, str | bytes]]) -> bool:
         tokens = [value for key, value in metadata if key == METADATA_KEY]

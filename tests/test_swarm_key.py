@@ -6,6 +6,7 @@ bound to another server (an in-process TLS server)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -227,3 +228,45 @@ def test_only_calls_with_this_servers_token_get_through() -> None:
         "token of another server": ["UNAUTHENTICATED"],
         "refused": ["5"],
     }
+
+
+async def _code(call: grpc.aio.StreamUnaryCall) -> str:
+    try:
+        await call
+        return "OK"
+    except grpc.aio.AioRpcError as e:
+        return e.code().name
+
+
+def test_a_refusal_waits_for_no_request() -> None:
+    """Calls without the token that send their headers and never a request (nor the end of their requests)
+    are refused at once: a unary refusal that waited for the request would hold the call's slot for good,
+    so a stranger could fill `maximum_concurrent_rpcs` and keep members out."""
+
+    async def scenario() -> tuple[list[str], float, str]:
+        server = grpc.aio.server(interceptors=[SwarmGuard("token")], maximum_concurrent_rpcs=4)
+        wire.add_to_server(_Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                started = time.monotonic()
+                codes: list[str] = []
+                for _ in range(2):  # twice the server's 4 slots: the first four must have let go
+                    silent = [
+                        channel.stream_unary(f"/corolla.peer.v1.Peer/{method}")(timeout=5)
+                        for method in ("Info", "Forward", "Push", "Backward")
+                    ]
+                    codes += await asyncio.gather(*map(_code, silent))
+                elapsed = time.monotonic() - started
+                member = await peer_pb2_grpc.PeerStub(channel).Info(
+                    peer_pb2.InfoRequest(), metadata=((METADATA_KEY, "token"),), timeout=1
+                )
+                return codes, elapsed, member.model_id
+        finally:
+            await server.stop(None)
+
+    codes, elapsed, model_id = asyncio.run(scenario())
+    assert set(codes) == {"UNAUTHENTICATED"}
+    assert elapsed < 2.0
+    assert model_id == "private"
