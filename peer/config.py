@@ -33,7 +33,14 @@ HOST_HELP = (
 IDENTITY_HELP = (
     "file holding the node's DHT private key, created if missing; keeps its id and multiaddress stable"
 )
+MIN_CLIENT_CALLS = 64  # the default per-client call cap never goes below this: one honest peer's burst
 LOG_FORMAT_HELP = "logs on stderr as text lines, or as one JSON object per line (for log collectors)"
+HEALTH_PORT_HELP = (
+    "serve grpc.health.v1 Check in plaintext on HEALTH_HOST:PORT for an orchestrator's probes (Kubernetes' "
+    "grpc probe): service '' is SERVING while the process answers, service 'corolla' while it serves; off "
+    "by default"
+)
+HEALTH_HOST_HELP = "address the health endpoint listens on; 127.0.0.1 by default (a kubelet needs 0.0.0.0)"
 
 
 def parse_option(value: str) -> str | float:
@@ -346,6 +353,10 @@ class PeerConfig(BaseModel):
         description="address the metrics endpoint listens on; 127.0.0.1 by default: a scraper on another "
         "machine (0.0.0.0) is an explicit choice",
     )
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description=HEALTH_PORT_HELP + " (SERVING while the peer is ONLINE)"
+    )
+    health_host: str = Field(default="127.0.0.1", description=HEALTH_HOST_HELP)
     log_format: Literal["text", "json"] = Field(default="text", description=LOG_FORMAT_HELP)
     ready_file: Path | None = Field(
         default=None,
@@ -418,18 +429,6 @@ class PeerConfig(BaseModel):
             object.__setattr__(self, "announce_host", f"[{announce}]" if ":" in announce else announce)
         return self
 
-    @property
-    def bind_address(self) -> str:
-        """host:port for gRPC to listen on, an IPv6 host in brackets ("[::]:port" takes IPv4 too)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def client_cache_tokens(self) -> int:
-        """What one client may reserve: --max-client-cache-tokens, or half the budget (at least 1)."""
-        if self.max_client_cache_tokens is not None:
-            return self.max_client_cache_tokens
-        return max(self.max_cache_tokens // 2, 1)
-
     @model_validator(mode="after")
     def _call_bounds(self) -> PeerConfig:
         if self.max_client_calls is not None and self.max_client_calls > self.max_concurrent_rpcs:
@@ -445,6 +444,18 @@ class PeerConfig(BaseModel):
         if self.max_client_calls is not None:
             return self.max_client_calls
         return max(self.max_concurrent_rpcs // 4, min(self.max_concurrent_rpcs, MIN_CLIENT_CALLS))
+
+    @property
+    def bind_address(self) -> str:
+        """host:port for gRPC to listen on, an IPv6 host in brackets ("[::]:port" takes IPv4 too)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def client_cache_tokens(self) -> int:
+        """What one client may reserve: --max-client-cache-tokens, or half the budget (at least 1)."""
+        if self.max_client_cache_tokens is not None:
+            return self.max_client_cache_tokens
+        return max(self.max_cache_tokens // 2, 1)
 
     @property
     def network_cache_tokens(self) -> int:
@@ -472,6 +483,10 @@ class DhtConfig(BaseModel):
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    health_port: int | None = Field(
+        default=None, ge=0, le=65535, description=HEALTH_PORT_HELP + " (SERVING once the node has started)"
+    )
+    health_host: str = Field(default="127.0.0.1", description=HEALTH_HOST_HELP)
     log_format: Literal["text", "json"] = Field(default="text", description=LOG_FORMAT_HELP)
     ready_file: Path | None = Field(
         default=None,

@@ -32,6 +32,7 @@ from protos.channels import channel_options
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
+from protos.health import HealthServer
 from protos.identity import Identity
 from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
@@ -46,6 +47,7 @@ EXPIRY_CHECK_PERIOD = 5.0
 START_JITTER = 1.0  # seconds: peers started together read the swarm at different moments
 CLAIM_SETTLE = 1.0  # seconds between announcing a claimed span and reading the swarm back
 STOP_GRACE = 2.0  # at most this many seconds for RPCs in flight once the sessions are retired
+HEALTH_SERVICE = "corolla"  # the grpc.health.v1 service name that is SERVING while the node serves
 DRAIN_ANNOUNCE_TIMEOUT = 3.0  # seconds the DRAINING announcement may take before the drain goes on
 MAX_STREAMS_PER_CONNECTION = 100  # calls one connection may have open at once; more wait at the client
 KEEPALIVE_PERIOD = 60.0  # seconds between the server's pings on a quiet connection: finds dead clients
@@ -186,6 +188,8 @@ class Peer:
 
     async def start(self) -> None:
         config = self.config
+        if self.health is not None:  # alive (liveness) from here on; ready once ONLINE
+            await self.health.start()
         self.num_blocks = await asyncio.to_thread(count_blocks, config.model)
         if config.span is not None and config.span[1] > self.num_blocks:
             raise InvalidInputError(
@@ -251,6 +255,8 @@ class Peer:
         wire.add_to_server(self.service, self.server)
         await self.server.start()
         await announcer.announce(PeerState.ONLINE)
+        if self.health is not None:
+            await self.health.set_ready(True)
         logger.info(
             "serving model=%s blocks=[%d,%d) address=%s peer_id=%s throughput=%.1f",
             config.model_id,
@@ -344,6 +350,8 @@ class Peer:
         if self.service is not None and self.announcer is not None:
             logger.info("draining sessions=%d", len(self.sessions))
             self.service.accepting = False
+            if self.health is not None:
+                await self.health.set_ready(False)
             try:
                 await asyncio.wait_for(self.announcer.announce(PeerState.DRAINING), DRAIN_ANNOUNCE_TIMEOUT)
             except Exception as e:  # draining goes on: the final OFFLINE may still get through
@@ -362,6 +370,8 @@ class Peer:
             self.config.ready_file.unlink(missing_ok=True)  # a stopped peer is not ready
         if self.node is not None:
             await self.node.shutdown()
+        if self.health is not None:
+            await self.health.stop()
         logger.info("stopped peer_id=%s", self.peer_id)
 
     def _serving(self) -> tuple[PeerService, Announcer]:
@@ -420,6 +430,11 @@ async def run_dht(config: DhtConfig) -> None:
         nat_port_map=config.nat_port_map,
         swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
     )
+    health = None
+    if config.health_port is not None:
+        health = HealthServer(config.health_host, config.health_port, service=HEALTH_SERVICE)
+        await health.start()
+        await health.set_ready(True)
     try:
         maddrs = await visible_maddrs(node)
         for maddr in maddrs:
@@ -430,6 +445,8 @@ async def run_dht(config: DhtConfig) -> None:
     finally:
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
+        if health is not None:
+            await health.stop()
         await node.shutdown()
 
 

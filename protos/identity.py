@@ -122,8 +122,9 @@ class Identity:
 
     @classmethod
     def _load(cls, path: Path) -> Identity:
-        if path.stat().st_mode & 0o077:
-            raise IdentityError(f"identity file {path} is readable by others: chmod 600 {path}")
+        problem = private_file_problem(path)
+        if problem is not None:
+            raise IdentityError(f"identity file {problem}")
         try:
             message = crypto_pb2.PrivateKey.FromString(path.read_bytes())
         except Exception as e:  # a truncated or foreign file
@@ -137,3 +138,22 @@ class Identity:
         if _raw_public(key.public_key()) != message.data[32:]:
             raise IdentityError(f"identity file {path} is corrupt: its public key does not match")
         return cls(key, path)
+
+
+def private_file_problem(path: Path, *, euid: int | None = None) -> str | None:
+    """Why `path` is too open to hold a private key (a sentence starting with the path), or None.
+
+    As PostgreSQL rules its key files: a file this user owns must be readable by this user alone (0600); a
+    file root owns, which this user reads through its group, may be group-readable too (0640 at most). That
+    is how Kubernetes mounts a Secret for a pod with `fsGroup` (root, group fsGroup, 0440) and how an admin
+    hands a key to a service account. Nobody else may ever read it.
+    """
+    status = path.stat()
+    euid = os.geteuid() if euid is None else euid
+    if status.st_uid == 0 and euid != 0:
+        if status.st_mode & 0o037:
+            return f"{path} is readable by others: chmod 640 {path} (or 600)"
+        return None
+    if status.st_mode & 0o077:
+        return f"{path} is readable by others: chmod 600 {path}"
+    return None

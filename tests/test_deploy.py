@@ -8,12 +8,17 @@ uses; identities persist; stops leave room for the drain; and the image installs
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import functools
 import importlib
 import io
 import json
+import os
 import re
 import shlex
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -27,9 +32,13 @@ from pydantic import AliasChoices, BaseModel
 from client.config import ClientConfig, GatewayConfig
 from client.monitor import MonitorConfig
 from peer.config import DhtConfig, PeerConfig
+from peer.main import HEALTH_SERVICE
 from protos import cli
+from protos.health import LIVENESS
+from protos.identity import Identity, private_file_problem
 from protos.prepare import DEFAULT_MODEL_NAME, default_cache_dir
 from protos.settings import ENV_PREFIX, config_from_arguments
+from protos.swarm_key import SwarmKey
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -43,12 +52,20 @@ CONFIGS: dict[str, tuple[type[BaseModel], ...]] = {
     "generate": (ClientConfig,),
 }
 PROCESS_ENV = {"COROLLA_CACHE_DIR"}  # read by every command (protos.prepare.default_cache_dir)
-OTHER_ENV = {"PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PATH"}  # the interpreter's and pip's own
+OTHER_ENV = {
+    "PYTHONUNBUFFERED",
+    "PIP_NO_CACHE_DIR",
+    "PATH",
+    "HF_HOME",
+}  # the interpreter's, pip's, transformers'
 STOP_MARGIN = 10.0  # seconds a stop needs beyond the drain: the goodbye announcements, the DHT's shutdown
 # what Kubernetes fills in from the downward API or a Secret, for parsing
 FIELD_REFS = {"status.podIP": "10.1.2.3", "metadata.name": "corolla-peer-0"}
 SECRET_VALUE = "k8s-secret-value"
 REQUIRED_VALUE = "set-in-deploy-env"
+# where the examples mount the swarm key (compose's secret, Kubernetes' Secret volume): a real key file stands
+# in for them when parsing, since the commands check the file at the command line
+SWARM_KEY_PATHS = {"/run/secrets/swarm_key", "/etc/corolla/swarm-key/key"}
 
 
 @dataclass
@@ -78,7 +95,8 @@ class _Parsed(Exception):
 def parse(invocation: Invocation) -> list[BaseModel]:
     """The configs `corolla ARGS` builds with `env`, parsed by the command's own parser (caught the moment
     the command has parsed its arguments, before it runs anything). A parse error fails the test."""
-    args = invocation.args
+    args = [_stand_in(arg) for arg in invocation.args]
+    environ = {name: _stand_in(value) for name, value in invocation.env.items()}
     if args in (["--help"], ["-h"]):
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(args) == 0
@@ -111,10 +129,22 @@ def parse(invocation: Invocation) -> list[BaseModel]:
     configs = []
     for config_class in CONFIGS.get(invocation.command, ()):
         try:
-            configs.append(config_from_arguments(config_class, namespace, environ=invocation.env))
+            configs.append(config_from_arguments(config_class, namespace, environ=environ))
         except Exception as e:
             pytest.fail(f"{invocation.where}: {' '.join(args)}: {e}")
     return configs
+
+
+@functools.cache
+def _stand_in_key() -> str:
+    folder = Path(tempfile.mkdtemp(prefix="corolla-deploy-key-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    SwarmKey.create(folder / "swarm.key")
+    return str(folder / "swarm.key")
+
+
+def _stand_in(value: str) -> str:
+    return _stand_in_key() if value in SWARM_KEY_PATHS else value
 
 
 def setting_names(command: str) -> set[str]:
@@ -150,9 +180,11 @@ def listening_ports(invocation: Invocation, configs: list[BaseModel]) -> dict[st
     if invocation.command == "serve":
         peer = one(configs, PeerConfig)
         ports = {"grpc": peer.port, "dht": peer.dht_port}
-        return ports | ({"metrics": peer.metrics_port} if peer.metrics_port is not None else {})
+        ports |= {"metrics": peer.metrics_port} if peer.metrics_port is not None else {}
+        return ports | ({"health": peer.health_port} if peer.health_port is not None else {})
     if invocation.command == "dht":
-        return {"dht": one(configs, DhtConfig).port}
+        dht = one(configs, DhtConfig)
+        return {"dht": dht.port} | ({"health": dht.health_port} if dht.health_port is not None else {})
     if invocation.command == "api":
         return {"http": one(configs, GatewayConfig).port}
     if invocation.command == "monitor":
@@ -527,6 +559,9 @@ def test_kubernetes_peers_persist_identity_and_cache_and_are_probed() -> None:
             if "exec" in probe:
                 ready_file = configs[0].ready_file
                 assert probe["exec"]["command"] == ["test", "-f", str(ready_file)], where
+            elif "grpc" in probe:  # grpc.health.v1 on the health port: "" alive, "corolla" serving
+                assert probe["grpc"]["port"] == ports["health"], where
+                assert probe["grpc"].get("service", "") in (LIVENESS, HEALTH_SERVICE), where
             else:
                 check = probe.get("httpGet") or probe["tcpSocket"]
                 port = named.get(check["port"], check["port"])
@@ -536,14 +571,13 @@ def test_kubernetes_peers_persist_identity_and_cache_and_are_probed() -> None:
         if invocation.command in ("serve", "dht"):
             assert doc["kind"] == "StatefulSet", f"{where}: identity needs a stable volume"
             claims = {claim["metadata"]["name"] for claim in doc["spec"]["volumeClaimTemplates"]}
-            mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
             config = configs[0]
-            assert mounts[str(PurePosixPath(str(config.identity)).parent)] in claims, (
-                f"{where}: identity kept"
-            )
+            assert _volume_of(str(config.identity), container) in claims, f"{where}: identity kept"
         if invocation.command == "serve":
             peer = one(configs, PeerConfig)
-            assert mounts[invocation.env["COROLLA_CACHE_DIR"]] in claims, f"{where}: model cache kept"
+            assert _volume_of(invocation.env["COROLLA_CACHE_DIR"], container) in claims, (
+                f"{where}: cache kept"
+            )
             assert pod["terminationGracePeriodSeconds"] >= peer.drain_timeout + STOP_MARGIN
             assert peer.announce_host == FIELD_REFS["status.podIP"]
             assert doc["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(
@@ -571,3 +605,136 @@ def test_kubernetes_peers_persist_identity_and_cache_and_are_probed() -> None:
         for port in service["spec"]["ports"]:
             target = port.get("targetPort", port["port"])
             assert named.get(target, target) in named.values(), f"{name}: {port}"
+
+
+def _volume_of(path: str, container: dict[str, Any]) -> str | None:
+    """The volume that holds `path` in `container` (the deepest mount above it)."""
+    mounts = sorted(container["volumeMounts"], key=lambda mount: len(mount["mountPath"]), reverse=True)
+    for mount in mounts:
+        if PurePosixPath(path).is_relative_to(mount["mountPath"]):
+            return str(mount["name"])
+    return None
+
+
+# ---- private swarms, hardening, network policy (security review 3, L4) --------------------------------
+
+SWARM_COMMANDS = ("dht", "serve", "api", "monitor")
+
+
+def _raw_swarm_key(invocation: Invocation) -> str | None:
+    """The swarm key path as the deploy file gives it (before `parse` stands a real file in for it)."""
+    if "--swarm-key" in invocation.args:
+        return invocation.args[invocation.args.index("--swarm-key") + 1]
+    return invocation.env.get("COROLLA_SWARM_KEY")
+
+
+def test_compose_and_kubernetes_run_a_private_swarm() -> None:
+    secrets = compose().get("secrets", {})
+    for name, service, invocation in compose_invocations():
+        if invocation.command not in SWARM_COMMANDS:
+            continue
+        assert any(getattr(c, "swarm_key", None) for c in parse(invocation)), f"{name}: no swarm key"
+        key = PurePosixPath(str(_raw_swarm_key(invocation)))
+        assert key.parent == PurePosixPath("/run/secrets") and key.name in service.get("secrets", []), name
+        assert key.name in secrets and secrets[key.name]["file"] == "./swarm.key", name
+    assert "deploy/swarm.key" in (REPO / ".gitignore").read_text().splitlines()
+    for where, doc, container, init, invocation in k8s_invocations():
+        if init or invocation.command not in SWARM_COMMANDS:
+            continue
+        assert any(getattr(c, "swarm_key", None) for c in parse(invocation)), f"{where}: no swarm key"
+        volume = _volume_of(str(_raw_swarm_key(invocation)), container)
+        [source] = [v for v in doc["spec"]["template"]["spec"]["volumes"] if v["name"] == volume]
+        assert source["secret"]["secretName"] == "corolla-swarm-key", where
+
+
+def test_kubernetes_pods_are_hardened() -> None:
+    for where, doc in workloads():
+        pod = doc["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] is True and context["runAsUser"] != 0, where
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert pod["automountServiceAccountToken"] is False, where
+        if doc["spec"].get("volumeClaimTemplates") and "fsGroup" in context:
+            # the default policy re-chmods every file on each mount: identity keys would turn 0660
+            assert context["fsGroupChangePolicy"] == "OnRootMismatch", where
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for container in pod.get("initContainers", []) + pod["containers"]:
+            hardened = container["securityContext"]
+            assert hardened["allowPrivilegeEscalation"] is False, where
+            assert hardened["readOnlyRootFilesystem"] is True, where
+            assert hardened["capabilities"]["drop"] == ["ALL"], where
+            limits = container["resources"]["limits"]
+            assert {"cpu", "memory"} <= limits.keys(), f"{where}/{container['name']}: no limits"
+            tmp = _volume_of("/tmp/x", container)
+            assert tmp is not None and "emptyDir" in volumes[tmp], f"{where}: /tmp must stay writable"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_kubernetes_network_policy_denies_all_but_the_swarm() -> None:
+    policies = [doc for _, doc in manifests() if doc["kind"] == "NetworkPolicy"]
+    [deny] = [p for p in policies if "ingress" not in p["spec"] and "egress" not in p["spec"]]
+    assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    for where, doc, _container, init, invocation in k8s_invocations():
+        if init:
+            continue
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert _selects(deny["spec"]["podSelector"], labels), f"{where}: not covered by the default deny"
+        allowed = {
+            port["port"]
+            for policy in policies
+            if _selects(policy["spec"]["podSelector"], labels)
+            for rule in policy["spec"].get("ingress", [])
+            for port in rule.get("ports", [])
+        }
+        ports = listening_ports(invocation, parse(invocation))
+        # health ports are the kubelet's (from the node); every other port a pod listens on is reachable
+        assert {port for role, port in ports.items() if role != "health"} <= allowed, where
+    egress = {
+        port["port"]
+        for policy in policies
+        for rule in policy["spec"].get("egress", [])
+        for port in rule.get("ports", [])
+    }
+    assert {31337, 31338, 8700, 53} <= egress
+
+
+def _give(path: Path, *, uid: int, gid: int, mode: int) -> None:
+    try:
+        os.chown(path, uid, gid)
+    except PermissionError:
+        pytest.skip("giving a file to root (as Kubernetes does) needs root")
+    os.chmod(path, mode)
+
+
+def test_mounted_key_files_pass_the_permission_check_the_peer_runs(tmp_path: Path) -> None:
+    """Each Secret volume as the kubelet lays it out (root, group fsGroup, defaultMode plus group read), the
+    compose secret as the README has it chowned, and an identity under each fsGroupChangePolicy, checked with
+    `private_file_problem` for the pod's user: what `SwarmKey.load` and `Identity` run."""
+    key = tmp_path / "key"
+    SwarmKey.create(key)
+    checked = 0
+    for where, doc in workloads():
+        pod = doc["spec"]["template"]["spec"]
+        context = pod["securityContext"]
+        for volume in pod.get("volumes", []):
+            if "secret" not in volume or volume["secret"]["secretName"] != "corolla-swarm-key":
+                continue
+            mode = volume["secret"]["defaultMode"] | (0o040 if "fsGroup" in context else 0)
+            _give(key, uid=0, gid=context.get("fsGroup", 0), mode=mode)
+            assert private_file_problem(key, euid=context["runAsUser"]) is None, where
+            assert os.stat(key).st_mode & 0o040 or os.stat(key).st_gid == 0  # readable by the pod's group
+            checked += 1
+    assert checked == 4
+    _give(key, uid=0, gid=1000, mode=0o444)  # a Secret readable by every user of the node
+    assert "readable by others" in str(private_file_problem(key, euid=1000))
+    _give(key, uid=1000, gid=1000, mode=0o600)  # compose: the host file, chowned as deploy/README.md says
+    assert private_file_problem(key, euid=1000) is None
+    identity = tmp_path / "identity.key"
+    Identity.load_or_create(identity)
+    _give(identity, uid=1000, gid=1000, mode=0o660)  # fsGroupChangePolicy Always, after a restart
+    assert "readable by others" in str(private_file_problem(identity, euid=1000))
+    _give(identity, uid=1000, gid=1000, mode=0o600)  # OnRootMismatch: as corolla wrote it
+    assert private_file_problem(identity, euid=1000) is None
