@@ -4,6 +4,7 @@ Prints JSON: median ms per generated token (batch 1, greedy, after a chat prompt
 ratio, and the time of a 512-token prefill both ways. Peers run as separate processes on 127.0.0.1.
 
     python bench/decode.py [--new-tokens 64] [--repeats 3] [--insecure] [--profile] [--peer-option=...]
+    python bench/decode.py --spot-checks [--new-tokens 128] [--repeats 10]
 
 Peers and client speak TLS with signed records (the default); `--insecure` runs the same on plaintext gRPC,
 so the two runs give what security costs per hop and token. `--profile` adds one more generation through the
@@ -19,6 +20,11 @@ than Prometheus would); generations alternate between them, and the medians give
 also times, in microseconds, the metric updates one step makes on a peer and what the interceptor adds to
 a call (loopback, alternating rounds), and gives their sum per token as a share of the token's time: a
 bound that the machine's noise does not blur.
+
+`--spot-checks` measures instead what the default spot checks cost: two clients on one swarm with two more
+peers whose spans cut across the three (so every hop can be checked, by chains of sub-spans), one with the
+default checks and one without, generating in turn; decode tokens/s of each over the whole decode window
+and the slowdown (`bench/spot_checks.py`).
 
 `--batch 8 --ragged` times instead a left-padded batch of 8 chat prompts of different lengths in one
 `generate()` against the same rows one at a time, through the swarm (tokens/s both ways; `bench/ragged.py`).
@@ -314,6 +320,11 @@ def main() -> None:
     parser.add_argument(
         "--scrape-period", type=float, default=1.0, help="with --metrics: seconds between scrapes"
     )
+    parser.add_argument(
+        "--spot-checks",
+        action="store_true",
+        help="measure the cost of the default spot checks instead, alternating with checks off (see above)",
+    )
     parser.add_argument("--batch", type=int, default=8, help="with --ragged: prompts in the batch")
     parser.add_argument(
         "--ragged",
@@ -338,6 +349,20 @@ def main() -> None:
         tokenize=False,
     )
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    if args.spot_checks:
+        from spot_checks import spot_check_overhead  # bench/ is this script's folder
+
+        result = spot_check_overhead(
+            folder,
+            tokenizer,
+            inputs,
+            SPANS,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            insecure=args.insecure,
+        )
+        print(json.dumps({"model": str(folder), **result}, indent=2))
+        return
     if args.metrics:
         print(
             json.dumps(

@@ -82,15 +82,38 @@ class ClientConfig(BaseModel):
         default=256 * 2**20, ge=2**16, description="largest gRPC message sent or accepted"
     )
     verify_every: int = Field(
-        default=0,
+        default=64,
         ge=0,
-        description="spot checks: every hop's output of one step in this many (the first included) is "
-        "recomputed by another peer serving the same blocks, and a peer whose output differs beyond the "
-        "dtype's tolerance is banned and the step redone; 0: off",
+        description="spot checks: each step is checked with probability 1/N, drawn from the OS's random "
+        "source so no peer can tell which: every hop's outputs for all the positions of its cache are "
+        "recomputed by other peers serving its blocks, and a hop that differs beyond the verifiers' "
+        "tolerance is banned and the step redone; 1: every step; 0: off",
+    )
+    verify_max_gap: int = Field(
+        default=48,
+        ge=1,
+        description="a step is checked whenever this many steps in a row were not: a peer that lies at "
+        "every step is caught within this many steps plus one",
+    )
+    verify_max_skips: int = Field(
+        default=3,
+        ge=1,
+        description="a hop whose spot checks could not be done this many times in a row (no peer "
+        "computing as precisely serves its blocks, or none answered) is replaced where other peers serve "
+        "its blocks: an unusual span, dtype or silent verifiers do not escape the checks",
     )
     verify_timeout: _Seconds = Field(
         default=10.0,
-        description="seconds a peer has to recompute a spot-checked step; past it the check is skipped",
+        description="seconds the peers have to recompute a spot-checked hop (all the Forwards of its chain "
+        "of verifiers); past it the check is skipped",
+    )
+    max_prefix_share: float = Field(
+        default=0.5,
+        ge=0.5,
+        le=1.0,
+        description="Sybil limit: the peers of one address prefix (IPv4 /24, IPv6 /48, a host name; "
+        "loopback exempt) carry at most this share of a route's blocks where other prefixes serve them, "
+        "and count once in the median that caps announced throughput; 1: no share limit",
     )
     insecure: bool = Field(
         default=False,

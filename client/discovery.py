@@ -258,7 +258,8 @@ class InMemoryDiscovery:
 class BanList:
     """Peers to avoid for a while. Each further ban of a peer lasts `backoff` times longer, up to
     `max_ban_timeout`; each success of a peer whose ban has expired (`served`) divides its next ban by
-    `backoff` again, so bans decay; `unban` lifts the ban and resets the backoff at once."""
+    `backoff` again, so bans decay; `unban` lifts the ban and resets the backoff at once. Also counts, per
+    peer and across the client's sessions, the spot checks in a row that could not be done (`unverified`)."""
 
     def __init__(
         self,
@@ -276,6 +277,7 @@ class BanList:
         self.clock = clock
         self._until: dict[str, float] = {}
         self._next_timeout: dict[str, float] = {}  # a peer's next ban length, set by its previous ban
+        self._unverified: dict[str, int] = {}  # spot checks in a row that found no verifier to answer
 
     def ban(self, peer_id: str, reason: str) -> float:
         """Ban `peer_id` now; returns the ban's length in seconds."""
@@ -303,6 +305,16 @@ class BanList:
             self._until.pop(peer_id, None)
         else:
             self._next_timeout[peer_id] = shorter
+
+    def unverified(self, peer_id: str) -> int:
+        """One more spot check of `peer_id` that could not be done; returns how many in a row (a short
+        session does not start the count again: a peer that cannot be checked stays suspect)."""
+        self._unverified[peer_id] = self._unverified.get(peer_id, 0) + 1
+        return self._unverified[peer_id]
+
+    def verified(self, peer_id: str) -> None:
+        """A spot check of `peer_id` was done and agreed: its count of unverified checks starts again."""
+        self._unverified.pop(peer_id, None)
 
     def unban(self, peer_id: str) -> None:
         if self._next_timeout.pop(peer_id, None) is not None:

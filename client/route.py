@@ -1,17 +1,19 @@
 """Route planning from a `SwarmView`: the fastest chain of hops for inference, a throughput-weighted random
-one for forward/backward. Pure bookkeeping: no I/O, no clocks; only ONLINE peers that are not banned."""
+one for forward/backward. Pure bookkeeping: no I/O, no clocks; only ONLINE peers that are not banned.
+Sybil limits count peers per address prefix (`client/prefixes.py`): one vote each in the throughput
+median, and at most `max_prefix_share` of an inference route's blocks where other prefixes serve them."""
 
 from __future__ import annotations
 
 import itertools
 import math
 import random
-import statistics
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from client.discovery import SwarmView
 from client.errors import NoRouteError
+from client.prefixes import median_per_prefix, prefix_blocks, prefix_budgets, prefixes
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord, PeerState
 
@@ -30,6 +32,7 @@ __all__ = [
 MIN_THROUGHPUT = 1e-6  # a peer announcing 0 counts as very slow, not as unusable
 _REL_TOLERANCE = 1e-9  # sums of equal costs may differ in the last bits; fewer hops decide those ties
 MAX_LABELS = 8  # partial routes kept per state when no peer may appear twice; bounds the planning work
+MAX_BUDGET_LABELS = 8  # the same under prefix budgets (labels then also differ in the blocks they spent)
 
 
 @dataclass(frozen=True)
@@ -159,10 +162,13 @@ def plan_inference_route(
     block_time: Mapping[str, float] | None = None,
     needs: Needs | None = None,
     median_cap: bool = False,
+    max_prefix_share: float = 1.0,
 ) -> list[Hop]:
     """The route over `[start, end)` with the least expected time of one decode step, fewest hops on ties.
     With `median_cap` (what sessions use), an unmeasured peer's announcement counts at most as the median
-    peer's (see `_hop_costs`).
+    over address prefixes (see `_hop_costs`). With `max_prefix_share` < 1, the peers of one address prefix
+    carry at most `ceil(max_prefix_share * blocks)` of the route's blocks, more only where no other prefix
+    (nor a loopback peer) serves them (`prefix_budgets`); hops may then end inside spans.
 
     A hop through peer p over n blocks costs `rtt[p] + n * t_p`, where t_p is the seconds per block this
     client measured (`block_time`, see `PeerStats`) or else the announced prior `1 / (throughput_p *
@@ -172,7 +178,10 @@ def plan_inference_route(
     `NoRouteError` when some block has no usable peer.
     """
     start, end = _bounds(view, start, end)
+    if not 0 < max_prefix_share <= 1:
+        raise InvalidInputError(f"max_prefix_share must be in (0, 1], got {max_prefix_share}")
     peers = _require_route(view, start, end, banned, needs)
+    prefix_of = prefixes(peers)
     costs = _hop_costs(peers, rtt or {}, default_rtt, block_time or {}, median_cap=median_cap)
     # An optimal route exists whose hop boundaries are all span boundaries or start/end: moving a boundary
     # between two hops changes the cost linearly, and where it would stop inside a span the two hops merge.
@@ -189,7 +198,41 @@ def plan_inference_route(
             (_route_cost(distinct, costs), len(distinct)), (_route_cost(hops, costs), len(hops))
         ):
             hops = distinct
+    if max_prefix_share < 1:
+        hops = _within_prefix_budgets(hops, peers, costs, prefix_of, start, end, max_prefix_share)
     return [_hop(peer_id, peers[peer_id], hop_start, hop_end) for peer_id, hop_start, hop_end in hops]
+
+
+def _within_prefix_budgets(
+    hops: list[tuple[str, int, int]],
+    peers: Mapping[str, PeerRecord],
+    costs: Mapping[str, tuple[float, float]],
+    prefix_of: Mapping[str, str | None],
+    start: int,
+    end: int,
+    share: float,
+) -> list[tuple[str, int, int]]:
+    """`hops` if no prefix carries more than its budget (`prefix_budgets`), else the cheapest route found
+    in which none does: every prefix that serves more blocks than its budget is held to it, and hop
+    boundaries may fall on any block. When the search finds none (it keeps `MAX_BUDGET_LABELS` partial
+    routes per state), `hops` stand."""
+    budgets = prefix_budgets(peers, prefix_of, start, end, share)
+    if all(blocks <= budgets[p] for p, blocks in prefix_blocks(hops, prefix_of).items()):
+        return hops
+    served: dict[str, set[int]] = {}
+    for peer_id, record in peers.items():
+        prefix = prefix_of[peer_id]
+        if prefix is not None:
+            served.setdefault(prefix, set()).update(range(max(start, record.start), min(end, record.end)))
+    limited = {
+        prefix: budgets[prefix] for prefix, blocks in sorted(served.items()) if len(blocks) > budgets[prefix]
+    }
+    every_block = list(range(start, end + 1))
+    found = _sweep(every_block, peers, costs, distinct=False, budgets=limited, prefix_of=prefix_of)
+    if found is not None and len({peer_id for peer_id, _, _ in found}) < len(found):
+        # a peer twice: search again among routes without repeats (slower: labels keep the peers used)
+        found = _sweep(every_block, peers, costs, distinct=True, budgets=limited, prefix_of=prefix_of)
+    return hops if found is None else found
 
 
 def plan_forward_route(
@@ -253,7 +296,8 @@ def _require_route(
 @dataclass(frozen=True)
 class _Label:
     """A route from the planning start to some point: its cost, hop count, the peers it used that could
-    still serve later blocks, and its last hop (`peer_id` from block `start`, reached from `previous`)."""
+    still serve later blocks, the blocks it gave each budgeted prefix, and its last hop (`peer_id` from
+    block `start`, reached from `previous`)."""
 
     cost: float
     hops: int
@@ -261,9 +305,10 @@ class _Label:
     previous: _Label | None
     peer_id: str
     start: int
+    spent: tuple[int, ...] = ()  # per budgeted prefix, in the order of `_sweep`'s `budgets`
 
-    def extended(self, cost: float) -> _Label:
-        return _Label(self.cost + cost, self.hops, self.used, self.previous, self.peer_id, self.start)
+    def extended(self, cost: float, spent: tuple[int, ...]) -> _Label:
+        return _Label(self.cost + cost, self.hops, self.used, self.previous, self.peer_id, self.start, spent)
 
 
 def _sweep(
@@ -272,37 +317,60 @@ def _sweep(
     costs: Mapping[str, tuple[float, float]],
     *,
     distinct: bool,
+    budgets: Mapping[str, int] | None = None,
+    prefix_of: Mapping[str, str | None] | None = None,
 ) -> list[tuple[str, int, int]] | None:
     """The cheapest route from points[0] to points[-1] as (peer_id, start, end) hops; with `distinct`, no peer
     twice (labels of one state then differ in the peers they used; the cap bounds the work, so this may find
-    nothing)."""
+    nothing); with `budgets` (prefix -> blocks), the peers of those prefixes (`prefix_of`) carry at most
+    that many blocks."""
+    budgets, prefix_of = budgets or {}, prefix_of or {}
+    limits = list(budgets.values())
+    order = {prefix: index for index, prefix in enumerate(budgets)}
+    slot = {peer_id: order[p] for peer_id, p in prefix_of.items() if p is not None and p in order}
+    cap = MAX_BUDGET_LABELS if budgets else MAX_LABELS
+
+    def spend(label: _Label, peer_id: str, blocks: int) -> tuple[int, ...] | None:
+        """`label`'s budgets after `peer_id` carries `blocks` more; None when over a budget."""
+        index = slot.get(peer_id)
+        if index is None:
+            return label.spent
+        spent = list(label.spent)
+        spent[index] += blocks
+        return tuple(spent) if spent[index] <= limits[index] else None
+
     # Left to right: `closed` holds routes whose last hop ends at the point, `inside[q]` routes in the
     # middle of a hop through q.
-    closed = [_Label(0.0, 0, frozenset(), None, "", points[0])]
+    closed = [_Label(0.0, 0, frozenset(), None, "", points[0], (0,) * len(limits))]
     inside: dict[str, list[_Label]] = {}
     for point, next_point in itertools.pairwise(points):
         advanced: dict[str, list[_Label]] = {}
         for peer_id, labels in inside.items():
             if peers[peer_id].end >= next_point:
                 step = (next_point - point) * costs[peer_id][1]
-                advanced[peer_id] = [label.extended(step) for label in labels]
+                advanced[peer_id] = [
+                    label.extended(step, spent)
+                    for label in labels
+                    if (spent := spend(label, peer_id, next_point - point)) is not None
+                ]
         opening = [(peer_id, *costs[peer_id]) for peer_id, r in peers.items() if r.start <= point < r.end]
         for label in closed:
             for peer_id, hop_rtt, block_time in opening:
-                if peer_id not in label.used:
+                spent = spend(label, peer_id, next_point - point)
+                if peer_id not in label.used and spent is not None:
                     cost = label.cost + hop_rtt + (next_point - point) * block_time
                     used = label.used | {peer_id} if distinct else label.used
-                    opened = _Label(cost, label.hops + 1, used, label, peer_id, point)
+                    opened = _Label(cost, label.hops + 1, used, label, peer_id, point, spent)
                     advanced.setdefault(peer_id, []).append(opened)
-        inside = {peer_id: _select(labels) for peer_id, labels in advanced.items()}
+        inside = {peer_id: _select(labels, cap) for peer_id, labels in advanced.items()}
         # a peer whose span ends here cannot serve a later hop: forget it
         ending = [
-            _Label(label.cost, label.hops, used, label.previous, label.peer_id, label.start)
+            _Label(label.cost, label.hops, used, label.previous, label.peer_id, label.start, label.spent)
             for labels in inside.values()
             for label in labels
             for used in [frozenset(q for q in label.used if peers[q].end > next_point)]
         ]
-        closed = _select(ending)
+        closed = _select(ending, cap)
     hops: list[tuple[str, int, int]] = []
     best = None
     for label in closed:
@@ -340,11 +408,12 @@ def _hop_costs(
     median_cap: bool,
 ) -> dict[str, tuple[float, float]]:
     """peer_id -> (round trip in seconds, seconds per block). A peer the client has not measured counts
-    with its announced speed (blocks per second), with `median_cap` at most the median of the peers'
-    announcements: one record claiming a huge throughput (a Sybil) cannot pull routes onto itself."""
+    with its announced speed (blocks per second), with `median_cap` at most the median over address
+    prefixes of the announcements (`median_per_prefix`): records claiming a huge throughput cannot pull
+    routes onto themselves, however many of them one host or subnet announces."""
     costs = {}
     speeds = {peer_id: max(r.throughput, MIN_THROUGHPUT) * (r.end - r.start) for peer_id, r in peers.items()}
-    cap = statistics.median(speeds.values()) if speeds and median_cap else math.inf
+    cap = median_per_prefix(speeds, prefixes(peers)) if speeds and median_cap else math.inf
     for peer_id in peers:
         hop_rtt = rtt.get(peer_id, default_rtt)
         if not (math.isfinite(hop_rtt) and hop_rtt >= 0):
@@ -358,18 +427,23 @@ def _hop_costs(
     return costs
 
 
-def _select(labels: list[_Label]) -> list[_Label]:
-    """Up to `MAX_LABELS` labels, cheapest first, dropping each that a kept one dominates (no more
-    expensive and used no more peers); stable, so ties go to the label found first."""
+def _select(labels: list[_Label], cap: int = MAX_LABELS) -> list[_Label]:
+    """Up to `cap` labels, cheapest first, dropping each that a kept one dominates (no more expensive, used
+    no more peers and spent no more of any budget); stable, so ties go to the label found first."""
     kept: list[_Label] = []
     for label in sorted(labels, key=lambda label: (label.cost, label.hops)):
-        if len(kept) == MAX_LABELS:
+        if len(kept) == cap:
             break
-        if not any(not _better(label, old) and old.used <= label.used for old in kept):
+        if not any(not _better(label, old) and _covers(label, old) for old in kept):
             # costs equal up to rounding sort either way; the one with fewer hops dominates
-            kept = [old for old in kept if _better(old, label) or not label.used <= old.used]
+            kept = [old for old in kept if _better(old, label) or not _covers(old, label)]
             kept.append(label)
     return kept
+
+
+def _covers(label: _Label, other: _Label) -> bool:
+    """Whether `label` used every peer `other` used and spent at least as much of every budget."""
+    return other.used <= label.used and all(o <= s for o, s in zip(other.spent, label.spent, strict=True))
 
 
 def _better(candidate: _Label, incumbent: _Label) -> bool:

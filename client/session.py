@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -188,15 +189,20 @@ class InferenceSession:
         needs = Needs(batch_size=self.batch_size or 1, max_length=self.max_length, cached=self.position)
         measured = self.swarm.stats.block_times()
         view = await self.swarm.discovery.view(refresh=refresh)
+        plan = functools.partial(  # the Sybil limits: a median per address prefix, a share of the route
+            plan_inference_route,
+            view,
+            start=start,
+            end=end,
+            banned=banned,
+            block_time=measured,
+            median_cap=True,
+            max_prefix_share=self.config.max_prefix_share,
+        )
         try:
-            hops = plan_inference_route(
-                view, start=start, end=end, banned=banned, block_time=measured, needs=needs, median_cap=True
-            )
+            hops = plan(needs=needs)
         except NoRouteError:
-            needs = dataclasses.replace(needs, free_cache=False)
-            hops = plan_inference_route(
-                view, start=start, end=end, banned=banned, block_time=measured, needs=needs, median_cap=True
-            )
+            hops = plan(needs=dataclasses.replace(needs, free_cache=False))
         self._deadlines.expect(view, hops)
         return hops
 

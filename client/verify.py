@@ -1,17 +1,23 @@
-"""Spot checks of an inference session (`ClientConfig.verify_every`): one step in N, every hop's output is
-recomputed by another peer serving the same blocks, a stateless Forward of all the hop's cache holds plus
-the step, and compared within the dtype's spot-check tolerance. Knows nothing of streams or replays: a hop
-found wrong is raised as `WrongOutput`, which the session's failure loop bans and replaces.
+"""Spot checks of an inference session (`ClientConfig.verify_every`): at random steps, every hop's outputs
+for all the positions its cache holds are recomputed by other peers serving its blocks (client/recompute.py,
+a chain of sub-spans when nobody serves the hop's span) and compared within the verifiers' tolerance.
+Knows nothing of streams or replays: a hop found wrong is raised as `WrongOutput`, which the session's
+failure loop bans and replaces.
 
-    hop [a, b) cache:  step 0 inputs │ step 1 │ ... │ this step ──▶ output held by the client (last t)
-    verifier:          Forward(the same sequence, blocks [a, b)) ──▶ output[:, -t:]  ≈ held?
-A disagreement is settled by a third peer for the blocks when there is one (whoever disagrees with it is
-wrong); with two peers it cannot be settled, and the checked hop (whose outputs the generation uses) goes.
+    hop [a, b) cache:  step 0 inputs │ step 1 │ ... │ this step ──▶ outputs held by the client (all positions)
+    verifiers:         Forward(the same sequence, blocks [a, c) then [c, b)) ──▶ outputs ≈ held?
+Comparing every position, not only the step's, means a lie at an unchecked step is caught at the next
+check. Which steps are checked is drawn from the OS's random source (probability 1/`verify_every`), and
+never more than `verify_max_gap` steps in a row go unchecked. A disagreement is settled by a second chain
+avoiding the first one's peers (whoever disagrees with it is wrong); without one it cannot be settled, and
+the checked hop (whose outputs the generation uses) goes. A hop whose checks cannot be done
+`verify_max_skips` times in a row is replaced where other peers serve its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 from collections.abc import Sequence
@@ -21,28 +27,26 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from client.checks import result_problem, spot_check_agrees
+from client.checks import spot_check_agrees
 from client.errors import PeerFailure, SwarmError, short_id
-from client.route import Hop, Needs, usable_peers
-from protos import peer_pb2
-from protos.errors import CorollaError
-from protos.records import PeerRecord
-from protos.tensors import decoded_dtype, dtype_from_name, from_message, to_message, wire_dtype_from_name
+from client.recompute import Recomputed, Recomputer
+from client.route import Hop, missing_blocks
+from protos.tensors import wire_dtype_from_name
 
 if TYPE_CHECKING:
     from client.discovery import SwarmView
     from client.session import StepLog
     from client.swarm import SwarmConnection
+    from protos.records import PeerRecord
 
 logger = logging.getLogger(__name__)
 
-MAX_VERIFIER_TRIES = 2  # peers asked in turn for one recomputation before the check is skipped
-
 
 class WrongOutput(PeerFailure):
-    """A hop's output that a recomputation on other peers refuted. The session bans the peer and replaces
-    the route from its hop to the end: the later hops' caches were built from its outputs, which are
-    forgotten (see `forget_outputs`), so the replacements replay them from the last trusted boundary."""
+    """A hop's output that a recomputation on other peers refuted (or that could not be checked too many
+    times). The session bans the peer and replaces the route from its hop to the end: the later hops'
+    caches were built from its outputs, which are forgotten (see `forget_outputs`), so the replacements
+    replay them from the last trusted boundary."""
 
     def __init__(self, message: str, peer_id: str, *, block: int) -> None:
         super().__init__(grpc.StatusCode.INTERNAL, message, peer_id)
@@ -53,15 +57,32 @@ class WrongOutput(PeerFailure):
 class SpotCheckStats:
     """What one session's spot checks did, counted per hop output due a check."""
 
-    checked: int = 0  # recomputed by another peer and compared
-    skipped: int = 0  # not checkable: no other peer for the blocks, none answered, positions Forward lacks
+    checked: int = 0  # recomputed by other peers and compared
+    skipped: int = 0  # not checkable: no verifier for the blocks, none answered, positions Forward lacks
     mismatches: int = 0  # recomputations that disagreed (a banned verifier's included)
+    unchecked: int = 0  # hops replaced because their checks could not be done `verify_max_skips` times
+
+
+class _Outcome(enum.Enum):
+    AGREED = "agreed"
+    SKIPPED = "skipped"  # for a reason of the session's own (padding, position ids): not the hop's doing
+    UNVERIFIED = "unverified"  # no chain of verifiers answered for its blocks: counts against the hop
+    WRONG = "wrong"  # `_Verdict.wrong` names the peer found wrong (the hop's, or a verifier)
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    hop: Hop
+    outcome: _Outcome
+    wrong: str | None = None
+    reason: str = ""
 
 
 def cache_contents(logs: Sequence[StepLog], start: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What the cache of a hop starting at block `start` holds after `logs` (a session's steps in order):
     hidden states [batch, positions, hidden] and position ids [batch, positions], with the rollbacks and
-    beam reorders applied as the peer applies them. None when a step's input at `start` is not held."""
+    beam reorders applied as the peer applies them. None when a step's input at `start` is not held.
+    With `start` a hop's end, the hidden states are that hop's outputs for the same positions."""
     hidden: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     for log in logs:
@@ -92,44 +113,40 @@ def forget_outputs(logs: Sequence[StepLog], *, after: int) -> None:
             del log.inputs[block]
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    hop: Hop
-    wrong: str | None = None  # the peer found wrong (the hop's or a verifier), None: agreed or skipped
-    reason: str = ""
-
-
-@dataclass(frozen=True)
-class _Recomputed:
-    peer_id: str
-    record: PeerRecord
-    output: torch.Tensor  # [batch, positions, hidden], the whole sequence
-
-
 class SpotChecker:
-    """The spot checks of one session: `due` counts its steps (0, N, 2N, ... are checked), `check` verifies
-    one step's outputs on the route that computed it. Runs on the swarm connection's loop."""
+    """The spot checks of one session: `due` draws whether its next step is checked, `check` verifies one
+    step's outputs on the route that computed it. Runs on the swarm connection's loop."""
 
     def __init__(self, swarm: SwarmConnection, *, rng: random.Random | None = None) -> None:
         self.swarm = swarm
         self.config = swarm.config
         self.every = swarm.config.verify_every
-        self.rng = rng or random.Random()  # which peers verify: not predictable by the peers
         self.stats = SpotCheckStats()
-        self._wire_dtype = wire_dtype_from_name(swarm.wire_dtype)  # BLOCKWISE_INT8 for "int8"
-        self._num_steps = 0
-        self._unreachable: set[str] = set()  # verifiers whose Forward failed in this session
+        # which steps are checked (here) and which peers verify (the recomputer's): the OS's random source,
+        # which no peer can predict, unless a test seeds them
+        self.rng = rng or random.SystemRandom()
+        self.recomputer = Recomputer(swarm, wire_dtype_from_name(swarm.wire_dtype), random.SystemRandom())
+        self._unchecked_steps = 0  # steps in a row not checked
         self._told: set[tuple[int, int]] = set()  # blocks whose missing verifier was logged at INFO
+        self._kept: set[str] = set()  # unverifiable peers kept for want of another (logged once)
 
     def due(self) -> bool:
-        """Whether the session's next step is checked; counts the step."""
-        index, self._num_steps = self._num_steps, self._num_steps + 1
-        return self.every > 0 and index % self.every == 0
+        """Whether the session's next step is checked: with probability 1/`verify_every`, and always after
+        `verify_max_gap` unchecked steps in a row."""
+        if self.every <= 0:
+            return False
+        gap = self._unchecked_steps >= self.config.verify_max_gap
+        if self.every == 1 or gap or self.rng.random() * self.every < 1:
+            self._unchecked_steps = 0
+            return True
+        self._unchecked_steps += 1
+        return False
 
     async def check(self, log: StepLog, history: Sequence[StepLog], route: Sequence[Hop]) -> None:
-        """Recompute every hop's output of `log` (the step just run on `route`, after `history`) on other
-        peers. Raises `WrongOutput` for the first hop found wrong, after forgetting the outputs from its hop
-        on; bans a verifier found wrong; a check that cannot be done is skipped, never failed."""
+        """Recompute every hop's outputs after `log` (the step just run on `route`, after `history`) on
+        other peers. Raises `WrongOutput` for the first hop found wrong, after forgetting the outputs from
+        its hop on, or for the first that went unverified too often; bans a verifier found wrong; a check
+        that cannot be done is skipped, never failed."""
         try:
             view = await self.swarm.discovery.view()
         except SwarmError as e:  # no records right now: nobody to ask, and the step itself went through
@@ -140,124 +157,128 @@ class SpotChecker:
         verdicts = await asyncio.gather(*(self._check_hop(view, logs, hop) for hop in route))
         for verdict in verdicts:  # in route order: a hop's check means something only if its input held
             hop = verdict.hop
-            if verdict.wrong is None:
+            if verdict.outcome is _Outcome.AGREED:
+                self.swarm.bans.verified(hop.peer_id)
+            if verdict.outcome is not _Outcome.WRONG or verdict.wrong is None:
                 continue
             if verdict.wrong != hop.peer_id:
                 self.swarm.bans.ban(verdict.wrong, f"spot check: {verdict.reason}")
                 continue
-            logger.warning(
-                "spot check mismatch peer=%s blocks=[%d,%d) position=%d reason=%s",
-                short_id(hop.peer_id),
-                hop.start,
-                hop.end,
-                log.position,
-                verdict.reason,
-            )
-            forget_outputs(logs, after=hop.start)
-            raise WrongOutput(f"spot check: {verdict.reason}", hop.peer_id, block=hop.start)
+            self._refute(logs, hop, verdict.reason)
+        for index, verdict in enumerate(verdicts):
+            if verdict.outcome is _Outcome.UNVERIFIED:
+                self._count_against(view, logs, verdict.hop, route[:index])
+
+    def _refute(self, logs: list[StepLog], hop: Hop, reason: str, *, event: str = "mismatch") -> None:
+        logger.warning(
+            "spot check %s peer=%s blocks=[%d,%d) position=%d reason=%s",
+            event,
+            short_id(hop.peer_id),
+            hop.start,
+            hop.end,
+            logs[-1].position,
+            reason,
+        )
+        forget_outputs(logs, after=hop.start)
+        raise WrongOutput(f"spot check: {reason}", hop.peer_id, block=hop.start)
+
+    def _count_against(self, view: SwarmView, logs: list[StepLog], hop: Hop, before: Sequence[Hop]) -> None:
+        """One more check of `hop` that could not be done; at `verify_max_skips` in a row the hop is
+        replaced, unless no other peer serves its blocks (then it stays, unchecked, and is logged once).
+        Verifiers that failed a call do not count as others: a hop is not replaced by peers that are down."""
+        skips = self.swarm.bans.unverified(hop.peer_id)
+        if skips < self.config.verify_max_skips:
+            return
+        failed = self.recomputer.unreachable | self.recomputer.distrusted
+        banned = self.swarm.bans.banned() | failed | {hop.peer_id} | {h.peer_id for h in before}
+        if missing_blocks(view, start=hop.start, end=hop.end, banned=banned):
+            if hop.peer_id not in self._kept:
+                self._kept.add(hop.peer_id)
+                logger.info(
+                    "spot checks impossible and no other peer serves blocks=[%d,%d) peer=%s",
+                    hop.start,
+                    hop.end,
+                    short_id(hop.peer_id),
+                )
+            return
+        self.stats.unchecked += 1
+        self._refute(logs, hop, f"could not be checked {skips} times in a row", event="unverifiable")
 
     async def _check_hop(self, view: SwarmView, logs: list[StepLog], hop: Hop) -> _Verdict:
-        held = logs[-1].inputs.get(hop.end)  # the hop's output of the step [batch, new positions, hidden]
+        outputs = cache_contents(
+            logs, hop.end
+        )  # the hop's outputs at every position [batch, positions, hidden]
         contents = cache_contents(logs, hop.start)
-        if held is None or contents is None:
+        if outputs is None or contents is None:
             return self._skip(hop, "the hop's inputs are not all held")
-        hidden, positions = contents
+        (held, _), (hidden, positions) = outputs, contents
         if any(step.mask is not None for step in logs):
             return self._skip(hop, "a padded session (Forward carries no session's mask history)")
         if not torch.equal(positions, torch.arange(hidden.shape[1]).expand_as(positions)):
             return self._skip(hop, "position ids other than 0..n-1 (Forward cannot express them)")
         checked = view.peers().get(hop.peer_id)
         if checked is None:
-            return self._skip(hop, "the hop's record is gone")
-        candidates = self._verifiers(view, hop, checked, hidden.shape)
-        verifier = await self._recompute(candidates, hop, hidden)
-        if verifier is None:
-            if not candidates:
-                self._tell_no_verifier(hop)
-            return self._skip(hop, "no verifier answered" if candidates else "no verifier")
+            return self._unverified(hop, "the hop's record is gone")
+        first = await self.recomputer.recompute(view, hop, checked, hidden)
+        if first is None:
+            self._tell_no_verifier(view, hop, checked, hidden.shape)
+            return self._unverified(hop, "no chain of verifiers answered")
         self.stats.checked += 1
-        new = held.shape[1]
-        dtypes = [self._wire_dtype, *(dtype_from_name(r.dtype) for r in (checked, verifier.record))]
-        quantized = any(r.quantization != "none" for r in (checked, verifier.record))
-        if spot_check_agrees(verifier.output[:, -new:], held, dtypes=dtypes, quantized=quantized):
-            return _Verdict(hop)
+        wire = [self.recomputer.wire_dtype]
+        if _agrees(first, held, wire):
+            return _Verdict(hop, _Outcome.AGREED)
         self.stats.mismatches += 1
-        reason = f"recomputed by {short_id(verifier.peer_id)}, differs at position {logs[-1].position}"
-        excluded = self.swarm.bans.banned() | self._unreachable | {verifier.peer_id}
-        rest = [candidate for candidate in candidates if candidate[0] not in excluded]
-        arbiter = await self._recompute(rest, hop, hidden)
+        reason = f"recomputed by {first.describe()}, differs at position {logs[-1].position}"
+        arbiter = await self.recomputer.recompute(view, hop, checked, hidden, exclude=first.peer_ids)
         if arbiter is None:  # undecidable: the hop's outputs are not to be built on
-            return _Verdict(hop, hop.peer_id, reason)
-        dtypes.append(dtype_from_name(arbiter.record.dtype))
-        quantized = quantized or arbiter.record.quantization != "none"
-        with_hop = spot_check_agrees(arbiter.output[:, -new:], held, dtypes=dtypes, quantized=quantized)
-        with_verifier = spot_check_agrees(arbiter.output, verifier.output, dtypes=dtypes, quantized=quantized)
-        judge = short_id(arbiter.peer_id)
-        if with_hop and with_verifier:  # a borderline difference: the hop's output stands
+            return _Verdict(hop, _Outcome.WRONG, hop.peer_id, reason)
+        with_hop = _agrees(arbiter, held, wire)
+        with_first = _agrees(arbiter, first.output, [*wire, *first.dtypes], quantized=first.quantized)
+        judge = arbiter.describe()
+        if with_hop and with_first:  # a borderline difference: the hop's output stands
             logger.info("spot check: %s accepts both blocks=[%d,%d)", judge, hop.start, hop.end)
-            return _Verdict(hop)
-        if with_hop:
-            return _Verdict(hop, verifier.peer_id, f"outvoted by {judge} on blocks [{hop.start},{hop.end})")
-        return _Verdict(hop, hop.peer_id, f"{reason}; {judge} agrees" if with_verifier else reason)
-
-    def _verifiers(
-        self, view: SwarmView, hop: Hop, checked: PeerRecord, shape: torch.Size
-    ) -> list[tuple[str, PeerRecord]]:
-        """Peers that may recompute `hop`: ONLINE, not banned, not unreachable before, serving its blocks with
-        the checked peer's quantization and admitting a Forward of `shape`; in random order."""
-        batch, seq = shape[:2]
-        needs = Needs(batch_size=batch, forward_tokens=batch * seq)
-        excluded = self.swarm.bans.banned() | self._unreachable | {hop.peer_id}
-        candidates = [
-            (peer_id, record)
-            for peer_id, record in usable_peers(view, banned=excluded, needs=needs).items()
-            if record.start <= hop.start <= hop.end <= record.end
-            and record.quantization == checked.quantization
-        ]
-        self.rng.shuffle(candidates)
-        return candidates
-
-    async def _recompute(
-        self, candidates: list[tuple[str, PeerRecord]], hop: Hop, hidden: torch.Tensor
-    ) -> _Recomputed | None:
-        """The first of `candidates` (at most `MAX_VERIFIER_TRIES` asked) to run blocks [hop.start, hop.end)
-        on `hidden` [batch, positions, hidden], with its output; None if none answered.
-        A peer that fails the call is not asked again in this session; one that replies garbage is banned."""
-        request = peer_pb2.ForwardRequest(
-            start=hop.start, end=hop.end, hidden=to_message(hidden, dtype=self._wire_dtype)
-        )
-        for peer_id, record in candidates[:MAX_VERIFIER_TRIES]:
-            certificate = record.certificate.encode() if record.certificate is not None else None
-            try:
-                stub = self.swarm.channels.stub(record.address, certificate)
-                reply = await stub.Forward(request, timeout=self.config.verify_timeout)
-            except (grpc.aio.AioRpcError, CorollaError) as e:  # down, busy, or not reachable safely
-                reason = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)
-                logger.info("spot check verifier failed peer=%s reason=%s", short_id(peer_id), reason)
-                self._unreachable.add(peer_id)
-                continue
-            try:
-                output = from_message(
-                    reply.hidden, max_bytes=self.config.max_message_bytes, expected_ndim=3, name="hidden"
-                )
-            except Exception as e:  # a garbled reply, not the session's fault
-                self.swarm.bans.ban(peer_id, f"spot check: bad reply: {e}")
-                continue
-            problem = result_problem(output, shape=hidden.shape, dtype=decoded_dtype(self._wire_dtype))
-            if problem is not None:
-                self.swarm.bans.ban(peer_id, f"spot check: bad reply: {problem}")
-                continue
-            return _Recomputed(peer_id, record, output)
-        return None
+            return _Verdict(hop, _Outcome.AGREED)
+        if not with_hop:
+            return _Verdict(
+                hop, _Outcome.WRONG, hop.peer_id, f"{reason}; {judge} agrees" if with_first else reason
+            )
+        outvoted = f"outvoted by {judge} on blocks [{hop.start},{hop.end})"
+        if len(first.links) == 1:
+            return _Verdict(hop, _Outcome.WRONG, first.links[0][0], outvoted)
+        # one link of the chain lied, which one is not known: none of them verifies again in this session
+        logger.warning("spot check chain %s %s", first.describe(), outvoted)
+        self.recomputer.distrusted |= first.peer_ids
+        return _Verdict(hop, _Outcome.AGREED)
 
     def _skip(self, hop: Hop, reason: str) -> _Verdict:
         self.stats.skipped += 1
         logger.debug("spot check skipped blocks=[%d,%d) reason=%s", hop.start, hop.end, reason)
-        return _Verdict(hop)
+        return _Verdict(hop, _Outcome.SKIPPED)
 
-    def _tell_no_verifier(self, hop: Hop) -> None:
-        if (hop.start, hop.end) not in self._told:
-            self._told.add((hop.start, hop.end))
-            logger.info(
-                "spot checks skipped blocks=[%d,%d) reason=no other peer serves them", hop.start, hop.end
-            )
+    def _unverified(self, hop: Hop, reason: str) -> _Verdict:
+        self._skip(hop, reason)
+        return _Verdict(hop, _Outcome.UNVERIFIED, reason=reason)
+
+    def _tell_no_verifier(self, view: SwarmView, hop: Hop, checked: PeerRecord, shape: torch.Size) -> None:
+        if (hop.start, hop.end) in self._told:
+            return
+        self._told.add((hop.start, hop.end))
+        verifiers = self.recomputer.verifiers(view, hop, checked, shape, exclude=())
+        logger.info(
+            "spot checks skipped blocks=[%d,%d) reason=%s",
+            hop.start,
+            hop.end,
+            "verifiers failed" if verifiers else "no other peer computing as precisely serves them",
+        )
+
+
+def _agrees(
+    recomputed: Recomputed, held: torch.Tensor, dtypes: list[torch.dtype], *, quantized: bool = False
+) -> bool:
+    """Whether `held` matches the recomputation within the tolerance of what the verifiers compute in."""
+    return spot_check_agrees(
+        recomputed.output,
+        held,
+        dtypes=[*dtypes, *recomputed.dtypes],
+        quantized=quantized or recomputed.quantized,
+    )

@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 from records_factory import peer_record as record
 
+import client.prefixes
 import client.route
 from client.discovery import SwarmView
 from client.route import (
@@ -345,3 +346,217 @@ def test_peer_stats_average_and_ignore_bad_samples() -> None:
     assert "B" not in stats.block_times() and stats.samples == {"A": 2}
     with pytest.raises(InvalidInputError):
         client.route.PeerStats(alpha=0.0)
+
+
+# ---- Sybil limits per address prefix (IPv4 /24, IPv6 /48, a name for itself; loopback exempt) ---------
+
+PREFIX_CASES = {
+    "IPv4 /24": ("203.0.113.77:8700", "203.0.113.0/24"),
+    "IPv4 next /24": ("203.0.114.1:8700", "203.0.114.0/24"),
+    "IPv6 /48": ("[2001:db8:1:ff::6]:8700", "2001:db8:1::/48"),
+    "IPv4-mapped IPv6 counts as IPv4": ("[::ffff:203.0.113.9]:1", "203.0.113.0/24"),
+    "a name is its own prefix": ("Peer.Example.org:443", "peer.example.org"),
+    "loopback IPv4": ("127.0.0.1:8700", None),
+    "loopback 127/8": ("127.3.2.1:8700", None),
+    "loopback IPv6": ("[::1]:8700", None),
+    "localhost": ("localhost:8700", None),
+}
+
+
+@pytest.mark.parametrize(("address", "prefix"), PREFIX_CASES.values(), ids=PREFIX_CASES)
+def test_address_prefix(address: str, prefix: str | None) -> None:
+    assert client.prefixes.address_prefix(address) == prefix
+
+
+def at(address: str, start: int, end: int, throughput: float = 10.0) -> PeerRecord:
+    return record(start, end, throughput, address=address)
+
+
+SYBIL_HOST = "203.0.113"  # one /24 holding many records
+HONEST = ["198.51.100.7:1", "192.0.2.9:1", "100.64.3.3:1"]  # three hosts in three prefixes
+
+# 5 Sybil records of one /24 announce 1000 steps/s (16000 blocks/s); honest hosts 10, 20, 30 (160, 320,
+# 480 blocks/s). Per record the median is 16000 and the Sybils win; per prefix the medians are 160, 320,
+# 480, 16000 and their median 400 caps the Sybils below H3's 480.
+SYBILS = {f"S{i}": at(f"{SYBIL_HOST}.{10 + i}:1", 0, 16, 1000.0) for i in range(5)}
+MEDIAN_CASES = {
+    "Sybils of one /24 count once": (
+        view(
+            16,
+            H1=at(HONEST[0], 0, 16, 10),
+            H2=at(HONEST[1], 0, 16, 20),
+            H3=at(HONEST[2], 0, 16, 30),
+            **SYBILS,
+        ),
+        [("H3", 0, 16)],
+    ),
+    # the same records on loopback: each counts alone, as before prefixes (median 16000: a Sybil wins)
+    "loopback records count one each": (
+        view(
+            16,
+            H1=at("127.0.0.1:1", 0, 16, 10),
+            H2=at("127.0.0.1:2", 0, 16, 20),
+            H3=at("127.0.0.1:3", 0, 16, 30),
+            **{name: at(f"127.0.0.1:{10 + i}", 0, 16, 1000.0) for i, name in enumerate(SYBILS)},
+        ),
+        [("S0", 0, 16)],
+    ),
+    # one Sybil per prefix: as many votes as honest hosts would need more prefixes than the honest ones
+    "Sybils in as many prefixes as honest hosts set the median": (
+        view(
+            16,
+            H1=at(HONEST[0], 0, 16, 10),
+            H2=at(HONEST[1], 0, 16, 20),
+            S1=at("203.0.113.1:1", 0, 16, 1000.0),
+            S2=at("203.0.114.1:1", 0, 16, 1000.0),
+            S3=at("203.0.115.1:1", 0, 16, 1000.0),
+        ),
+        [("S1", 0, 16)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("swarm", "expected"), MEDIAN_CASES.values(), ids=MEDIAN_CASES)
+def test_throughput_median_is_taken_over_prefixes(swarm: SwarmView, expected: list) -> None:
+    assert hops(plan_inference_route(swarm, median_cap=True, rtt=ZERO_RTT)) == expected
+
+
+SHARE_CASES = {
+    # one prefix's full span beats the other's: at most 8 of 16 blocks from either
+    "two full spans split at half": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 0, 16, 10)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "a share of 1 keeps the fastest route": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 0, 16, 10)),
+        {"max_prefix_share": 1.0},
+        [("A", 0, 16)],
+    ),
+    # four fast Sybil spans of one /24 against one slow honest host: the Sybils get 8 blocks
+    "Sybil spans of one /24 are one prefix": (
+        view(
+            16,
+            S1=at("203.0.113.1:1", 0, 4, 400),
+            S2=at("203.0.113.2:1", 4, 8, 400),
+            S3=at("203.0.113.3:1", 8, 12, 400),
+            S4=at("203.0.113.4:1", 12, 16, 400),
+            H=at(HONEST[0], 0, 16, 10),
+        ),
+        {"max_prefix_share": 0.5},
+        [("S1", 0, 4), ("S2", 4, 8), ("H", 8, 16)],
+    ),
+    "a share of 0.75 gives 12 of 16": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 0, 16, 10)),
+        {"max_prefix_share": 0.75},
+        [("A", 0, 12), ("B", 12, 16)],
+    ),
+    # blocks 0..9 have no other server: A carries them (10 > 8), B the rest
+    "blocks only one prefix serves are its own": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 10, 16, 1)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 10), ("B", 10, 16)],
+    ),
+    "nothing else serves the blocks: the prefix carries them all": (
+        view(16, A=at("203.0.113.1:1", 0, 8, 20), A2=at("203.0.113.2:1", 8, 16, 20)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 8), ("A2", 8, 16)],
+    ),
+    # equal costs either way round: the tie goes to the route found first
+    "an odd number of blocks rounds the share up": (
+        view(5, A=at("203.0.113.1:1", 0, 5, 20), B=at(HONEST[0], 0, 5, 10)),
+        {"max_prefix_share": 0.5},
+        [("B", 0, 2), ("A", 2, 5)],
+    ),
+    "a one-block route takes the fastest": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 0, 16, 10)),
+        {"max_prefix_share": 0.5, "start": 3, "end": 4},
+        [("A", 3, 4)],
+    ),
+    # a route of three prefixes already within the share is left as it is
+    "routes within the share are unchanged": (
+        view(16, A=at(HONEST[0], 0, 6), B=at(HONEST[1], 6, 11), C=at(HONEST[2], 11, 16)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 6), ("B", 6, 11), ("C", 11, 16)],
+    ),
+    # loopback peers are not strangers: no limit between them, as before prefixes
+    "loopback swarms keep the fastest route": (
+        view(16, A=at("127.0.0.1:1", 0, 16, 20), B=at("127.0.0.1:2", 0, 16, 10)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 16)],
+    ),
+    # but a remote prefix is limited where a loopback peer can take over
+    "a remote prefix is limited beside loopback peers": (
+        view(16, A=at("203.0.113.1:1", 0, 16, 20), L=at("127.0.0.1:2", 0, 16, 10)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 8), ("L", 8, 16)],
+    ),
+    "names are prefixes": (
+        view(16, A=at("a.example:1", 0, 16, 20), B=at("b.example:1", 0, 16, 10)),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "IPv6 addresses in one /48 are one prefix": (
+        view(
+            16,
+            A=at("[2001:db8:1::5]:1", 0, 8, 20),
+            A2=at("[2001:db8:1:ff::6]:1", 8, 16, 20),
+            B=at("[2001:db8:2::1]:1", 0, 16, 10),
+        ),
+        {"max_prefix_share": 0.5},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("swarm", "options", "expected"), SHARE_CASES.values(), ids=SHARE_CASES)
+def test_one_prefix_carries_at_most_its_share_of_a_route(
+    swarm: SwarmView, options: dict, expected: list
+) -> None:
+    options = {"rtt": dict.fromkeys(swarm.peers(), 0.0), **options}
+    assert hops(plan_inference_route(swarm, **options)) == expected
+    assert hops(plan_inference_route(swarm, **options)) == expected  # deterministic
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_swarms_keep_every_prefix_within_its_share(seed: int) -> None:
+    """Random spans over 4 prefixes (one host each, many records) and one slow peer per 8 blocks in a prefix
+    of its own: the route covers the blocks hop after hop, each peer once, and no prefix is over budget."""
+    rng = random.Random(seed)
+    num_blocks = rng.choice([8, 16, 32, 80])
+    peers = {}
+    for i in range(rng.choice([4, 10, 40])):
+        start = rng.randrange(num_blocks)
+        end = rng.randrange(start + 1, num_blocks + 1)
+        peers[f"p{i:02d}"] = at(f"10.0.{rng.randrange(4)}.{i}:1", start, end, rng.uniform(1, 100))
+    for i in range(num_blocks // 8):
+        peers[f"c{i}"] = at(f"10.9.{i}.1:1", 8 * i, 8 * i + 8, 1.0)
+    swarm = SwarmView.from_records(num_blocks, peers, fetched_at=0.0)
+    route = hops(plan_inference_route(swarm, max_prefix_share=0.5, median_cap=True))
+    assert [s for _, s, _ in route] == [0] + [e for _, _, e in route[:-1]] and route[-1][2] == num_blocks
+    assert len({peer_id for peer_id, _, _ in route}) == len(route)
+    prefix_of = client.prefixes.prefixes(swarm.peers())
+    budgets = client.prefixes.prefix_budgets(swarm.peers(), prefix_of, 0, num_blocks, 0.5)
+    assert all(n <= budgets[p] for p, n in client.prefixes.prefix_blocks(route, prefix_of).items())
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"), [({}, [("B", 0, 8), ("A", 8, 16)]), ({"max_prefix_share": 1.0}, [("A", 0, 16)])]
+)
+def test_sessions_plan_with_the_prefix_share_of_their_config(options: dict, expected: list) -> None:
+    """A session's route follows `ClientConfig.max_prefix_share` (0.5 by default): the faster host's /24
+    gets half the blocks of a full span, the other host the rest (in the order found first: equal costs)."""
+    from client.config import ClientConfig
+    from client.discovery import InMemoryDiscovery
+    from client.swarm import SwarmConnection
+
+    swarm = view(16, A=at("203.0.113.1:1", 0, 16, 20), B=at(HONEST[0], 0, 16, 10))
+    connection = SwarmConnection.from_discovery(
+        InMemoryDiscovery(swarm), ClientConfig(insecure=True, **options)
+    )
+    try:
+        session = connection.new_session(max_length=8)
+        route = connection.runtime.run(session._plan(0, None, frozenset(), refresh=False), timeout=10)
+    finally:
+        connection.close()
+    assert hops(route) == expected

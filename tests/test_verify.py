@@ -5,18 +5,24 @@ nobody, through rollbacks and beam reorders too, and a check that cannot be done
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from fakes import FakePeer, FakeSwarm, hidden_states
+from records_factory import peer_record
 from test_inprocess import ONE_PER_SPAN, STEP_LIMIT, TWO_PER_SPAN, assert_exact, hop, reference, run
 from test_inprocess_model import _model, _prompt
 
 from client.checks import spot_check_agrees
+from client.config import ClientConfig
+from client.discovery import BanList
+from client.recompute import can_verify, order_verifiers
 from client.session import InferenceSession
-from client.verify import SpotCheckStats
+from client.verify import SpotChecker, SpotCheckStats
 
 SPANS = [(0, 1), (1, 3), (3, 4)]
 
@@ -93,12 +99,13 @@ def test_spot_checks_are_what_catches_a_perturbing_last_hop(fake_swarm, connect,
 
 
 def test_a_later_check_forgets_what_the_liar_reported_since_the_last_one(fake_swarm, connect) -> None:
-    """verify_every=3: the middle hop starts lying at step 1 and is caught at step 3. What it reported at
-    steps 1 and 2 is forgotten, so its replacement's replay is not held against those values (an honest
-    replacement would be banned for a "replay differs") and the hops after it are rebuilt from the replay."""
+    """verify_every=3, at most 2 steps in a row unchecked: the middle hop starts lying at step 1 and is
+    caught at a check by step 3. What it reported since is forgotten, so its replacement's replay is not held
+    against those values (an honest replacement would be banned for a "replay differs") and the hops after
+    it are rebuilt from the replay."""
     swarm, liar = _with_liar(fake_swarm, 1)
     liar.corrupt_outputs(False)
-    connection = connect(swarm, verify_every=3)
+    connection = connect(swarm, verify_every=3, verify_max_gap=2)
     session: list[InferenceSession] = []
 
     def lie(current: InferenceSession) -> None:
@@ -121,11 +128,14 @@ def test_honest_swarm_bans_nobody_over_20_tokens(fake_swarm, connect, local, ver
     model = _model(swarm, connection)
     prompt = _prompt(seed=7)
     with model.inference_session(max_length=prompt.shape[1] + 20) as session:
+        session.spot_checks.rng = random.Random(verify_every)
         out = _generate(model, prompt, 20)
         num_steps = len(session.history)
     assert torch.equal(out, _generate(local, prompt, 20))
     assert connection.bans.banned() == set() and session.num_failovers == 0
-    num_checked = -(-num_steps // verify_every)  # steps 0, N, 2N, ...
+    schedule = random.Random(verify_every)  # the same draws: which steps were checked
+    num_checked = sum(verify_every == 1 or schedule.random() * verify_every < 1 for _ in range(num_steps))
+    assert 0 < num_checked < num_steps or verify_every == 1
     assert session.spot_checks.stats == SpotCheckStats(checked=3 * num_checked, skipped=0, mismatches=0)
 
 
@@ -178,7 +188,7 @@ def test_a_lying_verifier_is_outvoted_by_a_third_peer(fake_swarm, connect) -> No
 
     def seed(current: InferenceSession) -> None:
         session.append(current)
-        current.spot_checks.rng = random.Random(0)  # draws the liar at one of the first steps
+        current.spot_checks.recomputer.rng = random.Random(0)  # draws the liar at one of the first steps
 
     result = run(connection, {0: seed})
     assert_exact(result.outputs, reference(swarm))
@@ -273,3 +283,165 @@ def test_spot_check_tolerance_is_relative_per_position_and_the_loosest_dtypes(
     computed[1, 2] *= 1.0 + relative
     assert spot_check_agrees(computed, held, dtypes=dtypes) is agrees
     assert not spot_check_agrees(computed[:, :2], held, dtypes=dtypes)
+
+
+# ---- checks a liar cannot dodge: chains of sub-spans, random steps, every position, the verifiers' dtype --
+
+
+def _liar_without_twin(fake_swarm) -> tuple[FakeSwarm, FakePeer]:
+    """A perturbing peer on [1, 3) that nobody else serves, or holds within a span: the route takes it
+    (announced fast); [0, 2) and [2, 4) (slow) can recompute its blocks only together."""
+    swarm = fake_swarm([])
+    swarm.add(0, 1, throughput=100.0)
+    liar = swarm.add(1, 3, throughput=100.0)
+    swarm.add(3, 4, throughput=100.0)
+    swarm.add(0, 2, throughput=1.0)
+    swarm.add(2, 4, throughput=1.0)
+    liar.corrupt_outputs(mode="perturb")
+    return swarm, liar
+
+
+def test_a_liar_on_a_span_nobody_else_serves_is_caught_by_a_chain_of_verifiers(
+    fake_swarm, connect, local
+) -> None:
+    """[0, 2) recomputes block 1 and [2, 4) block 2 from its output: the chain refutes the liar, which is
+    banned and replaced; before, its hop was never checked and the honest hop after it took the blame."""
+    swarm, liar = _liar_without_twin(fake_swarm)
+    connection = connect(swarm, verify_every=1)
+    model = _model(swarm, connection)
+    prompt = _prompt(seed=3)
+    with model.inference_session(max_length=prompt.shape[1] + 12) as session:
+        out = _generate(model, prompt, 12)
+        route = [h.peer_id for h in session.route]
+    assert torch.equal(out, _generate(local, prompt, 12))
+    assert connection.bans.banned() == {liar.peer_id} and liar.peer_id not in route
+    assert [failover.peer_id for failover in session.failovers] == [liar.peer_id]
+    # the hop after it disagreed too: it ran on the liar's push (intact), its verifier on the liar's report
+    assert session.spot_checks.stats.mismatches == 2
+
+
+def test_default_settings_catch_a_liar_within_the_gap(fake_swarm, connect, local) -> None:
+    """No spot-check option given: the checks are on, and a liar at every step is caught by a check within
+    `verify_max_gap` + 1 steps, whichever steps the OS's random source picked."""
+    swarm, liar = _liar_without_twin(fake_swarm)
+    connection = connect(swarm)
+    config = connection.config
+    assert config.verify_every > 0 and config.verify_max_gap < 50
+    model = _model(swarm, connection)
+    prompt = _prompt(seed=4)
+    new_tokens = config.verify_max_gap + 1
+    with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
+        out = _generate(model, prompt, new_tokens)
+    assert torch.equal(out, _generate(local, prompt, new_tokens))
+    assert connection.bans.banned() == {liar.peer_id}
+    (failover,) = session.failovers
+    assert failover.peer_id == liar.peer_id
+    assert failover.replay_positions < prompt.shape[1] + config.verify_max_gap  # caught at a step <= the gap
+
+
+def test_a_lie_at_an_unchecked_step_is_caught_at_the_next_check(fake_swarm, connect) -> None:
+    """The middle hop lies at step 1 only, a step the schedule leaves unchecked (seeded: steps 0 and 3 are
+    checked): the check at step 3 compares all the positions of its cache, finds the lie at step 1's, and
+    bans the liar. Before, a check compared only its own step's positions: with checks at 0, 2, 4, ...
+    known in advance, this liar was never caught."""
+    swarm, liar = _with_liar(fake_swarm, 1)
+    liar.corrupt_outputs(False)
+    connection = connect(swarm, verify_every=2)
+    session: list[InferenceSession] = []
+
+    def seed(current: InferenceSession) -> None:
+        session.append(current)
+        current.spot_checks.rng = random.Random(1)  # draws: step 0 checked, 1 and 2 not, 3 checked
+
+    def lie(current: InferenceSession) -> None:
+        assert hop(swarm, current, 1) is liar
+        liar.corrupt_outputs(mode="perturb")
+
+    result = run(connection, {0: seed, 1: lie, 2: lambda _: liar.corrupt_outputs(False)})
+    assert_exact(result.outputs, reference(swarm))  # the liar's pushes were intact: only its reports lied
+    assert connection.bans.banned() == {liar.peer_id} and result.num_failovers == 1
+    assert session[0].failovers[0].replay_positions == 7 + 2  # caught at step 3 (a prefill of 7)
+    stats = session[0].spot_checks.stats
+    assert stats.mismatches == 1 and stats.checked == 2  # the twin recomputed the liar's blocks twice
+
+
+def test_a_claimed_coarse_dtype_does_not_widen_the_tolerance(fake_swarm, connect) -> None:
+    """The middle hop computes in float32 but announces bfloat16 and perturbs its outputs by ~3%: within
+    bfloat16's 10%, far beyond float32's 0.1%. Its float32 twin computes more precisely than the claim, so
+    it is no verifier for it (its tolerance would not cover an honest bfloat16 peer) and the checks are
+    skipped; at `verify_max_skips` skips in a row the hop is replaced by the twin. Before, the twin checked
+    it with the claimed dtype's 10% and let it pass."""
+    swarm, liar = _with_liar(fake_swarm, 1)
+    liar.announce_as(dtype="bfloat16")
+    connection = connect(swarm, verify_every=1)
+    session: list[InferenceSession] = []
+    result = run(connection, {0: session.append})
+    assert_exact(result.outputs, reference(swarm))
+    assert connection.bans.banned() == {liar.peer_id} and result.num_failovers == 1
+    stats = session[0].spot_checks.stats
+    assert stats.unchecked == 1 and stats.mismatches == 0
+    assert session[0].failovers[0].replay_positions == 7 + connection.config.verify_max_skips - 2
+
+
+def test_the_schedule_is_random_with_rate_one_in_n_and_a_bounded_gap() -> None:
+    swarm = SimpleNamespace(config=ClientConfig(verify_every=8, verify_max_gap=20), wire_dtype="float32")
+    assert isinstance(SpotChecker(swarm).rng, random.SystemRandom)  # type: ignore[arg-type]
+    schedules = []
+    for seed in range(2):
+        checker = SpotChecker(swarm, rng=random.Random(seed))  # type: ignore[arg-type]
+        checked = [step for step in range(20_000) if checker.due()]
+        gaps = [b - a - 1 for a, b in itertools.pairwise([-1, *checked])]
+        assert max(gaps) == 20 and 0.9 / 8 < len(checked) / 20_000 < 1.1 / 8
+        assert any(step % 8 for step in checked[:10])  # not 0, N, 2N, ...
+        schedules.append(checked[:20])
+    assert schedules[0] != schedules[1]
+    off = SimpleNamespace(config=ClientConfig(verify_every=0), wire_dtype="float32")
+    assert not any(SpotChecker(off).due() for _ in range(100))  # type: ignore[arg-type]
+
+
+VERIFIER_CASES = [
+    # (verifier dtype, quantization), (checked dtype, quantization), may verify
+    (("float32", "none"), ("float32", "none"), True),
+    (("bfloat16", "none"), ("float32", "none"), True),  # coarser: its own 10% covers the hop's noise
+    (("float32", "none"), ("bfloat16", "none"), False),  # 0.1% would fail an honest bfloat16 peer
+    (("bfloat16", "none"), ("bfloat16", "none"), True),
+    (("float16", "none"), ("bfloat16", "none"), False),
+    (("float32", "int8"), ("float32", "int8"), True),
+    (("float32", "none"), ("float32", "int8"), False),  # other weights
+    (("float32", "int8"), ("float32", "none"), False),
+]
+
+
+@pytest.mark.parametrize(("verifier", "checked", "may"), VERIFIER_CASES)
+def test_verifiers_compute_at_most_as_precisely_as_the_hop_claims(verifier, checked, may: bool) -> None:
+    records = [
+        peer_record(0, 4, dtype=dtype, quantization=quantization)
+        for dtype, quantization in (verifier, checked)
+    ]
+    assert can_verify(*records) is may
+
+
+def test_verifiers_of_the_checked_peers_prefix_come_last() -> None:
+    checked = peer_record(0, 4, address="203.0.113.5:1")
+    serving = [(f"same{i}", peer_record(0, 4, address=f"203.0.113.{10 + i}:1")) for i in range(3)]
+    serving += [(f"other{i}", peer_record(0, 4, address=f"198.51.{i}.1:1")) for i in range(3)]
+    orders = set()
+    for seed in range(20):
+        ordered = [peer_id for peer_id, _ in order_verifiers(serving, checked, random.Random(seed))]
+        assert {p[:5] for p in ordered[:3]} == {"other"}
+        orders.add(tuple(ordered))
+    assert len(orders) > 5  # random within each group
+    on_loopback = [(f"p{i}", peer_record(0, 4, port=7000 + i)) for i in range(6)]
+    loopback_orders = {
+        tuple(p for p, _ in order_verifiers(on_loopback, peer_record(0, 4), random.Random(seed)))
+        for seed in range(20)
+    }
+    assert len(loopback_orders) > 5
+
+
+def test_unverified_checks_count_per_peer_across_sessions_until_one_agrees() -> None:
+    bans = BanList(1.0, 2.0, 10.0)
+    assert [bans.unverified("a") for _ in range(3)] == [1, 2, 3]
+    assert bans.unverified("b") == 1
+    bans.verified("a")
+    assert bans.unverified("a") == 1 and bans.banned() == set()
