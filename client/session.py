@@ -144,7 +144,7 @@ class InferenceSession:
                 recovering = None
                 output = await self._run(log)
                 if check:  # a hop found wrong raises WrongOutput: replaced like a failed one, the step redone
-                    await self.spot_checks.check(log, self.history, self.route)
+                    await self.spot_checks.check(log, self.history, self.route, needs=self._needs())
                 return output
             except SwarmError as error:
                 await self._reset()
@@ -183,10 +183,14 @@ class InferenceSession:
                 raise
             await self._replace(0, len(self.streams), failure)  # the rest of the route may do better
 
+    def _needs(self) -> Needs:
+        """What a peer must announce to take this session now (and the peers it learnt cannot)."""
+        return Needs(batch_size=self.batch_size or 1, max_length=self.max_length, cached=self.position)
+
     async def _plan(self, start: int, end: int | None, banned: frozenset[str], *, refresh: bool) -> list[Hop]:
         """Hops over [start, end) from the view; peers announcing too little free cache are used only when
         no route avoids them (the announcement may be old; a full peer answers RESOURCE_EXHAUSTED)."""
-        needs = Needs(batch_size=self.batch_size or 1, max_length=self.max_length, cached=self.position)
+        needs = self._needs()
         measured = self.swarm.stats.block_times()
         view = await self.swarm.discovery.view(refresh=refresh)
         plan = functools.partial(  # the Sybil limits: a median per address prefix, a share of the route

@@ -30,7 +30,7 @@ import torch
 from client.checks import spot_check_agrees
 from client.errors import PeerFailure, SwarmError, short_id
 from client.recompute import Recomputed, Recomputer
-from client.route import Hop, missing_blocks
+from client.route import Hop, Needs, missing_blocks
 from protos.tensors import wire_dtype_from_name
 
 if TYPE_CHECKING:
@@ -142,11 +142,14 @@ class SpotChecker:
         self._unchecked_steps += 1
         return False
 
-    async def check(self, log: StepLog, history: Sequence[StepLog], route: Sequence[Hop]) -> None:
+    async def check(
+        self, log: StepLog, history: Sequence[StepLog], route: Sequence[Hop], *, needs: Needs | None = None
+    ) -> None:
         """Recompute every hop's outputs after `log` (the step just run on `route`, after `history`) on
         other peers. Raises `WrongOutput` for the first hop found wrong, after forgetting the outputs from
-        its hop on, or for the first that went unverified too often; bans a verifier found wrong; a check
-        that cannot be done is skipped, never failed."""
+        its hop on, or for the first that went unverified too often (and that a peer able to take the session,
+        `needs`, can replace); bans a verifier found wrong; a check that cannot be done is skipped, never
+        failed."""
         try:
             view = await self.swarm.discovery.view()
         except SwarmError as e:  # no records right now: nobody to ask, and the step itself went through
@@ -167,7 +170,7 @@ class SpotChecker:
             self._refute(logs, hop, verdict.reason)
         for index, verdict in enumerate(verdicts):
             if verdict.outcome is _Outcome.UNVERIFIED:
-                self._count_against(view, logs, verdict.hop, route[:index])
+                self._count_against(view, logs, verdict.hop, route[:index], needs)
 
     def _refute(self, logs: list[StepLog], hop: Hop, reason: str, *, event: str = "mismatch") -> None:
         logger.warning(
@@ -182,16 +185,19 @@ class SpotChecker:
         forget_outputs(logs, after=hop.start)
         raise WrongOutput(f"spot check: {reason}", hop.peer_id, block=hop.start)
 
-    def _count_against(self, view: SwarmView, logs: list[StepLog], hop: Hop, before: Sequence[Hop]) -> None:
+    def _count_against(
+        self, view: SwarmView, logs: list[StepLog], hop: Hop, before: Sequence[Hop], needs: Needs | None
+    ) -> None:
         """One more check of `hop` that could not be done; at `verify_max_skips` in a row the hop is
-        replaced, unless no other peer serves its blocks (then it stays, unchecked, and is logged once).
+        replaced, unless no other peer that can take the session (`needs`) serves its blocks (then it stays,
+        unchecked, and is logged once).
         Verifiers that failed a call do not count as others: a hop is not replaced by peers that are down."""
         skips = self.swarm.bans.unverified(hop.peer_id)
         if skips < self.config.verify_max_skips:
             return
         failed = self.recomputer.unreachable | self.recomputer.distrusted
         banned = self.swarm.bans.banned() | failed | {hop.peer_id} | {h.peer_id for h in before}
-        if missing_blocks(view, start=hop.start, end=hop.end, banned=banned):
+        if missing_blocks(view, start=hop.start, end=hop.end, banned=banned, needs=needs):
             if hop.peer_id not in self._kept:
                 self._kept.add(hop.peer_id)
                 logger.info(

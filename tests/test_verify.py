@@ -149,6 +149,21 @@ def test_no_other_peer_for_the_blocks_skips_the_checks(fake_swarm, connect) -> N
     assert session[0].spot_checks.stats == SpotCheckStats(checked=0, skipped=3 * len(result.outputs))
 
 
+def test_an_unverifiable_hop_stays_when_no_other_peer_can_take_the_session(fake_swarm, connect) -> None:
+    """The middle blocks' only other peer takes sessions of 16 positions and Forwards of 4 tokens: it can
+    neither verify the hop (64 positions) nor replace it, so the hop is no suspect and stays unbanned."""
+    swarm = fake_swarm(ONE_PER_SPAN)
+    small = swarm.add(1, 3, throughput=1000.0, max_length=16, max_forward_tokens=4)
+    connection = connect(swarm, verify_every=1)
+    session: list[InferenceSession] = []
+    result = run(connection, {0: session.append})
+    assert_exact(result.outputs, reference(swarm))
+    assert result.num_failovers == 0 and connection.bans.banned() == set()
+    assert small.peer_id not in {peer_id for peer_id, *_ in result.route}
+    stats = session[0].spot_checks.stats
+    assert stats.unchecked == 0 and stats.skipped == 3 * len(result.outputs)
+
+
 @pytest.mark.parametrize("fault", ["kill", "freeze"])
 def test_a_verifier_that_is_down_never_fails_the_step(fake_swarm, connect, fault: str) -> None:
     """After the first (checked) step every peer off the route dies or freezes: the checks are skipped (a
