@@ -43,6 +43,7 @@ import urllib.request
 
 import grpc
 import torch
+from spot_checks import TokenClock, spot_check_overhead  # bench/ is this script's folder
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
 from client.local_swarm import LocalSwarm, running
@@ -55,20 +56,8 @@ from protos.prepare import prepare_default_model
 SPANS = ["0:10", "10:20", "20:30"]
 
 
-class _Clock(TextStreamer):
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        super().__init__(tokenizer, skip_prompt=True)
-        self.times: list[float] = []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def _ms_per_token(model, tokenizer, inputs, new_tokens: int) -> tuple[float, torch.Tensor]:
-    clock = _Clock(tokenizer)
+    clock = TokenClock(tokenizer)
     out = model.generate(
         **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock
     )
@@ -350,8 +339,6 @@ def main() -> None:
     )
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     if args.spot_checks:
-        from spot_checks import spot_check_overhead  # bench/ is this script's folder
-
         result = spot_check_overhead(
             folder,
             tokenizer,

@@ -22,7 +22,7 @@ from client.verify import SpotCheckStats
 VERIFIER_SPANS = ["0:15", "15:30"]  # no hop's span is served exactly twice: checks use chains of sub-spans
 
 
-class _Window(TextStreamer):
+class TokenClock(TextStreamer):
     """Times of the generated tokens: the decode window runs from the first to the last."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -40,7 +40,7 @@ def _decode(model, tokenizer, inputs, new_tokens: int) -> dict:
     """One greedy generation: decode tokens/s (after its first token), the seconds its decode steps spent
     in spot checks (the checks run between a step's result and its return), its output, the checks'
     stats and the route."""
-    window = _Window(tokenizer)
+    window = TokenClock(tokenizer)
     length = inputs["input_ids"].shape[1] + new_tokens
     checks: list[tuple[float, float]] = []  # (start, seconds) of each spot check
     with model.inference_session(max_length=length) as session:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from peer.requests import check_rows
 from peer.sessions import QuotaExceeded
 from protos.errors import InvalidInputError
 
@@ -48,12 +49,7 @@ def check_shape(step: peer_pb2.Step, *, session: PeerSession, hidden_size: int, 
     if len(shape) != 3:  # len() first: O(1), copies nothing
         raise InvalidInputError(f"hidden: expected 3 dims, got {len(shape)}")
     batch, seq, width = shape
-    if batch != session.batch_size:
-        raise InvalidInputError(
-            f"hidden batch {batch} does not match the session's batch {session.batch_size}"
-        )
-    if width != hidden_size:
-        raise InvalidInputError(f"hidden size {width} does not match the model's {hidden_size}")
+    check_rows(batch, width, session=session, hidden_size=hidden_size)
     base = step.rollback_to if step.HasField("rollback_to") else step.position
     if seq < 1 or base + seq > session.max_length:
         raise InvalidInputError(

@@ -241,6 +241,16 @@ def parse_push(request: peer_pb2.PushRequest) -> tuple[str, bytes]:
     return session_id, token
 
 
+def check_rows(batch: int, width: int, *, session: PeerSession, hidden_size: int) -> None:
+    """A step's hidden states must have the session's batch and the model's width."""
+    if batch != session.batch_size:
+        raise InvalidInputError(
+            f"hidden batch {batch} does not match the session's batch {session.batch_size}"
+        )
+    if width != hidden_size:
+        raise InvalidInputError(f"hidden size {width} does not match the model's {hidden_size}")
+
+
 def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, limits: Limits) -> StepRequest:
     """Decode and check a step against its session's state before anything changes."""
     if step.session_id not in ("", session.session_id):
@@ -250,12 +260,7 @@ def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, lim
         step.hidden, max_bytes=max_bytes, expected_dtypes=HIDDEN_WIRE_DTYPES, expected_ndim=3, name="hidden"
     )
     batch, seq, width = hidden.shape
-    if batch != session.batch_size:
-        raise InvalidInputError(
-            f"hidden batch {batch} does not match the session's batch {session.batch_size}"
-        )
-    if width != served.hidden_size:
-        raise InvalidInputError(f"hidden size {width} does not match the model's {served.hidden_size}")
+    check_rows(batch, width, session=session, hidden_size=served.hidden_size)
     if seq < 1:
         raise InvalidInputError("a step needs at least one new position")
     base = session.position

@@ -39,7 +39,7 @@ from hivemind.proto import dht_pb2
 from hivemind.utils import timed_storage
 from hivemind.utils.timed_storage import DHTExpiration, TimedStorage, ValueWithExpiration
 
-from protos.records import MODEL_INDEX_KEY
+from protos.validation import INDEX_KEY_ID
 
 logger = logging.getLogger(__name__)
 
@@ -47,20 +47,15 @@ MAX_SUBKEYS_PER_KEY = 64  # peers a replica stores under one block key (64 x 16 
 MAX_INDEX_ENTRIES = 1024  # peers a replica stores under the model index key (about 330 KiB)
 MAX_STORED_ENTRIES = 16384  # entries a replica stores in all (at most 16384 x 16 KiB: 256 MiB)
 STORE_BURST = 2048  # entries one sender may store at once (a replica handing over its keys to a new one)
-STORE_RATE = (
-    32.0  # entries per second one sender may store after its burst (a peer announces ~1 per block per 30 s)
-)
+# entries per second one sender may store after its burst (a peer announces ~1 per block per 30 s)
+STORE_RATE = 32.0
 MAX_SENDERS = 4096  # senders whose store budget is remembered; a forgotten one starts with a full burst
-RECOUNT_PERIOD = (
-    1.0  # seconds between two exact counts of a full replica's entries (expired ones leave lazily)
-)
-
-_INDEX_KEY = DHTID.generate(MODEL_INDEX_KEY)
+RECOUNT_PERIOD = 1.0  # seconds between two exact counts of a full replica's entries (they expire lazily)
 
 
 def max_subkeys(key: DHTID) -> int:
     """How many entries a replica stores (and a reader checks) under `key`."""
-    return MAX_INDEX_ENTRIES if key == _INDEX_KEY else MAX_SUBKEYS_PER_KEY
+    return MAX_INDEX_ENTRIES if key.to_bytes() == INDEX_KEY_ID else MAX_SUBKEYS_PER_KEY
 
 
 class StoreRateLimiter:
@@ -152,10 +147,8 @@ class BoundedStorage(DHTLocalStorage):
         is_new = subkey not in entries
         if is_new and (len(entries) >= max_subkeys(key) or not self._has_room()):
             return False  # a full key: stored peers keep their place until they expire
-        if expiration_time > entries.latest_expiration_time:
-            TimedStorage.store(
-                self, key, entries, expiration_time
-            )  # the key lives as long as its latest entry
+        if expiration_time > entries.latest_expiration_time:  # the key lives as long as its latest entry
+            TimedStorage.store(self, key, entries, expiration_time)
         stored = entries.store(subkey, value, expiration_time)
         self._num_entries += is_new and stored
         return stored
@@ -266,9 +259,8 @@ class BoundedDHTProtocol(DHTProtocol):
         rest; True when any is left. hivemind's version refuses the whole answer for one invalid entry."""
         limit = max_subkeys(DHTID.from_bytes(key_bytes)) if len(key_bytes) == DHTID.HASH_NBYTES else 0
         valid = self._valid_entries(key_bytes, dictionary, limit)
-        dictionary.maxsize = (
-            math.inf
-        )  # the replica names its own maxsize: hivemind would evict merged entries by it
+        # the replica names its own maxsize: hivemind would evict merged entries by it
+        dictionary.maxsize = math.inf
         with dictionary.freeze():
             for subkey in [subkey for subkey in dictionary.data if subkey not in valid]:
                 del dictionary[subkey]

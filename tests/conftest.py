@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from families import save
+from swarm import start_dht
 
 if TYPE_CHECKING:
     from fakes import FakeSwarm
@@ -149,3 +150,13 @@ def connect() -> Iterator[Callable[..., Any]]:
     yield make
     for connection in connections:
         connection.close()
+
+
+@pytest.fixture(scope="module")
+def dht(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """The multiaddresses of a bare `corolla dht` process (modules with a richer DHT define their own)."""
+    process = start_dht(tmp_path_factory.mktemp("dht"))
+    try:
+        yield process.maddrs
+    finally:
+        assert process.stop() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
@@ -13,13 +14,14 @@ import grpc
 from client import local_swarm
 from client.local_swarm import LocalProcess as Process
 from client.local_swarm import LocalSwarm
-from protos import tls
+from protos import peer_pb2_grpc, tls
 
 __all__ = [
     "LocalSwarm",
     "Process",
     "certificate",
     "channel",
+    "push_flood",
     "running",
     "start_dht",
     "start_peer",
@@ -89,3 +91,21 @@ def channel(
         return grpc_module.insecure_channel(target, options=list(options))
     credentials = tls.channel_credentials(certificate.encode())
     return grpc_module.secure_channel(target, credentials, options=[*options, *tls.channel_options()])
+
+
+async def push_flood(
+    process: Process, request: Any, count: int, *, options: Sequence[tuple[str, Any]] = ()
+) -> list[grpc.StatusCode]:
+    """`count` concurrent Push calls of `request` to a peer process over one connection (gRPC multiplexes
+    them on it); the status code of each."""
+    async with channel(process, options=options, aio=True) as opened:
+        push = peer_pb2_grpc.PeerStub(opened).Push
+
+        async def one() -> grpc.StatusCode:
+            try:
+                await push(request, timeout=60)
+                return grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))

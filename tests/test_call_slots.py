@@ -26,7 +26,7 @@ import pytest
 import torch
 from families import HIDDEN, VOCAB, without_eos
 from headers_only import Flood, flood
-from swarm import LocalSwarm, Process, certificate, channel, running
+from swarm import LocalSwarm, Process, certificate, channel, push_flood, running
 
 from client import AutoDistributedModelForCausalLM
 from protos import peer_pb2, peer_pb2_grpc
@@ -191,17 +191,7 @@ async def _bad_token_pushes(peer: Process) -> list[grpc.StatusCode]:
         step=peer_pb2.Step(session_id="someone", hidden=hidden), push_token=os.urandom(16)
     )
     assert request.ByteSize() >= PUSH_BYTES
-    async with channel(peer, aio=True) as opened:  # one connection: gRPC multiplexes the calls on it
-        push = peer_pb2_grpc.PeerStub(opened).Push
-
-        async def one() -> grpc.StatusCode:
-            try:
-                await push(request, timeout=60)
-                return grpc.StatusCode.OK
-            except grpc.aio.AioRpcError as e:
-                return e.code()
-
-        return list(await asyncio.gather(*(one() for _ in range(NUM_PUSHES))))
+    return await push_flood(peer, request, NUM_PUSHES)
 
 
 def test_pushes_without_a_token_are_received_a_few_at_a_time(public, local, checkpoint) -> None:

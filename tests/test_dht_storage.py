@@ -17,7 +17,6 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 from records_factory import peer_record
-from swarm import Process, start_dht
 
 from protos.dht import start_dht_node
 from protos.dht_storage import MAX_SUBKEYS_PER_KEY, BoundedStorage, StoreRateLimiter
@@ -194,15 +193,6 @@ def test_a_reader_skips_invalid_entries_without_counting_them() -> None:
 
 
 # ---- against real p2pd processes --------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def dht(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    process: Process = start_dht(tmp_path_factory.mktemp("dht"))
-    try:
-        yield process.maddrs
-    finally:
-        assert process.stop() == 0
 
 
 async def _store(node: DHTNode, key: str, subkey: str, value: Any, ttl: float) -> bool:

@@ -12,7 +12,7 @@ import grpc
 import psutil
 import pytest
 import torch
-from swarm import Process, channel, running, start_peer
+from swarm import Process, channel, push_flood, running, start_peer
 from test_peer import Stream, _read_records, _result, stub
 
 from peer.blocks import HostedSpan
@@ -62,18 +62,7 @@ def _hidden(seq: int, seed: int) -> torch.Tensor:
 
 
 async def _flood(peer: Process, request: peer_pb2.PushRequest, count: int) -> list[grpc.StatusCode]:
-    options = [("grpc.max_send_message_length", 2 * MAX_MESSAGE)]
-    async with channel(peer, options=options, aio=True) as opened:
-        push = peer_pb2_grpc.PeerStub(opened).Push
-
-        async def one() -> grpc.StatusCode:
-            try:
-                await push(request, timeout=60)
-                return grpc.StatusCode.OK
-            except grpc.aio.AioRpcError as e:
-                return e.code()
-
-        return list(await asyncio.gather(*(one() for _ in range(count))))
+    return await push_flood(peer, request, count, options=[("grpc.max_send_message_length", 2 * MAX_MESSAGE)])
 
 
 def test_push_flood_into_ones_own_session_stays_bounded(swarm, checkpoint) -> None:

@@ -14,7 +14,6 @@ from hivemind.dht.node import DHTNode
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils.timed_storage import get_dht_time
 from records_factory import peer_record
-from swarm import Process, start_dht
 
 from protos.dht import start_dht_node
 from protos.identity import Identity, IdentityError
@@ -42,15 +41,6 @@ def _collected() -> Iterator[None]:
     3.11's AST parser fails when a finalizer runs in the middle of it)."""
     yield
     gc.collect()
-
-
-@pytest.fixture(scope="module")
-def dht(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    process: Process = start_dht(tmp_path_factory.mktemp("dht"))
-    try:
-        yield process.maddrs
-    finally:
-        assert process.stop() == 0
 
 
 async def _store(node: DHTNode, key: str, subkey: str | None, value: object, ttl: float) -> bool:
