@@ -31,8 +31,7 @@ __all__ = [
 
 MIN_THROUGHPUT = 1e-6  # a peer announcing 0 counts as very slow, not as unusable
 _REL_TOLERANCE = 1e-9  # sums of equal costs may differ in the last bits; fewer hops decide those ties
-MAX_LABELS = 8  # partial routes kept per state when no peer may appear twice; bounds the planning work
-MAX_BUDGET_LABELS = 8  # the same under prefix budgets (labels then also differ in the blocks they spent)
+MAX_LABELS = 8  # partial routes kept per state when no peer may appear twice or prefixes have budgets
 
 
 @dataclass(frozen=True)
@@ -214,7 +213,7 @@ def _within_prefix_budgets(
 ) -> list[tuple[str, int, int]]:
     """`hops` if no prefix carries more than its budget (`prefix_budgets`), else the cheapest route found
     in which none does: every prefix that serves more blocks than its budget is held to it, and hop
-    boundaries may fall on any block. When the search finds none (it keeps `MAX_BUDGET_LABELS` partial
+    boundaries may fall on any block. When the search finds none (it keeps `MAX_LABELS` partial
     routes per state), `hops` stand."""
     budgets = prefix_budgets(peers, prefix_of, start, end, share)
     if all(blocks <= budgets[p] for p, blocks in prefix_blocks(hops, prefix_of).items()):
@@ -328,7 +327,6 @@ def _sweep(
     limits = list(budgets.values())
     order = {prefix: index for index, prefix in enumerate(budgets)}
     slot = {peer_id: order[p] for peer_id, p in prefix_of.items() if p is not None and p in order}
-    cap = MAX_BUDGET_LABELS if budgets else MAX_LABELS
 
     def spend(label: _Label, peer_id: str, blocks: int) -> tuple[int, ...] | None:
         """`label`'s budgets after `peer_id` carries `blocks` more; None when over a budget."""
@@ -362,7 +360,7 @@ def _sweep(
                     used = label.used | {peer_id} if distinct else label.used
                     opened = _Label(cost, label.hops + 1, used, label, peer_id, point, spent)
                     advanced.setdefault(peer_id, []).append(opened)
-        inside = {peer_id: _select(labels, cap) for peer_id, labels in advanced.items()}
+        inside = {peer_id: _select(labels) for peer_id, labels in advanced.items()}
         # a peer whose span ends here cannot serve a later hop: forget it
         ending = [
             _Label(label.cost, label.hops, used, label.previous, label.peer_id, label.start, label.spent)
@@ -370,7 +368,7 @@ def _sweep(
             for label in labels
             for used in [frozenset(q for q in label.used if peers[q].end > next_point)]
         ]
-        closed = _select(ending, cap)
+        closed = _select(ending)
     hops: list[tuple[str, int, int]] = []
     best = None
     for label in closed:
