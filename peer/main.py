@@ -48,6 +48,8 @@ START_JITTER = 1.0  # seconds: peers started together read the swarm at differen
 CLAIM_SETTLE = 1.0  # seconds between announcing a claimed span and reading the swarm back
 STOP_GRACE = 2.0  # at most this many seconds for RPCs in flight once the sessions are retired
 HEALTH_SERVICE = "corolla"  # the grpc.health.v1 service name that is SERVING while the node serves
+HEALTH_CLIENT_CALLS = 4  # calls one client may hold on the health port (of its 16)
+HEALTH_REQUEST_TIMEOUT = 2.0  # seconds a probe's request may take to arrive (it is a service name)
 DRAIN_ANNOUNCE_TIMEOUT = 3.0  # seconds the DRAINING announcement may take before the drain goes on
 MAX_STREAMS_PER_CONNECTION = 100  # calls one connection may have open at once; more wait at the client
 KEEPALIVE_PERIOD = 60.0  # seconds between the server's pings on a quiet connection: finds dead clients
@@ -118,6 +120,16 @@ class _Speed:
             self.batched = self.per_block.batch_tps / (span[1] - span[0])
 
 
+def health_guard() -> CallGuard:
+    """The health port's call guard: a few calls per client, each request within a short deadline."""
+    return CallGuard(
+        max_client_calls=HEALTH_CLIENT_CALLS,
+        max_receives=HEALTH_CLIENT_CALLS,
+        max_client_receives=HEALTH_CLIENT_CALLS // 2,
+        request_timeout=HEALTH_REQUEST_TIMEOUT,
+    )
+
+
 class Peer:
     """One `corolla serve`: joins the DHT, claims or takes its span, loads it, serves it over gRPC, announces
     it, moves when rebalancing says so, and on `stop` drains and leaves (also after a failed start)."""
@@ -154,7 +166,9 @@ class Peer:
             interceptors=[*counted, *guard, CallGuard.from_config(config)],
         )
         self.health = (
-            HealthServer(config.health_host, config.health_port, service=HEALTH_SERVICE)
+            HealthServer(
+                config.health_host, config.health_port, service=HEALTH_SERVICE, interceptors=[health_guard()]
+            )
             if config.health_port is not None
             else None
         )
@@ -432,7 +446,9 @@ async def run_dht(config: DhtConfig) -> None:
     )
     health = None
     if config.health_port is not None:
-        health = HealthServer(config.health_host, config.health_port, service=HEALTH_SERVICE)
+        health = HealthServer(
+            config.health_host, config.health_port, service=HEALTH_SERVICE, interceptors=[health_guard()]
+        )
         await health.start()
         await health.set_ready(True)
     try:

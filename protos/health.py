@@ -9,6 +9,7 @@ Check only: Watch streams would let a caller hold the port's few call slots.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,15 +28,24 @@ class _CheckOnly(health.aio.HealthServicer):
 
 class HealthServer:
     """A tiny gRPC server on `host:port` answering `grpc.health.v1.Health/Check` for `LIVENESS` (SERVING once
-    started) and for `service` (SERVING after `set_ready(True)`)."""
+    started) and for `service` (SERVING after `set_ready(True)`). `interceptors` admit its calls: the node's
+    own call guard, so that a caller sending headers only cannot hold the port's few call slots."""
 
-    def __init__(self, host: str, port: int, *, service: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        service: str,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self.host = host
         self.requested_port = port
         self.service = service
         self.port: int | None = None
         self._servicer = _CheckOnly()
         self._server = grpc.aio.server(
+            interceptors=list(interceptors),
             maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

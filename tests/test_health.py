@@ -11,9 +11,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from headers_only import flood
 from swarm import start_dht, start_peer
 
-from peer.main import HEALTH_SERVICE
+from peer.main import HEALTH_SERVICE, health_guard
 from protos.health import LIVENESS, HealthServer
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -93,3 +94,32 @@ def test_a_peer_and_a_dht_node_report_their_health(checkpoint, tmp_path: Path) -
         assert _status(peer_port, LIVENESS, timeout=2) == "UNAVAILABLE"  # gone with the peer
     finally:
         dht.stop()
+
+
+def test_a_strangers_headers_only_calls_cannot_hold_the_probe_port() -> None:
+    """A caller (127.0.0.2) opens headers-only Check calls on every stream the port allows and keeps them
+    open: the kubelet's probe (127.0.0.1) is still answered within a second."""
+
+    async def scenario() -> tuple[object, int]:
+        server = HealthServer("127.0.0.1", 0, service=HEALTH_SERVICE, interceptors=[health_guard()])
+        port = await server.start()
+        try:
+            async with flood(
+                f"127.0.0.1:{port}",
+                "/grpc.health.v1.Health/Check",
+                num_connections=8,
+                calls_per_connection=4,
+                source="127.0.0.2",
+            ) as stranger:
+                await asyncio.sleep(0.5)
+                await stranger.refill()
+                held = stranger.open_streams
+                started = time.monotonic()
+                status = await asyncio.to_thread(_status, port, LIVENESS, timeout=1.0)
+                return (status if time.monotonic() - started < 1.0 else "slow"), held
+        finally:
+            await server.stop()
+
+    status, held = asyncio.run(scenario())
+    assert held > 0, "the stranger held no call: the test would show nothing"
+    assert status == SERVING
