@@ -23,6 +23,7 @@ from typing import Any
 STARTUP_TIMEOUT = 180.0
 READY_POLL_PERIOD = 0.1  # seconds between looks at a starting process's ready file
 LOG_TAIL_CHARS = 3000  # of a failed process's log, shown in the error
+LOCALHOST = "127.0.0.1"  # where processes listen unless a caller gives another `host`
 
 
 @dataclass
@@ -65,13 +66,17 @@ class LocalProcess:
         return int(self.popen.returncode)
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str] | None) -> LocalProcess:
+def _spawn(
+    args: list[str], log: Path, env: dict[str, str] | None, *, prefix: Sequence[str] = ()
+) -> LocalProcess:
+    """Start `corolla ARGS` behind the argv `prefix` (e.g. `ip netns exec NS`, which execs: the PID stays the
+    process's own)."""
     ready_file = log.with_suffix(".ready.json")
     ready_file.unlink(missing_ok=True)  # left by an earlier run in the same folder
     environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with log.open("w") as handle:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "protos.cli", *args, "--ready-file", str(ready_file)],
+            [*prefix, sys.executable, "-m", "protos.cli", *args, "--ready-file", str(ready_file)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=environment,
@@ -105,10 +110,12 @@ def _peer_log(log_dir: Path, blocks: str, name: str | None) -> Path:
     return log_dir / f"peer-{number}-{blocks.replace(':', '-')}.log"
 
 
-def _peer_args(model: Path | str, blocks: str, initial_peers: list[str], extra: tuple[str, ...]) -> list[str]:
+def _peer_args(
+    model: Path | str, blocks: str, initial_peers: list[str], extra: tuple[str, ...], *, host: str = LOCALHOST
+) -> list[str]:
     """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--span-length`)."""
     placement = ["--blocks", blocks] if ":" in blocks else ["--span-length", blocks]
-    return ["serve", str(model), *placement, "--host", "127.0.0.1", "--initial-peers", *initial_peers, *extra]
+    return ["serve", str(model), *placement, "--host", host, "--initial-peers", *initial_peers, *extra]
 
 
 def _serving(process: LocalProcess) -> None:
@@ -117,9 +124,16 @@ def _serving(process: LocalProcess) -> None:
     process.span = (int(content["start"]), int(content["end"]))
 
 
-def start_dht(log_dir: Path, *options: str, env: dict[str, str] | None = None) -> LocalProcess:
-    """A `corolla dht` on 127.0.0.1 (with `options`, e.g. `--swarm-key FILE`), ready to be joined."""
-    process = _spawn(["dht", "--host", "127.0.0.1", *options], log_dir / "dht.log", env)
+def start_dht(
+    log_dir: Path,
+    *options: str,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str = LOCALHOST,
+) -> LocalProcess:
+    """A `corolla dht` on `host` (with `options`, e.g. `--swarm-key FILE`), ready to be joined; `prefix` runs
+    it through another command (e.g. `ip netns exec NS`)."""
+    process = _spawn(["dht", "--host", host, *options], log_dir / "dht.log", env, prefix=prefix)
     process.maddrs = [str(maddr) for maddr in _wait_ready(process, STARTUP_TIMEOUT)["maddrs"]]
     return process
 
@@ -132,8 +146,11 @@ def start_peer(
     *extra: str,
     name: str | None = None,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str = LOCALHOST,
 ) -> LocalProcess:
-    process = _spawn(_peer_args(model, blocks, initial_peers, extra), _peer_log(log_dir, blocks, name), env)
+    args = _peer_args(model, blocks, initial_peers, extra, host=host)
+    process = _spawn(args, _peer_log(log_dir, blocks, name), env, prefix=prefix)
     _serving(process)
     return process
 
@@ -145,14 +162,16 @@ def start_peers(
     initial_peers: list[str],
     *extra: str,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str = LOCALHOST,
 ) -> list[LocalProcess]:
     """Start several peers at once (they load in parallel), then wait for each to serve. Each entry of
     `spans` is START:END, or a number of blocks the peer places itself."""
     started = []
     try:
         for blocks in spans:
-            args = _peer_args(model, blocks, initial_peers, extra)
-            started.append(_spawn(args, _peer_log(log_dir, blocks, None), env))
+            args = _peer_args(model, blocks, initial_peers, extra, host=host)
+            started.append(_spawn(args, _peer_log(log_dir, blocks, None), env, prefix=prefix))
         for process in started:
             _serving(process)
     except BaseException:
@@ -168,12 +187,14 @@ def start_api(
     initial_peers: list[str],
     *extra: str,
     env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str = LOCALHOST,
 ) -> LocalProcess:
-    """A `corolla api` gateway on a free port of 127.0.0.1 (with `extra` options), ready to be called; its
-    `address` is the base URL (http://127.0.0.1:PORT/v1)."""
-    args = ["api", str(model), "--host", "127.0.0.1", "--port", "0", "--initial-peers", *initial_peers]
+    """A `corolla api` gateway on a free port of `host` (with `extra` options), ready to be called; its
+    `address` is the base URL (http://HOST:PORT/v1)."""
+    args = ["api", str(model), "--host", host, "--port", "0", "--initial-peers", *initial_peers]
     args += extra
-    process = _spawn(args, log_dir / "api.log", env)
+    process = _spawn(args, log_dir / "api.log", env, prefix=prefix)
     process.address = str(_wait_ready(process, STARTUP_TIMEOUT)["url"])
     return process
 
