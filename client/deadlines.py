@@ -97,7 +97,9 @@ class HopDeadlines:
         """Raise a `PeerFailure` for the first of `streams` whose peer does not answer an Info request."""
 
         async def ping(stream: HopStream) -> PeerFailure | None:
-            stub = self.swarm.channels.stub(stream.hop.address, stream.hop.certificate)
+            stub = self.swarm.channels.stub(
+                stream.hop.address, stream.hop.certificate, relay=stream.hop.relay
+            )
             try:
                 await stub.Info(peer_pb2.InfoRequest(), timeout=self.config.ping_timeout)
             except grpc.aio.AioRpcError as e:

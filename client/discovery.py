@@ -222,6 +222,13 @@ def tls_peers_only(inner: Discovery) -> FilteredPeers:
     return FilteredPeers(inner, reachable, skipped="peers without a valid TLS certificate skipped")
 
 
+def direct_peers_only(inner: Discovery) -> FilteredPeers:
+    """Without the peers reached only through relays: for a client with no libp2p node to use them."""
+    return FilteredPeers(
+        inner, lambda _, record: not record.relay_maddrs, skipped="relayed peers skipped (no libp2p node)"
+    )
+
+
 def weights_filter(inner: Discovery, quant: str) -> Discovery:
     """Only the peers whose weights `quant` accepts: "none" (unquantized only), "any", or one mode."""
     if quant == "any":

@@ -201,7 +201,7 @@ class RemoteSpans:
             request.prompts.CopyFrom(to_message(prompts[hop.start : hop.end], dtype=self.dtype))
         if mask is not None:
             request.attention_mask.CopyFrom(to_message(mask))
-        call = getattr(self.swarm.channels.stub(hop.address, hop.certificate), rpc)
+        call = getattr(self.swarm.channels.stub(hop.address, hop.certificate, relay=hop.relay), rpc)
         try:
             return await call(request, timeout=self.config.forward_timeout)
         except grpc.aio.AioRpcError as e:

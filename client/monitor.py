@@ -45,6 +45,7 @@ from protos.cli import corolla_version, setup_logging, write_ready_file
 from protos.dht import JoinError, start_dht_node
 from protos.errors import InvalidInputError
 from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, validate_model_id
+from protos.relay import RelayDialer
 from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 from protos.swarm import MAX_ENTRIES_PER_KEY, MAX_NUM_BLOCKS, Latest, read_records
 from protos.swarm_key import SwarmKey
@@ -218,6 +219,7 @@ class SwarmWatch:
         swarm_key = SwarmKey.load(client.swarm_key) if client.swarm_key is not None else None
         size = client.max_message_bytes
         self._secure = ChannelPool(max_message_bytes=size, swarm_key=swarm_key)
+        self._secure.relays = RelayDialer(node.p2p)  # peers nobody can dial are probed through their relays
         # plaintext peers (no certificate, `--insecure`): called only when asked, never in a private swarm
         plain = config.probe_plaintext and swarm_key is None
         self._plain = ChannelPool(max_message_bytes=size, insecure=True) if plain else None
@@ -311,7 +313,8 @@ class SwarmWatch:
         certificate = record.certificate.encode() if record.certificate is not None else None
         timeout = self.config.probe_timeout
         try:
-            stub = pool.stub(address, certificate)
+            relay = (peer_id, record.relay_maddrs) if record.relay_maddrs else None
+            stub = pool.stub(address, certificate, relay=relay)
             if (peer_id, address) not in self._warm:  # the first call also connects: not latency
                 await stub.Info(peer_pb2.InfoRequest(), timeout=timeout)
                 self._warm.add((peer_id, address))

@@ -169,9 +169,8 @@ class Recomputer:
         again in this session) or the reply is garbage (the peer is banned)."""
         dtype = self.wire_dtype if whole else torch.float32
         request = peer_pb2.ForwardRequest(start=start, end=end, hidden=to_message(hidden, dtype=dtype))
-        certificate = record.certificate.encode() if record.certificate is not None else None
         try:
-            stub = self.swarm.channels.stub(record.address, certificate)
+            stub = self.swarm.channels.record_stub(peer_id, record)
             reply = await stub.Forward(request, timeout=timeout)
         except (grpc.aio.AioRpcError, CorollaError) as e:  # down, busy, or not reachable safely
             reason = e.code().name if isinstance(e, grpc.aio.AioRpcError) else str(e)

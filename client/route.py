@@ -43,11 +43,17 @@ class Hop:
     start: int
     end: int
     certificate: bytes | None = None  # the TLS certificate its record announces (PEM); None: plaintext
+    relay_maddrs: tuple[str, ...] = ()  # its relays when nobody can dial `address` (`protos.relay`)
+
+    @property
+    def relay(self) -> tuple[str, tuple[str, ...]] | None:
+        """What `ChannelPool.stub` needs to reach a relayed peer; None for one dialed at its address."""
+        return (self.peer_id, self.relay_maddrs) if self.relay_maddrs else None
 
 
 def _hop(peer_id: str, record: PeerRecord, start: int, end: int) -> Hop:
     certificate = record.certificate.encode() if record.certificate is not None else None
-    return Hop(peer_id, record.address, start, end, certificate)
+    return Hop(peer_id, record.address, start, end, certificate, record.relay_maddrs)
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ class InferenceSession:
             )
 
     def _stream(self, hop: Hop, *, pushed: bool) -> HopStream:
-        stub = self.swarm.channels.stub(hop.address, hop.certificate)
+        stub = self.swarm.channels.stub(hop.address, hop.certificate, relay=hop.relay)
         return HopStream(hop, stub, self, pushed=pushed, max_message_bytes=self.config.max_message_bytes)
 
     def _open_request(self, stream: HopStream, next_streams: list[HopStream]) -> peer_pb2.OpenSession:

@@ -132,6 +132,7 @@ class HopStream:
             session_id=self.session_id,
             push_token=self.push_token,
             certificate=hop.certificate or b"",
+            relay_maddrs=hop.relay_maddrs,
         )
 
     async def close(self) -> None:

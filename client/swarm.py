@@ -9,13 +9,21 @@ import logging
 from hivemind.dht.node import DHTNode
 
 from client.config import ClientConfig
-from client.discovery import BanList, DhtDiscovery, Discovery, tls_peers_only, weights_filter
+from client.discovery import (
+    BanList,
+    DhtDiscovery,
+    Discovery,
+    direct_peers_only,
+    tls_peers_only,
+    weights_filter,
+)
 from client.finetune import RemoteSpans
 from client.route import PeerStats
 from client.runtime import Runtime
 from client.session import InferenceSession
 from protos.channels import ChannelPool
 from protos.dht import start_dht_node
+from protos.relay import RelayDialer
 from protos.swarm_key import SwarmKey
 from protos.tensors import WIRE_FORMAT_NAMES
 
@@ -45,6 +53,7 @@ class SwarmConnection:
         self.config = config
         # a TLS client routes only through peers it can authenticate, and whose weights it accepts
         discovery = discovery if config.insecure else tls_peers_only(discovery)
+        discovery = discovery if node is not None else direct_peers_only(discovery)
         self.discovery = weights_filter(discovery, config.quant)
         self.runtime = runtime
         self.wire_dtype = wire_dtype
@@ -54,6 +63,8 @@ class SwarmConnection:
             insecure=config.insecure,
             swarm_key=load_swarm_key(config),
         )
+        if node is not None:  # peers nobody can dial are reached through their relays (protos.relay)
+            self.channels.relays = RelayDialer(node.p2p)
         self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
         self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
         self.remote = RemoteSpans(self)

@@ -27,12 +27,18 @@ QUANT_HELP = (
     "such peers only when they pass quant='any' or 'int8')"
 )
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
+RELAY_HELP = (
+    "libp2p circuit relays: a public peer relays for peers nobody can dial (at most 16 circuits per peer, 30 "
+    "minutes and 4 GiB each), and a peer the swarm cannot dial back serves through the relays of its "
+    "--initial-peers; --no-relay does neither (an unreachable peer then stops with an error naming the fix)"
+)
 HOST_HELP = (
     "address to listen on; 127.0.0.1 by default: serving other machines (0.0.0.0) is an explicit choice"
 )
 IDENTITY_HELP = (
     "file holding the node's DHT private key, created if missing; keeps its id and multiaddress stable"
 )
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # every interface: the announced address is learnt from the swarm
 MIN_CLIENT_CALLS = 64  # the default per-client call cap never goes below this: one honest peer's burst
 LOG_FORMAT_HELP = "logs on stderr as text lines, or as one JSON object per line (for log collectors)"
 HEALTH_PORT_HELP = (
@@ -84,8 +90,9 @@ class PeerConfig(BaseModel):
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     announce_host: str | None = Field(
         default=None,
-        description="address other peers and clients use to reach this peer; default: --host, or 127.0.0.1 "
-        "when --host is 0.0.0.0 or :: (every interface; :: takes IPv4 and IPv6)",
+        description="address other peers and clients use to reach this peer; default: --host, or when --host "
+        "is 0.0.0.0 or :: (every interface; :: takes IPv4 and IPv6) the address the swarm sees this peer at. "
+        "Before going online the peer asks up to 5 swarm members to dial it back there",
     )
     dht_port: int = Field(
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
@@ -93,6 +100,7 @@ class PeerConfig(BaseModel):
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    relay: bool = Field(default=True, description=RELAY_HELP)
     insecure: bool = Field(
         default=False,
         description="serve plaintext gRPC instead of TLS (only for tests and trusted networks); clients then "
@@ -424,9 +432,8 @@ class PeerConfig(BaseModel):
             raise ValueError("give exactly one of --blocks START:END and --span-length K")
         if self.swarm_key is not None and self.insecure:
             raise ValueError("--swarm-key needs TLS: a private swarm's tokens never travel in plaintext")
-        if self.announce_host is None:
-            announce = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-            object.__setattr__(self, "announce_host", f"[{announce}]" if ":" in announce else announce)
+        if self.announce_host is None and self.host not in WILDCARD_HOSTS:  # a wildcard: learnt at start
+            object.__setattr__(self, "announce_host", f"[{self.host}]" if ":" in self.host else self.host)
         return self
 
     @model_validator(mode="after")
@@ -483,6 +490,11 @@ class DhtConfig(BaseModel):
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    relay: bool = Field(
+        default=True,
+        description="relay libp2p connections for peers nobody can dial (at most 16 circuits per peer, 30 "
+        "minutes and 4 GiB each); --no-relay opts out",
+    )
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description=HEALTH_PORT_HELP + " (SERVING once the node has started)"
     )

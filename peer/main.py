@@ -17,11 +17,11 @@ import grpc
 import torch
 from hivemind.dht.node import DHTNode
 
-from peer import throughput, wire
+from peer import reach, throughput, wire
 from peer.admission import CallGuard
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
-from peer.config import DhtConfig, PeerConfig
+from peer.config import WILDCARD_HOSTS, DhtConfig, PeerConfig
 from peer.devices import resolve_device, resolve_dtype
 from peer.metrics import PeerMetrics
 from peer.scheduler import Scheduler
@@ -36,6 +36,7 @@ from protos.health import HealthServer
 from protos.identity import Identity
 from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState
+from protos.relay import RelayDialer, RelayedServer, circuit_maddrs
 from protos.settings import parse_config
 from protos.swarm import read_records
 from protos.swarm_key import SwarmGuard, SwarmKey
@@ -176,6 +177,8 @@ class Peer:
         self.version = corolla_version()
         self.num_blocks = 0  # blocks in the whole model, known once its config is read
         self.address = ""
+        self.relay_maddrs: tuple[str, ...] = ()  # set when the swarm cannot dial this peer (peer.reach)
+        self._relayed: RelayedServer | None = None
         self.node: DHTNode | None = None
         self.announcer: Announcer | None = None
         self.service: PeerService | None = None
@@ -216,12 +219,16 @@ class Peer:
             identity=self.identity,
             nat_port_map=config.nat_port_map,
             swarm_key=self.swarm_key,
+            relay_service=config.relay,
         )
         if self.tls is None:
             port = self.server.add_insecure_port(config.bind_address)
         else:
             port = self.server.add_secure_port(config.bind_address, self.tls.server_credentials())
-        self.address = f"{config.announce_host}:{port}"
+        host = config.announce_host or reach.bracketed(
+            await reach.learn_host(self.node.p2p, config.initial_peers)
+        )
+        self.address = f"{host}:{port}"
         announcer = self.announcer = Announcer(
             self.node,
             model_id=config.model_id,
@@ -266,8 +273,10 @@ class Peer:
             swarm_key=self.swarm_key,
             metrics=self.metrics,
         )
+        self.service.channels.relays = RelayDialer(self.node.p2p)  # pushes to peers nobody can dial
         wire.add_to_server(self.service, self.server)
         await self.server.start()
+        await self._ensure_reachable(port)
         await announcer.announce(PeerState.ONLINE)
         if self.health is not None:
             await self.health.set_ready(True)
@@ -293,6 +302,37 @@ class Peer:
             )
             self._rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
 
+    async def _ensure_reachable(self, port: int) -> None:
+        """Ask the swarm to dial this peer back; when it cannot, serve through the initial peers' relays: the
+        DHT node restarts in client mode holding a reservation on each, and relayed gRPC connections arrive
+        as libp2p streams (`protos.relay`). Without relays, stop with the fix named (`peer.reach`)."""
+        config, node, service, announcer = self.config, self.node, *self._serving()
+        if node is None:
+            raise RuntimeError("the peer has not joined the DHT")
+        certificate = self.tls.certificate if self.tls is not None else None
+        result = await reach.check(node.p2p, self.address, certificate=certificate)
+        if result is None or result.reachable is not False:
+            return
+        relays = reach.relays_for(
+            config.initial_peers, relay=config.relay, address=self.address, result=result
+        )
+        await node.shutdown()  # one libp2p host per identity: the relayed node takes its place
+        self.node = announcer.node = await start_dht_node(
+            initial_peers=config.initial_peers,
+            host=config.host,
+            identity=self.identity,
+            swarm_key=self.swarm_key,
+            relays=relays,
+        )
+        if service.channels.relays is not None:
+            await service.channels.relays.close()
+        service.channels.relays = RelayDialer(self.node.p2p)
+        local_host = "127.0.0.1" if config.host in WILDCARD_HOSTS else config.host
+        self._relayed = RelayedServer(self.node.p2p, port, grpc_host=local_host)
+        await self._relayed.start()
+        self.relay_maddrs = circuit_maddrs(relays)
+        logger.warning("serving through relays address=%s relays=%d", self.address, len(relays))
+
     def make_record(self, state: PeerState, span: tuple[int, int]) -> PeerRecord:
         """This peer's announcement now: `span` is what it serves or, while it loads one, what it claimed."""
         config = self.config
@@ -315,6 +355,7 @@ class Peer:
             version=self.version,
             public_name=config.public_name,
             certificate=self.tls.certificate.decode() if self.tls is not None else None,
+            relay_maddrs=self.relay_maddrs,
         )
 
     async def move(self, target: tuple[int, int]) -> None:
@@ -378,6 +419,8 @@ class Peer:
             await self.service.close()
         if self.announcer is not None:
             await self.announcer.stop(final_state=PeerState.OFFLINE)
+        if self._relayed is not None:
+            await self._relayed.close()
         self.scheduler.shutdown()
         self.metrics.close()
         if self.config.ready_file is not None:
@@ -411,6 +454,7 @@ class Peer:
             "pid": os.getpid(),
             "certificate": self.tls.certificate.decode() if self.tls is not None else None,
             "metrics_port": self.metrics_port,
+            "relay_maddrs": list(self.relay_maddrs),
         }
         write_ready_file(self.config.ready_file, content)
 
@@ -443,6 +487,7 @@ async def run_dht(config: DhtConfig) -> None:
         identity=Identity.load_or_create(config.identity),
         nat_port_map=config.nat_port_map,
         swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
+        relay_service=config.relay,
     )
     health = None
     if config.health_port is not None:

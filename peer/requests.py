@@ -16,6 +16,7 @@ import torch
 from protos import peer_pb2
 from protos.errors import CorollaError, InvalidInputError, PeerLimitError
 from protos.records import validate_address
+from protos.relay import validate_relay_maddrs
 from protos.tensors import (
     HIDDEN_WIRE_DTYPES,
     INDEX_DTYPES,
@@ -179,6 +180,7 @@ def parse_hops(hops: Sequence[peer_pb2.Hop], *, end: int, num_blocks: int) -> tu
             )
         try:
             validate_address(hop.address)
+            validate_relay_maddrs(hop.relay_maddrs)
         except InvalidInputError as e:
             raise InvalidInputError(f"next hop: {e}") from None
         if not valid_session_id(hop.session_id):

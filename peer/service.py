@@ -29,6 +29,7 @@ from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.channels import ChannelPool
 from protos.errors import InvalidInputError
 from protos.records import PeerRecord
+from protos.relay import Unreachable
 from protos.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -314,12 +315,16 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 )
             started = time.perf_counter()
             self.metrics.pushed(pushed)
-            await self.channels.stub(hop.address, hop.certificate).Push(
+            relay = (hop.peer_id, tuple(hop.relay_maddrs)) if hop.relay_maddrs else None
+            await self.channels.stub(hop.address, hop.certificate, relay=relay).Push(
                 peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
             )
             self.step_times.add(push=time.perf_counter() - started)
         except RequestError as e:
             await session.reply(self._step_error(step.step_id, e, peer_id=hop.peer_id))
+        except Unreachable as e:  # a relayed next hop, and this peer has no libp2p node (in-process tests)
+            error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
+            await session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
         except grpc.aio.AioRpcError as e:
             logger.warning(
                 "push failed session=%s step=%d next=%r code=%s",

@@ -15,6 +15,8 @@ import grpc
 
 from protos import peer_pb2, peer_pb2_grpc, tls
 from protos.errors import CorollaError
+from protos.records import PeerRecord
+from protos.relay import RelayDialer, Unreachable
 from protos.swarm_key import METADATA_KEY, SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -34,7 +36,8 @@ class NoCertificate(CorollaError):
     """A secure pool was asked for a peer that announces no TLS certificate: it cannot be reached safely."""
 
 
-_Key = tuple[str, bytes]  # (address, certificate; empty in a plaintext pool)
+_Key = tuple[str, bytes]  # (address or "relay:PEER_ID", certificate; empty in a plaintext pool)
+Relay = tuple[str, tuple[str, ...]]  # (peer id, its relays' circuit multiaddresses): a peer nobody can dial
 _METHODS = tuple(peer_pb2.DESCRIPTOR.services_by_name["Peer"].methods_by_name)
 
 
@@ -71,17 +74,28 @@ class ChannelPool:
         self._channels: OrderedDict[_Key, grpc.aio.Channel] = OrderedDict()
         self._stubs: dict[_Key, peer_pb2_grpc.PeerStub] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.relays: RelayDialer | None = None  # set where the process has a libp2p node to reach relays
 
     def __len__(self) -> int:
         return len(self._channels)
 
-    def get(self, address: str, certificate: bytes | None = None) -> grpc.aio.Channel:
-        """The channel to `address`: plaintext in an insecure pool, else TLS trusting only `certificate`.
-        Calls made on it directly carry no swarm token: a private swarm's peers refuse them (use `stub`)."""
-        key = self._key(address, certificate)
+    def get(
+        self, address: str, certificate: bytes | None = None, *, relay: Relay | None = None
+    ) -> grpc.aio.Channel:
+        """The channel to `address`, or through `relay` to a peer nobody can dial (`protos.relay`):
+        plaintext in an insecure pool, else TLS trusting only `certificate`. Calls made on it directly carry
+        no swarm token: a private swarm's peers refuse them (use `stub`)."""
+        key = self._key(address, certificate, relay)
         channel = self._channels.get(key)
         if channel is None:
-            target = f"dns:///{address}"  # explicit: a host named like a resolver ("unix:") stays a host
+            if relay is not None:
+                if self.relays is None:
+                    raise Unreachable(
+                        f"peer {relay[0]} is reached through relays only, and this process has none"
+                    )
+                target = self.relays.target(*relay)
+            else:
+                target = f"dns:///{address}"  # explicit: a host named like a resolver ("unix:") stays a host
             if self.insecure:
                 channel = grpc.aio.insecure_channel(target, options=self._options)
             else:
@@ -94,10 +108,12 @@ class ChannelPool:
         self._channels.move_to_end(key)
         return channel
 
-    def stub(self, address: str, certificate: bytes | None = None) -> peer_pb2_grpc.PeerStub:
+    def stub(
+        self, address: str, certificate: bytes | None = None, *, relay: Relay | None = None
+    ) -> peer_pb2_grpc.PeerStub:
         """A `Peer` stub on the channel of `get` (cached with it)."""
-        channel = self.get(address, certificate)
-        key = self._key(address, certificate)
+        channel = self.get(address, certificate, relay=relay)
+        key = self._key(address, certificate, relay)
         stub = self._stubs.get(key)
         if stub is None:
             stub = self._stubs[key] = peer_pb2_grpc.PeerStub(channel)
@@ -107,7 +123,15 @@ class ChannelPool:
                     setattr(stub, method, _WithMetadata(getattr(stub, method), metadata))
         return stub
 
-    def _key(self, address: str, certificate: bytes | None) -> _Key:
+    def record_stub(self, peer_id: str, record: PeerRecord) -> peer_pb2_grpc.PeerStub:
+        """A `Peer` stub for the peer that announced `record` (under subkey `peer_id`)."""
+        certificate = record.certificate.encode() if record.certificate is not None else None
+        relay = (peer_id, record.relay_maddrs) if record.relay_maddrs else None
+        return self.stub(record.address, certificate, relay=relay)
+
+    def _key(self, address: str, certificate: bytes | None, relay: Relay | None = None) -> _Key:
+        if relay is not None:
+            address = f"relay:{relay[0]}"
         if self.insecure:
             return address, b""
         if not certificate:
@@ -129,3 +153,5 @@ class ChannelPool:
         for channel in channels:
             await channel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self.relays is not None:
+            await self.relays.close()

@@ -22,6 +22,7 @@ from hivemind.utils import timed_storage
 from protos.dht_storage import BoundedDHTProtocol
 from protos.errors import CorollaError
 from protos.identity import Identity, IdentityError
+from protos.relay import DialBack
 from protos.swarm_key import SwarmKey
 from protos.validation import SignedRecordValidator
 
@@ -61,6 +62,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _all_loopback(maddrs: Sequence[str]) -> bool:
+    """Whether every multiaddress names a loopback IP (`/ip4/127.../...`, `/ip6/::1/...`)."""
+    for maddr in maddrs:
+        parts = str(maddr).strip("/").split("/")
+        if len(parts) < 2 or parts[0] not in ("ip4", "ip6") or not is_loopback(parts[1]):
+            return False
+    return True
+
+
+def _p2p_class(extra_args: Sequence[str]) -> type[P2P]:
+    """hivemind's `P2P` with more p2pd flags than `P2P.create` takes (relay service, static relays only)."""
+    if not extra_args:
+        return P2P
+
+    class _P2P(P2P):
+        @staticmethod
+        def _make_process_args(*args: Any, **kwargs: Any) -> list[str]:
+            return [*P2P._make_process_args(*args, **kwargs), *extra_args]
+
+    return _P2P
+
+
 def host_maddr(host: str, port: int) -> str:
     version = "ip6" if ":" in host else "ip4"
     return f"/{version}/{host}/tcp/{port}"
@@ -77,6 +100,8 @@ async def start_dht_node(
     nat_port_map: bool | None = None,
     swarm_key: SwarmKey | None = None,
     ensure_bootstrap_success: bool = True,
+    relay_service: bool = True,
+    relays: Sequence[str] = (),
 ) -> DHTNode:
     """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
     swarm's record rules (`protos.validation`) on what it stores and reads.
@@ -88,10 +113,18 @@ async def start_dht_node(
     through `initial_peers` of another swarm, or of the public one, fails (`JoinError` unless
     `ensure_bootstrap_success` is False: then the node starts alone). Port mapping (UPnP/NAT-PMP) sends
     packets beyond loopback, so it is off for loopback hosts unless asked.
+
+    Relays (libp2p circuit relay v2, `protos.relay`): a node off loopback relays for others (at most 16
+    circuits per peer, 30 minutes and 4 GiB per circuit: p2pd's limits) unless `relay_service` is False. A
+    node that nobody can dial passes `relays` (multiaddresses of public nodes): it reserves a slot on each at
+    once and can then be reached through them; it runs in client mode. A server node answers dial-back
+    probes (`protos.relay.DialBack`).
     """
     loopback = is_loopback(host)
     if nat_port_map is None:
         nat_port_map = not loopback
+    if relays:
+        client_mode = True
     if identity is None and not client_mode:
         identity = Identity.load_or_create(identity_path)
     options: dict[str, Any] = {
@@ -102,12 +135,18 @@ async def start_dht_node(
         "identity_path": str(identity.path) if identity is not None else None,
         "check_if_identity_free": False,
     }
-    if loopback:
+    extra_args = []
+    if loopback and _all_loopback(initial_peers):
         options.update(auto_nat=False, use_relay=False)
+    elif not relay_service or relays or client_mode:
+        extra_args.append("-relayService=0")
+    if relays:  # reserve on these relays at once, not after p2pd's 3-minute wait for 4 candidates
+        options.update(use_auto_relay=True, force_reachability="private", trusted_relays=list(relays))
+        extra_args.append("-relayDiscovery=0")
     if client_mode:
         options.update(dht_mode="client")
     # started here, not by DHTNode.create: a node that fails to bootstrap would leave its p2pd running
-    p2p = await P2P.create(**options)
+    p2p = await _p2p_class(extra_args).create(**options)
     try:
         node = await DHTNode.create(
             p2p=p2p,
@@ -130,6 +169,8 @@ async def start_dht_node(
             f"with another key: this node has {swarm})"
         ) from None
     node._should_shutdown_p2p = True  # the node owns its p2pd, as when DHTNode.create starts it
+    if not client_mode:
+        await DialBack(p2p).start()
     if identity is not None and node.peer_id.to_base58() != identity.peer_id:
         await node.shutdown()
         raise IdentityError(f"p2pd did not take the identity in {identity.path}")

@@ -25,7 +25,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., block: _Optional[int] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ...) -> None: ...
 
 class Hop(_message.Message):
-    __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token", "certificate")
+    __slots__ = ("peer_id", "address", "start", "end", "session_id", "push_token", "certificate", "relay_maddrs")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Hop(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    RELAY_MADDRS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     start: int
@@ -40,7 +41,8 @@ class Hop(_message.Message):
     session_id: str
     push_token: bytes
     certificate: bytes
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
+    relay_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., relay_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
     __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs", "push_token")

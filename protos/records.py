@@ -34,6 +34,8 @@ MAX_ADAPTERS = 16
 MAX_PUBLIC_NAME_CHARS = 64
 MAX_CERTIFICATE_CHARS = 4096  # a TLS certificate in PEM (a peer's takes about 720)
 MAX_ADDRESS_CHARS = 260  # a 253-character DNS name, ":" and a port
+MAX_RELAYS = 4  # relays a relayed peer announces
+MAX_RELAY_MADDR_CHARS = 256  # one relay's multiaddress with /p2p/ID/p2p-circuit
 
 _MODEL_ID = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_ID_CHARS}}}")
 _HOST = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
@@ -117,6 +119,23 @@ class PeerRecord(BaseModel):
         default=None,
         max_length=MAX_CERTIFICATE_CHARS,
         description="the TLS certificate (PEM) the peer serves with, bound to its peer id; None: plaintext",
+    )
+    relay_maddrs: Annotated[
+        tuple[
+            Annotated[
+                StrictStr,
+                Field(
+                    min_length=1, max_length=MAX_RELAY_MADDR_CHARS, pattern=r"^/[A-Za-z0-9./_-]+/p2p-circuit$"
+                ),
+            ],
+            ...,
+        ],
+        Strict(False),
+    ] = Field(
+        default=(),
+        max_length=MAX_RELAYS,
+        description="relays through which callers reach this peer (libp2p circuit addresses; its peer id is "
+        "the record's subkey); empty: dial `address` directly",
     )
     pings: dict[
         Annotated[str, Field(min_length=1, max_length=128, pattern=_TOKEN_PATTERN)], _NonNegativeFinite

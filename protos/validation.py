@@ -7,8 +7,8 @@ Every key of a corolla swarm holds a dictionary whose subkeys are peer ids. An e
     - it expires within `MAX_RECORD_TTL` seconds, plus `CLOCK_SKEW_MARGIN` for a writer whose clock is ahead
       of this node's: nobody can squat a key for a year, and a reader a few seconds behind still sees a
       record written for the longest lifetime;
-    - its signed value is at most `MAX_VALUE_BYTES` (the largest valid `PeerRecord`, 32 pings, 16 adapters and
-      a 4096-character certificate, signs to 11,631 bytes);
+    - its signed value is at most `MAX_VALUE_BYTES` (the largest valid `PeerRecord`, 32 pings, 16 adapters,
+      4 relays and a 4096-character certificate, signs to 12,681 bytes);
     - its value follows the schema of its key: a model index entry (`{"model_id", "num_blocks"}`, what
       `peer.announce` writes) under `MODEL_INDEX_KEY`, a `PeerRecord` under any other key. Nodes see only the
       hash of a key, so the index key is recognised by its hash and every other key is taken for a block key
@@ -46,7 +46,7 @@ SIGNATURE_BYTES = 64
 _TAIL = len(SIGNATURE_MAGIC) + SIGNATURE_BYTES
 LOG_PERIOD = 60.0  # seconds between two log lines for the same kind of refusal
 CLOCK_SKEW_MARGIN = 10.0  # seconds a writer's clock may run ahead of a replica's or a reader's
-MAX_VALUE_BYTES = 16 * 1024  # a signed value: the largest valid PeerRecord signs to 11,631 bytes
+MAX_VALUE_BYTES = 16 * 1024  # a signed value: the largest valid PeerRecord signs to 12,681 bytes
 MAX_NUM_BLOCKS = 4096  # the largest model index entry's block count (and the keys a reader reads for it)
 INDEX_KEY_ID = DHTID.generate(MODEL_INDEX_KEY).to_bytes()  # what validators see of MODEL_INDEX_KEY
 

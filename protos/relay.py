@@ -1,0 +1,429 @@
+"""Reaching peers that nobody can dial: gRPC carried over hivemind's libp2p streams (circuit relay v2 through
+public peers), and the dial-back probe that tells a peer whether the swarm can reach its announced address.
+
+A relayed peer speaks the same gRPC messages with the same TLS check: only how the bytes travel changes.
+
+    caller's channel ─▶ unix socket (RelayDialer) ─▶ p2pd ─▶ relay ─▶ p2pd ─▶ RelayedServer ─▶ its gRPC port
+
+Knows nothing of sessions, records or routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
+from hivemind.utils.multiaddr import Multiaddr
+
+from protos import tls
+from protos.errors import CorollaError, InvalidInputError
+from protos.records import MAX_RELAY_MADDR_CHARS, MAX_RELAYS, validate_address
+
+logger = logging.getLogger(__name__)
+
+GRPC_PROTOCOL = "/corolla/grpc/1"  # a libp2p stream of this protocol is a byte pipe to the peer's gRPC port
+DIALBACK_PROTOCOL = "/corolla/dialback/1"
+CHUNK_BYTES = 1 << 16
+MAX_PIPES = 256  # relayed connections a peer serves at once (each one caller's gRPC connection)
+MAX_RELAYED_PEERS = 64  # relayed peers a process keeps a local socket for
+CONNECT_TIMEOUT = 10.0  # seconds to reach a relayed peer through its relay (a relay's first dial is slow)
+MAX_PROBERS = 5  # swarm members asked to dial a peer back
+PROBE_TIMEOUT = 3.0  # seconds a prober spends on one dial-back (TLS handshake included)
+MAX_DIALBACK_BYTES = 8192  # a request: an address and a certificate (about 720 bytes)
+MAX_CONCURRENT_PROBES = 4  # dial-backs one node runs at once, for everyone
+_P2P_CODE = bytes([0xA5, 0x03])  # multiaddr code 421 (p2p) as a varint
+_CIRCUIT_CODE = bytes([0xA2, 0x02])  # multiaddr code 290 (p2p-circuit) as a varint
+
+
+class Unreachable(CorollaError):
+    """The peer can be reached only through a relay, and this process has no libp2p node to use one."""
+
+
+def encode_multiaddr(text: str) -> Multiaddr:
+    """`text` as a multiaddress whose /p2p/ parts are plain multihashes. hivemind's `Multiaddr("/p2p/...")`
+    writes an Ed25519 peer id as a CID, which p2pd cannot read ("length greater than remaining number of
+    bytes in buffer"), so relay addresses are built here part by part."""
+    if len(text) > MAX_RELAY_MADDR_CHARS or not text.startswith("/"):
+        raise InvalidInputError(f"not a multiaddress of at most {MAX_RELAY_MADDR_CHARS} characters: {text!r}")
+    encoded = b""
+    plain: list[str] = []
+    parts = text.strip("/").split("/")
+    index = 0
+    try:
+        while index < len(parts):
+            name = parts[index]
+            if name == "p2p" and index + 1 < len(parts):
+                if plain:
+                    encoded += Multiaddr("/" + "/".join(plain)).to_bytes()
+                    plain = []
+                digest = PeerID.from_base58(parts[index + 1]).to_bytes()
+                encoded += _P2P_CODE + _varint(len(digest)) + digest
+                index += 2
+            elif name == "p2p-circuit":
+                if plain:
+                    encoded += Multiaddr("/" + "/".join(plain)).to_bytes()
+                    plain = []
+                encoded += _CIRCUIT_CODE
+                index += 1
+            else:
+                plain.append(name)
+                index += 1
+        if plain:
+            encoded += Multiaddr("/" + "/".join(plain)).to_bytes()
+        return Multiaddr(encoded)
+    except Exception as e:  # the multiaddr library raises many types on bad input
+        raise InvalidInputError(f"not a multiaddress: {text!r} ({e})") from None
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def validate_relay_maddrs(maddrs: Sequence[str]) -> tuple[str, ...]:
+    """Relay addresses as a record or a hop carries them: at most `MAX_RELAYS`, each a multiaddress of a
+    relay ending in /p2p-circuit; `InvalidInputError` otherwise."""
+    if len(maddrs) > MAX_RELAYS:
+        raise InvalidInputError(f"at most {MAX_RELAYS} relay addresses, got {len(maddrs)}")
+    for maddr in maddrs:
+        if not isinstance(maddr, str) or not maddr.endswith("/p2p-circuit") or "/p2p/" not in maddr:
+            raise InvalidInputError(
+                f"relay address {maddr!r} is not RELAY_MULTIADDR/p2p/RELAY_ID/p2p-circuit"
+            )
+        encode_multiaddr(maddr)
+    return tuple(maddrs)
+
+
+def circuit_maddrs(relays: Sequence[str]) -> tuple[str, ...]:
+    """The addresses through which callers reach a peer holding reservations on `relays` (multiaddresses
+    with /p2p/RELAY_ID): each relay's address followed by /p2p-circuit."""
+    return tuple(f"{relay.rstrip('/')}/p2p-circuit" for relay in relays[:MAX_RELAYS])
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK_BYTES):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _splice(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter], b: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+) -> None:
+    """Move bytes both ways until either side ends; then both are closed."""
+    await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
+
+
+def loopback_source(peer_id: str) -> str:
+    """A 127.x.y.z address for the caller `peer_id`: the peer's gRPC server counts calls and sessions per
+    client address, and every relayed caller would otherwise be 127.0.0.1."""
+    digest = hashlib.sha256(peer_id.encode()).digest()
+    return f"127.{digest[0]}.{digest[1]}.{1 + digest[2] % 254}"
+
+
+class RelayedServer:
+    """The relayed peer's side: each libp2p stream of `GRPC_PROTOCOL` becomes a TCP connection to the local
+    gRPC port (from a loopback address of its own per caller). At most `max_pipes` at once."""
+
+    def __init__(self, p2p: P2P, grpc_port: int, *, grpc_host: str = "127.0.0.1", max_pipes: int = MAX_PIPES):
+        self.p2p = p2p
+        self.grpc_host = grpc_host
+        self.grpc_port = grpc_port
+        self.max_pipes = max_pipes
+        self._pipes: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(GRPC_PROTOCOL, self._handle)
+
+    async def _handle(
+        self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if len(self._pipes) >= self.max_pipes or task is None:
+            logger.warning(
+                "relayed connection refused caller=%s reason=full pipes=%d", info.peer_id, len(self._pipes)
+            )
+            writer.close()
+            return
+        self._pipes.add(task)
+        try:
+            local = ipaddress.ip_address(self.grpc_host).is_loopback
+            source = (loopback_source(info.peer_id.to_base58()), 0) if local else None
+            try:
+                upstream = await asyncio.wait_for(
+                    asyncio.open_connection(self.grpc_host, self.grpc_port, local_addr=source),
+                    CONNECT_TIMEOUT,
+                )
+            except (OSError, TimeoutError) as e:
+                logger.warning("relayed connection failed caller=%s reason=%r", info.peer_id, e)
+                writer.close()
+                return
+            await _splice((reader, writer), upstream)
+        finally:
+            self._pipes.discard(task)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):  # the daemon may be gone already
+            await self.p2p.remove_binary_stream_handler(GRPC_PROTOCOL)
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+@dataclass
+class _Relayed:
+    peer_id: str
+    maddrs: tuple[str, ...]
+    path: Path
+    server: asyncio.AbstractServer | None = None
+
+
+class RelayDialer:
+    """The caller's side: one unix socket per relayed peer (in a private folder), each accepted connection
+    piped into a libp2p stream to that peer through one of its relays. A gRPC channel to `path()` then does
+    the TLS handshake with the peer itself, end to end. The least recently used of `max_peers` is closed."""
+
+    def __init__(self, p2p: P2P, *, max_peers: int = MAX_RELAYED_PEERS) -> None:
+        self.p2p = p2p
+        self.max_peers = max_peers
+        self._folder = tempfile.TemporaryDirectory(prefix="corolla-relay-")  # mode 0700: only this user
+        self._peers: collections.OrderedDict[str, _Relayed] = collections.OrderedDict()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def target(self, peer_id: str, maddrs: Sequence[str]) -> str:
+        """The gRPC target (`unix:PATH`) that reaches `peer_id` through the relays `maddrs`."""
+        entry = self._peers.get(peer_id)
+        maddrs = tuple(maddrs)
+        if entry is None:
+            name = hashlib.sha256(peer_id.encode()).hexdigest()[:24]
+            entry = self._peers[peer_id] = _Relayed(peer_id, maddrs, Path(self._folder.name) / f"{name}.sock")
+            self._spawn(self._listen(entry))
+            while len(self._peers) > self.max_peers:
+                _, evicted = self._peers.popitem(last=False)
+                if evicted.server is not None:
+                    evicted.server.close()
+        entry.maddrs = maddrs  # the latest record's relays
+        self._peers.move_to_end(peer_id)
+        return f"unix:{entry.path}"
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _listen(self, entry: _Relayed) -> None:
+        entry.path.unlink(missing_ok=True)
+        entry.server = await asyncio.start_unix_server(
+            lambda reader, writer: self._accept(entry, reader, writer), path=str(entry.path)
+        )
+
+    async def _accept(
+        self, entry: _Relayed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = PeerID.from_base58(entry.peer_id)
+        try:
+            stream = await asyncio.wait_for(self._open(peer, entry.maddrs), CONNECT_TIMEOUT)
+        except Exception as e:  # p2pd reports failures as several types; the gRPC call fails as UNAVAILABLE
+            logger.warning("relay dial failed peer=%s reason=%r", entry.peer_id, e)
+            writer.close()
+            return
+        await _splice((reader, writer), stream)
+
+    async def _open(
+        self, peer: PeerID, maddrs: tuple[str, ...]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        with contextlib.suppress(Exception):  # already connected, or a relay is down: the stream open says
+            await self.p2p._client.connect(peer, [encode_multiaddr(maddr) for maddr in maddrs])
+        _, reader, writer = await self.p2p.call_binary_stream_handler(peer, GRPC_PROTOCOL)
+        return reader, writer
+
+    async def close(self) -> None:
+        for entry in self._peers.values():
+            if entry.server is not None:
+                entry.server.close()
+        self._peers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._folder.cleanup()
+
+
+# ---- dial-back: can the swarm reach this address? ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reachability:
+    """What the probers said: how many answered, how many reached the address, what they saw of us."""
+
+    asked: int
+    answered: int
+    reached: int
+    observed_hosts: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+
+    @property
+    def reachable(self) -> bool | None:
+        """True when at least half of the probers that answered reached the address; None: none answered."""
+        if self.answered == 0:
+            return None
+        return 2 * self.reached >= self.answered
+
+
+def _host_of(maddr: Multiaddr) -> str | None:
+    text = str(maddr)
+    parts = text.strip("/").split("/")
+    if "p2p-circuit" in parts or len(parts) < 2 or parts[0] not in ("ip4", "ip6"):
+        return None
+    return parts[1]
+
+
+class DialBack:
+    """A node's answer to `check_reachability`: it dials the address a peer names, with TLS pinned to the
+    certificate that peer's libp2p key (the stream's authenticated sender) vouched for, and reports whether
+    the handshake succeeded and which host it saw the request come from. Bounded: one probe per sender at
+    a time, `MAX_CONCURRENT_PROBES` in all, `PROBE_TIMEOUT` each; loopback targets only from loopback."""
+
+    def __init__(self, p2p: P2P, *, timeout: float = PROBE_TIMEOUT) -> None:
+        self.p2p = p2p
+        self.timeout = timeout
+        self._busy: set[str] = set()
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(DIALBACK_PROTOCOL, self._handle)
+
+    async def _handle(
+        self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        sender = info.peer_id.to_base58()
+        observed = _host_of(info.addr)
+        try:
+            if sender in self._busy:
+                reply: dict[str, Any] = {"error": "a probe for this sender is under way"}
+            else:
+                self._busy.add(sender)
+                try:
+                    line = await asyncio.wait_for(reader.readline(), self.timeout)
+                    reply = await self._probe(sender, observed, line)
+                finally:
+                    self._busy.discard(sender)
+            reply["observed"] = observed
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except (TimeoutError, ConnectionError, OSError, ValueError) as e:  # ValueError: line over the limit
+            logger.debug("dial-back request dropped sender=%s reason=%r", sender, e)
+        finally:
+            writer.close()
+
+    async def _probe(self, sender: str, observed: str | None, line: bytes) -> dict[str, Any]:
+        if len(line) > MAX_DIALBACK_BYTES:
+            return {"error": "request too large"}
+        try:
+            request = json.loads(line)
+            if request.get("address") is None:  # only asks which host we see it at
+                return {}
+            address = validate_address(str(request["address"]))
+            certificate = request.get("certificate")
+        except (ValueError, KeyError, TypeError, InvalidInputError) as e:
+            return {"error": f"bad request: {e}"}
+        host = address.rpartition(":")[0].strip("[]")
+        if _is_loopback(host) and not (observed is not None and _is_loopback(observed)):
+            return {"error": "loopback addresses are probed for loopback senders only"}
+        if certificate is not None and not (
+            isinstance(certificate, str) and tls.binds(certificate.encode(), sender)
+        ):
+            return {"error": "the certificate is not the sender's"}
+        async with self._slots:
+            reached, error = await _handshake(address, certificate, self.timeout)
+        return {"reached": reached, "error": error}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _handshake(address: str, certificate: str | None, timeout: float) -> tuple[bool, str]:
+    """Whether a gRPC channel to `address` becomes ready (TLS pinned to `certificate`; a TCP connect for a
+    plaintext peer) within `timeout`; no call is made."""
+    target = f"dns:///{address}"
+    if certificate is None:
+        channel = grpc.aio.insecure_channel(target)
+    else:
+        credentials = tls.channel_credentials(certificate.encode())
+        channel = grpc.aio.secure_channel(target, credentials, options=tls.channel_options())
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+        return True, ""
+    except TimeoutError:
+        return False, f"no handshake within {timeout:g}s"
+    finally:
+        await channel.close(grace=None)
+
+
+async def check_reachability(
+    p2p: P2P,
+    address: str | None,
+    *,
+    certificate: bytes | None,
+    max_probers: int = MAX_PROBERS,
+    timeout: float = PROBE_TIMEOUT,
+) -> Reachability:
+    """Ask up to `max_probers` connected swarm members to dial `address` back (None: only say which host they
+    see us at). Probers are picked at random among the libp2p peers this node is connected to."""
+    own = p2p.peer_id
+    peers = [info.peer_id for info in await p2p.list_peers() if info.peer_id != own]
+    probers = random.sample(peers, min(max_probers, len(peers)))
+    request = {"address": address, "certificate": certificate.decode() if certificate else None}
+    answers = await asyncio.gather(*(_ask(p2p, peer, request, timeout + 2.0) for peer in probers))
+    replies = [answer for answer in answers if isinstance(answer, dict)]
+    return Reachability(
+        asked=len(probers),
+        answered=sum(1 for reply in replies if "reached" in reply),
+        reached=sum(1 for reply in replies if reply.get("reached") is True),
+        observed_hosts=tuple(
+            str(reply["observed"]) for reply in replies if isinstance(reply.get("observed"), str)
+        ),
+        errors=tuple(str(reply["error"])[:200] for reply in replies if reply.get("error")),
+    )
+
+
+async def _ask(p2p: P2P, peer: PeerID, request: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    try:
+        async with asyncio.timeout(timeout):
+            _, reader, writer = await p2p.call_binary_stream_handler(peer, DIALBACK_PROTOCOL)
+            try:
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+            finally:
+                writer.close()
+        reply = json.loads(line[:MAX_DIALBACK_BYTES])
+        return reply if isinstance(reply, dict) else None
+    except Exception as e:  # an old node without the handler, a dead one, a garbled answer: no answer
+        logger.debug("dial-back ask failed prober=%s reason=%r", peer, e)
+        return None
