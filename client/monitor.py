@@ -219,7 +219,8 @@ class SwarmWatch:
         swarm_key = SwarmKey.load(client.swarm_key) if client.swarm_key is not None else None
         size = client.max_message_bytes
         self._secure = ChannelPool(max_message_bytes=size, swarm_key=swarm_key)
-        self._secure.relays = RelayDialer(node.p2p)  # peers nobody can dial are probed through their relays
+        if isinstance(node, DHTNode):  # peers nobody can dial are probed through their relays
+            self._secure.relays = RelayDialer(node.p2p)
         # plaintext peers (no certificate, `--insecure`): called only when asked, never in a private swarm
         plain = config.probe_plaintext and swarm_key is None
         self._plain = ChannelPool(max_message_bytes=size, insecure=True) if plain else None

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,7 +28,7 @@ import torch
 from client.checks import agrees, result_problem, spot_check_agrees
 from client.deadlines import HopDeadlines, Waiting
 from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id, status_code
-from client.route import Hop, Needs, plan_inference_route
+from client.route import Hop, Needs, plan_inference_route, usable_peers
 from client.streams import HopStream
 from client.verify import SpotChecker, WrongOutput
 from protos import peer_pb2
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from client.swarm import SwarmConnection
 
 logger = logging.getLogger(__name__)
+
+RELAY_RECONNECT_PERIOD = 60.0  # seconds: a relayed hop that drops again sooner is failed over as any hop
 
 
 @dataclass
@@ -89,6 +92,7 @@ class InferenceSession:
         self._restart_from = 0  # the first block of hops opened since the step in flight was sent
         self._deadlines = HopDeadlines(swarm)
         self._avoided: set[str] = set()  # peers that cannot take this session (full, limits too small)
+        self._reconnected: dict[str, float] = {}  # relayed peer -> when its hop last reconnected
         self.spot_checks = SpotChecker(swarm)  # `verify_every`; counts in `spot_checks.stats`
         self._lock = asyncio.Lock()
 
@@ -134,24 +138,29 @@ class InferenceSession:
         retries = Retries(self.config, self.swarm.bans, what="step")
         retries.avoided = self._avoided  # what this session learnt stays learnt for its later steps
         recovering: PeerFailure | None = None
+        lost: PeerFailure | None = None  # the failure whose repair failed: the whole route is rebuilt for it
         while True:
             try:
                 if recovering is not None:
                     await self._recover(recovering)
                 elif not self.streams:
                     self.batch_size = batch_size
-                    await self._replace(0, 0, None, refresh=bool(retries.failures))
-                recovering = None
+                    await self._replace(0, 0, lost, refresh=bool(retries.failures))
+                recovering = lost = None
                 output = await self._run(log)
                 if check:  # a hop found wrong raises WrongOutput: replaced like a failed one, the step redone
                     await self.spot_checks.check(log, self.history, self.route, needs=self._needs())
                 return output
             except SwarmError as error:
                 await self._reset()
-                recovering = None
+                recovering = lost = None
                 await retries.failed(error)
             except PeerFailure as failure:
                 self._failed_at = time.perf_counter()
+                if recovering is None and self._reconnects(failure):
+                    self.num_failovers += 1
+                    recovering = failure
+                    continue
                 try:
                     await retries.failed(failure)
                 except SwarmError:
@@ -160,9 +169,23 @@ class InferenceSession:
                 self.num_failovers += 1
                 if recovering is not None:  # the repair itself failed: rebuild the whole route next
                     await self._reset()
-                    recovering = None
+                    lost, recovering = recovering, None
                 else:
                     recovering = failure
+
+    def _reconnects(self, failure: PeerFailure) -> bool:
+        """Whether `failure` is a relayed hop's connection that dropped (a relay resets its circuits past its
+        limits, by default after 30 minutes): its hop is reopened on the same peer through its relays and
+        replayed, without a ban, at most once per `RELAY_RECONNECT_PERIOD` for each peer."""
+        hop = next((s.hop for s in self.streams if s.hop.peer_id == failure.peer_id), None)
+        if hop is None or not hop.relay_maddrs or failure.code is not grpc.StatusCode.UNAVAILABLE:
+            return False
+        now = time.monotonic()
+        if now - self._reconnected.get(hop.peer_id, -math.inf) < RELAY_RECONNECT_PERIOD:
+            return False
+        self._reconnected[hop.peer_id] = now
+        logger.warning("relayed hop dropped peer=%s: reconnecting through its relays", short_id(hop.peer_id))
+        return True
 
     async def _reset(self) -> None:
         streams, self.streams = self.streams, []
@@ -189,19 +212,28 @@ class InferenceSession:
 
     async def _plan(self, start: int, end: int | None, banned: frozenset[str], *, refresh: bool) -> list[Hop]:
         """Hops over [start, end) from the view; peers announcing too little free cache are used only when
-        no route avoids them (the announcement may be old; a full peer answers RESOURCE_EXHAUSTED)."""
+        no route avoids them (the announcement may be old; a full peer answers RESOURCE_EXHAUSTED). Routes
+        weigh each link's delay: the client's round trips to the usable peers are measured first (waiting
+        only for first calls to peers, at most `client.latency.MAX_WAIT`), and a repair's ends link to the
+        hops that stay (the hop pushing into it, the hop it pushes to) instead of the client."""
         needs = self._needs()
-        measured = self.swarm.stats.block_times()
         view = await self.swarm.discovery.view(refresh=refresh)
+        usable = usable_peers(view, banned=banned)
+        stop = view.num_blocks if end is None else end
+        ends = [p for p, r in usable.items() if r.start <= start < r.end or r.start < stop <= r.end]
+        await self.swarm.latency.measure(usable, first=ends)
         plan = functools.partial(  # the Sybil limits: a median per address prefix, a share of the route
             plan_inference_route,
             view,
             start=start,
             end=end,
             banned=banned,
-            block_time=measured,
+            rtt=self.swarm.latency.rtts(),
+            block_time=self.swarm.stats.block_times(),
             median_cap=True,
             max_prefix_share=self.config.max_prefix_share,
+            previous_hop=next((s.hop.peer_id for s in self.streams if s.hop.end == start), None),
+            next_hop=next((s.hop.peer_id for s in self.streams if s.hop.start == end), None),
         )
         try:
             hops = plan(needs=needs)

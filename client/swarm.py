@@ -18,6 +18,7 @@ from client.discovery import (
     weights_filter,
 )
 from client.finetune import RemoteSpans
+from client.latency import Latency
 from client.route import PeerStats
 from client.runtime import Runtime
 from client.session import InferenceSession
@@ -67,6 +68,7 @@ class SwarmConnection:
             self.channels.relays = RelayDialer(node.p2p)
         self.bans = BanList(config.ban_timeout, config.ban_backoff, config.max_ban_timeout)
         self.stats = PeerStats()  # what this client measured of each peer, shared by its sessions
+        self.latency = Latency(self.channels, self.stats)  # its round trips to peers, for planning
         self.remote = RemoteSpans(self)
         self.closed = False
 
@@ -116,6 +118,7 @@ class SwarmConnection:
         self.closed = True
 
         async def close() -> None:
+            await self.latency.close()
             await self.channels.close()
             await self.discovery.close()
             if self.node is not None:

@@ -28,9 +28,14 @@ QUANT_HELP = (
 )
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
 RELAY_HELP = (
-    "libp2p circuit relays: a public peer relays for peers nobody can dial (at most 16 circuits per peer, 30 "
-    "minutes and 4 GiB each), and a peer the swarm cannot dial back serves through the relays of its "
-    "--initial-peers; --no-relay does neither (an unreachable peer then stops with an error naming the fix)"
+    "libp2p circuit relays: a public peer relays for peers nobody can dial (at most 16 circuits per peer, "
+    "--relay-time-limit and 4 GiB each), and a peer the swarm cannot dial back serves through the relays "
+    "of its --initial-peers; --no-relay does neither (an unreachable peer then stops with an error naming "
+    "the fix)"
+)
+RELAY_TIME_LIMIT_HELP = (
+    "seconds one relayed connection through this node may last before the relay resets it (callers then "
+    "reconnect and replay their sessions exactly)"
 )
 HOST_HELP = (
     "address to listen on; 127.0.0.1 by default: serving other machines (0.0.0.0) is an explicit choice"
@@ -99,8 +104,14 @@ class PeerConfig(BaseModel):
     )
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
-    nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
+    nat_port_map: bool = Field(
+        default=False,
+        description="ask the home router for port mappings: the DHT port (UPnP/NAT-PMP) and the gRPC port "
+        "(NAT-PMP), whose mapping is then the announced address unless --announce-host is given; off unless "
+        "asked",
+    )
     relay: bool = Field(default=True, description=RELAY_HELP)
+    relay_time_limit: float = Field(default=1800.0, ge=1.0, le=86400.0, description=RELAY_TIME_LIMIT_HELP)
     insecure: bool = Field(
         default=False,
         description="serve plaintext gRPC instead of TLS (only for tests and trusted networks); clients then "
@@ -344,6 +355,14 @@ class PeerConfig(BaseModel):
         description="with --span-length: move only when it raises the swarm's bottleneck throughput by more "
         "than this fraction (or serves blocks nobody serves); guards against flapping",
     )
+    ping_period: float = Field(
+        default=30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="seconds between measuring round trips to the peers that may come next on a route (up to "
+        "32, those serving the blocks after this span first); the record announces them so that clients "
+        "can weigh each link of a chain",
+    )
     cache_dir: Path | None = Field(
         default=None,
         description="where the throughput measurement is cached; default: $COROLLA_CACHE_DIR or "
@@ -492,9 +511,10 @@ class DhtConfig(BaseModel):
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     relay: bool = Field(
         default=True,
-        description="relay libp2p connections for peers nobody can dial (at most 16 circuits per peer, 30 "
-        "minutes and 4 GiB each); --no-relay opts out",
+        description="relay libp2p connections for peers nobody can dial (at most 16 circuits per peer, "
+        "--relay-time-limit and 4 GiB each); --no-relay opts out",
     )
+    relay_time_limit: float = Field(default=1800.0, ge=1.0, le=86400.0, description=RELAY_TIME_LIMIT_HELP)
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description=HEALTH_PORT_HELP + " (SERVING once the node has started)"
     )

@@ -24,13 +24,15 @@ from peer.blocks import HostedSpan, count_blocks
 from peer.config import WILDCARD_HOSTS, DhtConfig, PeerConfig
 from peer.devices import resolve_device, resolve_dtype
 from peer.metrics import PeerMetrics
+from peer.pings import Pinger
+from peer.portmap import PortMapper
 from peer.scheduler import Scheduler
 from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
-from protos.dht import start_dht_node, visible_maddrs
+from protos.dht import is_loopback, start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.health import HealthServer
 from protos.identity import Identity
@@ -179,10 +181,13 @@ class Peer:
         self.address = ""
         self.relay_maddrs: tuple[str, ...] = ()  # set when the swarm cannot dial this peer (peer.reach)
         self._relayed: RelayedServer | None = None
+        self.port_mapper: PortMapper | None = None  # --nat-port-map's mapping of the gRPC port
         self.node: DHTNode | None = None
         self.announcer: Announcer | None = None
         self.service: PeerService | None = None
         self._rebalancing: asyncio.Task[None] | None = None
+        self.pinger: Pinger | None = None  # round trips to likely next hops, once ONLINE
+        self._pinging: asyncio.Task[None] | None = None
 
     @property
     def peer_id(self) -> str:
@@ -220,15 +225,13 @@ class Peer:
             nat_port_map=config.nat_port_map,
             swarm_key=self.swarm_key,
             relay_service=config.relay,
+            relay_time_limit=config.relay_time_limit,
         )
         if self.tls is None:
             port = self.server.add_insecure_port(config.bind_address)
         else:
             port = self.server.add_secure_port(config.bind_address, self.tls.server_credentials())
-        host = config.announce_host or reach.bracketed(
-            await reach.learn_host(self.node.p2p, config.initial_peers)
-        )
-        self.address = f"{host}:{port}"
+        self.address = await self._announced_address(port)
         announcer = self.announcer = Announcer(
             self.node,
             model_id=config.model_id,
@@ -289,6 +292,14 @@ class Peer:
             self.speed.decode,
         )
         self._write_ready(span)
+        self.pinger = Pinger(
+            peer_id=self.peer_id,
+            span=lambda: announcer.span,
+            read_records=self._read_records,
+            channels=self.service.channels,
+            period=config.ping_period,
+        )
+        self._pinging = asyncio.create_task(self.pinger.run_forever(), name="corolla-pings")
         if config.span_length is not None:
             rebalancer = Rebalancer(
                 announcer,
@@ -301,6 +312,20 @@ class Peer:
                 settle=CLAIM_SETTLE,
             )
             self._rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
+
+    async def _announced_address(self, port: int) -> str:
+        """host:port others dial: --announce-host, else the router's mapping of the port (--nat-port-map),
+        else the host the swarm sees this peer at (a wildcard --host) or --host itself."""
+        config, node = self.config, self.node
+        if node is None:
+            raise RuntimeError("the peer has not joined the DHT")
+        if config.nat_port_map and not is_loopback(config.host):
+            self.port_mapper = PortMapper()
+            mapping = await self.port_mapper.start(port)
+            if mapping is not None and "announce_host" not in config.model_fields_set:  # not given
+                return f"{mapping.external_host}:{mapping.external_port}"
+        host = config.announce_host or reach.bracketed(await reach.learn_host(node.p2p, config.initial_peers))
+        return f"{host}:{port}"
 
     async def _ensure_reachable(self, port: int) -> None:
         """Ask the swarm to dial this peer back; when it cannot, serve through the initial peers' relays: the
@@ -356,6 +381,7 @@ class Peer:
             public_name=config.public_name,
             certificate=self.tls.certificate.decode() if self.tls is not None else None,
             relay_maddrs=self.relay_maddrs,
+            pings=dict(self.pinger.pings) if self.pinger is not None else {},
         )
 
     async def move(self, target: tuple[int, int]) -> None:
@@ -398,9 +424,10 @@ class Peer:
         the steps in flight finish (at most `drain_timeout`) and end open sessions with UNAVAILABLE; then stop
         the server, cancel pushes still queued, announce OFFLINE and leave the DHT. Bounded in time: about
         `drain_timeout` plus a few seconds, whatever is queued."""
-        if self._rebalancing is not None:
-            self._rebalancing.cancel()
-            await asyncio.gather(self._rebalancing, return_exceptions=True)
+        for task in (self._rebalancing, self._pinging):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         grace = None
         if self.service is not None and self.announcer is not None:
             logger.info("draining sessions=%d", len(self.sessions))
@@ -421,6 +448,8 @@ class Peer:
             await self.announcer.stop(final_state=PeerState.OFFLINE)
         if self._relayed is not None:
             await self._relayed.close()
+        if self.port_mapper is not None:
+            await self.port_mapper.close()
         self.scheduler.shutdown()
         self.metrics.close()
         if self.config.ready_file is not None:
@@ -488,6 +517,7 @@ async def run_dht(config: DhtConfig) -> None:
         nat_port_map=config.nat_port_map,
         swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
         relay_service=config.relay,
+        relay_time_limit=config.relay_time_limit,
     )
     health = None
     if config.health_port is not None:

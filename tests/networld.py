@@ -80,6 +80,18 @@ class NetWorldError(RuntimeError):
     """The world could not be built or controlled: a command failed or the router stopped answering."""
 
 
+def require_networld() -> None:
+    """In a test: skip where namespaces cannot be made; under CI a missing nftables fails (CI installs it)."""
+    import pytest  # only tests call this; the benchmark imports the world without pytest
+
+    problem = networld_problem()
+    if problem is None:
+        return
+    if os.environ.get("CI") and NFT is None:
+        pytest.fail(f"CI must provide nftables (make nftables): {problem}")
+    pytest.skip(problem)
+
+
 def networld_problem() -> str | None:
     """Why hosts in network namespaces cannot be made here, or None when they can."""
     if os.geteuid() != 0:

@@ -7,7 +7,6 @@ the count and the peer address it saw) and client (times the connect and the rep
 from __future__ import annotations
 
 import json
-import os
 import select
 import statistics
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from networld import IP, NFT, Host, NetWorld, NetWorldError, networld_problem
+from networld import IP, Host, NetWorld, NetWorldError, require_networld
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -83,19 +82,9 @@ def _links(namespace: str | None = None) -> str:
     ).stdout
 
 
-def _require_networld() -> None:
-    """Skip where namespaces cannot be made; in CI a missing nftables is a failure (CI installs it)."""
-    problem = networld_problem()
-    if problem is None:
-        return
-    if os.environ.get("CI") and NFT is None:
-        pytest.fail(f"CI must provide nftables (make nftables): {problem}")
-    pytest.skip(problem)
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[NetWorld]:
-    _require_networld()
+    require_networld()
     with NetWorld(tmp_path) as built:
         yield built
     assert not {name for name in _namespaces() if name.startswith(built.prefix)}
@@ -213,7 +202,7 @@ def test_a_cut_link_drops_until_healed_while_processes_live(world: NetWorld) -> 
 
 def test_the_world_removes_what_it_made_when_the_body_raises(tmp_path: Path) -> None:
     # public a and home h behind NAT, a process in h; the body raises: nothing of the world is left
-    _require_networld()
+    require_networld()
     with pytest.raises(RuntimeError, match="body failed"), NetWorld(tmp_path) as world:
         a, home = world.host("a"), world.nat_host("h")
         sleeper = world.spawn(

@@ -54,16 +54,17 @@ INFERENCE_CASES = {
         {"rtt": {"A": 0.050, "B": 0.001}},
         [("B", 0, 16)],
     ),
-    # A+B: 8/(10*8) + 8/(10*8) = 0.2 s; C: 16/(5*16) = 0.2 s; equal cost, one hop fewer
+    # A+B: 8/(10*8) + 8/(10*8) = 0.2 s; C: 16/(5*16) = 0.2 s; equal cost (no delay on any link), one hop fewer
     "fewer hops on a tie": (
         view(16, A=record(0, 8), B=record(8, 16), C=record(0, 16, 5)),
-        {"rtt": ZERO_RTT},
+        {"rtt": ZERO_RTT, "default_rtt": 0.0},
         [("C", 0, 16)],
     ),
-    # after Z[0,1): B[1,6) costs 0.1 + 5 * 0.1 = 0.6 s, B[1,3) D[3,6) 0.1 + 2 * 0.1 + 0.1 + 3 / 15 = 0.6 s
+    # every link 0.1 s one way; after Z[0,1): B[1,6) costs 0.1 + 5 * 0.1 + 0.1 (back to the client) = 0.7 s,
+    # B[1,3) D[3,6) 0.1 + 2 * 0.1 + 0.1 + 3 / 15 + 0.1 = 0.7 s
     "fewer hops on a tie with rtt": (
         view(6, Z=record(0, 6, 0.5), B=record(1, 6, 2.0), D=record(3, 6, 5.0)),
-        {"rtt": {"Z": 0.1, "B": 0.1, "D": 0.1}},
+        {"rtt": {"Z": 0.2, "B": 0.2, "D": 0.2}, "default_rtt": 0.2},
         [("Z", 0, 1), ("B", 1, 6)],
     ),
     "no tie: the two faster hops win": (
@@ -213,49 +214,86 @@ def test_inference_route_rejects_bad_arguments(options: dict, error: type[Except
         plan_inference_route(view(16, A=record(0, 16)), **options)
 
 
-def _brute_force_cost(swarm: SwarmView, rtt: dict[str, float]) -> tuple[float, int]:
-    """Least (cost, hops) over every route with any block boundaries and no repeated peer."""
-    peers = {p: r for p, r in swarm.peers().items() if r.state is ONLINE}
+def _one_way(records: dict[str, PeerRecord], rtt: dict[str, float], default: float, p, q) -> float:
+    """The cost model of `plan_inference_route`, written out: None is the client."""
+    if p is None or q is None:
+        return rtt.get(q if p is None else p, default) / 2
+    announced = [r for r in (records[p].pings.get(q), records[q].pings.get(p)) if r is not None]
+    estimate = max(announced) if announced else default
+    if p in rtt and q in rtt:
+        estimate = max(estimate, abs(rtt[p] - rtt[q]))
+    return estimate / 2
+
+
+def _route_cost(records, rtt, default, route, previous_hop=None, next_hop=None) -> float:
+    """(peer_id, start, end) hops: compute plus every link from the source to the sink."""
+    chain = [previous_hop, *(peer_id for peer_id, _, _ in route), next_hop]
+    links = sum(_one_way(records, rtt, default, p, q) for p, q in itertools.pairwise(chain))
+    compute = sum(
+        (end - start) / (max(records[p].throughput, 1e-6) * (records[p].end - records[p].start))
+        for p, start, end in route
+    )
+    return links + compute
+
+
+def _brute_force_cost(swarm: SwarmView, cost, banned=frozenset()) -> tuple[float, int]:
+    """Least (cost, hops) over every route with hop boundaries at span boundaries and no repeated peer."""
+    peers = {p: r for p, r in swarm.peers().items() if r.state is ONLINE and p not in banned}
+    boundaries = {b for r in peers.values() for b in (r.start, r.end)}
     best = (math.inf, 0)
 
-    def extend(block: int, cost: float, num_hops: int, used: frozenset[str]) -> None:
+    def extend(block: int, route: list[tuple[str, int, int]]) -> None:
         nonlocal best
         if block == swarm.num_blocks:
-            if cost < best[0] - 1e-12 or (math.isclose(cost, best[0]) and num_hops < best[1]):
-                best = (cost, num_hops)
+            total = cost(route)
+            if total < best[0] - 1e-12 or (math.isclose(total, best[0]) and len(route) < best[1]):
+                best = (total, len(route))
             return
+        used = {peer_id for peer_id, _, _ in route}
         for peer_id, r in peers.items():
             if r.start <= block < r.end and peer_id not in used:
-                for end in range(block + 1, r.end + 1):
-                    hop = rtt[peer_id] + (end - block) / (max(r.throughput, 1e-6) * (r.end - r.start))
-                    extend(end, cost + hop, num_hops + 1, used | {peer_id})
+                for end in sorted(b for b in boundaries if block < b <= r.end):
+                    extend(end, [*route, (peer_id, block, end)])
 
-    extend(0, 0.0, 0, frozenset())
+    extend(0, [])
     return best
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(60))
 def test_inference_route_matches_brute_force(seed: int) -> None:
+    """Random spans, client round trips (some peers unmeasured), announced pings (some links unannounced)
+    and sometimes a neighbour peer Y before or after the route: the planner's cost is the least of all."""
     rng = random.Random(seed)
     num_blocks = rng.randint(2, 8)
-    records = {}
-    for name in "ABCDE"[: rng.randint(1, 5)]:
+    names = [*"ABCDE"[: rng.randint(1, 5)], "Z", "Y"]
+    spans = {}
+    for name in names[:-2]:
         start = rng.randrange(num_blocks)
-        records[name] = record(start, rng.randint(start + 1, num_blocks), rng.choice([0.0, 1.0, 2.0, 5.0]))
-    records["Z"] = record(0, num_blocks, 0.5)  # a route always exists
-    rtt = {name: rng.choice([0.0, 0.01, 0.1]) for name in records}
+        spans[name] = (start, rng.randint(start + 1, num_blocks), rng.choice([0.0, 1.0, 2.0, 5.0]))
+    spans["Z"] = (0, num_blocks, 0.5)  # a route always exists
+    spans["Y"] = (0, num_blocks, 0.5)  # banned: a neighbour, never a hop
+    records = {}
+    for name, (start, end, throughput) in spans.items():
+        pings = {
+            other: rng.choice([0.0, 0.02, 0.2]) for other in names if other != name and rng.random() < 0.5
+        }
+        records[name] = record(start, end, throughput, pings=pings)
+    rtt = {name: rng.choice([0.0, 0.01, 0.1, 0.3]) for name in names if rng.random() < 0.8}
+    default = rng.choice([0.0, 0.005, 0.05])
+    previous_hop, next_hop = rng.choice([(None, None), ("Y", None), (None, "Y")])
     swarm = view(num_blocks, **records)
-    route = plan_inference_route(swarm, rtt=rtt)
-    cost = sum(
-        rtt[hop.peer_id] + (hop.end - hop.start) / (max(r.throughput, 1e-6) * (r.end - r.start))
-        for hop in route
-        for r in [records[hop.peer_id]]
+    route = plan_inference_route(
+        swarm, rtt=rtt, default_rtt=default, banned={"Y"}, previous_hop=previous_hop, next_hop=next_hop
     )
     assert route[0].start == 0 and route[-1].end == num_blocks
     assert all(a.end == b.start for a, b in itertools.pairwise(route))
     assert len({hop.peer_id for hop in route}) == len(route)
-    expected_cost, expected_hops = _brute_force_cost(swarm, rtt)
-    assert cost == pytest.approx(expected_cost, rel=1e-9)
+
+    def cost(route: list[tuple[str, int, int]]) -> float:
+        return _route_cost(records, rtt, default, route, previous_hop, next_hop)
+
+    expected_cost, expected_hops = _brute_force_cost(swarm, cost, banned={"Y"})
+    assert cost(hops(route)) == pytest.approx(expected_cost, rel=1e-9)
     assert len(route) == expected_hops
 
 
@@ -346,6 +384,182 @@ def test_peer_stats_average_and_ignore_bad_samples() -> None:
     assert "B" not in stats.block_times() and stats.samples == {"A": 2}
     with pytest.raises(InvalidInputError):
         client.route.PeerStats(alpha=0.0)
+
+
+def test_peer_stats_average_round_trips_and_ignore_bad_samples() -> None:
+    stats = client.route.PeerStats(alpha=0.5)
+    stats.observe_rtt("A", 0.010)
+    stats.observe_rtt("A", 0.030)
+    for seconds in [-0.001, math.nan, math.inf]:
+        stats.observe_rtt("B", seconds)
+    assert stats.rtts() == pytest.approx({"A": 0.020}) and stats.rtt_samples == {"A": 2}
+    assert stats.block_times() == {} and stats.samples == {}  # round trips are not step times
+    stats.rtts()["A"] = 9.0  # a copy
+    assert stats.rtts()["A"] == pytest.approx(0.020)
+
+
+# ---- latency: one-way delays on every link of the chain (client -> first hop -> ... -> last -> client) ----
+
+
+def pinging(start: int, end: int, throughput: float = 10.0, **pings: float) -> PeerRecord:
+    return record(start, end, throughput, pings=pings)
+
+
+MS20 = {"A": 0.02, "B": 0.02, "C": 0.02}
+
+LATENCY_CASES = {
+    # N: 0.010 + 16 / (10 * 16) = 0.110 s; F: 0.160 + 16 / (10.5 * 16) = 0.255 s
+    "the near replica beats a slightly faster far one": (
+        view(16, N=record(0, 16, 10.0), F=record(0, 16, 10.5)),
+        {"rtt": {"N": 0.010, "F": 0.160}},
+        [("N", 0, 16)],
+    ),
+    # N: 0.010 + 0.5 = 0.51 s; F: 0.160 + 0.1 = 0.26 s
+    "a far replica that computes much faster": (
+        view(16, N=record(0, 16, 2.0), F=record(0, 16, 10.0)),
+        {"rtt": {"N": 0.010, "F": 0.160}},
+        [("F", 0, 16)],
+    ),
+    # A->B 0.100 / 2 = 0.050 s, A->C 0.005 s: C computes 4.8 ms slower, its link is 45 ms shorter
+    "announced pings choose the next hop": (
+        view(16, A=pinging(0, 8, B=0.100, C=0.010), B=record(8, 16, 10.5), C=record(8, 16, 10.0)),
+        {"rtt": MS20},
+        [("A", 0, 8), ("C", 8, 16)],
+    ),
+    "the next peer's announcement counts where the hop's is missing": (
+        view(16, A=pinging(0, 8, B=0.100), B=record(8, 16, 10.5), C=pinging(8, 16, 10.0, A=0.010)),
+        {"rtt": MS20},
+        [("A", 0, 8), ("C", 8, 16)],
+    ),
+    # A says A->C takes 1 ms, C says 200 ms: the larger counts, and B (25 ms) is nearer
+    "the larger of two announcements of a link counts": (
+        view(16, A=pinging(0, 8, B=0.050, C=0.001), B=record(8, 16, 10.0), C=pinging(8, 16, 10.5, A=0.2)),
+        {"rtt": MS20},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    "an unannounced link counts at default_rtt": (
+        view(16, A=pinging(0, 8, B=0.100), B=record(8, 16, 10.5), C=record(8, 16, 10.0)),
+        {"rtt": MS20},
+        [("A", 0, 8), ("C", 8, 16)],
+    ),
+    "an unmeasured peer counts at default_rtt": (
+        view(16, N=record(0, 16), U=record(0, 16)),
+        {"rtt": {"N": 0.010}, "default_rtt": 0.005},
+        [("U", 0, 16)],
+    ),
+    "an unmeasured peer counts at default_rtt, here a long one": (
+        view(16, N=record(0, 16), U=record(0, 16)),
+        {"rtt": {"N": 0.010}, "default_rtt": 0.050},
+        [("N", 0, 16)],
+    ),
+    # A B: 0.2 s of compute and one 5 ms link; C: 16 / (4.95 * 16) = 0.202 s and no link
+    "every link between hops costs its delay": (
+        view(16, A=record(0, 8), B=record(8, 16), C=record(0, 16, 4.95)),
+        {"rtt": {"A": 0.0, "B": 0.0, "C": 0.0}, "default_rtt": 0.010},
+        [("C", 0, 16)],
+    ),
+    # B and C cost the same to reach from A; C's result takes 100 ms back to the client, B's 10 ms
+    "the way back from the last hop counts": (
+        view(16, A=record(0, 8), B=record(8, 16, 10.0), C=record(8, 16, 10.5)),
+        {"rtt": {"A": 0.020, "B": 0.020, "C": 0.200}},
+        [("A", 0, 8), ("B", 8, 16)],
+    ),
+    # repairing [4, 12) between P and S: P->M 100 ms, P->N 5 ms; the client's own links are not on it
+    "a repair counts the link from the hop before it": (
+        view(
+            16, P=pinging(0, 4, M=0.2, N=0.01), M=record(4, 12, 11.0), N=record(4, 12, 10.0), S=record(12, 16)
+        ),
+        {
+            "start": 4,
+            "end": 12,
+            "previous_hop": "P",
+            "next_hop": "S",
+            "banned": {"P", "S"},
+            "rtt": {"N": 0.3},
+        },
+        [("N", 4, 12)],
+    ),
+    "a repair counts the link to the hop after it": (
+        view(
+            16,
+            P=record(0, 4),
+            M=pinging(4, 12, 10.0, S=0.01),
+            N=pinging(4, 12, 11.0, S=0.3),
+            S=record(12, 16),
+        ),
+        {
+            "start": 4,
+            "end": 12,
+            "previous_hop": "P",
+            "next_hop": "S",
+            "banned": {"P", "S"},
+            "rtt": {"N": 0.001},
+        },
+        [("M", 4, 12)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("swarm", "options", "expected"), LATENCY_CASES.values(), ids=LATENCY_CASES)
+def test_route_minimises_compute_plus_link_delays(swarm: SwarmView, options: dict, expected: list) -> None:
+    assert hops(plan_inference_route(swarm, **options)) == expected
+    assert hops(plan_inference_route(swarm, **options)) == expected  # deterministic
+
+
+# A (honest) and H serve [0, 4) alike, H a little slower; B serves [4, 8). The true A->B and H->B round
+# trip is 80 ms; H announces 0 ms (or nothing). The client measured A and H at 20 ms and B at 100 ms, so no
+# link between H and B is shorter than 100 - 20 = 80 ms: the lie gains H nothing. Only where the client has
+# not measured B does the lie win H the route: the client measures every usable peer it can for that reason.
+LIAR = {
+    "lying": pinging(0, 4, 9.9, B=0.0),
+    "silent": record(0, 4, 9.9),
+}
+TRIANGLE_CASES = {
+    "a zero ping is no shortcut": ("lying", {"A": 0.02, "H": 0.02, "B": 0.1}, [("A", 0, 4), ("B", 4, 8)]),
+    "announcing nothing is no shortcut": (
+        "silent",
+        {"A": 0.02, "H": 0.02, "B": 0.1},
+        [("A", 0, 4), ("B", 4, 8)],
+    ),
+    "a zero ping wins where the client has not measured": (
+        "lying",
+        {"A": 0.02, "H": 0.02},
+        [("H", 0, 4), ("B", 4, 8)],
+    ),
+}
+
+
+@pytest.mark.parametrize(("liar", "rtt", "expected"), TRIANGLE_CASES.values(), ids=TRIANGLE_CASES)
+def test_a_peer_lying_about_its_pings_gains_at_most_what_the_client_measured_allows(
+    liar: str, rtt: dict[str, float], expected: list
+) -> None:
+    swarm = view(8, A=pinging(0, 4, 10.0, B=0.080), H=LIAR[liar], B=record(4, 8))
+    assert hops(plan_inference_route(swarm, rtt=rtt)) == expected
+
+
+# the client measured p at 40 ms and q at 10 ms, not u or v; default_rtt is 10 ms (expected: round trips)
+LINK_CASES = {
+    "client to a measured peer": (None, "p", {}, 0.040),
+    "a measured peer to the client": ("p", None, {}, 0.040),
+    "client to an unmeasured peer": (None, "u", {}, 0.010),
+    "announced by the sender": ("p", "q", {"p": {"q": 0.050}}, 0.050),
+    "announced by the receiver": ("p", "q", {"q": {"p": 0.050}}, 0.050),
+    "announced by both: the larger": ("p", "q", {"p": {"q": 0.050}, "q": {"p": 0.070}}, 0.070),
+    "announced by neither": ("u", "v", {}, 0.010),
+    "the triangle raises an announced ping": ("p", "q", {"p": {"q": 0.0}}, 0.030),
+    "the triangle raises the default": ("p", "q", {}, 0.030),
+    "no triangle with an unmeasured end": ("p", "u", {"p": {"u": 0.001}}, 0.001),
+}
+
+
+@pytest.mark.parametrize(("source", "target", "pings", "expected_rtt"), LINK_CASES.values(), ids=LINK_CASES)
+def test_one_way_delay_of_a_link(source, target, pings: dict, expected_rtt: float) -> None:
+    records = {name: pinging(0, 1, **pings.get(name, {})) for name in "pquv"}
+    links = client.route._Links(records, {"p": 0.040, "q": 0.010}, 0.010)
+    assert links.one_way(source, target) == pytest.approx(expected_rtt / 2)
+    if source is not None and target is not None:  # what the sweep's pruning relies on
+        assert links.lower_bound(source) <= links.one_way(source, target)
+        assert links.lower_bound(target) <= links.one_way(source, target)
 
 
 # ---- Sybil limits per address prefix (IPv4 /24, IPv6 /48, a name for itself; loopback exempt) ---------
