@@ -28,6 +28,7 @@ FORGET_PERIOD = 10 * RTT_PERIOD  # a peer not called for this long counts as new
 MAX_CONCURRENT_PINGS = 16  # peers called at once
 MAX_PINGS_PER_PLAN = 64  # peers a plan starts measuring; the rest wait for later plans
 MAX_WAIT = 1.0  # seconds after the first call to a peer that plans wait for its answer
+CONNECT_ROUND_TRIPS = 3  # a first call's round trips: TCP, TLS and the call itself
 
 
 class Latency:
@@ -54,8 +55,17 @@ class Latency:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_PINGS)
 
     def rtts(self) -> dict[str, float]:
-        """peer_id -> seconds of a round trip from this client, for the peers measured so far."""
-        return {**self._first, **self.stats.rtts()}
+        """peer_id -> seconds of a round trip from this client, for the peers measured so far; a peer whose
+        first call has not answered yet counts as at least a third of the time it has taken (a TCP and a
+        TLS handshake and the call: a peer that slow is not near, whatever the default says)."""
+        measured = self.stats.rtts()
+        now = time.monotonic()
+        pending = {
+            peer_id: (now - self._tried_at[peer_id]) / CONNECT_ROUND_TRIPS
+            for peer_id in self._running
+            if peer_id not in self._first and peer_id not in measured
+        }
+        return {**pending, **self._first, **measured}
 
     async def measure(
         self,

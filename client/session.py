@@ -174,9 +174,10 @@ class InferenceSession:
                     recovering = failure
 
     def _reconnects(self, failure: PeerFailure) -> bool:
-        """Whether `failure` is a relayed hop's connection that dropped (a relay resets its circuits past its
-        limits, by default after 30 minutes): its hop is reopened on the same peer through its relays and
-        replayed, without a ban, at most once per `RELAY_RECONNECT_PERIOD` for each peer."""
+        """Whether `failure` is a relayed hop's connection that dropped (its relays were out of reach for
+        longer than a relayed pipe waits, `protos.relay.PIPE_GRACE`): its hop is reopened on the same peer
+        through its relays and replayed, without a ban, at most once per `RELAY_RECONNECT_PERIOD` for each
+        peer; a dead peer then fails over as any other."""
         hop = next((s.hop for s in self.streams if s.hop.peer_id == failure.peer_id), None)
         if hop is None or not hop.relay_maddrs or failure.code is not grpc.StatusCode.UNAVAILABLE:
             return False

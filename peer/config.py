@@ -28,14 +28,10 @@ QUANT_HELP = (
 )
 NAT_PORT_MAP_HELP = "ask the home router for a port mapping (UPnP/NAT-PMP); off unless asked"
 RELAY_HELP = (
-    "libp2p circuit relays: a public peer relays for peers nobody can dial (at most 16 circuits per peer, "
-    "--relay-time-limit and 4 GiB each), and a peer the swarm cannot dial back serves through the relays "
-    "of its --initial-peers; --no-relay does neither (an unreachable peer then stops with an error naming "
-    "the fix)"
-)
-RELAY_TIME_LIMIT_HELP = (
-    "seconds one relayed connection through this node may last before the relay resets it (callers then "
-    "reconnect and replay their sessions exactly)"
+    "libp2p circuit relays: a public peer relays for peers nobody can dial (at most 16 circuits per peer; "
+    "each carries 128 KiB each way and lasts 2 minutes, and relayed connections resume on new ones), and a "
+    "peer the swarm cannot dial back serves through the relays of its --initial-peers; --no-relay does "
+    "neither (an unreachable peer then stops with an error naming the fix)"
 )
 HOST_HELP = (
     "address to listen on; 127.0.0.1 by default: serving other machines (0.0.0.0) is an explicit choice"
@@ -111,7 +107,6 @@ class PeerConfig(BaseModel):
         "asked",
     )
     relay: bool = Field(default=True, description=RELAY_HELP)
-    relay_time_limit: float = Field(default=1800.0, ge=1.0, le=86400.0, description=RELAY_TIME_LIMIT_HELP)
     insecure: bool = Field(
         default=False,
         description="serve plaintext gRPC instead of TLS (only for tests and trusted networks); clients then "
@@ -471,10 +466,9 @@ class PeerConfig(BaseModel):
             return self.max_client_calls
         return max(self.max_concurrent_rpcs // 4, min(self.max_concurrent_rpcs, MIN_CLIENT_CALLS))
 
-    @property
-    def bind_address(self) -> str:
+    def bind_address(self, port: int) -> str:
         """host:port for gRPC to listen on, an IPv6 host in brackets ("[::]:port" takes IPv4 too)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
 
     @property
     def client_cache_tokens(self) -> int:
@@ -511,10 +505,9 @@ class DhtConfig(BaseModel):
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
     relay: bool = Field(
         default=True,
-        description="relay libp2p connections for peers nobody can dial (at most 16 circuits per peer, "
-        "--relay-time-limit and 4 GiB each); --no-relay opts out",
+        description="relay libp2p connections for peers nobody can dial (at most 16 circuits per peer); "
+        "--no-relay opts out",
     )
-    relay_time_limit: float = Field(default=1800.0, ge=1.0, le=86400.0, description=RELAY_TIME_LIMIT_HELP)
     health_port: int | None = Field(
         default=None, ge=0, le=65535, description=HEALTH_PORT_HELP + " (SERVING once the node has started)"
     )

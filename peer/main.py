@@ -217,21 +217,13 @@ class Peer:
             raise InvalidInputError(
                 f"--blocks {config.blocks} is outside the model's blocks [0, {self.num_blocks})"
             )
-        self.node = await start_dht_node(
-            initial_peers=config.initial_peers,
-            host=config.host,
-            port=config.dht_port,
-            identity=self.identity,
-            nat_port_map=config.nat_port_map,
-            swarm_key=self.swarm_key,
-            relay_service=config.relay,
-            relay_time_limit=config.relay_time_limit,
-        )
-        if self.tls is None:
-            port = self.server.add_insecure_port(config.bind_address)
+        # off loopback, the node joins as a client until the swarm says whether it can dial this peer
+        self.node = await self._start_node(client_mode=not is_loopback(config.host))
+        if is_loopback(config.host):
+            port = self._add_port(self.server, config.port)
+            self.address = f"{config.announce_host}:{port}"
         else:
-            port = self.server.add_secure_port(config.bind_address, self.tls.server_credentials())
-        self.address = await self._announced_address(port)
+            port = self._add_port(self.server, await self._reach_swarm(config.port))
         announcer = self.announcer = Announcer(
             self.node,
             model_id=config.model_id,
@@ -279,7 +271,10 @@ class Peer:
         self.service.channels.relays = RelayDialer(self.node.p2p)  # pushes to peers nobody can dial
         wire.add_to_server(self.service, self.server)
         await self.server.start()
-        await self._ensure_reachable(port)
+        if self.relay_maddrs:  # relayed connections arrive as libp2p streams, piped into the gRPC port
+            local_host = "127.0.0.1" if config.host in WILDCARD_HOSTS else config.host
+            self._relayed = RelayedServer(self.node.p2p, port, grpc_host=local_host)
+            await self._relayed.start()
         await announcer.announce(PeerState.ONLINE)
         if self.health is not None:
             await self.health.set_ready(True)
@@ -327,36 +322,54 @@ class Peer:
         host = config.announce_host or reach.bracketed(await reach.learn_host(node.p2p, config.initial_peers))
         return f"{host}:{port}"
 
-    async def _ensure_reachable(self, port: int) -> None:
-        """Ask the swarm to dial this peer back; when it cannot, serve through the initial peers' relays: the
-        DHT node restarts in client mode holding a reservation on each, and relayed gRPC connections arrive
-        as libp2p streams (`protos.relay`). Without relays, stop with the fix named (`peer.reach`)."""
-        config, node, service, announcer = self.config, self.node, *self._serving()
-        if node is None:
-            raise RuntimeError("the peer has not joined the DHT")
-        certificate = self.tls.certificate if self.tls is not None else None
-        result = await reach.check(node.p2p, self.address, certificate=certificate)
-        if result is None or result.reachable is not False:
-            return
-        relays = reach.relays_for(
-            config.initial_peers, relay=config.relay, address=self.address, result=result
-        )
-        await node.shutdown()  # one libp2p host per identity: the relayed node takes its place
-        self.node = announcer.node = await start_dht_node(
+    async def _start_node(self, *, client_mode: bool = False, relays: Sequence[str] = ()) -> DHTNode:
+        config = self.config
+        return await start_dht_node(
             initial_peers=config.initial_peers,
             host=config.host,
+            port=config.dht_port,
+            client_mode=client_mode,
             identity=self.identity,
+            nat_port_map=config.nat_port_map,
             swarm_key=self.swarm_key,
+            relay_service=config.relay,
             relays=relays,
         )
-        if service.channels.relays is not None:
-            await service.channels.relays.close()
-        service.channels.relays = RelayDialer(self.node.p2p)
-        local_host = "127.0.0.1" if config.host in WILDCARD_HOSTS else config.host
-        self._relayed = RelayedServer(self.node.p2p, port, grpc_host=local_host)
-        await self._relayed.start()
-        self.relay_maddrs = circuit_maddrs(relays)
-        logger.warning("serving through relays address=%s relays=%d", self.address, len(relays))
+
+    def _add_port(self, server: grpc.aio.Server, port: int) -> int:
+        address = self.config.bind_address(port)
+        if self.tls is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, self.tls.server_credentials())
+
+    async def _reach_swarm(self, port: int) -> int:
+        """Before anything is claimed or loaded: learn the address to announce, and have up to 5 swarm members
+        dial it back (a bare gRPC server on the port answers their TLS handshakes). Then the DHT node rejoins
+        as a server, or, when nobody could dial this peer, as a client holding a reservation on each of the
+        initial peers' relays (`protos.relay`); without relays the peer stops with the fix named."""
+        config = self.config
+        if self.node is None:
+            raise RuntimeError("the peer has not joined the DHT")
+        probe = grpc.aio.server()
+        port = self._add_port(probe, port)  # the port the swarm checks is the one the peer then serves on
+        await probe.start()
+        try:
+            self.address = await self._announced_address(port)
+            certificate = self.tls.certificate if self.tls is not None else None
+            result = await reach.check(self.node.p2p, self.address, certificate=certificate)
+        finally:
+            await probe.stop(None)
+        relays: list[str] = []
+        if result is not None and result.reachable is False:
+            relays = reach.relays_for(
+                config.initial_peers, relay=config.relay, address=self.address, result=result
+            )
+        await self.node.shutdown()  # one libp2p host per identity: the new node takes its place
+        self.node = await self._start_node(relays=relays)
+        if relays:
+            self.relay_maddrs = circuit_maddrs(relays)
+            logger.warning("serving through relays address=%s relays=%d", self.address, len(relays))
+        return port
 
     def make_record(self, state: PeerState, span: tuple[int, int]) -> PeerRecord:
         """This peer's announcement now: `span` is what it serves or, while it loads one, what it claimed."""
@@ -517,7 +530,6 @@ async def run_dht(config: DhtConfig) -> None:
         nat_port_map=config.nat_port_map,
         swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
         relay_service=config.relay,
-        relay_time_limit=config.relay_time_limit,
     )
     health = None
     if config.health_port is not None:

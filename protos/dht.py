@@ -101,7 +101,6 @@ async def start_dht_node(
     swarm_key: SwarmKey | None = None,
     ensure_bootstrap_success: bool = True,
     relay_service: bool = True,
-    relay_time_limit: float | None = None,
     relays: Sequence[str] = (),
 ) -> DHTNode:
     """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
@@ -116,8 +115,8 @@ async def start_dht_node(
     packets beyond loopback, so it is off for loopback hosts unless asked.
 
     Relays (libp2p circuit relay v2, `protos.relay`): a node off loopback relays for others (at most 16
-    circuits per peer, `relay_time_limit` seconds (default 30 minutes) and 4 GiB per circuit: p2pd's limits;
-    a caller reconnects past them) unless `relay_service` is False. A
+    circuits per peer; each circuit carries 128 KiB each way and lasts 2 minutes, which `protos.resumable`
+    outlives) unless `relay_service` is False. A
     node that nobody can dial passes `relays` (multiaddresses of public nodes): it reserves a slot on each at
     once and can then be reached through them; it runs in client mode. A server node answers dial-back
     probes (`protos.relay.DialBack`).
@@ -142,8 +141,6 @@ async def start_dht_node(
         options.update(auto_nat=False, use_relay=False)
     elif not relay_service or relays or client_mode:
         extra_args.append("-relayService=0")
-    elif relay_time_limit is not None:
-        extra_args.append(f"-relayTimeLimit={relay_time_limit:g}s")
     if relays:  # reserve on these relays at once, not after p2pd's 3-minute wait for 4 candidates
         options.update(use_auto_relay=True, force_reachability="private", trusted_relays=list(relays))
         extra_args.append("-relayDiscovery=0")

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import logging
 import random
+import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +33,25 @@ from hivemind.utils.multiaddr import Multiaddr
 from protos import tls
 from protos.errors import CorollaError, InvalidInputError
 from protos.records import MAX_RELAY_MADDR_CHARS, MAX_RELAYS, validate_address
+from protos.resumable import (
+    HELLO_BYTES,
+    REPLY_BYTES,
+    Carrier,
+    Pipe,
+    PipeBroken,
+    hello,
+    hello_reply,
+    parse_hello,
+    parse_reply,
+)
 
 logger = logging.getLogger(__name__)
 
 GRPC_PROTOCOL = "/corolla/grpc/1"  # a libp2p stream of this protocol is a byte pipe to the peer's gRPC port
 DIALBACK_PROTOCOL = "/corolla/dialback/1"
-CHUNK_BYTES = 1 << 16
 MAX_PIPES = 256  # relayed connections a peer serves at once (each one caller's gRPC connection)
+PIPE_GRACE = 30.0  # seconds a relayed connection waits for a new carrier after its circuit was reset
+RESUME_TRIES = 5  # new carriers a caller tries for a pipe in a row (about 3 s of backoff)
 MAX_RELAYED_PEERS = 64  # relayed peers a process keeps a local socket for
 CONNECT_TIMEOUT = 10.0  # seconds to reach a relayed peer through its relay (a relay's first dial is slow)
 MAX_PROBERS = 5  # swarm members asked to dial a peer back
@@ -118,24 +131,6 @@ def circuit_maddrs(relays: Sequence[str]) -> tuple[str, ...]:
     return tuple(f"{relay.rstrip('/')}/p2p-circuit" for relay in relays[:MAX_RELAYS])
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK_BYTES):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
-
-
-async def _splice(
-    a: tuple[asyncio.StreamReader, asyncio.StreamWriter], b: tuple[asyncio.StreamReader, asyncio.StreamWriter]
-) -> None:
-    """Move bytes both ways until either side ends; then both are closed."""
-    await asyncio.gather(_pipe(a[0], b[1]), _pipe(b[0], a[1]))
-
-
 def loopback_source(peer_id: str) -> str:
     """A 127.x.y.z address for the caller `peer_id`: the peer's gRPC server counts calls and sessions per
     client address, and every relayed caller would otherwise be 127.0.0.1."""
@@ -144,15 +139,17 @@ def loopback_source(peer_id: str) -> str:
 
 
 class RelayedServer:
-    """The relayed peer's side: each libp2p stream of `GRPC_PROTOCOL` becomes a TCP connection to the local
-    gRPC port (from a loopback address of its own per caller). At most `max_pipes` at once."""
+    """The relayed peer's side: each caller's pipe (`protos.resumable`) becomes a TCP connection to the local
+    gRPC port, from a loopback address of its own per caller; a pipe's later carriers (after a relay reset
+    its circuit) resume it. At most `max_pipes` at once; a pipe without a carrier ends after `PIPE_GRACE`."""
 
     def __init__(self, p2p: P2P, grpc_port: int, *, grpc_host: str = "127.0.0.1", max_pipes: int = MAX_PIPES):
         self.p2p = p2p
         self.grpc_host = grpc_host
         self.grpc_port = grpc_port
         self.max_pipes = max_pipes
-        self._pipes: set[asyncio.Task[Any]] = set()
+        self._pipes: dict[tuple[str, bytes], Pipe] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(GRPC_PROTOCOL, self._handle)
@@ -161,35 +158,58 @@ class RelayedServer:
         self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
-        if len(self._pipes) >= self.max_pipes or task is None:
-            logger.warning(
-                "relayed connection refused caller=%s reason=full pipes=%d", info.peer_id, len(self._pipes)
-            )
-            writer.close()
-            return
-        self._pipes.add(task)
+        caller = info.peer_id.to_base58()
+        if task is not None:
+            self._tasks.add(task)
         try:
-            local = ipaddress.ip_address(self.grpc_host).is_loopback
-            source = (loopback_source(info.peer_id.to_base58()), 0) if local else None
-            try:
-                upstream = await asyncio.wait_for(
-                    asyncio.open_connection(self.grpc_host, self.grpc_port, local_addr=source),
-                    CONNECT_TIMEOUT,
-                )
-            except (OSError, TimeoutError) as e:
-                logger.warning("relayed connection failed caller=%s reason=%r", info.peer_id, e)
-                writer.close()
-                return
-            await _splice((reader, writer), upstream)
+            pipe_id, received = parse_hello(
+                await asyncio.wait_for(reader.readexactly(HELLO_BYTES), CONNECT_TIMEOUT)
+            )
+            pipe = self._pipes.get((caller, pipe_id))
+            if pipe is None and received == 0:
+                await self._serve(caller, pipe_id, (reader, writer))
+            elif pipe is not None:
+                writer.write(hello_reply(pipe.received))
+                pipe.attach((reader, writer), received)
+                await pipe.released()
+            else:
+                raise PipeBroken("an unknown pipe cannot be resumed")
+        except (PipeBroken, asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError) as e:
+            logger.debug("relayed connection dropped caller=%s reason=%r", caller, e)
         finally:
-            self._pipes.discard(task)
+            writer.close()
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _serve(self, caller: str, pipe_id: bytes, carrier: Carrier) -> None:
+        if len(self._pipes) >= self.max_pipes:
+            logger.warning(
+                "relayed connection refused caller=%s reason=full pipes=%d", caller, len(self._pipes)
+            )
+            return
+        local = ipaddress.ip_address(self.grpc_host).is_loopback
+        source = (loopback_source(caller), 0) if local else None
+        try:
+            upstream = await asyncio.wait_for(
+                asyncio.open_connection(self.grpc_host, self.grpc_port, local_addr=source), CONNECT_TIMEOUT
+            )
+        except (OSError, TimeoutError) as e:
+            logger.warning("relayed connection failed caller=%s reason=%r", caller, e)
+            return
+        pipe = self._pipes[(caller, pipe_id)] = Pipe(upstream, pipe_id=pipe_id)
+        try:
+            carrier[1].write(hello_reply(0))
+            pipe.attach(carrier, 0)
+            await pipe.run(grace=PIPE_GRACE)
+        finally:
+            del self._pipes[(caller, pipe_id)]
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):  # the daemon may be gone already
             await self.p2p.remove_binary_stream_handler(GRPC_PROTOCOL)
-        for task in list(self._pipes):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 @dataclass
@@ -242,22 +262,38 @@ class RelayDialer:
     async def _accept(
         self, entry: _Relayed, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        peer = PeerID.from_base58(entry.peer_id)
-        try:
-            stream = await asyncio.wait_for(self._open(peer, entry.maddrs), CONNECT_TIMEOUT)
-        except Exception as e:  # p2pd reports failures as several types; the gRPC call fails as UNAVAILABLE
-            logger.warning("relay dial failed peer=%s reason=%r", entry.peer_id, e)
-            writer.close()
-            return
-        await _splice((reader, writer), stream)
+        pipe = Pipe((reader, writer), pipe_id=secrets.token_bytes(16))
 
-    async def _open(
-        self, peer: PeerID, maddrs: tuple[str, ...]
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        async def reattach() -> bool:
+            for attempt in range(RESUME_TRIES):
+                try:
+                    await asyncio.wait_for(self._carry(entry, pipe), CONNECT_TIMEOUT)
+                    return True
+                except Exception as e:  # p2pd reports failures as several types: try again, a few times
+                    logger.debug("relay dial failed peer=%s attempt=%d reason=%r", entry.peer_id, attempt, e)
+                    if attempt == 0 and pipe.received == 0 and not pipe.finished:
+                        logger.warning("relay dial failed peer=%s reason=%r", entry.peer_id, e)
+                    await asyncio.sleep(min(0.2 * 2**attempt, 2.0))
+            return False
+
+        if await reattach():
+            await pipe.run(reattach=reattach)
+        else:
+            writer.close()  # the gRPC call fails as UNAVAILABLE
+
+    async def _carry(self, entry: _Relayed, pipe: Pipe) -> None:
+        """A new carrier for `pipe`: a libp2p stream to the peer through one of its relays."""
+        peer = PeerID.from_base58(entry.peer_id)
         with contextlib.suppress(Exception):  # already connected, or a relay is down: the stream open says
-            await self.p2p._client.connect(peer, [encode_multiaddr(maddr) for maddr in maddrs])
+            await self.p2p._client.connect(peer, [encode_multiaddr(maddr) for maddr in entry.maddrs])
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, GRPC_PROTOCOL)
-        return reader, writer
+        try:
+            writer.write(hello(pipe.pipe_id, pipe.received))
+            other_received = parse_reply(await reader.readexactly(REPLY_BYTES))
+            pipe.attach((reader, writer), other_received)
+        except BaseException:
+            writer.close()
+            raise
 
     async def close(self) -> None:
         for entry in self._peers.values():

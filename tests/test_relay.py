@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -37,6 +38,7 @@ from protos.relay import (
     loopback_source,
     validate_relay_maddrs,
 )
+from protos.resumable import REPLY_BYTES, Carrier, Pipe, hello, parse_reply
 from protos.tls import ServerTls
 
 RELAY_ID = "12D3KooWDY581LyNmYEZgrRC1YLemdSNxwMdQa8HLG4GKZqS2VXM"
@@ -217,21 +219,97 @@ def test_bytes_reach_the_relayed_peers_port_through_libp2p_and_back(tmp_path: Pa
     asyncio.run(main())
 
 
-def test_the_relayed_peer_refuses_pipes_past_its_bound() -> None:
+def test_the_relayed_peer_refuses_pipes_past_its_bound_and_unknown_resumes() -> None:
     async def main() -> None:
         server, _ = await _echo_server()
         port = server.sockets[0].getsockname()[1]
         async with _two_nodes() as (peer, caller):
             relayed = RelayedServer(peer, port, max_pipes=1)
             await relayed.start()
-            _, reader, writer = await caller.call_binary_stream_handler(peer.peer_id, GRPC_PROTOCOL)
-            writer.write(b"x")
-            assert await asyncio.wait_for(reader.readexactly(1), 10) == b"x"  # the one pipe it takes
-            _, second_reader, _ = await caller.call_binary_stream_handler(peer.peer_id, GRPC_PROTOCOL)
-            assert await asyncio.wait_for(second_reader.read(1), 10) == b""  # closed at once
+
+            async def open_pipe(pipe_id: bytes, received: int = 0) -> tuple[asyncio.StreamReader, Any]:
+                _, reader, writer = await caller.call_binary_stream_handler(peer.peer_id, GRPC_PROTOCOL)
+                writer.write(hello(pipe_id, received))
+                return reader, writer
+
+            reader, writer = await open_pipe(b"a" * 16)
+            assert parse_reply(await asyncio.wait_for(reader.readexactly(REPLY_BYTES), 10)) == 0  # taken
+            second, _ = await open_pipe(b"b" * 16)
+            assert await asyncio.wait_for(second.read(1), 10) == b""  # past the bound: closed at once
+            stranger, _ = await open_pipe(b"c" * 16, received=5)
+            assert await asyncio.wait_for(stranger.read(1), 10) == b""  # resuming a pipe it never had
+            garbage, garbage_writer = await open_pipe(b"")
+            garbage_writer.write(b"x" * 100)
+            assert await asyncio.wait_for(garbage.read(1), 10) == b""
             writer.close()
             await relayed.close()
         server.close()
+
+    asyncio.run(main())
+
+
+async def _carrier_pair() -> tuple[Carrier, Carrier]:
+    """Two ends of a local TCP connection, as (reader, writer) pairs."""
+    accepted: asyncio.Future[Carrier] = asyncio.get_running_loop().create_future()
+    server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0)
+    near = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    far = await accepted
+    server.close()
+    return near, far
+
+
+def test_a_pipe_delivers_every_byte_in_order_across_carrier_resets() -> None:
+    async def main() -> None:
+        (
+            caller_app,
+            caller_end,
+        ) = await _carrier_pair()  # the app writes into caller_app; the pipe reads caller_end
+        peer_app, peer_end = await _carrier_pair()
+        caller = Pipe(caller_end, pipe_id=b"p" * 16)
+        peer = Pipe(peer_end, pipe_id=b"p" * 16)
+        carriers = 0
+        relays: list[asyncio.Task[None]] = []
+
+        async def relay(a: Carrier, b: Carrier, limit: int) -> None:
+            """Copy a -> b until `limit` bytes, then reset both (a relay's data limit)."""
+            moved = 0
+            try:
+                while moved < limit and (data := await a[0].read(4096)):
+                    b[1].write(data[: limit - moved])
+                    moved += len(data)
+            finally:
+                a[1].close()
+                b[1].close()
+
+        async def reattach() -> bool:
+            nonlocal carriers
+            carriers += 1
+            if carriers > 40:
+                return False
+            caller_side, relay_in = await _carrier_pair()
+            relay_out, peer_side = await _carrier_pair()
+            relays.append(asyncio.create_task(relay(relay_in, relay_out, 50_000)))
+            relays.append(asyncio.create_task(relay(relay_out, relay_in, 50_000)))
+            peer.attach(peer_side, caller.received)
+            caller.attach(caller_side, peer.received)
+            return True
+
+        await reattach()
+        peer_task = asyncio.create_task(peer.run(grace=5))
+        caller_task = asyncio.create_task(caller.run(reattach=reattach))
+        payload = bytes(range(251)) * 2000  # 502 KB: ten carriers' worth each way
+        caller_app[1].write(payload)
+        peer_app[1].write(payload[::-1])
+        got_peer = await asyncio.wait_for(peer_app[0].readexactly(len(payload)), 30)
+        got_caller = await asyncio.wait_for(caller_app[0].readexactly(len(payload)), 30)
+        assert got_peer == payload and got_caller == payload[::-1]
+        assert carriers > 5
+        caller_app[1].close()  # the app closes: both ends finish
+        await asyncio.wait_for(asyncio.gather(caller_task, peer_task), 30)
+        assert await peer_app[0].read() == b""
+        for task in relays:
+            task.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
 
     asyncio.run(main())
 
