@@ -9,6 +9,7 @@ import time
 import pytest
 from records_factory import peer_record as record
 
+from client.latency import CONNECT_ROUND_TRIPS
 from client.route import plan_inference_route
 from peer.pings import Pinger, next_hop_candidates
 from protos.channels import ChannelPool
@@ -183,6 +184,8 @@ def test_client_measures_round_trips_and_waits_only_for_peers_it_never_called(
     assert set(connection.stats.rtts()) == answering
     assert all(0 < seconds < 0.5 for seconds in latency.rtts().values())
     assert connection.stats.rtt_samples == dict.fromkeys(answering, 1)
+    # the frozen peer's first call has not answered: it counts as at least a third of the time it has taken
+    assert latency.rtts()[frozen.peer_id] >= 0.4 / CONNECT_ROUND_TRIPS
 
     started = time.monotonic()
     connection.runtime.run(latency.measure(records, wait=0.5), timeout=10)
