@@ -308,20 +308,6 @@ class Peer:
             )
             self._rebalancing = asyncio.create_task(rebalancer.run_forever(), name="corolla-rebalance")
 
-    async def _announced_address(self, port: int) -> str:
-        """host:port others dial: --announce-host, else the router's mapping of the port (--nat-port-map),
-        else the host the swarm sees this peer at (a wildcard --host) or --host itself."""
-        config, node = self.config, self.node
-        if node is None:
-            raise RuntimeError("the peer has not joined the DHT")
-        if config.nat_port_map and not is_loopback(config.host):
-            self.port_mapper = PortMapper()
-            mapping = await self.port_mapper.start(port)
-            if mapping is not None and "announce_host" not in config.model_fields_set:  # not given
-                return f"{mapping.external_host}:{mapping.external_port}"
-        host = config.announce_host or reach.bracketed(await reach.learn_host(node.p2p, config.initial_peers))
-        return f"{host}:{port}"
-
     async def _start_node(self, *, client_mode: bool = False, relays: Sequence[str] = ()) -> DHTNode:
         config = self.config
         return await start_dht_node(
@@ -343,33 +329,24 @@ class Peer:
         return server.add_secure_port(address, self.tls.server_credentials())
 
     async def _reach_swarm(self, port: int) -> int:
-        """Before anything is claimed or loaded: learn the address to announce, and have up to 5 swarm members
-        dial it back (a bare gRPC server on the port answers their TLS handshakes). Then the DHT node rejoins
-        as a server, or, when nobody could dial this peer, as a client holding a reservation on each of the
-        initial peers' relays (`protos.relay`); without relays the peer stops with the fix named."""
-        config = self.config
+        """Before anything is claimed or loaded: the address to announce and whether the swarm can dial it
+        (`peer.reach`); the DHT node then rejoins as a server, or as a relayed client. Returns the port."""
         if self.node is None:
             raise RuntimeError("the peer has not joined the DHT")
-        probe = grpc.aio.server()
-        port = self._add_port(probe, port)  # the port the swarm checks is the one the peer then serves on
-        await probe.start()
-        try:
-            self.address = await self._announced_address(port)
-            certificate = self.tls.certificate if self.tls is not None else None
-            result = await reach.check(self.node.p2p, self.address, certificate=certificate)
-        finally:
-            await probe.stop(None)
-        relays: list[str] = []
-        if result is not None and result.reachable is False:
-            relays = reach.relays_for(
-                config.initial_peers, relay=config.relay, address=self.address, result=result
-            )
+        reached = await reach.reach_swarm(
+            self.config,
+            self.node,
+            port,
+            add_port=self._add_port,
+            certificate=self.tls.certificate if self.tls is not None else None,
+        )
+        self.address, self.port_mapper = reached.address, reached.port_mapper
         await self.node.shutdown()  # one libp2p host per identity: the new node takes its place
-        self.node = await self._start_node(relays=relays)
-        if relays:
-            self.relay_maddrs = circuit_maddrs(relays)
-            logger.warning("serving through relays address=%s relays=%d", self.address, len(relays))
-        return port
+        self.node = await self._start_node(relays=reached.relays)
+        if reached.relays:
+            self.relay_maddrs = circuit_maddrs(reached.relays)
+            logger.warning("serving through relays address=%s relays=%d", self.address, len(reached.relays))
+        return reached.port
 
     def make_record(self, state: PeerState, span: tuple[int, int]) -> PeerRecord:
         """This peer's announcement now: `span` is what it serves or, while it loads one, what it claimed."""

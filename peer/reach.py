@@ -9,14 +9,19 @@ import contextlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import grpc
+from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P
 
+from peer.config import PeerConfig
+from peer.portmap import PortMapper
 from protos.dht import is_loopback
+from protos.dialback import Reachability, check_reachability
 from protos.errors import CorollaError
 from protos.records import MAX_RELAYS
-from protos.relay import Reachability, check_reachability
 
 logger = logging.getLogger(__name__)
 
@@ -117,3 +122,57 @@ def relays_for(initial_peers: Sequence[str], *, relay: bool, address: str, resul
             f"Fix: {fixes}"
         )
     return relays
+
+
+@dataclass(frozen=True)
+class Reached:
+    """How the swarm reaches a peer: its address and port, the relays it needs (none: dialed directly),
+    and the router's mapping of its port, held while it runs."""
+
+    address: str
+    port: int
+    relays: list[str]
+    port_mapper: PortMapper | None
+
+
+async def announced_address(config: PeerConfig, p2p: P2P, port: int) -> tuple[str, PortMapper | None]:
+    """host:port others dial: --announce-host, else the router's mapping of the port (--nat-port-map), else
+    the host the swarm sees this peer at (a wildcard --host) or --host itself."""
+    mapper = None
+    if config.nat_port_map and not is_loopback(config.host):
+        mapper = PortMapper()
+        mapping = await mapper.start(port)
+        if mapping is not None and "announce_host" not in config.model_fields_set:  # not given
+            return f"{mapping.external_host}:{mapping.external_port}", mapper
+    host = config.announce_host or bracketed(await learn_host(p2p, config.initial_peers))
+    return f"{host}:{port}", mapper
+
+
+async def reach_swarm(
+    config: PeerConfig,
+    node: DHTNode,
+    port: int,
+    *,
+    add_port: Callable[[grpc.aio.Server, int], int],
+    certificate: bytes | None,
+) -> Reached:
+    """Learn the address to announce and have up to 5 swarm members dial it back, a bare gRPC server on the
+    port answering their TLS handshakes (the port it binds is the one the peer then serves on). Raises
+    `UnreachableError` when nobody can dial it and relays are off."""
+    probe = grpc.aio.server()
+    port = add_port(probe, port)
+    await probe.start()
+    try:
+        address, mapper = await announced_address(config, node.p2p, port)
+        result = await check(node.p2p, address, certificate=certificate)
+    finally:
+        await probe.stop(None)
+    relays: list[str] = []
+    if result is not None and result.reachable is False:
+        try:
+            relays = relays_for(config.initial_peers, relay=config.relay, address=address, result=result)
+        except UnreachableError:
+            if mapper is not None:
+                await mapper.close()
+            raise
+    return Reached(address, port, relays, mapper)

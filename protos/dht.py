@@ -20,9 +20,9 @@ from hivemind.p2p import P2P
 from hivemind.utils import timed_storage
 
 from protos.dht_storage import BoundedDHTProtocol
+from protos.dialback import DialBack
 from protos.errors import CorollaError
 from protos.identity import Identity, IdentityError
-from protos.relay import DialBack
 from protos.swarm_key import SwarmKey
 from protos.validation import SignedRecordValidator
 

@@ -21,18 +21,15 @@ from peer.requests import parse_hops
 from protos import peer_pb2
 from protos.channels import ChannelPool
 from protos.dht import _p2p_class
+from protos.dialback import DIALBACK_PROTOCOL, DialBack, Reachability, check_reachability
 from protos.errors import InvalidInputError
 from protos.identity import Identity
 from protos.records import MAX_RELAY_MADDR_CHARS, PeerRecord
 from protos.relay import (
-    DIALBACK_PROTOCOL,
     GRPC_PROTOCOL,
-    DialBack,
-    Reachability,
     RelayDialer,
     RelayedServer,
     Unreachable,
-    check_reachability,
     circuit_maddrs,
     encode_multiaddr,
     loopback_source,
