@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 GRPC_PROTOCOL = "/corolla/grpc/1"  # a libp2p stream of this protocol is a byte pipe to the peer's gRPC port
 MAX_PIPES = 256  # relayed connections a peer serves at once (each one caller's gRPC connection)
+MAX_CALLER_PIPES = 32  # of them, from one caller (a libp2p peer id); each holds at most 1 MiB unacknowledged
 PIPE_GRACE = 30.0  # seconds a relayed connection waits for a new carrier after its circuit was reset
 RESUME_TRIES = 5  # new carriers a caller tries for a pipe in a row (about 3 s of backoff)
 MAX_RELAYED_PEERS = 64  # relayed peers a process keeps a local socket for
@@ -133,7 +134,8 @@ def loopback_source(peer_id: str) -> str:
 class RelayedServer:
     """The relayed peer's side: each caller's pipe (`protos.resumable`) becomes a TCP connection to the local
     gRPC port, from a loopback address of its own per caller; a pipe's later carriers (after a relay reset
-    its circuit) resume it. At most `max_pipes` at once; a pipe without a carrier ends after `PIPE_GRACE`."""
+    its circuit) resume it. At most `max_pipes` at once, `MAX_CALLER_PIPES` of one caller; a pipe without a
+    carrier ends after `PIPE_GRACE`."""
 
     def __init__(self, p2p: P2P, grpc_port: int, *, grpc_host: str = "127.0.0.1", max_pipes: int = MAX_PIPES):
         self.p2p = p2p
@@ -174,7 +176,8 @@ class RelayedServer:
                 self._tasks.discard(task)
 
     async def _serve(self, caller: str, pipe_id: bytes, carrier: Carrier) -> None:
-        if len(self._pipes) >= self.max_pipes:
+        own = sum(1 for other, _ in self._pipes if other == caller)
+        if len(self._pipes) >= self.max_pipes or own >= MAX_CALLER_PIPES:
             logger.warning(
                 "relayed connection refused caller=%s reason=full pipes=%d", caller, len(self._pipes)
             )
@@ -280,6 +283,7 @@ class RelayDialer:
             await self.p2p._client.connect(peer, [encode_multiaddr(maddr) for maddr in entry.maddrs])
         _, reader, writer = await self.p2p.call_binary_stream_handler(peer, GRPC_PROTOCOL)
         try:
+            pipe.release()  # the old carrier (if any) carries nothing more: the count below is final
             writer.write(hello(pipe.pipe_id, pipe.received))
             other_received = parse_reply(await reader.readexactly(REPLY_BYTES))
             pipe.attach((reader, writer), other_received)

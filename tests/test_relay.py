@@ -216,12 +216,18 @@ def test_bytes_reach_the_relayed_peers_port_through_libp2p_and_back(tmp_path: Pa
     asyncio.run(main())
 
 
-def test_the_relayed_peer_refuses_pipes_past_its_bound_and_unknown_resumes() -> None:
+@pytest.mark.parametrize("bound", ["all callers", "one caller"])
+def test_the_relayed_peer_refuses_pipes_past_its_bound_and_unknown_resumes(
+    bound: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if bound == "one caller":
+        monkeypatch.setattr("protos.relay.MAX_CALLER_PIPES", 1)
+
     async def main() -> None:
         server, _ = await _echo_server()
         port = server.sockets[0].getsockname()[1]
         async with _two_nodes() as (peer, caller):
-            relayed = RelayedServer(peer, port, max_pipes=1)
+            relayed = RelayedServer(peer, port, max_pipes=1 if bound == "all callers" else 256)
             await relayed.start()
 
             async def open_pipe(pipe_id: bytes, received: int = 0) -> tuple[asyncio.StreamReader, Any]:
@@ -255,7 +261,8 @@ async def _carrier_pair() -> tuple[Carrier, Carrier]:
     return near, far
 
 
-def test_a_pipe_delivers_every_byte_in_order_across_carrier_resets() -> None:
+@pytest.mark.parametrize("limit", [50_000, 150_000])  # resets before the caller moves on; moves first
+def test_a_pipe_delivers_every_byte_in_order_across_carrier_resets(limit: int) -> None:
     async def main() -> None:
         (
             caller_app,
@@ -281,14 +288,16 @@ def test_a_pipe_delivers_every_byte_in_order_across_carrier_resets() -> None:
         async def reattach() -> bool:
             nonlocal carriers
             carriers += 1
-            if carriers > 40:
+            if carriers > 60:
                 return False
             caller_side, relay_in = await _carrier_pair()
             relay_out, peer_side = await _carrier_pair()
-            relays.append(asyncio.create_task(relay(relay_in, relay_out, 50_000)))
-            relays.append(asyncio.create_task(relay(relay_out, relay_in, 50_000)))
+            relays.append(asyncio.create_task(relay(relay_in, relay_out, limit)))
+            relays.append(asyncio.create_task(relay(relay_out, relay_in, limit)))
+            caller.release()  # as RelayDialer does: the old carrier is let go before the counts are told
+            received = peer.received
             peer.attach(peer_side, caller.received)
-            caller.attach(caller_side, peer.received)
+            caller.attach(caller_side, received)
             return True
 
         await reattach()
@@ -300,7 +309,7 @@ def test_a_pipe_delivers_every_byte_in_order_across_carrier_resets() -> None:
         got_peer = await asyncio.wait_for(peer_app[0].readexactly(len(payload)), 30)
         got_caller = await asyncio.wait_for(caller_app[0].readexactly(len(payload)), 30)
         assert got_peer == payload and got_caller == payload[::-1]
-        assert carriers > 5
+        assert carriers > 3
         caller_app[1].close()  # the app closes: both ends finish
         await asyncio.wait_for(asyncio.gather(caller_task, peer_task), 30)
         assert await peer_app[0].read() == b""
