@@ -24,9 +24,6 @@ HELLO_BYTES = len(MAGIC) + 16 + 8
 DATA, ACK, CLOSE = 0, 1, 2
 MAX_FRAME_BYTES = 1 << 14  # well under a relay circuit's 128 KiB: each carrier moves several frames
 ACK_EVERY = 1 << 14  # bytes received between two acknowledgements
-ROTATE_BYTES = (
-    96 << 10
-)  # bytes a carrier moves one way before the caller opens the next (a relay allows 128 KiB)
 MAX_UNACKED = 1 << 20  # bytes a side sends ahead of the other's acknowledgement; then it stops reading
 _HEADER = struct.Struct("!BI")
 _COUNT = struct.Struct("!Q")
@@ -87,9 +84,6 @@ class Pipe:
         self._room.set()
         self._finished = asyncio.Event()
         self._released: asyncio.Future[None] | None = None  # resolved when the carrier is let go
-        self._carried = [0, 0]  # bytes sent and received on the current carrier
-        self._reattach: Callable[[], Awaitable[bool]] | None = None
-        self._rotating: asyncio.Task[bool] | None = None
         self._last_ack = 0
 
     @property
@@ -105,7 +99,6 @@ class Pipe:
         self._detach()
         _, writer = self._carrier = carrier
         self._released = asyncio.get_running_loop().create_future()
-        self._carried = [len(self._unacked), 0]
         view = memoryview(self._unacked)
         for start in range(0, len(view), MAX_FRAME_BYTES):
             chunk = view[start : start + MAX_FRAME_BYTES]
@@ -127,20 +120,6 @@ class Pipe:
         much it received, so that nothing arrives on the old one after the count."""
         self._detach()
 
-    def _count(self, direction: int, nbytes: int) -> None:
-        """Bytes moved on the current carrier; past `ROTATE_BYTES` either way the caller's end opens the next
-        carrier in the background (its slow part, reaching the peer through the relay, overlaps the
-        traffic) before the relay resets this one."""
-        self._carried[direction] += nbytes
-        if self._reattach is not None and self._rotating is None and self._carried[direction] >= ROTATE_BYTES:
-            self._rotating = asyncio.create_task(self._rotate(self._reattach))
-
-    async def _rotate(self, reattach: Callable[[], Awaitable[bool]]) -> bool:
-        try:
-            return await reattach()
-        finally:
-            self._rotating = None
-
     async def released(self) -> None:
         """Until the carrier attached last is let go (a newer one came, it broke, or the pipe ended): a
         stream handler that attached a carrier keeps it open this long."""
@@ -159,12 +138,9 @@ class Pipe:
     ) -> None:
         """Move bytes until done. When a carrier breaks, `reattach()` (the caller's end) must attach a new one
         and say whether it could; the other end waits `grace` seconds for it."""
-        self._reattach = reattach
         local_task = asyncio.create_task(self._from_local())
         try:
             while not self._finished.is_set():
-                if self._carrier is None and self._rotating is not None:
-                    await asyncio.wait([self._rotating])  # a switch under way brings the next carrier
                 if self._carrier is None:
                     if reattach is not None:
                         if not await reattach():
@@ -181,11 +157,8 @@ class Pipe:
                 if self._carrier is carrier:
                     self._detach()
         finally:
-            self._reattach = None
-            tasks = [local_task, *([self._rotating] if self._rotating is not None else [])]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            local_task.cancel()
+            await asyncio.gather(local_task, return_exceptions=True)
             self._detach()
             self.local[1].close()
             self._finished.set()
@@ -200,7 +173,6 @@ class Pipe:
                     self._room.clear()
                 if self._carrier is not None:
                     _send(self._carrier[1], _HEADER.pack(DATA, len(data)) + data)
-                    self._count(0, _HEADER.size + len(data))
                     with contextlib.suppress(ConnectionError, OSError):
                         await self._carrier[1].drain()
         except (ConnectionError, OSError):
@@ -221,7 +193,6 @@ class Pipe:
                 payload = await reader.readexactly(length)
                 if self._carrier is not carrier:  # let go meanwhile: its count was told, these come again
                     return
-                self._count(1, _HEADER.size + length)
                 if kind == DATA:
                     local_writer.write(payload)
                     self.received += length  # before awaiting: a new carrier resumes from this count
