@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from client.config import ClientConfig, GatewayConfig
 from protos.cli import setup_logging, write_ready_file
-from protos.dht import is_loopback
+from protos.records import is_loopback
 from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 
 logger = logging.getLogger(__name__)

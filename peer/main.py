@@ -32,12 +32,12 @@ from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
-from protos.dht import is_loopback, start_dht_node, visible_maddrs
+from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.health import HealthServer
 from protos.identity import Identity
 from protos.prepare import default_cache_dir
-from protos.records import PeerRecord, PeerState
+from protos.records import PeerRecord, PeerState, is_loopback
 from protos.relay import RelayDialer, RelayedServer, circuit_maddrs
 from protos.settings import parse_config
 from protos.swarm import read_records

@@ -18,10 +18,9 @@ from hivemind.p2p import P2P
 
 from peer.config import PeerConfig
 from peer.portmap import PortMapper
-from protos.dht import is_loopback
 from protos.dialback import Reachability, check_reachability
 from protos.errors import CorollaError
-from protos.records import MAX_RELAYS
+from protos.records import MAX_RELAYS, is_loopback, maddr_host
 
 logger = logging.getLogger(__name__)
 
@@ -40,15 +39,10 @@ def bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
-def _maddr_host(maddr: str) -> str | None:
-    parts = maddr.strip("/").split("/")
-    return parts[1] if len(parts) >= 2 and parts[0] in ("ip4", "ip6") else None
-
-
 def route_source(initial_peers: Sequence[str]) -> str | None:
     """The local address the kernel would send from toward the first initial peer (or, with none, toward
     the default route): what a peer listening on every interface offers when no swarm member saw it yet."""
-    targets = [(host, 9) for maddr in initial_peers if (host := _maddr_host(maddr)) is not None]
+    targets = [(host, 9) for maddr in initial_peers if (host := maddr_host(maddr)) is not None]
     for host, port in [*targets, _UNROUTED_PROBE]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:

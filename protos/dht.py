@@ -8,7 +8,6 @@ entry), and caches nothing it reads: corolla's reads always ask the replicas for
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from protos.dht_storage import BoundedDHTProtocol
 from protos.dialback import DialBack
 from protos.errors import CorollaError
 from protos.identity import Identity, IdentityError
+from protos.records import is_loopback, maddr_host
 from protos.swarm_key import SwarmKey
 from protos.validation import SignedRecordValidator
 
@@ -53,22 +53,9 @@ class JoinError(CorollaError, RuntimeError):
     """No initial peer answered: they are unreachable, or hold another swarm key than this node (or none)."""
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _all_loopback(maddrs: Sequence[str]) -> bool:
     """Whether every multiaddress names a loopback IP (`/ip4/127.../...`, `/ip6/::1/...`)."""
-    for maddr in maddrs:
-        parts = str(maddr).strip("/").split("/")
-        if len(parts) < 2 or parts[0] not in ("ip4", "ip6") or not is_loopback(parts[1]):
-            return False
-    return True
+    return all((host := maddr_host(maddr)) is not None and is_loopback(host) for maddr in maddrs)
 
 
 def _p2p_class(extra_args: Sequence[str]) -> type[P2P]:

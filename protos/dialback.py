@@ -5,7 +5,6 @@ nothing of relays (`protos.relay`) or of what a peer does with the verdict (`pee
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import random
@@ -15,11 +14,10 @@ from typing import Any
 import grpc
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
-from hivemind.utils.multiaddr import Multiaddr
 
 from protos import tls
 from protos.errors import InvalidInputError
-from protos.records import validate_address
+from protos.records import is_loopback, maddr_host, validate_address
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +46,6 @@ class Reachability:
         return 2 * self.reached >= self.answered
 
 
-def _host_of(maddr: Multiaddr) -> str | None:
-    text = str(maddr)
-    parts = text.strip("/").split("/")
-    if "p2p-circuit" in parts or len(parts) < 2 or parts[0] not in ("ip4", "ip6"):
-        return None
-    return parts[1]
-
-
 class DialBack:
     """A node's answer to `check_reachability`: it dials the address a peer names, with TLS pinned to the
     certificate that peer's libp2p key (the stream's authenticated sender) vouched for, and reports whether
@@ -75,7 +65,7 @@ class DialBack:
         self, info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         sender = info.peer_id.to_base58()
-        observed = _host_of(info.addr)
+        observed = maddr_host(info.addr)
         try:
             if sender in self._busy:
                 reply: dict[str, Any] = {"error": "a probe for this sender is under way"}
@@ -106,7 +96,7 @@ class DialBack:
         except (ValueError, KeyError, TypeError, InvalidInputError) as e:
             return {"error": f"bad request: {e}"}
         host = address.rpartition(":")[0].strip("[]")
-        if _is_loopback(host) and not (observed is not None and _is_loopback(observed)):
+        if is_loopback(host) and not (observed is not None and is_loopback(observed)):
             return {"error": "loopback addresses are probed for loopback senders only"}
         if certificate is not None and not (
             isinstance(certificate, str) and tls.binds(certificate.encode(), sender)
@@ -115,13 +105,6 @@ class DialBack:
         async with self._slots:
             reached, error = await _handshake(address, certificate, self.timeout)
         return {"reached": reached, "error": error}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 async def _handshake(address: str, certificate: str | None, timeout: float) -> tuple[bool, str]:

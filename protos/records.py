@@ -181,6 +181,25 @@ def validate_address(address: str) -> str:
     return address
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is "localhost" or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def maddr_host(maddr: object) -> str | None:
+    """The IP of a direct multiaddress (`/ip4/HOST/...`, `/ip6/HOST/...`); None for anything else, a relay
+    circuit included."""
+    parts = str(maddr).strip("/").split("/")
+    if len(parts) < 2 or parts[0] not in ("ip4", "ip6") or "p2p-circuit" in parts:
+        return None
+    return parts[1]
+
+
 def record_to_dht(record: PeerRecord) -> dict[str, Any]:
     """A plain dict of str, int, float, list and None: what the DHT stores (msgpack-serializable)."""
     return record.model_dump(mode="json")
