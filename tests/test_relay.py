@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from protos.relay import (
     loopback_source,
     validate_relay_maddrs,
 )
-from protos.resumable import REPLY_BYTES, Carrier, Pipe, hello, parse_reply
+from protos.resumable import REPLY_BYTES, Carrier, Pipe, PipeBroken, hello, parse_reply
 from protos.tls import ServerTls
 
 RELAY_ID = "12D3KooWDY581LyNmYEZgrRC1YLemdSNxwMdQa8HLG4GKZqS2VXM"
@@ -368,3 +369,30 @@ def test_dial_back_refuses_garbage_and_oversized_requests_and_keeps_answering() 
 def test_a_record_with_relays_round_trips_through_the_dht_format() -> None:
     record = peer_record(0, 1, relay_maddrs=(CIRCUIT,))
     assert PeerRecord.model_validate(record.model_dump(mode="json")) == record
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack("!BI", 0, 1 << 20),  # a data frame larger than any the pipe sends
+        struct.pack("!BI", 1, 8) + struct.pack("!Q", 10**6),  # an acknowledgement of bytes never sent
+        struct.pack("!BI", 7, 0),  # no such kind
+    ],
+    ids=["oversized", "ack-beyond-sent", "unknown-kind"],
+)
+def test_a_pipe_ends_on_a_hostile_frame_without_delivering_anything(frame: bytes) -> None:
+    async def main() -> None:
+        app, local_end = await _carrier_pair()
+        near, far = await _carrier_pair()
+        pipe = Pipe(local_end, pipe_id=b"h" * 16)
+        with pytest.raises(PipeBroken):
+            pipe.attach(near, 5)  # the other end claims bytes this end never sent
+        pipe.attach(near, 0)
+        running = asyncio.create_task(pipe.run(grace=1.0))
+        far[1].write(frame + b"x" * 64)
+        await asyncio.wait_for(running, 5)
+        assert pipe.finished
+        assert await asyncio.wait_for(app[0].read(), 5) == b""  # the local side was closed, nothing written
+        far[1].close()
+
+    asyncio.run(main())
