@@ -26,6 +26,10 @@ peers whose spans cut across the three (so every hop can be checked, by chains o
 default checks and one without, generating in turn; decode tokens/s of each over the whole decode window
 and the slowdown (`bench/spot_checks.py`).
 
+`--tiny-llama` runs the same measurement on a random Llama of 8 layers and hidden size 512 (SmolLM2's
+tokenizer and vocabulary) over 2 peers of 4 blocks: the layout where Petals measured 1.95x its local
+decode. The model is written once into the cache folder (`$COROLLA_CACHE_DIR/models/tiny-llama-8x512`).
+
 `--batch 8 --ragged` times instead a left-padded batch of 8 chat prompts of different lengths in one
 `generate()` against the same rows one at a time, through the swarm (tokens/s both ways; `bench/ragged.py`).
 """
@@ -40,6 +44,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import grpc
 import torch
@@ -54,6 +59,37 @@ from protos import peer_pb2, peer_pb2_grpc
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
+TINY_SPANS = ["0:4", "4:8"]
+
+
+def _tiny_llama(tokenizer_folder) -> Path:
+    """A random Llama of 8 layers, hidden 512 (seeded, so every run builds the same weights), saved once with
+    SmolLM2's tokenizer into the cache folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from protos.prepare import default_cache_dir
+
+    folder = default_cache_dir() / "models" / "tiny-llama-8x512"
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = None  # random weights: decode exactly --new-tokens tokens
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def _ms_per_token(model, tokenizer, inputs, new_tokens: int) -> tuple[float, torch.Tensor]:
@@ -321,8 +357,16 @@ def main() -> None:
         help="instead: a left-padded batch of --batch prompts of different lengths in one generate() vs the "
         "same rows one at a time, through the swarm (bench/ragged.py)",
     )
+    parser.add_argument(
+        "--tiny-llama",
+        action="store_true",
+        help="a random Llama (8 layers, hidden 512) over 2 peers instead of SmolLM2 over 3 (see above)",
+    )
     args = parser.parse_args()
     folder = prepare_default_model()
+    spans = SPANS
+    if args.tiny_llama:
+        folder, spans = _tiny_llama(folder), TINY_SPANS
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if args.ragged:
         from ragged import ragged_batch  # bench/ is this script's folder
@@ -369,7 +413,7 @@ def main() -> None:
 
     peer_options = [*(["--insecure"] if args.insecure else []), *args.peer_option]
     profile = None
-    with running(folder, SPANS, *peer_options) as swarm:
+    with running(folder, spans, *peer_options) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(
             folder,
             initial_peers=swarm.initial_peers,
@@ -392,7 +436,7 @@ def main() -> None:
         json.dumps(
             {
                 "model": str(folder),
-                "peers": SPANS,
+                "peers": spans,
                 "new_tokens": args.new_tokens,
                 "decode_ms_per_token": {"swarm": round(decode_swarm, 2), "local": round(decode_local, 2)},
                 "decode_ratio": round(decode_swarm / decode_local, 3),
