@@ -81,6 +81,13 @@ class ClientConfig(BaseModel):
     max_message_bytes: int = Field(
         default=256 * 2**20, ge=2**16, description="largest gRPC message sent or accepted"
     )
+    max_carried_tokens: int = Field(
+        default=64,
+        ge=0,
+        description="steps of at most this many rows x new positions travel with every hop's output and "
+        "come back in one message from the last hop; each hop of a longer step (a prefill) reports its "
+        "output to the client on its own stream instead, so pushes do not grow with the route",
+    )
     verify_every: int = Field(
         default=64,
         ge=0,

@@ -30,6 +30,8 @@ class Waiting:
     expect: list[HopStream]  # the last one's output is the step's result
     done: asyncio.Future[None]
     sent_at: float = 0.0  # time.perf_counter() when the step left the client
+    # the hops' outputs come back together in the last hop's result (Step.carried), not one by one
+    carried: bool = False
     arrivals: dict[int, float] = field(default_factory=dict)  # block -> when the output entering it came
 
     def complete(self) -> bool:
@@ -68,9 +70,17 @@ class HopDeadlines:
         timeout = self.config.hop_timeout_factor * expected
         return min(max(timeout, self.config.min_hop_timeout), self.config.max_hop_timeout)
 
+    def chain_timeout(self, waiting: Waiting, pending: list[HopStream], positions: int) -> float:
+        """Seconds without progress before the `pending` hops of a step are pinged: the first one's
+        `hop_timeout` when each hop reports its output, the sum of theirs when the outputs come back
+        together from the last hop (nothing tells how far along the chain the step is)."""
+        if waiting.carried:
+            return sum(self.hop_timeout(stream.hop, positions) for stream in pending)
+        return self.hop_timeout(pending[0].hop, positions)
+
     async def wait(self, waiting: Waiting) -> None:
-        """Wait for the step. When the first hop that has not reported it takes longer than its
-        `hop_timeout`, ping the pending hops: one that does not answer within `ping_timeout` is stuck and
+        """Wait for the step. When the hops that have not reported it take longer than their
+        `chain_timeout`, ping them: the first that does not answer within `ping_timeout` is stuck and
         blamed; hops that answer are alive (a long prefill, a busy CPU) and waited on, up to
         `forward_timeout` in all."""
         give_up = waiting.sent_at + self.config.forward_timeout
@@ -79,7 +89,8 @@ class HopDeadlines:
         while True:
             pending = waiting.pending() or waiting.expect[-1:]
             progress = max([checked, *waiting.arrivals.values()])
-            remaining = progress + self.hop_timeout(pending[0].hop, positions) - time.perf_counter()
+            timeout = self.chain_timeout(waiting, pending, positions)
+            remaining = progress + timeout - time.perf_counter()
             try:
                 await asyncio.wait_for(asyncio.shield(waiting.done), max(remaining, 0.0))
                 return
@@ -89,7 +100,7 @@ class HopDeadlines:
                 raise PeerFailure(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "step over forward_timeout", pending[0].hop.peer_id
                 )
-            if time.perf_counter() - progress >= self.hop_timeout(pending[0].hop, positions):
+            if time.perf_counter() - progress >= timeout:
                 await self.ping(waiting.pending() or pending)
                 checked = time.perf_counter()
 

@@ -1,13 +1,16 @@
 """An inference session over a route: one stream per hop with server-to-server push, step results, positions,
 and failover that replaces only the hops that failed and rebuilds their caches exactly.
 
-    client ──Step──▶ hop A ──Push──▶ hop B ──Push──▶ hop C
-       ▲               │ report        │ report        │ result
-       └───────────────┴───────────────┴───────────────┘
-Each hop reports its output to the client before pushing it on, so for every step the client holds the
-hidden states entering every hop boundary (`StepLog.inputs`). When hop B fails, replacement peers for B's
-blocks replay B's inputs step by step with the same chunks (their caches come out bit for bit the same),
-hop A is rerouted to them, and the failed step resumes at the first hop that has not reported it.
+    client ──Step──▶ hop A ──Push[a]──▶ hop B ──Push[a, b]──▶ hop C
+       ▲                                                        │ result c, carried [a, b]
+       └────────────────────────────────────────────────────────┘
+Each hop pushes its output on first and appends it to the step's carried outputs; the last hop returns them
+all with its own, so for every step the client holds the hidden states entering every hop boundary
+(`StepLog.inputs`) from one message. A long step (more than `max_carried_tokens` rows x positions), a beam
+step and a replay have each hop report its output on its own stream instead. When hop B fails, replacement
+peers for B's blocks replay B's inputs step by step with the same chunks (their caches come out bit for bit
+the same), hop A is rerouted to them, and the failed step resumes at the first hop whose input the client
+holds, cropping what the hops from there may already have cached of it (`rollback_to`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from client.checks import agrees, result_problem, spot_check_agrees
 from client.deadlines import HopDeadlines, Waiting
 from client.errors import NoRouteError, PeerFailure, Retries, SwarmError, short_id, status_code
 from client.route import Hop, Needs, plan_inference_route, usable_peers
-from client.streams import HopStream
+from client.streams import MAX_CARRIED, HopResult, HopStream
 from client.verify import SpotChecker, WrongOutput
 from protos import peer_pb2
 from protos.errors import InvalidInputError
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# bytes of hop outputs a step may carry before each hop reports its own instead: a quarter of a peer's
+# default max_message_bytes (64 MiB), which a push carrying them must fit
+MAX_CARRIED_BYTES = 16 * 2**20
 RELAY_RECONNECT_PERIOD = 60.0  # seconds: a relayed hop that drops again sooner is failed over as any hop
 
 
@@ -53,6 +59,13 @@ class StepLog:
     rollback_to: int | None
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # block -> hidden entering it [b, t, h]
     mask: torch.Tensor | None = None  # attention mask of the new positions [batch, new_positions]; None: real
+    sent: bool = False  # sent to the route at least once: a resend crops what hops cached of it
+
+
+class CarriedRefused(Exception):
+    """The last hop's result carried outputs the client refuses (a wrong count, shape, dtype or non-finite
+    values): any hop of the chain may have garbled them, so nobody is blamed; the step is resent with each
+    hop reporting its own output, which places the blame on the hop that sends a bad one."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +105,7 @@ class InferenceSession:
         self._restart_from = 0  # the first block of hops opened since the step in flight was sent
         self._deadlines = HopDeadlines(swarm)
         self._avoided: set[str] = set()  # peers that cannot take this session (full, limits too small)
+        self._reporting = False  # every hop reports every step's output (after a refused carried result)
         self._reconnected: dict[str, float] = {}  # relayed peer -> when its hop last reconnected
         self.spot_checks = SpotChecker(swarm)  # `verify_every`; counts in `spot_checks.stats`
         self._lock = asyncio.Lock()
@@ -316,7 +330,7 @@ class InferenceSession:
             batch_size=self.batch_size or 1,
             dtype=self.swarm.wire_dtype,
             next_hops=[s.message() for s in next_streams],
-            report_outputs=True,
+            report_outputs=False,  # each step says (Step.report_outputs)
             push_token=stream.push_token,
         )
 
@@ -363,7 +377,14 @@ class InferenceSession:
         for block in [b for b in log.inputs if b > self.streams[frontier].hop.start]:
             del log.inputs[block]
         streams = self.streams
-        return await self._send(log, streams[frontier], expect=streams[frontier:], local_only=False)
+        try:
+            return await self._send(log, streams[frontier], expect=streams[frontier:], local_only=False)
+        except CarriedRefused as refused:
+            if self._reporting:
+                raise PeerFailure(grpc.StatusCode.INTERNAL, str(refused), streams[-1].hop.peer_id) from None
+            logger.warning("carried outputs refused: %s; every hop reports its outputs from now on", refused)
+            self._reporting = True
+            return await self._run(log)
 
     async def _send(
         self,
@@ -374,22 +395,33 @@ class InferenceSession:
         local_only: bool,
     ) -> torch.Tensor:
         step_id = next(self._step_ids)  # a fresh id per send: late errors about an abandoned send are ignored
+        hidden = log.inputs[stream.hop.start]
+        report = local_only or self._reported(log, hidden, len(expect))
         step = peer_pb2.Step(
             session_id="",
             step_id=step_id,
             position=log.position,
-            hidden=to_message(log.inputs[stream.hop.start], dtype=self._wire_dtype),
+            hidden=to_message(hidden, dtype=self._wire_dtype),
             position_ids=to_message(log.positions),
             local_only=local_only,
             timeout_ms=int(self.config.forward_timeout * 1000),  # peers skip or refuse what comes too late
+            report_outputs=report and not local_only,
         )
         if log.beam_indices is not None:
             step.beam_indices.CopyFrom(to_message(log.beam_indices.to(torch.int64)))
         if log.rollback_to is not None:
             step.rollback_to = log.rollback_to
+        elif log.sent and not local_only and log.beam_indices is None:
+            # a resend: hops from here on may have cached it before the failure; the crop is a no-op for the
+            # others. A beam step is reordered again by a crop, so a hop that ran it answers
+            # FAILED_PRECONDITION instead and is reopened and replayed (its output was reported).
+            step.rollback_to = log.position
         if log.mask is not None:
             step.attention_mask.CopyFrom(to_message(log.mask))
+        if not local_only:
+            log.sent = True
         waiting = Waiting(log, expect, asyncio.get_running_loop().create_future(), time.perf_counter())
+        waiting.carried = not report
         self._waiting[step_id] = waiting
         self._sent[step_id] = log
         try:
@@ -406,24 +438,66 @@ class InferenceSession:
         )
         return log.inputs[expect[-1].hop.end]
 
+    def _reported(self, log: StepLog, hidden: torch.Tensor, num_hops: int) -> bool:
+        """Whether each hop reports its output of a step on its own stream instead of carrying it to the
+        last hop: a long step (carried, it would multiply every push's bytes) and a beam step (a hop that
+        ran it cannot be cropped back, so the client must learn each hop's output as soon as it can)."""
+        rows, positions, width = hidden.shape
+        carried_bytes = rows * positions * width * hidden.element_size() * num_hops
+        return (
+            self._reporting
+            or log.beam_indices is not None
+            or rows * positions > self.config.max_carried_tokens
+            or num_hops > MAX_CARRIED
+            or carried_bytes > MAX_CARRIED_BYTES
+        )
+
     # ---- replies (called by the hop streams) -----------------------------------------------------------
 
-    def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None:
-        log = self._sent.get(step_id)
+    def on_result(self, stream: HopStream, result: HopResult) -> None:
+        log = self._sent.get(result.step_id)
         if log is None or stream.closed or stream.failure is not None:
             return
-        problem = result_problem(hidden, shape=log.inputs[0].shape, dtype=decoded_dtype(self._wire_dtype))
+        waiting = self._waiting.get(result.step_id)
+        # the last hop of a carried step returns the outputs entering each later boundary, in route order
+        chain = (
+            waiting.expect if waiting is not None and waiting.carried and stream is waiting.expect[-1] else []
+        )
+        problem = self._result_problem(log, result, None if waiting is None else max(len(chain) - 1, 0))
+        if problem is not None and chain and problem.startswith("carried"):
+            if waiting is not None and not waiting.done.done():  # any hop may have garbled them
+                waiting.done.set_exception(CarriedRefused(f"bad result: {problem}"))
+            return
         if problem is not None:  # the hop is not trusted for the rest of the session
             stream.fail(PeerFailure(grpc.StatusCode.INTERNAL, f"bad result: {problem}", stream.hop.peer_id))
             return
-        self.swarm.bans.served(stream.hop.peer_id)
-        log.inputs.setdefault(stream.hop.end, hidden)
-        waiting = self._waiting.get(step_id)
+        for served in chain or [stream]:
+            self.swarm.bans.served(served.hop.peer_id)
+        for previous, hidden in zip(chain[:-1], result.carried if chain else (), strict=True):
+            log.inputs.setdefault(previous.hop.end, hidden)
+        log.inputs.setdefault(stream.hop.end, result.hidden)
         if waiting is None:
             return
-        self._measure(waiting, stream)
+        if chain:
+            self._measure_carried(waiting, result)
+        else:
+            self._measure(waiting, stream)
         if waiting.complete() and not waiting.done.done():
             waiting.done.set_result(None)
+
+    def _result_problem(self, log: StepLog, result: HopResult, num_carried: int | None) -> str | None:
+        """Why a hop's result is refused: a wrong number of carried outputs (`num_carried`; None: not
+        checked, for a late result whose carried outputs are ignored), or any tensor of the wrong shape,
+        dtype or with non-finite values."""
+        if num_carried is not None and len(result.carried) != num_carried:
+            return f"carried: {len(result.carried)} outputs, expected {num_carried}"
+        shape, dtype = log.inputs[0].shape, decoded_dtype(self._wire_dtype)
+        tensors = result.carried if num_carried else ()
+        for index, hidden in enumerate([result.hidden, *tensors]):
+            problem = result_problem(hidden, shape=shape, dtype=dtype)
+            if problem is not None:
+                return problem if index == 0 else f"carried[{index - 1}]: {problem}"
+        return None
 
     def _measure(self, waiting: Waiting, stream: HopStream) -> None:
         """A decode step's time at one hop: from the previous hop's output (or the send) to this one's."""
@@ -435,6 +509,21 @@ class InferenceSession:
         if started is not None:
             blocks = stream.hop.end - stream.hop.start
             self.swarm.stats.observe_step(stream.hop.peer_id, blocks, now - started)
+
+    def _measure_carried(self, waiting: Waiting, result: HopResult) -> None:
+        """A carried decode step's time at each hop, as each hop says it (`carried_seconds`, `seconds`): only
+        routing estimates, so each is clamped to the step's whole time here; a wrong count says nothing."""
+        now = time.perf_counter()
+        for stream in waiting.expect:
+            waiting.arrivals[stream.hop.end] = now
+        seconds = [*result.carried_seconds, result.seconds]
+        if waiting.log.positions.shape[1] != 1 or len(seconds) != len(waiting.expect):
+            return
+        elapsed = now - waiting.sent_at
+        for stream, spent in zip(waiting.expect, seconds, strict=True):
+            if math.isfinite(spent):
+                blocks = stream.hop.end - stream.hop.start
+                self.swarm.stats.observe_step(stream.hop.peer_id, blocks, min(max(spent, 0.0), elapsed))
 
     def on_error(self, stream: HopStream, error: peer_pb2.StepError) -> None:
         """A hop's StepError may blame itself or a later hop of the route (a failed push); naming any other

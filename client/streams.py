@@ -7,6 +7,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -15,7 +16,7 @@ import torch
 from client.errors import PeerFailure, short_id
 from client.route import Hop
 from protos import peer_pb2, peer_pb2_grpc
-from protos.errors import LIMIT_METADATA_KEY, CorollaError
+from protos.errors import LIMIT_METADATA_KEY, CorollaError, InvalidInputError
 from protos.tensors import from_message
 
 logger = logging.getLogger(__name__)
@@ -23,10 +24,24 @@ logger = logging.getLogger(__name__)
 ID_BYTES = 16  # a hop's session id and push token: 128 random bits each, independent of every other hop's
 
 
+MAX_CARRIED = 64  # hop outputs one result may carry (the peers' limit, `peer.requests.MAX_CARRIED`)
+
+
+@dataclass(frozen=True, eq=False)
+class HopResult:
+    """A step's output at a hop; the last hop of a carried step also returns the earlier hops' outputs."""
+
+    step_id: int
+    hidden: torch.Tensor  # this hop's output [batch, seq, hidden]
+    carried: tuple[torch.Tensor, ...] = ()  # the earlier hops' outputs, in route order, each like `hidden`
+    carried_seconds: tuple[float, ...] = ()  # what each earlier hop says its step took (untrusted)
+    seconds: float = 0.0  # what this hop says its step took (untrusted)
+
+
 class StreamListener(Protocol):
     """Who receives what a hop's stream brings; called on the client's loop."""
 
-    def on_result(self, stream: HopStream, step_id: int, hidden: torch.Tensor) -> None: ...
+    def on_result(self, stream: HopStream, result: HopResult) -> None: ...
 
     def on_error(self, stream: HopStream, error: peer_pb2.StepError) -> None: ...
 
@@ -64,6 +79,7 @@ class HopStream:
         self.push_token = secrets.token_bytes(ID_BYTES) if pushed else b""
         self.max_message_bytes = max_message_bytes
         self.failure: PeerFailure | None = None
+        self.num_results = 0  # StepResults read: reported outputs, replays' and last-hop results
         self.closed = False
         self._requests: asyncio.Queue[peer_pb2.SessionRequest | None] = asyncio.Queue()
         self._call = stub.Session(self._request_iterator())
@@ -93,10 +109,8 @@ class HopStream:
                 if kind == "opened":
                     self._opened.set_result(None)
                 elif kind == "result":
-                    hidden = from_message(
-                        reply.result.hidden, max_bytes=self.max_message_bytes, expected_ndim=3, name="hidden"
-                    )
-                    self.listener.on_result(self, reply.result.step_id, hidden)
+                    self.num_results += 1
+                    self.listener.on_result(self, self._result(reply.result))
                 elif kind == "error":
                     self.listener.on_error(self, reply.error)
             self._end(PeerFailure(grpc.StatusCode.UNAVAILABLE, "stream ended", self.hop.peer_id))
@@ -109,6 +123,21 @@ class HopStream:
         except Exception as e:  # any other way a reply can break the reader still ends this hop at once
             logger.warning("hop reader failed peer=%s error=%r", short_id(self.hop.peer_id), e)
             self._end(PeerFailure(grpc.StatusCode.INTERNAL, f"bad reply: {e!r}", self.hop.peer_id))
+
+    def _result(self, result: peer_pb2.StepResult) -> HopResult:
+        if len(result.carried) > MAX_CARRIED or len(result.carried_seconds) > MAX_CARRIED:
+            raise InvalidInputError(f"more than {MAX_CARRIED} carried outputs")
+
+        def decode(message: peer_pb2.Tensor, name: str) -> torch.Tensor:
+            return from_message(message, max_bytes=self.max_message_bytes, expected_ndim=3, name=name)
+
+        return HopResult(
+            result.step_id,
+            decode(result.hidden, "hidden"),
+            tuple(decode(t, f"carried[{i}]") for i, t in enumerate(result.carried)),
+            tuple(result.carried_seconds),
+            result.seconds,
+        )
 
     def fail(self, failure: PeerFailure) -> None:
         """End this hop for the session (a reply the listener refused); later replies are ignored."""

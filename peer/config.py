@@ -315,6 +315,31 @@ class PeerConfig(BaseModel):
         gt=0,
         description="seconds the next hop may take to accept a pushed step before it counts as failed",
     )
+    push_stream: bool = Field(
+        default=True,
+        description="push steps to each next peer over one long-lived stream shared by every session (one "
+        "frame per step, no reply unless refused); --no-push-stream makes a unary Push call per step",
+    )
+    push_stream_period: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds this peer pushes on one stream before it opens a fresh one (the old one ends "
+        "once written); a stream pushed into this peer closes after twice this without a frame",
+    )
+    max_push_streams: int = Field(
+        default=256, ge=1, description="push streams from other peers served here at once; more are refused"
+    )
+    max_client_push_streams: int = Field(
+        default=8,
+        ge=1,
+        description="push streams one caller (IPv4 address or IPv6 /64) may have open here at once",
+    )
+    max_push_stream_queue: int = Field(
+        default=64,
+        ge=1,
+        description="steps waiting to be written on one outgoing push stream (more fail with "
+        "RESOURCE_EXHAUSTED), and refusals waiting to be sent back on one incoming stream (more end it)",
+    )
     announce_period: float = Field(
         default=30.0,
         gt=0,

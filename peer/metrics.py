@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 # seconds: a decode step of a small span takes a millisecond or two, a long prefill on a CPU seconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-METHODS = ("Session", "Push", "Forward", "Backward", "Info")  # anything else is counted as "other"
+METHODS = ("Session", "Push", "PushStream", "Forward", "Backward", "Info")  # others count as "other"
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
@@ -241,8 +241,8 @@ _Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by method, its bytes in and out (as serialized), and the status it ends with; a
-    Session stream's step errors are counted as they are serialized. Goes first among the server's
-    interceptors, so calls another interceptor refuses are counted too."""
+    Session stream's step errors and a PushStream's nacks are counted as they are serialized. Goes first
+    among the server's interceptors, so calls another interceptor refuses are counted too."""
 
     def __init__(self, metrics: PeerMetrics) -> None:
         self._metrics = metrics
@@ -283,6 +283,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             sent.inc(len(data))
             if method == "Session" and message.HasField("error"):
                 metrics.errors.labels(method, code_name(message.error.code)).inc()
+            elif method == "PushStream":  # every message back is a refused frame's nack
+                metrics.errors.labels(method, code_name(message.code)).inc()
             return data
 
         def ended(context: grpc.aio.ServicerContext, error: BaseException | None) -> None:

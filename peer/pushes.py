@@ -9,7 +9,8 @@ and over the whole peer. One push passes a byte budget when nothing else waits i
 size the transport takes can get through, one at a time; a budget then bounds what waits at the larger of
 itself and one message. A refusal changes nothing. Knows sessions and messages, not gRPC or tensors.
 
-    push ─▶ token (PushRefused) ─▶ pending < max_pending_pushes ─▶ shape and size (INVALID_ARGUMENT)
+    push ─▶ token (PushRefused) ─▶ pending < max_pending_pushes ─▶ shape, carried count and size
+            (INVALID_ARGUMENT)
          ─▶ client's bytes + size <= max_client_bytes, all bytes + size <= max_bytes, each unless nothing
             waits there yet (RESOURCE_EXHAUSTED)
          ─▶ queued; its bytes come back when the step has run, failed or was cancelled
@@ -20,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from peer.requests import check_rows
+from peer.requests import check_rows, max_carried
 from peer.sessions import QuotaExceeded
 from protos.errors import InvalidInputError
 
@@ -32,19 +33,22 @@ if TYPE_CHECKING:
 MAX_VALUE_BYTES = 4  # float32, the widest hidden dtype on the wire
 MAX_INDEX_BYTES = 8  # int64 position ids, mask values and beam indices
 MESSAGE_SLACK_BYTES = 4096  # ids, token, positions, tags and lengths of the fields around the tensors
+CARRIED_SLACK_BYTES = 64  # one carried output's dtype, shape and lengths, and its carried_seconds
 
 
-def max_step_bytes(batch: int, seq: int, hidden_size: int) -> int:
-    """The largest a pushed step of `seq` new positions can honestly be: its hidden states at the widest
-    dtype, position ids and a mask for each position, beam indices for each row, and the fields around
-    them (the int8 format is smaller than float32)."""
+def max_step_bytes(batch: int, seq: int, hidden_size: int, *, carried: int = 0) -> int:
+    """The largest a pushed step of `seq` new positions can honestly be: its hidden states (and the
+    `carried` outputs of earlier hops, the same shape) at the widest dtype, position ids and a mask for
+    each position, beam indices for each row, and the fields around them (int8 is smaller than float32)."""
     per_position = hidden_size * MAX_VALUE_BYTES + 2 * MAX_INDEX_BYTES
-    return batch * seq * per_position + batch * MAX_INDEX_BYTES + MESSAGE_SLACK_BYTES
+    outputs = carried * (batch * seq * hidden_size * MAX_VALUE_BYTES + CARRIED_SLACK_BYTES)
+    return batch * seq * per_position + batch * MAX_INDEX_BYTES + outputs + MESSAGE_SLACK_BYTES
 
 
 def check_shape(step: peer_pb2.Step, *, session: PeerSession, hidden_size: int, nbytes: int) -> None:
-    """Refuse a pushed step whose claimed shape does not fit `session`, or whose `nbytes` (the push's size
-    on the wire) are more than a step of that shape takes. Reads only the shape: nothing is decoded."""
+    """Refuse a pushed step whose claimed shape does not fit `session`, which carries more outputs than
+    hops can come before it, or whose `nbytes` (the push's size on the wire, carried outputs included) are
+    more than a step of that shape takes. Reads only the shape: nothing is decoded."""
     shape = step.hidden.shape
     if len(shape) != 3:  # len() first: O(1), copies nothing
         raise InvalidInputError(f"hidden: expected 3 dims, got {len(shape)}")
@@ -55,7 +59,10 @@ def check_shape(step: peer_pb2.Step, *, session: PeerSession, hidden_size: int, 
         raise InvalidInputError(
             f"a step of {seq} positions from position {base} does not fit max_length {session.max_length}"
         )
-    largest = max_step_bytes(batch, seq, hidden_size)
+    carried = len(step.carried)
+    if carried > max_carried(session.start):
+        raise InvalidInputError(f"a push into block {session.start} cannot carry {carried} outputs")
+    largest = max_step_bytes(batch, seq, hidden_size, carried=carried)
     if nbytes > largest:
         raise InvalidInputError(f"a push of {nbytes} bytes is more than a [{batch}, {seq}] step takes")
 

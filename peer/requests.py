@@ -7,6 +7,7 @@ A bad field raises `InvalidInputError`; a request beyond this peer's own limits 
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -20,8 +21,12 @@ from protos.relay import validate_relay_maddrs
 from protos.tensors import (
     HIDDEN_WIRE_DTYPES,
     INDEX_DTYPES,
+    INT8,
+    INT8_BLOCK,
+    WIRE_DTYPES,
     WIRE_FORMAT_NAMES,
     from_message,
+    int8_outlier_limit,
     optional_from_message,
     wire_dtype_from_name,
     wire_dtype_of,
@@ -34,6 +39,7 @@ if TYPE_CHECKING:
 
 MAX_SESSION_ID_CHARS = 128
 PUSH_TOKEN_BYTES = 16
+MAX_CARRIED = 64  # hop outputs one pushed step may carry (Step.carried), whatever the model's depth
 BACKWARD_ACTIVATIONS_PER_BLOCK = 16  # hidden-sized tensors autograd keeps per block (attention, MLP, norms)
 
 
@@ -253,14 +259,73 @@ def check_rows(batch: int, width: int, *, session: PeerSession, hidden_size: int
         raise InvalidInputError(f"hidden size {width} does not match the model's {hidden_size}")
 
 
-def parse_step(step: peer_pb2.Step, *, session: PeerSession, served: Served, limits: Limits) -> StepRequest:
-    """Decode and check a step against its session's state before anything changes."""
+def max_carried(start: int) -> int:
+    """The most hop outputs a step pushed into a span starting at block `start` may carry: one per block
+    before it at most (each earlier hop serves at least one), and never more than `MAX_CARRIED`."""
+    return min(start, MAX_CARRIED)
+
+
+def check_carried(step: peer_pb2.Step, *, start: int, pushed: bool) -> None:
+    """The hop outputs a step carries (`Step.carried`, passed on undecoded): only on a push, at most
+    `max_carried(start)`, none with report_outputs, one `carried_seconds` each, and each exactly the shape,
+    wire dtype and byte sizes of the step's hidden states (whose message `from_message` has checked)."""
+    count = len(step.carried)  # len() first: O(1) on a repeated field, copies nothing
+    if not pushed:
+        if count or len(step.carried_seconds):
+            raise InvalidInputError("carried outputs come only with a push, never from a client")
+        return
+    if count > max_carried(start):
+        raise InvalidInputError(
+            f"{count} carried outputs: a step into block {start} can have at most {max_carried(start)}"
+        )
+    if len(step.carried_seconds) != count:
+        raise InvalidInputError(f"{len(step.carried_seconds)} carried_seconds for {count} carried outputs")
+    if count and step.report_outputs:
+        raise InvalidInputError("a step with report_outputs carries no outputs")
+    shape, dtype = list(step.hidden.shape), step.hidden.dtype
+    for index, carried in enumerate(step.carried):
+        name = f"carried[{index}]"
+        if carried.dtype != dtype:
+            raise InvalidInputError(f"{name}: dtype {carried.dtype!r}, expected the hidden's {dtype!r}")
+        if len(carried.shape) != len(shape) or list(carried.shape) != shape:
+            raise InvalidInputError(f"{name}: shape {list(carried.shape[:8])}, expected {shape}")
+        _check_sizes(carried, name)
+
+
+def _check_sizes(message: peer_pb2.Tensor, name: str) -> None:
+    """The byte fields of a tensor message of a checked wire dtype and shape hold what they must (lengths
+    only: the values are never read here)."""
+    shape = tuple(message.shape)
+    numel = math.prod(shape)
+    if message.dtype != INT8:
+        extra = message.block or message.scales or message.outlier_index or message.outlier_values
+        if extra or len(message.data) != numel * WIRE_DTYPES[message.dtype].itemsize:
+            raise InvalidInputError(f"{name}: its bytes do not match shape {list(shape)} of {message.dtype}")
+        return
+    outliers = len(message.outlier_index)
+    if (
+        message.block != INT8_BLOCK
+        or len(message.data) != numel
+        or len(message.scales) != 4 * -(-numel // INT8_BLOCK)
+        or outliers % 4
+        or len(message.outlier_values) != outliers
+        or outliers // 4 > int8_outlier_limit(shape)
+    ):
+        raise InvalidInputError(f"{name}: its bytes do not match shape {list(shape)} of int8")
+
+
+def parse_step(
+    step: peer_pb2.Step, *, session: PeerSession, served: Served, limits: Limits, pushed: bool = False
+) -> StepRequest:
+    """Decode and check a step against its session's state before anything changes; a `pushed` one may
+    carry the outputs of earlier hops (checked, not decoded)."""
     if step.session_id not in ("", session.session_id):
         raise InvalidInputError("step for another session")
     max_bytes = limits.max_message_bytes
     hidden = from_message(
         step.hidden, max_bytes=max_bytes, expected_dtypes=HIDDEN_WIRE_DTYPES, expected_ndim=3, name="hidden"
     )
+    check_carried(step, start=session.start, pushed=pushed)
     batch, seq, width = hidden.shape
     check_rows(batch, width, session=session, hidden_size=served.hidden_size)
     if seq < 1:

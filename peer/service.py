@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from peer import requests, stateless, wire
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
 from peer.metrics import PeerMetrics
+from peer.push_streams import IncomingPushStreams, PushStreams
 from peer.pushes import PushBudget
 from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
@@ -83,6 +85,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self._tasks: set[asyncio.Task[None]] = set()  # pushes out, pushed steps in
         self._stateless_in_flight = 0  # Forward/Backward calls admitted and not finished
         self.pushes = PushBudget.from_config(config)  # bytes of pushed steps waiting to run
+        self.push_streams = PushStreams.from_config(self.channels, config)  # one per next peer
+        self.incoming_pushes = IncomingPushStreams.from_config(config)  # other peers' push streams
         self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
         self.metrics = metrics if metrics is not None else PeerMetrics()
 
@@ -198,71 +202,157 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- steps -------------------------------------------------------------------------------------
 
-    async def _step_or_report(self, session: PeerSession, step: peer_pb2.Step) -> None:
-        """Run a step; a failure is reported on the session's stream and leaves the session as it was."""
+    async def _step_or_report(
+        self, session: PeerSession, step: peer_pb2.Step, *, pushed: bool = False
+    ) -> None:
+        """Run a step (`pushed` by the previous hop, or the client's own); a failure is reported on the
+        session's stream and leaves the session as it was."""
         deadline = requests.step_deadline(step, time.monotonic())  # counted from its arrival here
         session.touch()  # a step waiting for its turn keeps its session from expiring as idle
         try:
-            await self._step(session, step, deadline, time.perf_counter())
+            await self._step(session, step, deadline, time.perf_counter(), pushed=pushed)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
             await session.reply(self._step_error(step.step_id, e))
 
     async def _step(
-        self, session: PeerSession, step: peer_pb2.Step, deadline: float | None, arrived: float
+        self,
+        session: PeerSession,
+        step: peer_pb2.Step,
+        deadline: float | None,
+        arrived: float,
+        *,
+        pushed: bool,
     ) -> None:
+        """parse -> enqueue -> await -> push/reply: the push goes out before anything else is done for the
+        step, the reply (a reported output, or the last hop's result) after it."""
         async with session.lock:
-            span, cache = session.span, session.cache
-            if self.sessions.get(session.session_id) is not session or span is None or cache is None:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
+            span = self._live_span(session)
             started = time.perf_counter()
-            parsed = requests.parse_step(step, session=session, served=Served.of(span), limits=self.limits)
-            hidden = parsed.hidden.to(span.dtype)
-            length = hidden.shape[1]
-            self._make_room(session, parsed.base + length)
-
-            def prepare() -> None:
-                cache.rollback(parsed.base)  # also trims sliding layers to their window
-                if parsed.beam_indices is not None:
-                    cache.reorder_cache(parsed.beam_indices)
-
-            item = BatchItem(hidden, cache, parsed.position_ids, parsed.attention_mask)
-            work = StepWork(span, session.start, session.end, item, prepare)
-            chunk, lone = self.config.prefill_chunk_tokens, self.config.compute_chunk_tokens
+            parsed = requests.parse_step(
+                step, session=session, served=Served.of(span), limits=self.limits, pushed=pushed
+            )
+            work = self._work(session, span, parsed)
             decoded = time.perf_counter()
             output = await self.scheduler.prefill(
-                work, chunk_tokens=chunk, lone_chunk_tokens=lone, deadline=deadline
+                work,
+                chunk_tokens=self.config.prefill_chunk_tokens,
+                lone_chunk_tokens=self.config.compute_chunk_tokens,
+                deadline=deadline,
             )
             computed = time.perf_counter()
-            session.position = parsed.base + length
+            hidden = encode_output(output, session.wire_dtype)  # serialized once for the push and the reply
+            encoded = time.perf_counter()
+            result = self._push_or_result(session, step, hidden, deadline, seconds=encoded - arrived)
+            session.position = parsed.base + parsed.hidden.shape[1]
             session.attention_mask = parsed.attention_mask
             session.touch()
-            push = bool(session.next_hops) and not step.local_only
-            hidden_message = encode_output(output, session.wire_dtype)  # serialized once for both uses
-            encoded = time.perf_counter()
-            if push:
-                self._spawn(self._push(session, step, hidden_message, session.next_hops[0], deadline))
-            if not push or session.report_outputs:  # the report goes out before the push can fail
-                result = peer_pb2.StepResult(
-                    step_id=step.step_id,
-                    hidden=hidden_message,
-                    position=session.position,
-                    peer_id=self.peer_id,
-                )
+            if result is not None:
+                result.position = session.position
                 # under the lock: replies keep the steps' order, and a client that does not read its
                 # stream stalls its own session once the stream's queue is full
                 await session.reply(peer_pb2.SessionReply(result=result))
-            wait, reported = started - arrived + computed - decoded - work.computed, time.perf_counter()
-            self.step_times.add(
-                steps=1,
-                decode=decoded - started,
-                wait=wait,
-                compute=work.computed,
-                encode=encoded - computed,
-                report=reported - encoded,
+            self._count(work, parsed, arrived, started, decoded, computed, encoded)
+
+    def _live_span(self, session: PeerSession) -> HostedSpan:
+        span, cache = session.span, session.cache
+        if self.sessions.get(session.session_id) is not session or span is None or cache is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
+        return span
+
+    def _work(self, session: PeerSession, span: HostedSpan, parsed: requests.StepRequest) -> StepWork:
+        """The scheduler's job for a parsed step, after making room for its positions in the cache."""
+        cache = session.cache
+        if cache is None:  # checked by `_live_span` under the same lock
+            raise RequestError(grpc.StatusCode.NOT_FOUND, "the session is closed")
+        hidden = parsed.hidden.to(span.dtype)
+        self._make_room(session, parsed.base + hidden.shape[1])
+
+        def prepare() -> None:
+            cache.rollback(parsed.base)  # also trims sliding layers to their window
+            if parsed.beam_indices is not None:
+                cache.reorder_cache(parsed.beam_indices)
+
+        item = BatchItem(hidden, cache, parsed.position_ids, parsed.attention_mask)
+        return StepWork(span, session.start, session.end, item, prepare)
+
+    def _push_or_result(
+        self,
+        session: PeerSession,
+        step: peer_pb2.Step,
+        hidden: peer_pb2.Tensor,
+        deadline: float | None,
+        *,
+        seconds: float,
+    ) -> peer_pb2.StepResult | None:
+        """Push the step's output `hidden` on (its write is issued before this returns), carrying the earlier
+        hops' outputs and this one's unless the step is reported; return what this hop replies to the
+        client: its reported output, the last hop's result (with every carried output), or None."""
+        report = step.report_outputs or session.report_outputs
+        if session.next_hops and not step.local_only:
+            hop = session.next_hops[0]
+            pushed = peer_pb2.Step(
+                session_id=hop.session_id,
+                step_id=step.step_id,
+                position=step.position,
+                hidden=hidden,
+                position_ids=step.position_ids,
+                beam_indices=step.beam_indices,  # an unset tensor stays unset (no dtype)
+                attention_mask=step.attention_mask,
+                report_outputs=report,
             )
-            self.metrics.step(tokens=hidden.shape[0] * length, wait=wait, seconds=reported - arrived)
+            if step.HasField("rollback_to"):
+                pushed.rollback_to = step.rollback_to
+            if deadline is not None:  # what is left of the client's wait goes on with the step
+                pushed.timeout_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+            if not report:  # the earlier hops' outputs stay messages: never decoded here
+                pushed.carried.extend(step.carried)
+                pushed.carried.append(hidden)
+                pushed.carried_seconds.extend(step.carried_seconds)
+                pushed.carried_seconds.append(seconds)
+                if pushed.ByteSize() > self.limits.max_message_bytes:  # what the next hop would refuse
+                    raise InvalidInputError(
+                        f"the step's carried outputs pass max_message_bytes {self.limits.max_message_bytes}: "
+                        "a step this long must set report_outputs"
+                    )
+            self._push(session, pushed, hop)
+            return (
+                peer_pb2.StepResult(step_id=step.step_id, hidden=hidden, peer_id=self.peer_id)
+                if report
+                else None
+            )
+        return peer_pb2.StepResult(
+            step_id=step.step_id,
+            hidden=hidden,
+            peer_id=self.peer_id,
+            carried=step.carried,  # copied as messages, never decoded
+            carried_seconds=step.carried_seconds,
+            seconds=seconds,
+        )
+
+    def _count(
+        self,
+        work: StepWork,
+        parsed: requests.StepRequest,
+        arrived: float,
+        started: float,
+        decoded: float,
+        computed: float,
+        encoded: float,
+    ) -> None:
+        """Where one step spent its time (`Info`) and the step metrics, once it is out."""
+        wait, replied = started - arrived + computed - decoded - work.computed, time.perf_counter()
+        self.step_times.add(
+            steps=1,
+            decode=decoded - started,
+            wait=wait,
+            compute=work.computed,
+            encode=encoded - computed,
+            report=replied - encoded,
+        )
+        batch, length = parsed.hidden.shape[:2]
+        self.metrics.step(tokens=batch * length, wait=wait, seconds=replied - arrived)
 
     def _make_room(self, session: PeerSession, positions: int) -> None:
         """Pages for `positions` cached positions of `session`; the sessions preempted for them end with
@@ -279,6 +369,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         error_message.peer_id = peer_id or self.peer_id
         return peer_pb2.SessionReply(error=error_message)
 
+    async def _reply(self, session: PeerSession, reply: peer_pb2.SessionReply) -> None:
+        await session.reply(reply)
+
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._tasks.add(task)
@@ -287,60 +380,93 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- Push --------------------------------------------------------------------------------------
 
-    async def _push(
-        self,
-        session: PeerSession,
-        step: peer_pb2.Step,
-        hidden: peer_pb2.Tensor,
-        hop: peer_pb2.Hop,
-        deadline: float | None,
-    ) -> None:
-        pushed = peer_pb2.Step(
-            session_id=hop.session_id,
-            step_id=step.step_id,
-            position=step.position,
-            hidden=hidden,
-            position_ids=step.position_ids,
-            beam_indices=step.beam_indices,  # an unset tensor stays unset (no dtype)
-            attention_mask=step.attention_mask,
-        )
-        if step.HasField("rollback_to"):
-            pushed.rollback_to = step.rollback_to
-        if deadline is not None:  # what is left of the client's wait goes on with the step
-            pushed.timeout_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+    def _push(self, session: PeerSession, pushed: peer_pb2.Step, hop: peer_pb2.Hop) -> None:
+        """Start delivering `pushed` to the next hop `hop`: the call is issued before this returns (its
+        write is the next thing the loop runs); a failure reaches the session's client as a StepError
+        naming the next hop."""
+        step_id = pushed.step_id
         try:
             if not self.channels.insecure and not tls.binds(hop.certificate, hop.peer_id):
                 raise RequestError(
                     grpc.StatusCode.UNAUTHENTICATED, "next hop's certificate is not its peer's"
                 )
+            request = peer_pb2.PushRequest(step=pushed, push_token=hop.push_token)
             started = time.perf_counter()
-            self.metrics.pushed(pushed)
+            if (
+                self.config.push_stream
+            ):  # a frame on the stream to that peer: no call, no answer unless refused
+                fail = functools.partial(self._push_failed, session, step_id, hop)
+                self.push_streams.push(hop, request, fail)
+                self.metrics.pushed(pushed)
+                self.step_times.add(push=time.perf_counter() - started)  # queued for the stream's writer
+                return
             relay = (hop.peer_id, tuple(hop.relay_maddrs)) if hop.relay_maddrs else None
-            await self.channels.stub(hop.address, hop.certificate, relay=relay).Push(
-                peer_pb2.PushRequest(step=pushed, push_token=hop.push_token), timeout=self.config.step_timeout
-            )
-            self.step_times.add(push=time.perf_counter() - started)
+            stub = self.channels.stub(hop.address, hop.certificate, relay=relay)
+            call = stub.Push(request, timeout=self.config.step_timeout)
         except RequestError as e:
-            await session.reply(self._step_error(step.step_id, e, peer_id=hop.peer_id))
+            self._spawn(self._reply(session, self._step_error(step_id, e, peer_id=hop.peer_id)))
+            return
         except Unreachable as e:  # a relayed next hop, and this peer has no libp2p node (in-process tests)
             error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
-            await session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
+            self._spawn(self._reply(session, self._step_error(step_id, error, peer_id=hop.peer_id)))
+            return
+        self.metrics.pushed(pushed)
+        self._spawn(self._delivered(session, call, step_id, hop, started))
+
+    async def _delivered(
+        self,
+        session: PeerSession,
+        call: Awaitable[peer_pb2.PushReply],
+        step_id: int,
+        hop: peer_pb2.Hop,
+        started: float,
+    ) -> None:
+        """Wait for a push's answer; a refusal or a failure goes to the session's client."""
+        try:
+            await call
+            self.step_times.add(push=time.perf_counter() - started)
+        except Unreachable as e:
+            error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
+            await session.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
         except grpc.aio.AioRpcError as e:
             logger.warning(
                 "push failed session=%s step=%d next=%r code=%s",
                 log_id(session.session_id),
-                step.step_id,
+                step_id,
                 hop.address,
                 e.code(),
             )
             # the next hop's own text stays in this peer's log: echoed, it would map the peer's network
             error = RequestError(e.code(), f"push to the next hop failed: {e.code().name}")
-            await session.reply(self._step_error(step.step_id, error, peer_id=hop.peer_id))
+            await session.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
+
+    def _push_failed(
+        self, session: PeerSession, step_id: int, hop: peer_pb2.Hop, code: grpc.StatusCode, message: str
+    ) -> None:
+        """A frame on a push stream was refused or lost with its stream: the session's client hears it."""
+        error = RequestError(code, message)
+        self._spawn(self._reply(session, self._step_error(step_id, error, peer_id=hop.peer_id)))
 
     @aborts_on_error
     async def Push(
         self, request: peer_pb2.PushRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.PushReply:
+        await self._accept_push(request)
+        return peer_pb2.PushReply()
+
+    async def PushStream(
+        self,
+        request_iterator: AsyncIterator[peer_pb2.PushRequest | wire.Refused],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[peer_pb2.PushNack]:
+        """Pushes from one previous peer, one frame per step: each admitted like a Push, each refusal a nack
+        (`peer.push_streams`)."""
+        async for nack in self.incoming_pushes.serve(request_iterator, context, self._accept_push):
+            yield nack
+
+    async def _accept_push(self, request: peer_pb2.PushRequest) -> None:
+        """Admit one pushed step (a Push, or a frame of a PushStream) and queue it behind the session's
+        earlier steps; a refusal raises and changes nothing."""
         session_id, token = requests.parse_push(request)
         session = self.sessions.get(session_id)
         # an unknown id and a wrong token get the same answer: a push tells a stranger nothing
@@ -349,8 +475,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         nbytes = self.pushes.admit(session, request, hidden_size=self.span.hidden_size)
         # accepted: the step runs in order behind the session's earlier steps, and a failure goes to the
         # client on this hop's stream, so the sender waits only for delivery, never for compute
-        self.pushes.queued(session, self._spawn(self._step_or_report(session, request.step)), nbytes)
-        return peer_pb2.PushReply()
+        self.pushes.queued(
+            session, self._spawn(self._step_or_report(session, request.step, pushed=True)), nbytes
+        )
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------
 
@@ -444,12 +571,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             session.finish(_End(Status(grpc.StatusCode.NOT_FOUND, f"session expired: {reason}")))
 
     async def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
-        """Wait at most `timeout` seconds for pushes under way, cancel the rest, close the channels."""
+        """Wait at most `timeout` seconds for pushes under way, cancel the rest; end the push streams
+        (within `timeout` too) and close the channels."""
         tasks = list(self._tasks)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        await self.push_streams.close(timeout=timeout)
         if self._owns_channels:
             await self.channels.close()

@@ -96,6 +96,15 @@ def session_request(data: bytes) -> peer_pb2.SessionRequest | Refused:
         return Refused("malformed session message")
 
 
+def push_request(data: bytes) -> peer_pb2.PushRequest | Refused:
+    """The PushStream RPC's frame deserializer: a frame that does not parse ends the stream (the handler gets
+    a `Refused`), where gRPC would end it with an opaque INTERNAL."""
+    try:
+        return peer_pb2.PushRequest.FromString(data)
+    except Exception:  # protobuf's DecodeError, or a nested message it cannot build
+        return Refused("malformed push frame")
+
+
 async def checked(
     requests: AsyncIterator[peer_pb2.SessionRequest | Refused],
 ) -> AsyncIterator[peer_pb2.SessionRequest]:
@@ -107,12 +116,17 @@ async def checked(
 
 
 def add_to_server(servicer: object, server: grpc.aio.Server) -> None:
-    """`peer_pb2_grpc.add_PeerServicer_to_server` with the Session deserializer above."""
+    """`peer_pb2_grpc.add_PeerServicer_to_server` with the Session and PushStream deserializers above."""
     handlers = {
         "Session": grpc.stream_stream_rpc_method_handler(
             servicer.Session,  # type: ignore[attr-defined]
             request_deserializer=session_request,
             response_serializer=peer_pb2.SessionReply.SerializeToString,
+        ),
+        "PushStream": grpc.stream_stream_rpc_method_handler(
+            servicer.PushStream,  # type: ignore[attr-defined]
+            request_deserializer=push_request,
+            response_serializer=peer_pb2.PushNack.SerializeToString,
         ),
     }
     for name, request, reply in (

@@ -67,7 +67,7 @@ class OpenSession(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., push_token: _Optional[bytes] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only", "timeout_ms", "attention_mask")
+    __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only", "timeout_ms", "attention_mask", "carried", "report_outputs", "carried_seconds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,9 @@ class Step(_message.Message):
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_FIELD_NUMBER: _ClassVar[int]
+    REPORT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step_id: int
     position: int
@@ -88,7 +91,10 @@ class Step(_message.Message):
     local_only: bool
     timeout_ms: int
     attention_mask: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., beam_indices: _Optional[_Union[Tensor, _Mapping]] = ..., rollback_to: _Optional[int] = ..., local_only: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    carried: _containers.RepeatedCompositeFieldContainer[Tensor]
+    report_outputs: bool
+    carried_seconds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., position: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., beam_indices: _Optional[_Union[Tensor, _Mapping]] = ..., rollback_to: _Optional[int] = ..., local_only: _Optional[bool] = ..., timeout_ms: _Optional[int] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., carried: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., carried_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Reroute(_message.Message):
     __slots__ = ("next_hops",)
@@ -121,16 +127,22 @@ class Opened(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "hidden", "position", "peer_id")
+    __slots__ = ("step_id", "hidden", "position", "peer_id", "carried", "carried_seconds", "seconds")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_FIELD_NUMBER: _ClassVar[int]
+    CARRIED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden: Tensor
     position: int
     peer_id: str
-    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    carried: _containers.RepeatedCompositeFieldContainer[Tensor]
+    carried_seconds: _containers.RepeatedScalarFieldContainer[float]
+    seconds: float
+    def __init__(self, step_id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., peer_id: _Optional[str] = ..., carried: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., carried_seconds: _Optional[_Iterable[float]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class StepError(_message.Message):
     __slots__ = ("step_id", "code", "message", "peer_id")
@@ -165,6 +177,18 @@ class PushRequest(_message.Message):
 class PushReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PushNack(_message.Message):
+    __slots__ = ("session_id", "step_id", "code", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step_id: int
+    code: int
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("start", "end", "hidden", "prompts", "attention_mask")

@@ -44,6 +44,11 @@ class PeerStub:
                 request_serializer=protos_dot_peer__pb2.PushRequest.SerializeToString,
                 response_deserializer=protos_dot_peer__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.PushStream = channel.stream_stream(
+                '/corolla.peer.v1.Peer/PushStream',
+                request_serializer=protos_dot_peer__pb2.PushRequest.SerializeToString,
+                response_deserializer=protos_dot_peer__pb2.PushNack.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/corolla.peer.v1.Peer/Forward',
                 request_serializer=protos_dot_peer__pb2.ForwardRequest.SerializeToString,
@@ -73,6 +78,18 @@ class PeerServicer:
 
     def Push(self, request, context):
         """Hop-to-hop delivery of a session's step; the result goes on along next_hops.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushStream(self, request_iterator, context):
+        """The same delivery over one long-lived stream per (sender, receiver) peer pair, carrying every session's
+        steps, one frame each, in order. Each frame is admitted exactly as a Push; a refused frame gets a
+        PushNack and the stream goes on. The stream ends with INVALID_ARGUMENT on bytes that do not parse as a
+        PushRequest, RESOURCE_EXHAUSTED when the caller holds too many push streams here (or the peer does) or
+        reads none of its nacks while they pile up, and OK after a long time without a frame; the sender then
+        counts the steps it wrote lately as failed (UNAVAILABLE) and opens a new stream for the next push.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +125,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=protos_dot_peer__pb2.PushRequest.FromString,
                     response_serializer=protos_dot_peer__pb2.PushReply.SerializeToString,
+            ),
+            'PushStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushStream,
+                    request_deserializer=protos_dot_peer__pb2.PushRequest.FromString,
+                    response_serializer=protos_dot_peer__pb2.PushNack.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -179,6 +201,33 @@ class Peer:
             '/corolla.peer.v1.Peer/Push',
             protos_dot_peer__pb2.PushRequest.SerializeToString,
             protos_dot_peer__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/corolla.peer.v1.Peer/PushStream',
+            protos_dot_peer__pb2.PushRequest.SerializeToString,
+            protos_dot_peer__pb2.PushNack.FromString,
             options,
             channel_credentials,
             insecure,

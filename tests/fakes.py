@@ -32,7 +32,7 @@ from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.scheduler import Scheduler
 from peer.service import PeerService, RequestError
-from peer.sessions import SessionTable
+from peer.sessions import PeerSession, SessionTable
 from protos import peer_pb2
 from protos.channels import channel_options
 from protos.records import PeerRecord, PeerState
@@ -147,17 +147,40 @@ class _FaultyService(PeerService):
 
     faults: Faults
 
+    def _push(self, session: PeerSession, pushed: peer_pb2.Step, hop: peer_pb2.Hop) -> None:
+        if self.faults.corrupt and pushed.carried:  # this hop's output on its way to the client
+            # values only: the next hop refuses a carried output of the wrong shape, dtype or size itself
+            _corrupt(pushed.carried[-1], "perturb" if self.faults.corrupt == "perturb" else "nan")
+        super()._push(session, pushed, hop)
+
+    def _push_or_result(
+        self,
+        session: PeerSession,
+        step: peer_pb2.Step,
+        hidden: peer_pb2.Tensor,
+        deadline: float | None,
+        *,
+        seconds: float,
+    ) -> peer_pb2.StepResult | None:
+        result = super()._push_or_result(session, step, hidden, deadline, seconds=seconds)
+        if result is None and self.faults.blame:  # a carried step: no result to replace, the error goes alone
+            self._spawn(self._reply(session, self._blame(step.step_id)))
+        return result
+
+    def _blame(self, step_id: int) -> peer_pb2.SessionReply:
+        peer_id, code = self.faults.blame.pop(0)
+        message = f"injected {code.name} blaming {peer_id}"
+        error = peer_pb2.StepError(step_id=step_id, code=code.value[0], message=message)
+        error.peer_id = peer_id
+        return peer_pb2.SessionReply(error=error)
+
     async def Session(
         self, request_iterator: AsyncIterator[peer_pb2.SessionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[peer_pb2.SessionReply]:
         async for reply in super().Session(self._gated(request_iterator), context):
             await self.faults.gate()
             if reply.WhichOneof("kind") == "result" and self.faults.blame:
-                peer_id, code = self.faults.blame.pop(0)
-                message = f"injected {code.name} blaming {peer_id}"
-                error = peer_pb2.StepError(step_id=reply.result.step_id, code=code.value[0], message=message)
-                error.peer_id = peer_id
-                reply = peer_pb2.SessionReply(error=error)
+                reply = self._blame(reply.result.step_id)
             elif self.faults.corrupt and reply.WhichOneof("kind") == "result":
                 _corrupt(reply.result.hidden, self.faults.corrupt)
             yield reply
@@ -173,13 +196,12 @@ class _FaultyService(PeerService):
                 raise failure  # the servicer ends the stream with its status
             yield request
 
-    async def Push(
-        self, request: peer_pb2.PushRequest, context: grpc.aio.ServicerContext
-    ) -> peer_pb2.PushReply:
+    async def _accept_push(self, request: peer_pb2.PushRequest) -> None:
+        """Every push received, a Push call or a frame of a PushStream, waits while frozen and may fail."""
         await self.faults.gate()
         if failure := self.faults.take_failure(_PUSH):
-            await context.abort(failure.code, str(failure))
-        return await super().Push(request, context)
+            raise failure
+        await super()._accept_push(request)
 
     async def Forward(
         self, request: peer_pb2.ForwardRequest, context: grpc.aio.ServicerContext
@@ -239,6 +261,7 @@ class FakePeer:
         self.scheduler = Scheduler(
             max_batch_tokens=self.config.max_batch_tokens,
             max_stateless_tokens=self.config.compute_chunk_tokens,
+            inline_seconds=0.0,  # one loop serves every in-process peer: a frozen forward must not hold it
         )
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -326,7 +349,9 @@ class FakePeer:
     def corrupt_outputs(self, on: bool = True, *, mode: str = "bytes") -> None:
         """Step results sent to the client and Forward/Backward replies come back garbled (pushes to the
         next hop stay intact): `mode` "bytes" one byte short of their shape, "nan" all NaN, "shape" twice
-        as many positions, "dtype" in another float dtype, "perturb" plausible values off by 0.01."""
+        as many positions, "dtype" in another float dtype, "perturb" plausible values off by 0.01. The output
+        a push carries on for the client (Step.carried) is garbled in its values only ("perturb", else NaN):
+        the next hop refuses a carried output of the wrong shape, dtype or size itself."""
         if mode not in CORRUPTIONS:
             raise ValueError(f"mode must be one of {CORRUPTIONS}, got {mode!r}")
         self.faults.corrupt = mode if on else None
@@ -335,7 +360,8 @@ class FakePeer:
         self, peer_id: str, *, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE, n: int = 1
     ) -> None:
         """The next `n` step results to the client are replaced by a StepError that names `peer_id` as the
-        culprit (a hop framing another peer; the step was computed and pushed on as usual)."""
+        culprit (a hop framing another peer; the step was computed and pushed on as usual); a step whose
+        output is carried on gets the StepError alone."""
         self.faults.blame += [(peer_id, code)] * n
 
     def slow(self, factor: float, *, at_least: float = 0.0) -> None:

@@ -4,11 +4,16 @@ ping), while a hop that turns 5x slower but keeps answering pings is waited on, 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from conftest import FAST_CLIENT
 from test_inprocess import ONE_PER_SPAN, TWO_PER_SPAN, assert_exact, hop, reference, run
 
 from client.config import ClientConfig
+from client.deadlines import HopDeadlines, Waiting
+from client.route import Hop
 
 DEFAULTS = {name: ClientConfig.model_fields[name].default for name in FAST_CLIENT if name != "insecure"}
 
@@ -54,3 +59,19 @@ def test_five_times_slower_hop_is_not_banned_with_default_settings(fake_swarm, c
     assert result.num_failovers == 0 and not connection.bans.banned()
     assert ClientConfig().hop_timeout_factor * slowed[0] < 1.0  # the slow steps did outlast their deadline
     assert min(result.seconds[5:]) >= 1.0
+
+
+@pytest.mark.parametrize(("carried", "expected"), [(False, 0.5), (True, 0.5 + 1.6 + 4.0)])
+def test_a_carried_step_waits_for_the_whole_chain_before_pinging(carried: bool, expected: float) -> None:
+    """Hops of a carried step report nothing until the last one returns every output: the client waits for
+    the sum of the pending hops' deadlines, not the first one's, before it pings them."""
+    config = ClientConfig(min_hop_timeout=0.5, hop_timeout_factor=4.0, max_hop_timeout=30.0)
+    deadlines = HopDeadlines(SimpleNamespace(config=config, stats=SimpleNamespace(block_times=dict)))  # type: ignore[arg-type]
+    spans = [(0, 1, 0.1), (1, 3, 0.2), (3, 4, 1.0)]  # seconds per block each peer announces
+    hops = [Hop(f"p{start}", "127.0.0.1:1", start, end) for start, end, _ in spans]
+    deadlines.prior = {hop.peer_id: seconds for hop, (_, _, seconds) in zip(hops, spans, strict=True)}
+    streams = [SimpleNamespace(hop=hop) for hop in hops]
+    log = SimpleNamespace(positions=torch.zeros(1, 1), inputs={0: torch.zeros(1, 1, 4)})
+    waiting = Waiting(log, streams, None, carried=carried)  # type: ignore[arg-type]
+    timeout = deadlines.chain_timeout(waiting, waiting.pending(), positions=1)
+    assert timeout == pytest.approx(expected)

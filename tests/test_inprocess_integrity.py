@@ -220,3 +220,32 @@ def test_bad_forward_and_backward_replies_are_retried_elsewhere(fake_swarm, conn
     assert len(failed) == 3 and connection.bans.banned() == {peer.peer_id for peer in failed}
     output, grad = _forward_backward(connection)  # a forward on a garbling peer would have failed over too
     assert torch.equal(output, clean_output) and torch.equal(grad, clean_grad)
+
+
+def test_a_hop_dropping_carried_outputs_switches_the_session_to_reports(fake_swarm, connect) -> None:
+    """The middle hop drops the outputs a step carries: the last hop's result comes back short, which any hop
+    of the chain may have caused, so nobody is banned; the step is resent with each hop reporting its own
+    output (what the client keeps doing for the session), and the outputs stay exact."""
+    swarm = fake_swarm(ONE_PER_SPAN)
+    connection = connect(swarm)
+    middle = swarm.peers[1].service
+    honest = middle._push
+
+    def dropping(session, pushed: peer_pb2.Step, next_hop) -> None:
+        del pushed.carried[:]
+        del pushed.carried_seconds[:]
+        honest(session, pushed, next_hop)
+
+    streams: list[list[Any]] = []
+    result = run(
+        connection,
+        {
+            3: lambda session: setattr(middle, "_push", dropping),
+            5: lambda session: streams.append([s.num_results for s in session.streams]),
+        },
+    )
+    assert_exact(result.outputs, reference(swarm))
+    assert result.num_failovers == 0 and connection.bans.banned() == set()
+    # steps 0-2 carried (the last hop's results only), step 3's short result, then step 3 resent and step 4
+    # reported by every hop
+    assert streams == [[2, 2, 3 + 1 + 2]]

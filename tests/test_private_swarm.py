@@ -195,6 +195,11 @@ def _outcomes(process: Process, metadata: tuple[tuple[str, str], ...]) -> dict[s
             outcomes["Session"] = "OK"
         except grpc.RpcError as e:
             outcomes["Session"] = e.code().name
+        try:  # a member's made-up frame gets a nack, and the stream ends OK once the caller's frames do
+            list(stub.PushStream(iter([requests["Push"]]), metadata=metadata, timeout=30))
+            outcomes["PushStream"] = "OK"
+        except grpc.RpcError as e:
+            outcomes["PushStream"] = e.code().name
     return outcomes
 
 
@@ -205,7 +210,9 @@ def test_every_rpc_refuses_a_caller_without_the_token(swarm, keys) -> None:
     # a member gets past the guard: a valid Forward/Backward/Info succeeds, made-up ones get the usual codes
     assert member["Info"] == member["Forward"] == member["Backward"] == "OK"
     assert "UNAUTHENTICATED" not in member.values()
-    refused = dict.fromkeys(["Info", "Forward", "Backward", "Push", "Session"], "UNAUTHENTICATED")
+    refused = dict.fromkeys(
+        ["Info", "Forward", "Backward", "Push", "Session", "PushStream"], "UNAUTHENTICATED"
+    )
     assert _outcomes(first, ()) == refused
     wrong = SwarmKey.load(keys["other"]).grpc_token(certificate(first))
     assert _outcomes(first, ((METADATA_KEY, wrong),)) == refused

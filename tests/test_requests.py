@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peer.pushes import check_shape, max_step_bytes
 from peer.requests import (
+    MAX_CARRIED,
     MAX_SESSION_ID_CHARS,
     Limits,
     OpenRequest,
@@ -399,3 +401,119 @@ def test_backward_needs_a_gradient_shaped_like_hidden() -> None:
     with pytest.raises(PeerLimitError) as caught:
         parse_backward(request, served=SERVED, limits=LIMITS)
     assert caught.value.limit == "max_batch_size"
+
+
+# ---- carried outputs (Step.carried) ----------------------------------------------------------------------
+
+
+def _carried(count: int, *, start: int = 2, **overrides: object) -> peer_pb2.Step:
+    """A pushed step into a span starting at `start`, carrying `count` earlier hops' outputs."""
+    outputs = [to_message(torch.full((2, 1, HIDDEN), float(i))) for i in range(count)]
+    fields: dict[str, object] = dict(carried=outputs, carried_seconds=[0.001] * count)
+    fields.update(overrides)
+    return _step(**fields)
+
+
+def _pushed_into(start: int) -> PeerSession:
+    session = _session()
+    session.start = start
+    return session
+
+
+def test_a_pushed_step_carries_earlier_outputs_undecoded() -> None:
+    step = _carried(2)
+    parsed = parse_step(step, session=_session(), served=SERVED, limits=LIMITS, pushed=True)
+    assert parsed.base == 3 and tuple(parsed.hidden.shape) == (2, 1, HIDDEN)
+    # int8 outputs carry their scales and outliers: sizes are checked, values never read
+    int8 = [to_message(torch.randn(2, 1, HIDDEN), dtype=torch.int8) for _ in range(2)]
+    step = _step(int8[0], carried=int8[1:], carried_seconds=[0.5])
+    parse_step(step, session=_session(), served=SERVED, limits=LIMITS, pushed=True)
+    # a hop deep in a long model: one output per block before it, at most MAX_CARRIED
+    parse_step(
+        _carried(MAX_CARRIED, start=100), session=_pushed_into(100), served=SERVED, limits=LIMITS, pushed=True
+    )
+
+
+def _short(message: peer_pb2.Tensor) -> peer_pb2.Tensor:
+    message.data = message.data[:-1]
+    return message
+
+
+def _with_scales(message: peer_pb2.Tensor) -> peer_pb2.Tensor:
+    message.scales = b"\0" * 4
+    return message
+
+
+BAD_CARRIED = {
+    "a client's own step": (_carried(1), False, 2, "carried outputs come only with a push"),
+    "a client's seconds alone": (_step(carried_seconds=[1.0]), False, 2, "only with a push"),
+    "more than blocks before": (_carried(3), True, 2, "a step into block 2 can have at most 2"),
+    "more than the cap": (_carried(MAX_CARRIED + 1), True, 100, f"can have at most {MAX_CARRIED}"),
+    "seconds missing": (_carried(2, carried_seconds=[0.1]), True, 2, "1 carried_seconds for 2 carried"),
+    "and reported": (_carried(1, report_outputs=True), True, 2, "with report_outputs carries no outputs"),
+    "another dtype": (
+        _step(carried=[_zeros(2, 1, HIDDEN, dtype=torch.float16)], carried_seconds=[0.0]),
+        True,
+        2,
+        "carried[0]: dtype 'float16', expected the hidden's 'float32'",
+    ),
+    "another shape": (
+        _step(carried=[_zeros(2, 2, HIDDEN)], carried_seconds=[0.0]),
+        True,
+        2,
+        "carried[0]: shape [2, 2, 8], expected [2, 1, 8]",
+    ),
+    "more dims": (
+        _step(carried=[_zeros(2, 1, HIDDEN, 1)], carried_seconds=[0.0]),
+        True,
+        2,
+        "carried[0]: shape [2, 1, 8, 1]",
+    ),
+    "a byte short": (
+        _step(carried=[_short(_zeros(2, 1, HIDDEN))], carried_seconds=[0.0]),
+        True,
+        2,
+        "carried[0]: its bytes do not match shape [2, 1, 8] of float32",
+    ),
+    "scales on a float": (
+        _step(carried=[_with_scales(_zeros(2, 1, HIDDEN))], carried_seconds=[0.0]),
+        True,
+        2,
+        "carried[0]: its bytes do not match",
+    ),
+    "int8 without its scales": (
+        _step(
+            to_message(torch.randn(2, 1, HIDDEN), dtype=torch.int8),
+            carried=[peer_pb2.Tensor(dtype="int8", shape=[2, 1, HIDDEN], data=b"\0" * 16, block=64)],
+            carried_seconds=[0.0],
+        ),
+        True,
+        2,
+        "carried[0]: its bytes do not match shape [2, 1, 8] of int8",
+    ),
+}
+
+
+@pytest.mark.parametrize(("step", "pushed", "start", "message"), BAD_CARRIED.values(), ids=BAD_CARRIED.keys())
+def test_bad_carried_outputs_raise(step: peer_pb2.Step, pushed: bool, start: int, message: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        parse_step(step, session=_pushed_into(start), served=SERVED, limits=LIMITS, pushed=pushed)
+    assert message in str(caught.value)
+
+
+def test_a_push_carrying_outputs_is_admitted_by_its_size() -> None:
+    """The push budget counts carried outputs: a push may be as large as its hidden states times the hops it
+    carries, no more, and never carries more outputs than blocks come before its hop."""
+    session = PeerSession(
+        session_id="s", start=2, end=6, batch_size=2, max_length=16, wire_dtype=torch.float32
+    )
+    step = _carried(2, position=0)
+    nbytes = step.ByteSize() + 64
+    check_shape(step, session=session, hidden_size=HIDDEN, nbytes=nbytes)
+    assert max_step_bytes(2, 1, HIDDEN, carried=2) - max_step_bytes(2, 1, HIDDEN) >= 2 * 2 * HIDDEN * 4
+    with pytest.raises(InvalidInputError, match="is more than a"):
+        check_shape(
+            step, session=session, hidden_size=HIDDEN, nbytes=max_step_bytes(2, 1, HIDDEN, carried=2) + 1
+        )
+    with pytest.raises(InvalidInputError, match="cannot carry 3 outputs"):
+        check_shape(_carried(3, position=0), session=session, hidden_size=HIDDEN, nbytes=nbytes)

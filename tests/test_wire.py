@@ -267,7 +267,7 @@ def test_generated_grpc_module_imports_as_package() -> None:
     assert peer_pb2_grpc.protos_dot_peer__pb2 is peer_pb2
     assert peer_pb2.DESCRIPTOR.package == "corolla.peer.v1"
     methods = {m.name for m in peer_pb2.DESCRIPTOR.services_by_name["Peer"].methods}
-    assert methods == {"Session", "Push", "Forward", "Backward", "Info"}
+    assert methods == {"Session", "Push", "PushStream", "Forward", "Backward", "Info"}
 
 
 def test_generated_code_is_current() -> None:
