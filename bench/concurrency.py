@@ -13,9 +13,19 @@ Prints JSON with three parts:
 Peers and clients run as separate processes on 127.0.0.1; clients use one torch thread each, as if on
 their own machines. Latencies exclude the prompt and the first (prefill) token.
 
+With --gateway, the users call ONE `corolla api` process instead (streamed greedy chat completions over
+HTTP, one thread per user in this process), once per --gateway-modes entry: "engine" (the engine loop,
+the default), "threads" (`--no-engine`: each request its own generate()) and "ngram" (the engine with
+`--speculative ngram`). For each mode: every prompt alone in turn, then all --gateway-users at once;
+aggregate decode tokens/s (tokens after each request's first, from the earliest first token to the latest
+last one), completion tokens/s over the whole wall time (prefills included), the speedup over one request
+alone, and whether every answer equals its answer alone. CPU seconds of the gateway and the peers per
+completion token say how much of a step is per-request overhead on a machine whose cores are shared.
+
     python bench/concurrency.py [--clients 1,2,4,8,16] [--new-tokens 32] [--prefill-tokens 2000]
                                 [--insecure] [--skip-interference] [--skip-step]
                                 [--peer-option=--prefill-chunk-tokens=128 ...]
+    python bench/concurrency.py --gateway [--gateway-users 8] [--gateway-modes engine,threads]
 """
 
 from __future__ import annotations
@@ -38,7 +48,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TextStreamer
 
-from client.local_swarm import running
+from client.local_swarm import running, start_api
 from client.model import AutoDistributedModelForCausalLM
 from peer.blocks import HostedSpan
 from protos.prepare import prepare_default_model
@@ -293,6 +303,112 @@ def _batched_step(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     return results, None
 
 
+def _chat_stream(url: str, index: int, new_tokens: int) -> dict[str, Any]:
+    """One streamed greedy chat completion; its text, completion tokens and the times of its chunks."""
+    import httpx
+
+    subject = SUBJECTS[index % len(SUBJECTS)]
+    body = {
+        "model": "served",
+        "messages": [{"role": "user", "content": f"Write a short story about {subject}."}],
+        "temperature": 0,
+        "max_tokens": new_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent, times, text, tokens = time.time(), [], "", 0
+    with httpx.stream("POST", url + "/chat/completions", json=body, timeout=RUN_TIMEOUT) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(f"request {index} failed: {chunk['error']}")
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    times.append(time.time())
+                    text += choice["delta"]["content"]
+    return {"text": text, "completion_tokens": tokens, "sent": sent, "first": times[0], "end": times[-1]}
+
+
+def _users(url: str, indices: list[int], new_tokens: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Requests for `indices` all at once (one thread each): their results and the aggregate figures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.time()
+    with ThreadPoolExecutor(len(indices)) as pool:
+        results = list(pool.map(lambda i: _chat_stream(url, i, new_tokens), indices))
+    ended = time.time()
+    decoded = sum(r["completion_tokens"] - 1 for r in results)
+    first, last = min(r["first"] for r in results), max(r["end"] for r in results)
+    total = sum(r["completion_tokens"] for r in results)
+    return results, {
+        "users": len(indices),
+        "completion_tokens": total,
+        "decode_tokens_per_s": round(decoded / (last - first), 2),
+        "tokens_per_s_with_prefill": round(total / (ended - started), 2),
+        "wall_s": round(ended - started, 3),
+        "max_ttft_s": round(max(r["first"] - r["sent"] for r in results), 3),
+    }
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+
+
+def _gateway(folder: Path, swarm: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """For each mode: one `corolla api` process, every prompt alone in turn, then all users at once."""
+    peers = swarm.initial_peers
+    rows = []
+    indices = list(range(args.gateway_users))
+    for mode in args.gateway_modes.split(","):
+        options = ["--served-model-name", "served", "--max-concurrent-requests", str(max(16, len(indices)))]
+        options += ["--insecure"] if args.insecure else []
+        options += ["--no-engine"] if mode == "threads" else []
+        options += ["--speculative", "ngram"] if mode == "ngram" else []
+        with tempfile.TemporaryDirectory(prefix="corolla-gateway-") as tmp:
+            api = start_api(Path(tmp), folder, peers, *options)
+            try:
+                _chat_stream(api.address, 0, 4)  # routes, streams, first-call costs
+                pids = [api.popen.pid, *(peer.popen.pid for peer in swarm.peers)]
+                cpu = _cpu_seconds(pids)
+                alone = [_users(api.address, [i], args.new_tokens) for i in indices]
+                cpu_alone, cpu = _cpu_seconds(pids) - cpu, _cpu_seconds(pids)
+                logger.info("gateway %s: %d requests alone done", mode, len(alone))
+                together, figures = _users(api.address, indices, args.new_tokens)
+                cpu_together = _cpu_seconds(pids) - cpu
+            finally:
+                api.stop()
+        single = statistics.mean(a[1]["decode_tokens_per_s"] for a in alone)
+        single_with_prefill = statistics.mean(a[1]["tokens_per_s_with_prefill"] for a in alone)
+        rows.append(
+            {
+                "mode": mode,
+                "alone": {
+                    "decode_tokens_per_s": round(single, 2),
+                    "tokens_per_s_with_prefill": round(single_with_prefill, 2),
+                },
+                "together": figures,
+                "speedup": round(figures["decode_tokens_per_s"] / single, 3),
+                "speedup_with_prefill": round(figures["tokens_per_s_with_prefill"] / single_with_prefill, 3),
+                "cpu_ms_per_token": {
+                    "alone": round(1000 * cpu_alone / sum(a[1]["completion_tokens"] for a in alone), 2),
+                    "together": round(1000 * cpu_together / figures["completion_tokens"], 2),
+                },
+                "answers_unchanged": all(
+                    t["text"] == a[0][0]["text"] for t, a in zip(together, alone, strict=True)
+                ),
+            }
+        )
+        logger.info("gateway %s: %s", mode, json.dumps(rows[-1]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,6 +421,16 @@ def main() -> None:
     )
     parser.add_argument("--skip-interference", action="store_true", help="skip the prefill interference run")
     parser.add_argument("--skip-step", action="store_true", help="skip the batched step of one span alone")
+    parser.add_argument(
+        "--gateway", action="store_true", help="users through one `corolla api` instead of client processes"
+    )
+    parser.add_argument("--gateway-users", type=int, default=8, help="requests at once through the gateway")
+    parser.add_argument(
+        "--gateway-modes",
+        default="engine,threads",
+        help="comma-separated: engine (the engine loop), threads (--no-engine), ngram (the engine with "
+        "--speculative ngram)",
+    )
     parser.add_argument(
         "--peer-option",
         action="append",
@@ -326,6 +452,7 @@ def main() -> None:
         parser.error("--new-tokens must be at least 2 (the first token is the prefill's)")
     clients = [int(n) for n in args.clients.split(",")]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     folder = prepare_default_model()
 
     rows: list[dict[str, Any]] = []
@@ -333,6 +460,21 @@ def main() -> None:
     peer_options = (["--insecure"] if args.insecure else []) + [
         f"--{option}" if not option.startswith("--") else option for option in args.peer_option
     ]
+    if args.gateway:
+        with running(folder, SPANS, *peer_options) as swarm:
+            gateway = _gateway(folder, swarm, args)
+        report = {
+            "model": str(folder),
+            "peers": SPANS,
+            "tls": not args.insecure,
+            "peer_options": peer_options,
+            "new_tokens": args.new_tokens,
+            "cpu_count": os.cpu_count(),
+            "gateway": gateway,
+            "goal": {"8_users_speedup": 3.0},
+        }
+        print(json.dumps(report, indent=2))
+        return
     with running(folder, SPANS, *peer_options) as swarm:
         for n in clients:
             logger.info("%d client(s) at once", n)

@@ -118,8 +118,9 @@ def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) for a "
-        "model whose blocks a swarm serves; the embeddings and LM head run here. Each request is one "
-        "inference session. Every option can also be set as a COROLLA_<OPTION> environment variable.",
+        "model whose blocks a swarm serves; the embeddings and LM head run here. Running requests decode "
+        "together, one batched step per token, each choice in its own inference session. Every option can "
+        "also be set as a COROLLA_<OPTION> environment variable.",
     )
     add_config_arguments(parser, GatewayConfig, positional=["model"])
     add_config_arguments(parser, ClientConfig)
@@ -196,6 +197,6 @@ def api_main(argv: Sequence[str], prog: str) -> int:
     finally:
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
-        gateway.executor.shutdown(wait=False, cancel_futures=True)
+        gateway.close()
         model.shutdown()
     return 0

@@ -1,7 +1,8 @@
 """What the OpenAI-compatible gateway (`client/gateway.py`) asks of the model: a request's prompts as token
 ids checked against the model (`Plan`), and its generation by transformers' own `generate()` over the swarm on
 a worker thread, its text, stop sequences, finish reasons and log-probabilities handed out token by token as
-`Delta`s.
+`Delta`s. The gateway's engine loop (`client/engine.py`) reuses the choices, processors and stop rules
+for its batched decode; `run_plan` is the per-request path (`--no-engine`).
 
 Sampling draws from a generator of the request's own (`seed`), so a seeded request gives the same text
 whatever runs beside it; greedy requests (`temperature=0`) are transformers' greedy search, unchanged.
@@ -351,6 +352,37 @@ def end_ids(model: Any, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(found)
 
 
+def request_generator(plan: Plan) -> torch.Generator:
+    """The request's own random generator: seeded by `plan.seed`, else from the system's entropy."""
+    generator = torch.Generator()
+    if plan.seed is not None:
+        generator.manual_seed(plan.seed)
+    else:
+        generator.seed()
+    return generator
+
+
+def processors_for(
+    plan: Plan, tokenizer: PreTrainedTokenizerBase, prompt_length: int, generator: torch.Generator
+) -> tuple[LogitsProcessorList, _Logprobs | None]:
+    """The logits processors of one prompt's choices, in the order they run (log-probabilities first,
+    sampling last), and the one that keeps the log-probabilities (None when the plan asks none)."""
+    processors = LogitsProcessorList()
+    logprobs = _Logprobs(tokenizer, plan.logprobs) if plan.logprobs is not None else None
+    if logprobs is not None:
+        processors.append(logprobs)
+    if plan.presence_penalty or plan.frequency_penalty:
+        processors.append(_Penalties(prompt_length, plan.presence_penalty, plan.frequency_penalty))
+    if plan.logit_bias:
+        processors.append(_LogitBias(plan.logit_bias))
+    if plan.temperature > 0:
+        processors.append(TemperatureLogitsWarper(plan.temperature))
+        if plan.top_p < 1.0:
+            processors.append(TopPLogitsWarper(plan.top_p))
+        processors.append(_Sample(generator))
+    return processors, logprobs
+
+
 def run_plan(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -361,11 +393,7 @@ def run_plan(
     """Generate every choice of `plan` (blocking; on a worker thread), handing out `Delta`s as tokens come,
     until the choices finish or `stop` says why not (checked after each step). Returns the completion tokens
     generated. Choices of prompt i are numbered i * n .. i * n + n - 1."""
-    generator = torch.Generator()
-    if plan.seed is not None:
-        generator.manual_seed(plan.seed)
-    else:
-        generator.seed()
+    generator = request_generator(plan)
     stops, ends, completion_tokens = plan.stop, end_ids(model, tokenizer), 0
     for prompt_index, ids in enumerate(plan.prompts):
         choices = [_Choice(prompt_index * plan.n + j, tokenizer, stops) for j in range(plan.n)]
@@ -373,19 +401,7 @@ def run_plan(
             text = str(tokenizer.decode(ids, skip_special_tokens=True))
             for choice in choices:
                 emit(Delta(choice.index, text))
-        processors = LogitsProcessorList()
-        logprobs = _Logprobs(tokenizer, plan.logprobs) if plan.logprobs is not None else None
-        if logprobs is not None:
-            processors.append(logprobs)
-        if plan.presence_penalty or plan.frequency_penalty:
-            processors.append(_Penalties(len(ids), plan.presence_penalty, plan.frequency_penalty))
-        if plan.logit_bias:
-            processors.append(_LogitBias(plan.logit_bias))
-        if plan.temperature > 0:
-            processors.append(TemperatureLogitsWarper(plan.temperature))
-            if plan.top_p < 1.0:
-                processors.append(TopPLogitsWarper(plan.top_p))
-            processors.append(_Sample(generator))
+        processors, logprobs = processors_for(plan, tokenizer, len(ids), generator)
         tracker = _Choices(choices, ends, emit, stop, logprobs)
         input_ids = torch.tensor([ids] * plan.n, dtype=torch.long)
         if stop.reason is None:

@@ -233,6 +233,25 @@ class GatewayConfig(BaseModel):
     max_waiting_requests: int = Field(
         default=64, ge=0, description="requests waiting for a free slot; beyond them a request gets 429"
     )
+    engine: bool = Field(
+        default=True,
+        description="decode the running requests together in one engine loop: one batched step of the "
+        "client's modules per token for all of them, their sessions' steps sent together so the peers batch "
+        "them; --no-engine: each request runs its own generate() on a worker thread",
+    )
+    speculative: Literal["none", "ngram"] = Field(
+        default="none",
+        description="ngram: greedy requests in the engine (without penalties, logit_bias or logprobs) draft "
+        "tokens by prompt lookup and verify them in their next step through the swarm, with the same tokens "
+        "as plain greedy decoding; pays where round trips, not compute, bound a step (a WAN)",
+    )
+    draft_tokens: int = Field(
+        default=10,
+        ge=1,
+        le=64,
+        description="the longest draft of --speculative ngram; a rejected draft shrinks the next to what was "
+        "accepted + 1, a fully accepted one doubles it",
+    )
     max_model_len: int | None = Field(
         default=None, ge=1, description="longest prompt + completion in tokens; default: the model's context"
     )

@@ -5,10 +5,13 @@
     POST /v1/completions        text or token-id prompts
     GET  /health, /ready        the process is up; the swarm serves every block (503 names the gap)
 
-Each request is its own inference session, generated on a worker thread by transformers' `generate()`
-(`client/completions.py`); requests run concurrently and the peers batch them. A client that disconnects
-cancels its generation after the step in flight, which closes its session on every peer. Errors have
-OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+Running requests decode together in the engine loop (`client/engine.py`): one batched forward of the
+client's modules per token for all of them, each choice in its own inference session, whose steps go out
+together so the peers batch them; requests join and leave between steps. With `--no-engine` each request
+runs transformers' `generate()` on a worker thread instead (`client/completions.py`). With `--speculative
+ngram`, greedy requests in the engine verify prompt-lookup drafts in their steps (same tokens). A client that
+disconnects cancels its generation after the step in flight, which closes its sessions on every peer.
+Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 Before a handler runs (`client/gateway_guard.py`), the Host must be a name the operator chose, the API key
 valid, a body JSON (no DNS rebinding or cross-site form posts, even on loopback) and small enough. A
@@ -23,7 +26,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +51,7 @@ from client.completions import (
     run_plan,
 )
 from client.config import GatewayConfig
+from client.engine import Engine, Job
 from client.errors import PeerFailure, SwarmError, format_ranges
 from client.gateway_guard import KEY_SCOPE, Guard
 from client.openai_types import (
@@ -93,6 +97,11 @@ def _http_error(error: BaseException) -> GatewayError:
     return GatewayError(500, f"internal error: {type(error).__name__}", kind="server_error")
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 @dataclass
 class _End:
     completion_tokens: int = 0
@@ -100,9 +109,10 @@ class _End:
 
 
 class Run:
-    """One request's generation: `begin` starts `run_plan` on a worker thread once its ticket holds a slot,
-    its deltas come out of `deltas()` on the server's loop. Leaving `deltas()` early or `cancel()` (the
-    client went away) stops the generation; so do its time and byte budgets (`spend`): finish "length"."""
+    """One request's generation: `begin` hands it to the engine (or starts `run_plan` on a worker thread)
+    once its ticket holds a slot, its deltas come out of `deltas()` on the server's loop. Leaving `deltas()`
+    early or `cancel()` (the client went away) stops the generation; so do its time and byte budgets
+    (`spend`): finish "length"."""
 
     def __init__(self, gateway: Gateway, plan: Plan, endpoint: str, ticket: Ticket) -> None:
         self.gateway, self.plan, self.endpoint, self.ticket = gateway, plan, endpoint, ticket
@@ -117,10 +127,7 @@ class Run:
         self.finish_reasons: dict[int, str] = {}
         self.future: asyncio.Future[None] | None = None
 
-    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
-        def emit(item: Delta | _End) -> None:
-            loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
+    def _work(self, emit: Callable[[Delta | _End], None]) -> None:
         try:
             emit(_End(run_plan(self.gateway.model, self.gateway.tokenizer, self.plan, emit, self.stop)))
         except BaseException as e:  # handed to the request's handler, which answers with it
@@ -136,7 +143,25 @@ class Run:
             raise
         self.stop.deadline = time.monotonic() + gateway.config.generation_timeout
         loop = asyncio.get_running_loop()
-        self.future = loop.run_in_executor(gateway.executor, self._work, loop)
+
+        def emit(item: Delta | _End) -> None:
+            loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+        if gateway.engine is None:
+            self.future = loop.run_in_executor(gateway.executor, self._work, emit)
+        else:
+            future: asyncio.Future[None] = loop.create_future()
+
+            def ended(completion_tokens: int, error: BaseException | None) -> None:
+                emit(_End(completion_tokens, error))
+                loop.call_soon_threadsafe(_resolve, future)
+
+            try:
+                gateway.engine.submit(Job(self.plan, emit, self.stop, ended))
+            except InvalidInputError as e:  # closed: the gateway is stopping
+                gateway.leave(self.ticket)
+                raise GatewayError(503, str(e), kind="server_error", code="shutting_down") from None
+            self.future = future
         self.future.add_done_callback(lambda _: gateway.leave(self.ticket))
 
     def cancel(self) -> None:
@@ -205,6 +230,17 @@ class Gateway:
         self.context_length = min(limits)
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.executor = ThreadPoolExecutor(config.max_concurrent_requests, thread_name_prefix="corolla-api")
+        self.engine = (
+            Engine(
+                model,
+                tokenizer,
+                max_requests=config.max_concurrent_requests,
+                speculative=config.speculative,
+                max_draft_tokens=config.draft_tokens,
+            )
+            if config.engine
+            else None
+        )
         # key label ("key1", ...) -> key; a request's label names its key in logs and the admission
         keys = ([config.api_key] if config.api_key is not None else []) + list(config.api_keys)
         self.keys = {f"key{i}": key.encode() for i, key in enumerate(dict.fromkeys(keys), 1)}
@@ -285,6 +321,12 @@ class Gateway:
                 code="swarm_unavailable",
             )
         return view.num_blocks
+
+    def close(self) -> None:
+        """Stop the engine (requests still running end "cancelled") and the worker threads."""
+        if self.engine is not None:
+            self.engine.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def check_model(self, model: str) -> None:
         if model != self.name:

@@ -53,6 +53,7 @@ def serving(gateway: Gateway) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(WAIT)
+        gateway.close()
         gateway.executor.shutdown(wait=True, cancel_futures=True)
 
 
@@ -312,6 +313,25 @@ def test_a_client_that_leaves_mid_stream_frees_its_session_on_every_peer(api) ->
     finally:
         for peer in peers:
             peer.slow(1.0)
+
+
+@pytest.mark.parametrize("options", [{"engine": False}, {"speculative": "ngram", "draft_tokens": 4}])
+def test_per_request_threads_and_speculative_engine_give_the_same_greedy_text(
+    folder, checkpoint, reference, options
+) -> None:
+    questions = [("Hello there", 24), ("What is 2+2?", 40), ("Tell me a story", 30)]
+    expected = [reference(chat_ids(folder, q), n)[0] for q, n in questions]
+    with gateway_over(folder, checkpoint("llama"), [(0, 2), (2, 4)], **options) as (url, _):
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+
+        def ask(question: str, tokens: int) -> str:
+            reply = client.chat.completions.create(
+                model=NAME, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=tokens
+            )
+            return str(reply.choices[0].message.content)
+
+        with ThreadPoolExecutor(len(questions)) as pool:
+            assert list(pool.map(lambda q: ask(*q), questions)) == expected
 
 
 @pytest.mark.parametrize(

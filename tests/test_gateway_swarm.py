@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -128,6 +129,37 @@ def test_leaving_mid_stream_frees_the_session_on_every_peer(up) -> None:
     while any(_sessions(peer) for peer in swarm.peers) and time.monotonic() - left < WAIT:
         time.sleep(0.1)
     assert [_sessions(peer) for peer in swarm.peers] == [0, 0, 0]
+
+
+def test_concurrent_greedy_chats_of_different_lengths_each_equal_local_transformers(smollm2, sdk) -> None:
+    """Requests that join the engine's running batch at different times (staggered starts, different prompt
+    and completion lengths) each get the text transformers generates for them alone."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    local = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    asks = [("What is the capital of France?", 20), ("Name three colours.", 8), ("Write a haiku.", 14)]
+    asks += [("Say hello in Spanish, then in French, then in German.", 16)]
+    expected = []
+    for question, tokens in asks:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        out = local.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, do_sample=False)
+        expected.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+    def ask(index: int) -> str:
+        time.sleep(0.3 * index)  # staggered: later requests join a batch already decoding
+        question, tokens = asks[index]
+        reply = sdk.chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": question}],
+            temperature=0,
+            max_tokens=tokens,
+        )
+        return str(reply.choices[0].message.content)
+
+    with ThreadPoolExecutor(len(asks)) as pool:
+        assert list(pool.map(ask, range(len(asks)))) == expected
 
 
 def test_with_a_peer_stopped_requests_get_503_naming_its_blocks(up, sdk) -> None:
