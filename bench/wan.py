@@ -27,6 +27,18 @@ access but loopback, as the network tests do:
 Every row gets a fresh world (DHT, peers and client started again), public and relayed rows side by side, so
 no row inherits another's connections, windows or relay circuits.
 
+`--speculative ngram` measures speculative decoding instead: SmolLM2-135M-Instruct over 3 peers (blocks 0:10,
+10:20, 20:30), per delay (default 0 and 25 ms) two greedy chat tasks of `--tokens` new tokens (default 128):
+"copy" (rewrite a given paragraph with the same words: the answer repeats the prompt) and "plain" (write a
+story: little to copy). Each runs plain greedy and with adaptive prompt lookup (`--draft-tokens`, the longest
+draft) through the same swarm, after a warm-up, `--repeats` interleaved runs each (the fastest kept: the
+machine's load drifts); tokens/s over the whole generation (prefill included) and
+over its decode (after the first step), the steps (chain traversals) it took, and whether the tokens equal
+transformers' own greedy output. The goal: at 25 ms the copy task at least 5x the tokens/s of plain greedy.
+Exits 1 when any run's tokens differ from transformers'.
+
+    unshare -n bash -c 'ip link set lo up; .venv/bin/python bench/wan.py --speculative ngram'
+
 Spot checks are off in the client (`verify_every=0`): with three peers and no others serving their blocks
 there is nobody to check against, and this measures the network. The client runs as a worker process of this
 script inside its own host (`--worker`), answering one JSON line per request on its stdin.
@@ -52,7 +64,7 @@ from typing import Any
 
 import torch
 from spot_checks import TokenClock  # bench/ is this script's folder
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from protos.errors import CorollaError
 
@@ -150,6 +162,93 @@ def _measure(model: Any, request: dict[str, Any], *, remote: bool) -> dict[str, 
     return reply
 
 
+SPEC_SPANS = ("0:10", "10:20", "20:30")  # SmolLM2's 30 blocks
+SPEC_GOAL = 5.0  # at 25 ms one way: the copy task's tokens/s at least 5x plain greedy
+SPEC_WARMUP_TOKENS = 8
+COPY_TEXT = (
+    "The old lighthouse stood at the edge of the cliff for more than two hundred years. Every night its "
+    "keeper climbed the narrow stairs, trimmed the wick and watched the lamp turn slowly over the dark "
+    "water. Ships that passed the rocks in winter storms owed their safe return to that small light. When "
+    "the keeper grew old, the village decided to replace the lamp with an electric one, but the fishermen "
+    "still said that nothing shone as warmly as the flame he had tended for so long."
+)
+TASKS = {
+    "copy": f"Rewrite this text with the same words, word for word:\n\n{COPY_TEXT}",
+    "plain": "Write a short story about a fisherman who finds a message in a bottle.",
+}
+
+
+class _Steps:
+    """A streamer that counts generation steps: transformers puts the prompt, then each step's new tokens
+    (one, or a verified draft and the token after it) at once; it keeps the time and count of each put."""
+
+    def __init__(self) -> None:
+        self.puts: list[tuple[float, int]] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append((time.perf_counter(), int(value.numel())))
+
+    def end(self) -> None:
+        pass
+
+    def decode_rate(self) -> float | None:
+        """Tokens/s after the first step (the prefill and its draft), up to the last."""
+        if len(self.puts) < 3:
+            return None
+        seconds = self.puts[-1][0] - self.puts[1][0]
+        return sum(count for _, count in self.puts[2:]) / seconds
+
+
+def _speculate(local: Any, remote: Any, tokenizer: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """Per task: transformers' own greedy tokens, then plain greedy and adaptive prompt lookup through the
+    swarm, each timed and compared with them."""
+    tokens, draft = request["tokens"], request["draft_tokens"]
+    reply: dict[str, Any] = {}
+    for task, text in TASKS.items():
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+        inputs = tokenizer(chat, return_tensors="pt", add_special_tokens=False)
+        # the answer may end before (EOS): a copy is done once the text is copied
+        options = dict(max_new_tokens=tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        expected = local.generate(**inputs, **options)[0].tolist()
+        remote.generate(**inputs, max_new_tokens=SPEC_WARMUP_TOKENS, do_sample=False)  # route, connections
+        runs: dict[str, Any] = {}
+        modes = (("plain", {}), ("ngram", {"prompt_lookup_num_tokens": draft}))
+        # interleaved repeats, the fastest of each kept: the machine's load drifts between runs
+        for mode, extra in modes * request["repeats"]:
+            steps = _Steps()
+            started = time.perf_counter()
+            try:
+                out = remote.generate(**inputs, streamer=steps, **options, **extra)[0].tolist()
+            except CorollaError as e:
+                runs[mode] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                continue
+            seconds = time.perf_counter() - started
+            new = len(out) - inputs["input_ids"].shape[1]
+            rate = steps.decode_rate()
+            run = {
+                "tokens_per_s": round(new / seconds, 2),
+                "decode_tokens_per_s": None if rate is None else round(rate, 2),
+                "seconds": round(seconds, 2),
+                "steps": len(steps.puts) - 1,
+                "same_tokens": out == expected,
+            }
+            best = runs.get(mode)
+            if best is not None and "same_tokens" in best:
+                run["same_tokens"] = run["same_tokens"] and best["same_tokens"]
+            if best is None or "error" in best or run["seconds"] < best["seconds"]:
+                runs[mode] = run | {"runs_s": [*(best or {}).get("runs_s", []), run["seconds"]]}
+            else:
+                best["runs_s"].append(run["seconds"])
+                best["same_tokens"] = run["same_tokens"]
+        if "tokens_per_s" in runs.get("plain", {}) and "tokens_per_s" in runs.get("ngram", {}):
+            runs["speedup"] = round(runs["ngram"]["tokens_per_s"] / runs["plain"]["tokens_per_s"], 2)
+        runs["text"] = tokenizer.decode(expected[inputs["input_ids"].shape[1] :])[:160]
+        reply[task] = runs
+    return reply
+
+
 def _worker(folder: str, initial_peers: list[str]) -> None:
     """Answers the bench's requests (JSON lines on stdin) with JSON lines on the original stdout; everything
     else the libraries write goes to stderr (the worker's log)."""
@@ -164,8 +263,13 @@ def _worker(folder: str, initial_peers: list[str]) -> None:
     try:
         for line in sys.stdin:
             request = json.loads(line)
-            swarm = request["op"] == "swarm"
-            replies.write(json.dumps(_measure(remote if swarm else local, request, remote=swarm)) + "\n")
+            if request["op"] == "speculative":
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                reply = _speculate(local, remote, tokenizer, request)
+            else:
+                swarm = request["op"] == "swarm"
+                reply = _measure(remote if swarm else local, request, remote=swarm)
+            replies.write(json.dumps(reply) + "\n")
             replies.flush()
     finally:
         remote.shutdown()
@@ -276,6 +380,77 @@ def _measure_row(
     row["world_s"] = round(time.perf_counter() - started, 1)
     _log(json.dumps(row))
     return row
+
+
+def _speculative_row(folder: Path, log_dir: Path, delay: float, args: argparse.Namespace) -> dict[str, Any]:
+    """A fresh world of 3 public SmolLM2 peers for one delay: the swarm forms on 0 ms links, then every link
+    gets `delay` and the client runs the tasks plain and with prompt lookup."""
+    name = f"speculative-{delay:g}ms"
+    started = time.perf_counter()
+    with NetWorld(log_dir / name) as world:
+        world.default_link(rate_mbit=RATE_MBIT)
+        dht = world.start_dht(world.host("dht"))
+        hosts = [world.host(peer) for peer in PEERS]
+        with concurrent.futures.ThreadPoolExecutor(len(hosts)) as pool:
+            futures = [
+                pool.submit(world.start_peer, host, folder, span, dht.maddrs, name=host.name)
+                for host, span in zip(hosts, SPEC_SPANS, strict=True)
+            ]
+            for future in futures:
+                future.result()
+        client = _Client(world.host("client"), folder, dht.maddrs, log_dir / name / "client.log")
+        world.default_link(delay_ms=delay, rate_mbit=RATE_MBIT)
+        reply = client.ask(
+            op="speculative", tokens=args.tokens, draft_tokens=args.draft_tokens, repeats=args.repeats
+        )
+        client.close()
+    row = {"delay_ms": delay, **reply, "world_s": round(time.perf_counter() - started, 1)}
+    _log(json.dumps(row))
+    return row
+
+
+def _speculative_main(args: argparse.Namespace) -> None:
+    from protos.prepare import prepare_default_model
+
+    started = time.perf_counter()
+    folder = prepare_default_model()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="corolla-wan-") as temporary:
+        log_dir = args.log_dir or Path(temporary) / "logs"
+        for delay in args.delays:
+            rows.append(_speculative_row(folder, log_dir, delay, args))
+    goals = {}
+    at_goal = next((row for row in rows if row["delay_ms"] == GOAL_DELAY_MS), None)
+    if at_goal is not None and "speedup" in at_goal["copy"]:
+        speedup = at_goal["copy"]["speedup"]
+        goals["copy_ngram_at_least_5x_plain_at_25ms"] = {
+            "speedup": speedup,
+            "goal": SPEC_GOAL,
+            "met": speedup >= SPEC_GOAL,
+        }
+    same = all(
+        run.get("same_tokens", False)
+        for row in rows
+        for task in TASKS
+        for mode, run in row[task].items()
+        if mode in ("plain", "ngram")
+    )
+    result = {
+        "model": f"SmolLM2-135M-Instruct, float32; peers {list(SPEC_SPANS)}",
+        "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, CPU only, shared: timings are noisy",
+        "rate_mbit": RATE_MBIT,
+        "tokens": args.tokens,
+        "draft_tokens": args.draft_tokens,
+        "repeats": args.repeats,
+        "tasks": {task: text[:80] for task, text in TASKS.items()},
+        "rows": rows,
+        "same_tokens": same,
+        "goals": goals,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(result, indent=2))
+    if not same:
+        sys.exit(1)
 
 
 def _dht_host_bytes(before: dict[str, Any], after: dict[str, Any]) -> int:
@@ -395,7 +570,34 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="delays 0 and 25 ms, 12 tokens, 2 prefills")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the processes' logs here")
+    parser.add_argument(
+        "--speculative",
+        choices=["ngram"],
+        default=None,
+        help="measure speculative decoding (adaptive prompt lookup) against plain greedy on SmolLM2 instead "
+        "(see above); delays default to 0,25 and tokens to 128",
+    )
+    parser.add_argument(
+        "--draft-tokens", type=int, default=16, help="with --speculative: the longest draft (default: 16)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="with --speculative: interleaved runs per mode, the fastest kept",
+    )
     args = parser.parse_args()
+    if args.speculative:
+        if "--delays" not in sys.argv:
+            args.delays = [0.0, GOAL_DELAY_MS]
+        if "--tokens" not in sys.argv:
+            args.tokens = 128
+        problem = networld_problem()
+        if problem is not None:
+            print(json.dumps({"error": f"cannot build the network world: {problem}"}))
+            sys.exit(2)
+        _speculative_main(args)
+        return
     if args.quick:
         args.delays, args.tokens, args.prefill_repeats = [0.0, GOAL_DELAY_MS], 12, 2
     problem = networld_problem()

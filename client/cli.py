@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -21,6 +22,8 @@ from protos.records import is_loopback
 from protos.settings import add_config_arguments, config_from_arguments, validation_problems
 
 logger = logging.getLogger(__name__)
+
+DRAFT_TOKENS = 16  # the longest draft by default: a rejected one shrinks the next (client/speculative.py)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -57,15 +60,55 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--model-id", default=None, help="the swarm's name for the model (default: from MODEL)"
     )
     parser.add_argument("--dtype", default="float32", help="dtype of the local embeddings and head")
+    parser.add_argument(
+        "--speculative",
+        default=None,
+        metavar="{ngram,DIR,none}",
+        help="speculative decoding, greedy only, with the same tokens as plain greedy decoding: each step "
+        "sends a draft of the next tokens through the swarm, which verifies it in one chain traversal. "
+        "ngram: draft from the text so far (prompt lookup: what followed the last time the latest tokens "
+        "occurred), with a draft length that follows how much of the drafts the model accepts; pays when "
+        "the answer repeats the prompt (editing, quoting, code); on text that does not repeat, drafts that "
+        "fail pause drafting, so it costs little (a few percent on CPU peers, where a step of several "
+        "positions costs about twice one of a single position). "
+        "DIR: a local folder of a small draft model with the same tokenizer, run here with transformers. "
+        "none: one token per step. Default: ngram when decoding greedily, none when sampling",
+    )
+    parser.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=DRAFT_TOKENS,
+        metavar="N",
+        help=f"the longest draft one step verifies (ngram: the maximum of the adaptive length; DIR: the "
+        f"draft model's starting length, which transformers then adapts) (default: {DRAFT_TOKENS})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log the route and failovers to stderr")
     return parser
+
+
+def speculation(speculative: str | None, *, draft_tokens: int, sampling: bool) -> tuple[str, dict[str, Any]]:
+    """The speculative mode for `--speculative` ("none", "ngram" or a draft model folder) and the
+    `generate()` options it adds (without the draft model itself); `ValueError` says why an option is
+    refused."""
+    if draft_tokens < 1:
+        raise ValueError("--draft-tokens must be at least 1")
+    mode = speculative if speculative is not None else ("none" if sampling else "ngram")
+    if mode == "none":
+        return mode, {}
+    if sampling:
+        raise ValueError("--speculative decodes greedily: use --temperature 0 (or --speculative none)")
+    if mode == "ngram":
+        return mode, {"prompt_lookup_num_tokens": draft_tokens}
+    if not Path(mode).is_dir():
+        raise ValueError(f"--speculative: {mode} is neither ngram, none nor a draft model folder")
+    return mode, {"num_assistant_tokens": draft_tokens}
 
 
 def main(argv: Sequence[str], prog: str) -> int:
     parser = _parser(prog)
     args = parser.parse_args(list(argv))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
-    from transformers import AutoTokenizer, TextStreamer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     from client.model import AutoDistributedModelForCausalLM
     from protos.errors import CorollaError
@@ -77,6 +120,18 @@ def main(argv: Sequence[str], prog: str) -> int:
         except SwarmKeyError as e:
             parser.error(str(e))
 
+    sampling = args.temperature > 0
+    try:
+        mode, speculative = speculation(args.speculative, draft_tokens=args.draft_tokens, sampling=sampling)
+    except ValueError as e:
+        parser.error(str(e))
+    if mode not in ("none", "ngram"):
+        try:  # a draft model that cannot load fails before joining the swarm
+            speculative["assistant_model"] = AutoModelForCausalLM.from_pretrained(
+                mode, dtype=args.dtype
+            ).eval()
+        except (OSError, ValueError) as e:
+            parser.error(f"--speculative: cannot load the draft model in {mode}: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if args.chat:
         text = tokenizer.apply_chat_template(
@@ -96,8 +151,7 @@ def main(argv: Sequence[str], prog: str) -> int:
     except CorollaError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
-    sampling = args.temperature > 0
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling)
+    options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, **speculative)
     if sampling:
         options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         if args.seed is not None:

@@ -5,7 +5,6 @@ losses and training work as with transformers."""
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import inspect
 import logging
 import os
@@ -19,8 +18,9 @@ from transformers import PreTrainedModel
 from client.config import ClientConfig
 from client.finetune import PromptTuning, freeze_except
 from client.modules import load_client_model
-from client.remote_cache import RemoteCache
+from client.remote_cache import RemoteCache, SwarmPass
 from client.session import InferenceSession
+from client.speculative import AdaptivePromptLookup
 from client.swarm import SwarmConnection
 from protos.checkpoint import (
     build_skeleton,
@@ -48,10 +48,6 @@ from protos.records import model_id_from_path
 logger = logging.getLogger(__name__)
 
 
-# the 2D attention mask of the model call running on this thread: its block-0 slot sends it to the peers
-_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("corolla_mask", default=None)
-
-
 def _padding_mask(mask: Any) -> torch.Tensor | None:
     """transformers' 2D attention_mask [batch, positions] of 0 (padding) and 1, on the CPU as int64; None
     when there is none or nothing is padding."""
@@ -73,78 +69,94 @@ class DistributedModelMixin:
     swarm: SwarmConnection  # the connection to the swarm, shared by this model's sessions and passes
     _tuple_output: bool = False  # the family's block loop takes outputs[0] from each block
     _causal: bool = True  # a causal LM; False: a classifier (always runs from input embeddings)
-    _placeholders: bool = False  # inside generate() with tuned prompts
     _active_session: InferenceSession | None = None  # set by `inference_session()`
 
     def _swarm_dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        swarm = self.swarm
         hidden = hidden_argument(args, kwargs)
         if index == 0:
             cache = kwargs.get("past_key_values", kwargs.get("layer_past"))
             if cache is None:
-                cache = next((arg for arg in args if isinstance(arg, RemoteCache)), None)
-            if isinstance(cache, RemoteCache):
-                batch, seq = hidden.shape[:2]
-                positions = kwargs.get("position_ids")
-                if not isinstance(positions, torch.Tensor) or positions.shape[-1] != seq:
-                    start = (
-                        cache.pending_rollback
-                        if cache.pending_rollback is not None
-                        else cache.session.position
-                    )
-                    positions = torch.arange(start, start + seq).expand(batch, -1)
-                mask = _MASK.get()
-                new = None if mask is None else mask[:, -seq:]  # the peers keep the earlier positions' mask
-                output = cache.step(hidden, positions.expand(batch, -1), swarm.runtime, new)
-                hidden = output.to(hidden.device)  # the client's modules may be on an accelerator
-            elif cache is None:
-                # differentiable: a loss on the output backpropagates through the peers to the client
-                tuning = getattr(self, "prompt_tuning", None)
-                prompts = tuning.remote_prompts() if tuning is not None else None
-                hidden = swarm.remote(hidden, prompts, _MASK.get()).to(hidden.device)
-            else:
-                raise InvalidInputError(
-                    f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
-                    "inference_session(), or run the model without a cache"
-                )
-        return (hidden, None) if self._tuple_output else hidden
+                cache = next((arg for arg in args if isinstance(arg, (RemoteCache, SwarmPass))), None)
+            positions = kwargs.get("position_ids")
+            hidden = self._through_swarm(hidden, cache, positions).to(hidden.device)  # the client's modules
+        return (hidden, None) if self._tuple_output else hidden  # may be on an accelerator
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _through_swarm(self, hidden: torch.Tensor, cache: Any, positions: Any) -> torch.Tensor:
+        """Block 0's hidden states [batch, seq, hidden] through every block on the swarm, with the attention
+        mask the cache carries: a step of the cache's session, or a stateless (differentiable) pass."""
+        swarm = self.swarm
+        if isinstance(cache, RemoteCache):
+            batch, seq = hidden.shape[:2]
+            if not isinstance(positions, torch.Tensor) or positions.shape[-1] != seq:
+                start = (
+                    cache.pending_rollback if cache.pending_rollback is not None else cache.session.position
+                )
+                positions = torch.arange(start, start + seq).expand(batch, -1)
+            # the peers keep the earlier positions' mask: only the new ones travel
+            new = None if cache.mask is None else cache.mask[:, -seq:]
+            return cache.step(hidden, positions.expand(batch, -1), swarm.runtime, new)
+        if isinstance(cache, SwarmPass):
+            return swarm.remote(hidden, cache.prompts, cache.mask)
+        if cache is None:  # the family's code dropped the cache (gradient checkpointing): no padding known
+            tuning = getattr(self, "prompt_tuning", None)
+            return swarm.remote(hidden, tuning.remote_prompts() if tuning is not None else None, None)
+        raise InvalidInputError(
+            f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
+            "inference_session(), or run the model without a cache"
+        )
+
+    def forward(self, *args: Any, prompt_placeholders: bool = False, **kwargs: Any) -> Any:
+        """The family's forward with its blocks on the swarm. `prompt_placeholders` (set by `generate()` with
+        tuned prompts): the first pre_seq_len positions of input_ids stand for the prompts."""
+        if len(args) > 1:  # by keyword from here on: the cache is looked up and handed on by name
+            names = list(inspect.signature(super().forward).parameters)  # type: ignore[misc]
+            if any(name in kwargs for name in names[1 : len(args)]):
+                raise InvalidInputError("an argument was passed both by position and by keyword")
+            kwargs.update(zip(names[1:], args[1:], strict=False))
+            args = args[:1]
         if kwargs.get("past_key_values") is None:
             kwargs["use_cache"] = False  # a plain forward is stateless: one Forward per hop, no session
-        token = _MASK.set(None)  # set by `_forward` once prompts (if any) are in front of the inputs
-        try:
-            return self._forward(*args, **kwargs)
-        finally:
-            _MASK.reset(token)
+        output = self._forward(args, kwargs, placeholders=prompt_placeholders)
+        if isinstance(getattr(output, "past_key_values", None), SwarmPass):
+            output.past_key_values = None  # the pass's mask carrier is not a cache to continue from
+        return output
 
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        _MASK.set(_padding_mask(kwargs.get("attention_mask")))
+    def _family_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The family's own forward, handed a cache that carries this call's 2D attention mask to block 0's
+        slot: the session's `RemoteCache`, or a new `SwarmPass` for a stateless pass."""
+        mask = _padding_mask(kwargs.get("attention_mask"))
+        cache = kwargs.get("past_key_values")
+        if isinstance(cache, RemoteCache):
+            cache.mask = mask
+        elif cache is None:
+            tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
+            prompts = tuning.remote_prompts() if tuning is not None else None
+            kwargs = dict(kwargs, past_key_values=SwarmPass(mask, prompts))
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def _forward(self, args: tuple[Any, ...], kwargs: dict[str, Any], *, placeholders: bool) -> Any:
         tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
         if tuning is None and self._causal:
-            return super().forward(*args, **kwargs)  # type: ignore[misc]
-        if len(args) > 1:
-            raise InvalidInputError("pass the arguments after input_ids by keyword")
+            return self._family_forward(args, kwargs)
         input_ids = args[0] if args else kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             if input_ids is None:
                 raise InvalidInputError("pass input_ids or inputs_embeds")
             embeds = self.get_input_embeddings()(input_ids)  # type: ignore[attr-defined]
+        padded = _padding_mask(kwargs.get("attention_mask")) is not None
         if tuning is None:
-            if _MASK.get() is not None and input_ids is not None:  # pools each row's last non-pad token
-                return super().forward(input_ids=input_ids, **kwargs)  # type: ignore[misc]
-            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]  # the last position
-        if self._placeholders:  # generate(): the first pre_seq_len positions stand for the prompts
+            if padded and input_ids is not None:  # pools each row's last non-pad token
+                return self._family_forward((), dict(kwargs, input_ids=input_ids))
+            return self._family_forward((), dict(kwargs, inputs_embeds=embeds))  # the last position
+        if placeholders:  # generate(): the first pre_seq_len positions stand for the prompts
             cache = kwargs.get("past_key_values")
             if cache is None or cache.get_seq_length() == 0:
                 embeds = tuning.replace_placeholders(embeds)
-            return super().forward(inputs_embeds=embeds, **kwargs)  # type: ignore[misc]
-        if not self._causal and _MASK.get() is not None:
+            return self._family_forward((), dict(kwargs, inputs_embeds=embeds))
+        if not self._causal and padded:
             raise InvalidInputError("a classifier with tuned prompts takes unpadded batches only")
-        prepended = tuning.prepend(embeds, kwargs, extend_labels=self._causal)
-        _MASK.set(_padding_mask(prepended.get("attention_mask")))
-        output = super().forward(**prepended)  # type: ignore[misc]
+        output = self._family_forward((), tuning.prepend(embeds, kwargs, extend_labels=self._causal))
         if self._causal and getattr(output, "logits", None) is not None:
             output.logits = output.logits[:, tuning.pre_seq_len :]  # logits of the caller's positions only
         return output
@@ -179,15 +191,13 @@ class DistributedModelMixin:
             )
         if kwargs.get("max_length") is not None:
             kwargs["max_length"] += tuning.pre_seq_len
-        self._placeholders = True
-        try:
-            if tuning.deep_prompts is not None:
-                # sessions carry no per-block prompts: each token is a stateless Forward of the whole sequence
-                output = super().generate(input_ids, *args, use_cache=False, **kwargs)  # type: ignore[misc]
-            else:
-                output = self._generate(input_ids, *args, **kwargs)
-        finally:
-            self._placeholders = False
+        if tuning.deep_prompts is not None:
+            # sessions carry no per-block prompts: each token is a stateless Forward of the whole sequence
+            output = super().generate(  # type: ignore[misc]
+                input_ids, *args, use_cache=False, prompt_placeholders=True, **kwargs
+            )
+        else:
+            output = self._generate(input_ids, *args, prompt_placeholders=True, **kwargs)
         if isinstance(output, torch.Tensor):
             return output[:, tuning.pre_seq_len :]
         output.sequences = output.sequences[:, tuning.pre_seq_len :]
@@ -214,6 +224,26 @@ class DistributedModelMixin:
             return super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
         finally:
             self.swarm.runtime.run(session.aclose())
+
+    def _get_candidate_generator(self, generation_config: Any, *args: Any, **kwargs: Any) -> Any:
+        """Prompt lookup (`prompt_lookup_num_tokens`, the maximum draft length) with a draft length that
+        follows the acceptance rate; other candidate generators (a draft model) as transformers builds them.
+        Each draft is verified by one step through the swarm; `RemoteCache.crop` sends the rollback of the
+        rejected positions with the next step."""
+        lookup = generation_config.prompt_lookup_num_tokens
+        if lookup is None or generation_config.assistant_early_exit is not None:
+            return super()._get_candidate_generator(generation_config, *args, **kwargs)  # type: ignore[misc]
+        if generation_config.assistant_ensemble_weight is not None:
+            raise InvalidInputError("assistant_ensemble_weight needs a draft model, not prompt lookup")
+        logits_processor = kwargs.get("logits_processor")
+        return AdaptivePromptLookup(
+            max_tokens=lookup,
+            max_ngram=generation_config.max_matching_ngram_size or 3,
+            max_length=generation_config.max_length,
+            eos_token_id=generation_config._eos_token_tensor,
+            logits_processor=logits_processor if logits_processor else None,
+            vocab_size=self.config.get_text_config().vocab_size,  # type: ignore[attr-defined]
+        )
 
     def shutdown(self) -> None:
         """Leave the swarm: close streams, channels and the DHT node. Also done at interpreter exit."""
@@ -296,7 +326,9 @@ class AutoDistributedModelForSequenceClassification:
         if hf_config.pad_token_id is None:
             hf_config.pad_token_id = 0  # transformers asks for one with batches > 1; unused from embeddings
         skeleton = build_skeleton(
-            hf_config, torch_dtype, model_class=_distributed(sequence_classification_class(hf_config))
+            hf_config,
+            torch_dtype,
+            model_class=_distributed(sequence_classification_class(hf_config), causal=False),
         )
         anatomy = locate(skeleton)
         heads = [name for name, _ in skeleton.named_children() if name != skeleton.base_model_prefix]
@@ -317,7 +349,7 @@ class AutoDistributedModelForSequenceClassification:
         )
         trainable = [_new_head(skeleton, name) for name in heads]
         trainable += _add_prompts(skeleton, anatomy, tuning_mode, pre_seq_len)
-        model = _join(
+        return _join(
             skeleton,
             anatomy,
             name_or_path,
@@ -329,21 +361,29 @@ class AutoDistributedModelForSequenceClassification:
             config,
             device,
         )
-        model._causal = False
-        return model
 
 
-def _distributed(family_class: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The family's class with the swarm mixed in (its own forward, post-block code and `generate()`).
-    Its `forward` shows the family's signature: `generate()` reads it to pass position ids derived from the
-    attention mask (left padding), as it does for the family's own model."""
+def _distributed(family_class: type[PreTrainedModel], *, causal: bool = True) -> type[PreTrainedModel]:
+    """The family's class with the swarm mixed in (its own forward, post-block code and `generate()`);
+    `causal=False`: a classifier. Its `forward` shows the family's signature and `prompt_placeholders`:
+    `generate()` reads it to pass position ids derived from the attention mask (left padding), as it does
+    for the family's own model, and to pass `prompt_placeholders` on to every call."""
 
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         return DistributedModelMixin.forward(self, *args, **kwargs)
 
-    forward.__signature__ = inspect.signature(family_class.forward)  # type: ignore[attr-defined]
+    signature = inspect.signature(family_class.forward)
+    parameters = list(signature.parameters.values())
+    placeholders = inspect.Parameter("prompt_placeholders", inspect.Parameter.KEYWORD_ONLY, default=False)
+    at = next(
+        (i for i, p in enumerate(parameters) if p.kind is inspect.Parameter.VAR_KEYWORD), len(parameters)
+    )
+    parameters.insert(at, placeholders)
+    forward.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
     return type(
-        f"Distributed{family_class.__name__}", (DistributedModelMixin, family_class), {"forward": forward}
+        f"Distributed{family_class.__name__}",
+        (DistributedModelMixin, family_class),
+        {"forward": forward, "_causal": causal},
     )
 
 

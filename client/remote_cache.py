@@ -1,6 +1,7 @@
-"""What transformers' `generate()` sees as `past_key_values` when the blocks run on peers: a `Cache` that
-holds no K/V, only the length of the peers' caches, and passes cache edits (beam reorder, rollback) on to
-the inference session with the next step."""
+"""What the family's forward is handed as `past_key_values` when the blocks run on peers: `RemoteCache` (a
+session's: holds no K/V, only the length of the peers' caches, and passes cache edits, beam reorder and
+rollback, on to the inference session with the next step) or `SwarmPass` (one stateless pass). Either
+carries the call's attention mask to block 0's slot, which sends it with the hidden states."""
 
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class RemoteCache(Cache):
         self._length.length = session.position
         self.pending_beam: torch.Tensor | None = None
         self.pending_rollback: int | None = None
+        # the 2D attention mask [batch, positions] of the model call running now, set by the distributed
+        # model's forward as it hands this cache to the family's; None: no position is padding
+        self.mask: torch.Tensor | None = None
 
     def crop(self, max_length: int) -> None:
         # transformers 5: crop(-n) drops the last n positions; crop(0) only trims sliding windows
@@ -88,3 +92,21 @@ class RemoteCache(Cache):
         self.pending_beam = self.pending_rollback = None
         self._length.length = self.session.position
         return output
+
+
+class SwarmPass(Cache):
+    """What the family's forward is handed as `past_key_values` for one stateless pass through the swarm
+    (a Forward per hop, differentiable): no K/V and no length; it carries the call's 2D attention `mask`
+    [batch, positions] (None: no padding) and the tuned prompts of every block (None: none) to block 0's
+    slot. It never leaves the distributed model's forward."""
+
+    def __init__(self, mask: torch.Tensor | None, prompts: torch.Tensor | None) -> None:
+        super().__init__(layers=[_LengthLayer()])
+        self.mask = mask
+        self.prompts = prompts
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("a stateless pass holds no positions to crop")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("a stateless pass holds no positions to reorder")
