@@ -45,6 +45,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from peer.planner import Holder, preempt, preempt_slot
 from protos.errors import CorollaError
 
 if TYPE_CHECKING:
@@ -265,20 +266,25 @@ class SessionTable:
         `busy`, of the network holding the most sessions, over an even share and at least two more than
         `network`; the oldest of them. None when no session qualifies."""
         now = time.monotonic() if now is None else now
-        mine = self._networks.get(network, _Usage()).sessions
-        holders = len(self._networks) + (network not in self._networks)
-        best: tuple[int, float] | None = None
-        victim = None
-        for candidate in self._sessions.values():
-            held = self._networks[network_of(candidate.client)].sessions
-            if held < mine + 2 or held * holders <= self.max_sessions:  # even share: max_sessions / holders
-                continue
-            if now - candidate.last_used < self.preempt_idle_timeout or busy(candidate):
-                continue
-            rank = (-held, candidate.last_used)
-            if best is None or rank < best:
-                best, victim = rank, candidate
-        return victim
+        holders = [
+            Holder(
+                session.session_id,
+                session.pages,
+                session.last_used,
+                busy(session),
+                self._networks[network_of(session.client)].sessions,
+            )
+            for session in self._sessions.values()
+        ]
+        chosen = preempt_slot(
+            holders,
+            mine=self._networks.get(network, _Usage()).sessions,
+            networks=len(self._networks) + (network not in self._networks),
+            max_sessions=self.max_sessions,
+            now=now,
+            idle_timeout=self.preempt_idle_timeout,
+        )
+        return None if chosen is None else self._sessions[chosen]
 
     def resize(
         self, session: PeerSession, positions: int, *, busy: Callable[[PeerSession], bool]
@@ -305,25 +311,20 @@ class SessionTable:
                 f"{extra * self.page_tokens} more would pass the {self.max_network_tokens} it may hold"
             )
         victims: list[PeerSession] = []
-        if extra > self.free_pages:
-            idle = sorted(
-                (s for s in self._sessions.values() if s is not session and s.pages and not busy(s)),
-                key=lambda s: s.last_used,
-            )
-            room = self.free_pages
-            for candidate in idle:
-                if room >= extra:
-                    break
-                victims.append(candidate)
-                room += candidate.pages
-            if room < extra:
+        if extra > self.free_pages:  # the choice is the planner's (`peer.planner.preempt`)
+            holders = [
+                Holder(other.session_id, other.pages, other.last_used, busy(other))
+                for other in self._sessions.values()
+                if other is not session and other.pages
+            ]
+            chosen = preempt(holders, needed=extra, free=self.free_pages)
+            if chosen is None:
                 raise NoRoom(
                     f"no cache room: the step needs {extra * self.page_tokens} more tokens, "
                     f"{self.free_tokens} of {self.max_cache_tokens} free and every other session is busy"
                 )
-            for victim in victims:
-                self.close(victim.session_id, reason="preempted")
-            self.preempted += len(victims)
+            victims = [v for session_id in chosen if (v := self.close(session_id, reason="preempted"))]
+        self.preempted += len(victims)
         self._take(session, usage, extra)
         return victims
 

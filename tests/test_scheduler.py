@@ -1,6 +1,8 @@
-"""The compute queue (`peer.scheduler.Scheduler`): inference steps before Forward/Backward, arrival order
+"""The compute executor (`peer.scheduler.Scheduler`): inference steps before Forward/Backward, arrival order
 within a priority, steps whose deadline passed skipped, steps that would wait past it refused at once;
-then the same through a real servicer, and per-client quotas seen by two clients on different addresses."""
+prompts in chunks with decode steps in between, a prompt whose caller left or whose deadline passed
+between chunks computing no more, lone decode steps on the event loop; then the same through a real
+servicer, and per-client quotas seen by two clients on different addresses."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -291,6 +293,126 @@ def test_a_prompt_alone_is_not_cut_small_but_goes_in_chunks_while_others_decode(
         assert asyncio.run(main()) == ([40], [1, 16, 16, 8])
     finally:
         scheduler.shutdown()
+
+
+def test_a_padded_prompt_in_chunks_equals_the_whole() -> None:
+    """Chunks of a padded step keep the mask over the cache and their positions so far (as the family
+    applies it to the whole): the outputs put together equal one forward of the whole, and the cache holds
+    every position."""
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    generator = torch.Generator().manual_seed(5)
+    first, prompt = (torch.randn(2, n, span.hidden_size, generator=generator) for n in (3, 20))
+    mask = torch.ones(2, 23, dtype=torch.int64)
+    mask[0, :2] = 0  # row 0 is left-padded
+    whole, chunked = span.new_cache(), span.new_cache()
+    for cache in (whole, chunked):
+        span.forward(first, cache, mask=mask[:, :3])
+    expected = span.forward(prompt, whole, mask=mask)
+    pieces = _prompt_pieces(span, lambda: None)
+
+    async def main() -> torch.Tensor:
+        scheduler = Scheduler()
+        work = StepWork(span, 0, NUM_BLOCKS, BatchItem(prompt, chunked, mask=mask))
+        output = await scheduler.prefill(work, chunk_tokens=8)  # 4 positions x 2 rows per chunk
+        scheduler.shutdown()
+        return output
+
+    torch.testing.assert_close(asyncio.run(main()), expected, atol=1e-5, rtol=0)
+    assert pieces == [[4]] * 5 and chunked.get_seq_length() == whole.get_seq_length() == 23
+
+
+def _prompt_pieces(span: HostedSpan, on_first: Callable[[], None]) -> list[list[int]]:
+    """Counts the positions of each item of each forward of `span`; calls `on_first` during the first."""
+    pieces: list[list[int]] = []
+    forward_batch = span.forward_batch
+
+    def counted(items, **kwargs):
+        pieces.append([item.hidden.shape[1] for item in items])
+        if len(pieces) == 1:
+            on_first()
+        return forward_batch(items, **kwargs)
+
+    span.forward_batch = counted  # type: ignore[method-assign]
+    return pieces
+
+
+def test_a_prompt_whose_caller_went_away_computes_no_more_chunks() -> None:
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    prompt = torch.randn(1, 30, span.hidden_size, generator=torch.Generator().manual_seed(2))
+    caller: list[asyncio.Task[torch.Tensor]] = []
+    loop: list[asyncio.AbstractEventLoop] = []
+    pieces = _prompt_pieces(span, lambda: loop[0].call_soon_threadsafe(caller[0].cancel))
+
+    async def main() -> int:
+        scheduler = Scheduler()
+        loop.append(asyncio.get_running_loop())
+        work = StepWork(span, 0, NUM_BLOCKS, BatchItem(prompt, span.new_cache()))
+        caller.append(asyncio.create_task(scheduler.prefill(work, chunk_tokens=8)))
+        with pytest.raises(asyncio.CancelledError):
+            await caller[0]
+        await scheduler.run(lambda: None)  # behind whatever the prompt left queued
+        scheduler.shutdown()
+        return scheduler.in_flight
+
+    assert asyncio.run(main()) == 0
+    assert pieces == [[8]]  # the chunk under way finished; the other 22 positions never ran
+
+
+def test_a_prompt_whose_deadline_passes_between_its_chunks_expires() -> None:
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    prompt = torch.randn(1, 30, span.hidden_size, generator=torch.Generator().manual_seed(3))
+    pieces = _prompt_pieces(span, lambda: time.sleep(0.3))  # the first chunk outlasts the deadline
+
+    async def main() -> int:
+        scheduler = Scheduler()
+        work = StepWork(span, 0, NUM_BLOCKS, BatchItem(prompt, span.new_cache()))
+        with pytest.raises(Expired, match="waited past its deadline"):
+            await scheduler.prefill(work, chunk_tokens=8, deadline=time.monotonic() + 0.2)
+        scheduler.shutdown()
+        return scheduler.skipped
+
+    assert asyncio.run(main()) == 1
+    assert pieces == [[8]]
+
+
+def test_a_lone_short_step_runs_on_the_event_loop_once_measured_fast_enough() -> None:
+    """With `inline_seconds`, a lone step of a few tokens skips the compute thread once its kind's measured
+    rate says it computes within the bound; a step with work queued behind it, a longer step, or a
+    scheduler with the option off use the compute thread. The outputs are those of plain forwards."""
+    span = HostedSpan.from_model(build("llama"), 0, NUM_BLOCKS)
+    generator = torch.Generator().manual_seed(4)
+    hiddens = [torch.randn(1, length, span.hidden_size, generator=generator) for length in (1, 1, 1, 5, 1)]
+    on_loop: list[bool] = []
+    forward_batch = span.forward_batch
+
+    def recorded(items, **kwargs):
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        return forward_batch(items, **kwargs)
+
+    span.forward_batch = recorded  # type: ignore[method-assign]
+
+    async def main(inline_seconds: float) -> tuple[list[torch.Tensor], int]:
+        scheduler, cache = Scheduler(inline_seconds=inline_seconds), span.new_cache()
+
+        def step(hidden: torch.Tensor) -> Awaitable[torch.Tensor]:
+            return scheduler.prefill(StepWork(span, 0, NUM_BLOCKS, BatchItem(hidden, cache)), chunk_tokens=16)
+
+        outputs = [await step(hiddens[0]), await step(hiddens[1])]  # no rate yet: the thread; then the loop
+        behind = asyncio.create_task(scheduler.run(lambda: None, priority=Priority.BACKGROUND))
+        outputs.append(await step(hiddens[2]))  # something queued behind it: the thread
+        await behind
+        outputs += [await step(hiddens[3]), await step(hiddens[4])]  # 5 tokens: the thread; 1: the loop
+        scheduler.shutdown()
+        return outputs, scheduler.inlined
+
+    reference = span.new_cache()
+    expected = [span.forward(hidden, reference) for hidden in hiddens]
+    outputs, inlined = asyncio.run(main(inline_seconds=60.0))
+    assert on_loop == [False, True, False, False, True] and inlined == 2
+    for output, want in zip(outputs, expected, strict=True):
+        assert torch.equal(output, want)
+    on_loop.clear()
+    assert asyncio.run(main(inline_seconds=0.0))[1] == 0 and not any(on_loop)
 
 
 async def _listen_also_on_ipv6(peer: FakePeer) -> tuple[grpc.aio.Server, int]:
