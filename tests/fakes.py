@@ -36,7 +36,7 @@ from peer.sessions import PeerSession, SessionTable
 from protos import peer_pb2
 from protos.channels import channel_options
 from protos.records import PeerRecord, PeerState
-from protos.tensors import dtype_name, from_message, to_message
+from protos.tensors import dtype_name, from_message, to_message, wire_dtype_from_name
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
@@ -495,10 +495,10 @@ def _corrupt(message: peer_pb2.Tensor, mode: str) -> None:
         tensor = torch.cat([tensor, tensor], dim=1)
     elif mode == "perturb":
         tensor = tensor + 0.01
-    dtype = tensor.dtype
+    wire = wire_dtype_from_name(message.dtype)  # garbled values go in the wire format they came in
     if mode == "dtype":
-        dtype = torch.float16 if tensor.dtype != torch.float16 else torch.float32
-    message.CopyFrom(to_message(tensor, dtype=dtype))
+        wire = torch.float16 if tensor.dtype != torch.float16 else torch.float32
+    message.CopyFrom(to_message(tensor, dtype=wire))
 
 
 @functools.lru_cache(maxsize=4)
