@@ -279,6 +279,14 @@ class PeerConfig(BaseModel):
         description="tokens (rows x positions) of the inference steps of all sessions run as one batched "
         "forward; steps that arrive while the span computes join the next batch",
     )
+    inline_step_ms: float = Field(
+        default=10.0,
+        ge=0,
+        le=100,
+        description="a lone decode step (nothing else queued) whose forwards were measured within this many "
+        "milliseconds runs on the event loop's thread, without the hand-off to the compute thread (about "
+        "0.3-0.6 ms on a CPU, bench/executor_hop.py); pings and replies wait for it meanwhile; 0: never",
+    )
     prefill_chunk_tokens: int = Field(
         default=128,
         ge=1,

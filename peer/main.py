@@ -150,6 +150,7 @@ class Peer:
             max_batch_tokens=config.max_batch_tokens,
             max_stateless_tokens=config.compute_chunk_tokens,
             on_batch=self.metrics.batch,
+            inline_seconds=config.inline_step_ms / 1000,
         )
         # one key for the DHT id, the records' signatures and the TLS certificate (protos.identity)
         self.identity = Identity.load_or_create(config.identity)

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"corolla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # every command computes on a machine it may share with peers of the same pipeline: OpenMP threads that
+    # spin after each forward would take the core the next stage needs (set before torch starts its threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module_name, _, function = COMMANDS[name][0].partition(":")
     entry = getattr(importlib.import_module(module_name), function)
     return int(entry(rest, prog=f"corolla {name}") or 0)
