@@ -1,10 +1,12 @@
 """What the family's forward is handed as `past_key_values` when the blocks run on peers: `RemoteCache` (a
 session's: holds no K/V, only the length of the peers' caches, and passes cache edits, beam reorder and
-rollback, on to the inference session with the next step) or `SwarmPass` (one stateless pass). Either
-carries the call's attention mask to block 0's slot, which sends it with the hidden states."""
+rollback, on to the inference session with the next step), `RowsCache` (the gateway's engine: row i of the
+batch is the single row of session i) or `SwarmPass` (one stateless pass). Each carries the call's attention
+mask to block 0's slot, which sends it with the hidden states."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import torch
@@ -110,3 +112,49 @@ class SwarmPass(Cache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("a stateless pass holds no positions to reorder")
+
+
+class RowsCache(RemoteCache):
+    """`past_key_values` of one batched forward whose row i is the single row of `sessions[i]`: block 0's
+    slot calls `step`, which sends every row to its own session concurrently and gathers the outputs.
+
+    Row i's first `lengths[i]` positions are real (the rest pad a shorter draft: never sent, zeros out) and
+    start at `bases[i]`, its own session's length (rows hold different lengths; the slot's positions are
+    not used); a base below what the session holds rolls back the rejected positions of its last draft with
+    this step. A row whose session failed (after its own failover) gets zeros and its error in `errors`."""
+
+    def __init__(self, sessions: list[InferenceSession], bases: list[int], lengths: list[int]) -> None:
+        super().__init__(sessions[0])
+        self.sessions, self.bases, self.lengths = sessions, bases, lengths
+        self.errors: dict[int, BaseException] = {}
+        self._length.length = max(bases)  # only shapes the client's own (unused) attention masks
+
+    def step(
+        self,
+        hidden: torch.Tensor,  # [rows, new_positions, hidden]
+        positions: torch.Tensor,
+        runtime: Runtime,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if hidden.shape[0] != len(self.sessions):
+            raise InvalidInputError(f"{hidden.shape[0]} rows for {len(self.sessions)} sessions")
+        if mask is not None:
+            raise InvalidInputError("the engine's rows carry no padding")
+
+        async def every_row() -> list[torch.Tensor | BaseException]:
+            steps = []
+            for i, (session, base, length) in enumerate(
+                zip(self.sessions, self.bases, self.lengths, strict=True)
+            ):
+                rollback = base if base < session.position else None
+                positions = torch.arange(base, base + length)[None]
+                steps.append(session.astep(hidden[i : i + 1, :length], positions, rollback_to=rollback))
+            return await asyncio.gather(*steps, return_exceptions=True)
+
+        output = torch.zeros_like(hidden)
+        for row, result in enumerate(runtime.run(every_row())):
+            if isinstance(result, BaseException):
+                self.errors[row] = result
+            else:
+                output[row, : self.lengths[row]] = result[0].to(hidden.device, hidden.dtype)
+        return output
