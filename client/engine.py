@@ -34,6 +34,7 @@ from client.completions import (
     Delta,
     Plan,
     Stop,
+    TokenLogprob,
     _Choice,
     _Logprobs,
     end_ids,
@@ -368,14 +369,7 @@ class Engine:
         tokens = torch.argmax(scores, dim=-1).tolist()
         for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             logprob = prompt.logprobs.of(i, token) if prompt.logprobs is not None else None
-            delta = row.choice.add(token, token in self.end_ids, logprob)
-            if delta is not None:
-                job.emit(delta)
-            row.ids.append(token)
-            if row.choice.finish_reason is None and row.choice.tokens >= job.plan.max_tokens:
-                job.emit(row.choice.finish("length"))
-            if row.choice.finish_reason is not None:
-                self._close(row.session)  # its peers' cache is freed for the others at once
+            self._append(job, row, token, logprob)
 
     def _draft(self, job: Job, row: _Row) -> list[int]:
         """Prompt lookup's draft for a speculative row, no longer than its completion has room for."""
@@ -395,15 +389,22 @@ class Engine:
         self.stats.drafted += len(draft)
         self.stats.accepted += accepted
         for token in picks[: accepted + 1]:
-            delta = row.choice.add(token, token in self.end_ids, None)
-            if delta is not None:
-                job.emit(delta)
-            row.ids.append(token)
-            if row.choice.finish_reason is None and row.choice.tokens >= job.plan.max_tokens:
-                job.emit(row.choice.finish("length"))
-            if row.choice.finish_reason is not None:
-                self._close(row.session)
-                return
+            if not self._append(job, row, token, None):
+                return  # an end of text or a stop string inside the draft: what follows is not the answer's
+
+    def _append(self, job: Job, row: _Row, token: int, logprob: TokenLogprob | None) -> bool:
+        """Hand `token` to the row's choice; False once the choice has finished (its session then closes, and
+        its peers' cache is freed for the others at once)."""
+        delta = row.choice.add(token, token in self.end_ids, logprob)
+        if delta is not None:
+            job.emit(delta)
+        row.ids.append(token)
+        if row.choice.finish_reason is None and row.choice.tokens >= job.plan.max_tokens:
+            job.emit(row.choice.finish("length"))
+        if row.choice.finish_reason is None:
+            return True
+        self._close(row.session)
+        return False
 
     def _retire(self) -> None:
         """End the requests that finished, failed or were asked to stop; the others go on."""
