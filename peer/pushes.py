@@ -27,6 +27,7 @@ from protos.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from peer.config import PeerConfig
+    from peer.session_runtime import SessionRuntime
     from peer.sessions import PeerSession
     from protos import peer_pb2
 
@@ -89,11 +90,19 @@ class PushBudget:
     def client_bytes(self, client: str) -> int:
         return self._clients.get(client, 0)
 
-    def admit(self, session: PeerSession, request: peer_pb2.PushRequest, *, hidden_size: int) -> int:
-        """Account for `request` (its size on the wire) as a push to `session` and return that size, or raise
+    def admit(
+        self,
+        session: PeerSession,
+        runtime: SessionRuntime,
+        request: peer_pb2.PushRequest,
+        *,
+        hidden_size: int,
+    ) -> int:
+        """Account for `request` (its size on the wire) as a push to `session` (whose pushes waiting
+        `runtime` counts) and return that size, or raise
         (QuotaExceeded: RESOURCE_EXHAUSTED, the sender tries again or elsewhere; InvalidInputError: the push
         is wrong) and change nothing. The caller gives the bytes back through `queued`."""
-        if session.pending_pushes >= self.max_pending:
+        if runtime.pending_pushes >= self.max_pending:
             raise QuotaExceeded("too many pushed steps queued")
         nbytes = request.ByteSize()
         check_shape(request.step, session=session, hidden_size=hidden_size, nbytes=nbytes)
@@ -107,21 +116,25 @@ class PushBudget:
             raise QuotaExceeded(f"this peer has {self.pending_bytes} bytes of pushed steps queued")
         self._clients[session.client] = held + nbytes
         self.pending_bytes += nbytes
-        session.pending_pushes += 1
+        runtime.pending_pushes += 1
         return nbytes
 
-    def queued(self, session: PeerSession, task: asyncio.Task[None], nbytes: int) -> None:
-        """`task` runs an admitted push of `nbytes` on `session` (closing the session cancels it); its bytes
-        come back when it is done, whether the step ran, failed or was cancelled."""
-        session.tasks.add(task)
-        task.add_done_callback(lambda _: self._release(session, task, nbytes))
+    def queued(
+        self, session: PeerSession, runtime: SessionRuntime, task: asyncio.Task[None], nbytes: int
+    ) -> None:
+        """`task` runs an admitted push of `nbytes` on `session` (closing the session cancels it, see
+        `SessionRuntimes.drop`); its bytes come back when it is done, whether the step ran, failed or was
+        cancelled."""
+        runtime.tasks.add(task)
+        client = session.client
+        task.add_done_callback(lambda _: self._release(client, runtime, task, nbytes))
 
-    def _release(self, session: PeerSession, task: asyncio.Task[None], nbytes: int) -> None:
-        session.tasks.discard(task)
-        session.pending_pushes -= 1
+    def _release(self, client: str, runtime: SessionRuntime, task: asyncio.Task[None], nbytes: int) -> None:
+        runtime.tasks.discard(task)
+        runtime.pending_pushes -= 1
         self.pending_bytes -= nbytes
-        left = self._clients.get(session.client, 0) - nbytes
+        left = self._clients.get(client, 0) - nbytes
         if left > 0:
-            self._clients[session.client] = left
+            self._clients[client] = left
         else:
-            self._clients.pop(session.client, None)
+            self._clients.pop(client, None)

@@ -24,6 +24,7 @@ from peer.pushes import PushBudget
 from peer.replies import ReplyQueue
 from peer.requests import Limits, PushRefused, Served
 from peer.scheduler import Scheduler, StepWork
+from peer.session_runtime import SessionRuntime, SessionRuntimes
 from peer.sessions import PeerSession, SessionTable, log_id
 from peer.stats import StepTimes, info_reply
 from peer.status import RequestError, Status, aborts_on_error, encode_output, status_of
@@ -73,6 +74,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.config = config
         self.limits = Limits.from_config(config)
         self.sessions = sessions
+        self.runtimes = SessionRuntimes()  # each open session's lock, queued pushes and stream
         self.scheduler = scheduler
         self.peer_id = peer_id
         self.version = version
@@ -109,7 +111,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             replies.end(_End())  # replies still waiting for room are dropped: nobody reads them
             reader.cancel()
             for session_id in opened:
-                self.sessions.close(session_id, reason=reason)
+                self.close_session(session_id, reason=reason)
 
         def stalled() -> None:  # its client reads nothing (see `ReplyQueue`): free everything the call holds
             ended(reason=f"stream stalled: no reply read for {timeout:.0f}s")
@@ -142,7 +144,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             first = await asyncio.wait_for(anext(stream), OPEN_TIMEOUT)
             if first.WhichOneof("kind") != "open":
                 raise InvalidInputError("the first message of a session must be open")
-            session = self._open(first.open, replies, client)
+            session, runtime = self._open(first.open, replies, client)
             opened.append(session.session_id)
             await replies.put(
                 peer_pb2.SessionReply(
@@ -156,7 +158,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 if kind == "reroute":
                     blocks = self.span.anatomy.num_blocks
                     hops = requests.parse_reroute(request.reroute, end=session.end, num_blocks=blocks)
-                    async with session.lock:  # after the steps already queued
+                    async with runtime.lock:  # after the steps already queued
                         session.next_hops = list(hops)
                     logger.info(
                         "session reroute id=%s next=%r", log_id(session.session_id), [h.address for h in hops]
@@ -164,7 +166,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                     continue
                 if kind != "step":
                     raise InvalidInputError(f"unexpected {kind} in an open session")
-                await self._step_or_report(session, request.step)
+                await self._step_or_report(session, runtime, request.step)
             replies.end(_End())
         except (StopAsyncIteration, grpc.aio.AbortError):  # the client's end, or ours (preempted, retired)
             replies.end(_End())
@@ -173,7 +175,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         except Exception as e:  # every failure ends the stream with its status
             replies.end(_End(status_of(e)))
 
-    def _open(self, request: peer_pb2.OpenSession, replies: _Replies, client: str) -> PeerSession:
+    def _open(
+        self, request: peer_pb2.OpenSession, replies: _Replies, client: str
+    ) -> tuple[PeerSession, SessionRuntime]:
         if not self.accepting:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "peer is draining: it takes no new sessions")
         span = self.span
@@ -187,38 +191,67 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             max_length=parsed.max_length,
             wire_dtype=parsed.wire_dtype,
             next_hops=list(parsed.next_hops),
-            reply=replies.put,
-            finish=replies.end,
             report_outputs=parsed.report_outputs,
             push_token=parsed.push_token,
         )
         # raises NoRoom / SessionExists before anything is allocated; when full, may preempt an idle squatter
-        for victim in self.sessions.open(session, busy=lambda s: s.lock.locked() or s.pending_pushes > 0):
+        victims = self.sessions.open(session, busy=self._busy)
+        runtime = SessionRuntime(reply=replies.put, finish=replies.end)
+        self.runtimes.add(session.session_id, runtime)
+        for victim in victims:
             reason = "preempted: this peer is full and its sessions are shared out evenly between networks"
-            victim.finish(_End(Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)))
+            self._ended(victim, Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason))
         session.span = span
-        session.cache = span.new_cache(start=parsed.start, end=parsed.end)
+        try:
+            session.cache = span.new_cache(start=parsed.start, end=parsed.end)
+        except BaseException:  # the stream ends with its status, so nothing else would close the session
+            self.close_session(session.session_id, reason="its cache could not be allocated")
+            raise
+        return session, runtime
+
+    def _busy(self, session: PeerSession) -> bool:
+        """A step of `session` is under way or pushed steps wait to run: not preemptible for a new session."""
+        runtime = self.runtimes.get(session.session_id)
+        return runtime is not None and runtime.busy()
+
+    def _stepping(self, session: PeerSession) -> bool:
+        """A step of `session` is under way: its pages cannot be taken for another's step."""
+        runtime = self.runtimes.get(session.session_id)
+        return runtime is not None and runtime.stepping()
+
+    def _ended(self, session: PeerSession, status: Status | None) -> None:
+        """`session` was closed in the session table: drop its runtime (cancelling its queued pushed steps)
+        and end its stream with `status` (its client fails over)."""
+        runtime = self.runtimes.drop(session.session_id)
+        if runtime is not None:
+            runtime.finish(_End(status))
+
+    def close_session(self, session_id: str, *, reason: str) -> PeerSession | None:
+        """Close a session and drop its runtime (its stream is not ended here); None if it was not open."""
+        session = self.sessions.close(session_id, reason=reason)
+        self.runtimes.drop(session_id)
         return session
 
     # ---- steps -------------------------------------------------------------------------------------
 
     async def _step_or_report(
-        self, session: PeerSession, step: peer_pb2.Step, *, pushed: bool = False
+        self, session: PeerSession, runtime: SessionRuntime, step: peer_pb2.Step, *, pushed: bool = False
     ) -> None:
         """Run a step (`pushed` by the previous hop, or the client's own); a failure is reported on the
         session's stream and leaves the session as it was."""
         deadline = requests.step_deadline(step, time.monotonic())  # counted from its arrival here
         session.touch()  # a step waiting for its turn keeps its session from expiring as idle
         try:
-            await self._step(session, step, deadline, time.perf_counter(), pushed=pushed)
+            await self._step(session, runtime, step, deadline, time.perf_counter(), pushed=pushed)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # reported to the client, the session stays usable
-            await session.reply(self._step_error(step.step_id, e))
+            await runtime.reply(self._step_error(step.step_id, e))
 
     async def _step(
         self,
         session: PeerSession,
+        runtime: SessionRuntime,
         step: peer_pb2.Step,
         deadline: float | None,
         arrived: float,
@@ -227,7 +260,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     ) -> None:
         """parse -> enqueue -> await -> push/reply: the push goes out before anything else is done for the
         step, the reply (a reported output, or the last hop's result) after it."""
-        async with session.lock:
+        async with runtime.lock:
             span = self._live_span(session)
             started = time.perf_counter()
             parsed = requests.parse_step(
@@ -244,7 +277,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             computed = time.perf_counter()
             hidden = encode_output(output, session.wire_dtype)  # serialized once for the push and the reply
             encoded = time.perf_counter()
-            result = self._push_or_result(session, step, hidden, deadline, seconds=encoded - arrived)
+            result = self._push_or_result(session, runtime, step, hidden, deadline, seconds=encoded - arrived)
             session.position = parsed.base + parsed.hidden.shape[1]
             session.attention_mask = parsed.attention_mask
             session.touch()
@@ -252,7 +285,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 result.position = session.position
                 # under the lock: replies keep the steps' order, and a client that does not read its
                 # stream stalls its own session once the stream's queue is full
-                await session.reply(peer_pb2.SessionReply(result=result))
+                await runtime.reply(peer_pb2.SessionReply(result=result))
             self._count(work, parsed, arrived, started, decoded, computed, encoded)
 
     def _live_span(self, session: PeerSession) -> HostedSpan:
@@ -280,6 +313,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def _push_or_result(
         self,
         session: PeerSession,
+        runtime: SessionRuntime,
         step: peer_pb2.Step,
         hidden: peer_pb2.Tensor,
         deadline: float | None,
@@ -316,7 +350,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                         f"the step's carried outputs pass max_message_bytes {self.limits.max_message_bytes}: "
                         "a step this long must set report_outputs"
                     )
-            self._push(session, pushed, hop)
+            self._push(session, runtime, pushed, hop)
             return (
                 peer_pb2.StepResult(step_id=step.step_id, hidden=hidden, peer_id=self.peer_id)
                 if report
@@ -357,9 +391,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def _make_room(self, session: PeerSession, positions: int) -> None:
         """Pages for `positions` cached positions of `session`; the sessions preempted for them end with
         RESOURCE_EXHAUSTED, so their clients move them to another peer and replay."""
-        for victim in self.sessions.resize(session, positions, busy=lambda other: other.lock.locked()):
+        for victim in self.sessions.resize(session, positions, busy=self._stepping):
             reason = "preempted: this peer ran out of cache pages"
-            victim.finish(_End(Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason)))
+            self._ended(victim, Status(grpc.StatusCode.RESOURCE_EXHAUSTED, reason))
 
     def _step_error(
         self, step_id: int, error: BaseException, *, peer_id: str | None = None
@@ -369,8 +403,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         error_message.peer_id = peer_id or self.peer_id
         return peer_pb2.SessionReply(error=error_message)
 
-    async def _reply(self, session: PeerSession, reply: peer_pb2.SessionReply) -> None:
-        await session.reply(reply)
+    async def _reply(self, runtime: SessionRuntime, reply: peer_pb2.SessionReply) -> None:
+        await runtime.reply(reply)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
@@ -380,7 +414,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     # ---- Push --------------------------------------------------------------------------------------
 
-    def _push(self, session: PeerSession, pushed: peer_pb2.Step, hop: peer_pb2.Hop) -> None:
+    def _push(
+        self, session: PeerSession, runtime: SessionRuntime, pushed: peer_pb2.Step, hop: peer_pb2.Hop
+    ) -> None:
         """Start delivering `pushed` to the next hop `hop`: the call is issued before this returns (its
         write is the next thing the loop runs); a failure reaches the session's client as a StepError
         naming the next hop."""
@@ -395,7 +431,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             if (
                 self.config.push_stream
             ):  # a frame on the stream to that peer: no call, no answer unless refused
-                fail = functools.partial(self._push_failed, session, step_id, hop)
+                fail = functools.partial(self._push_failed, runtime, step_id, hop)
                 self.push_streams.push(hop, request, fail)
                 self.metrics.pushed(pushed)
                 self.step_times.add(push=time.perf_counter() - started)  # queued for the stream's writer
@@ -404,18 +440,19 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             stub = self.channels.stub(hop.address, hop.certificate, relay=relay)
             call = stub.Push(request, timeout=self.config.step_timeout)
         except RequestError as e:
-            self._spawn(self._reply(session, self._step_error(step_id, e, peer_id=hop.peer_id)))
+            self._spawn(self._reply(runtime, self._step_error(step_id, e, peer_id=hop.peer_id)))
             return
         except Unreachable as e:  # a relayed next hop, and this peer has no libp2p node (in-process tests)
             error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
-            self._spawn(self._reply(session, self._step_error(step_id, error, peer_id=hop.peer_id)))
+            self._spawn(self._reply(runtime, self._step_error(step_id, error, peer_id=hop.peer_id)))
             return
         self.metrics.pushed(pushed)
-        self._spawn(self._delivered(session, call, step_id, hop, started))
+        self._spawn(self._delivered(session, runtime, call, step_id, hop, started))
 
     async def _delivered(
         self,
         session: PeerSession,
+        runtime: SessionRuntime,
         call: Awaitable[peer_pb2.PushReply],
         step_id: int,
         hop: peer_pb2.Hop,
@@ -427,7 +464,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             self.step_times.add(push=time.perf_counter() - started)
         except Unreachable as e:
             error = RequestError(grpc.StatusCode.UNAVAILABLE, str(e))
-            await session.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
+            await runtime.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
         except grpc.aio.AioRpcError as e:
             logger.warning(
                 "push failed session=%s step=%d next=%r code=%s",
@@ -438,14 +475,14 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             )
             # the next hop's own text stays in this peer's log: echoed, it would map the peer's network
             error = RequestError(e.code(), f"push to the next hop failed: {e.code().name}")
-            await session.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
+            await runtime.reply(self._step_error(step_id, error, peer_id=hop.peer_id))
 
     def _push_failed(
-        self, session: PeerSession, step_id: int, hop: peer_pb2.Hop, code: grpc.StatusCode, message: str
+        self, runtime: SessionRuntime, step_id: int, hop: peer_pb2.Hop, code: grpc.StatusCode, message: str
     ) -> None:
         """A frame on a push stream was refused or lost with its stream: the session's client hears it."""
         error = RequestError(code, message)
-        self._spawn(self._reply(session, self._step_error(step_id, error, peer_id=hop.peer_id)))
+        self._spawn(self._reply(runtime, self._step_error(step_id, error, peer_id=hop.peer_id)))
 
     @aborts_on_error
     async def Push(
@@ -468,16 +505,20 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         """Admit one pushed step (a Push, or a frame of a PushStream) and queue it behind the session's
         earlier steps; a refusal raises and changes nothing."""
         session_id, token = requests.parse_push(request)
-        session = self.sessions.get(session_id)
+        session, runtime = self.sessions.get(session_id), self.runtimes.get(session_id)
         # an unknown id and a wrong token get the same answer: a push tells a stranger nothing
-        if session is None or not session.push_token or not hmac.compare_digest(token, session.push_token):
+        if (
+            session is None
+            or runtime is None
+            or not session.push_token
+            or not hmac.compare_digest(token, session.push_token)
+        ):
             raise PushRefused("push refused")
-        nbytes = self.pushes.admit(session, request, hidden_size=self.span.hidden_size)
+        nbytes = self.pushes.admit(session, runtime, request, hidden_size=self.span.hidden_size)
         # accepted: the step runs in order behind the session's earlier steps, and a failure goes to the
         # client on this hop's stream, so the sender waits only for delivery, never for compute
-        self.pushes.queued(
-            session, self._spawn(self._step_or_report(session, request.step, pushed=True)), nbytes
-        )
+        task = self._spawn(self._step_or_report(session, runtime, request.step, pushed=True))
+        self.pushes.queued(session, runtime, task, nbytes)
 
     # ---- Forward / Backward / Info -------------------------------------------------------------------
 
@@ -550,16 +591,17 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         (within `timeout` seconds for all), then its client gets UNAVAILABLE and fails over."""
         deadline = asyncio.get_running_loop().time() + timeout
         for session in sessions:
-            locked = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    locked = await session.lock.acquire()
+            runtime, locked = self.runtimes.get(session.session_id), False
+            if runtime is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        locked = await runtime.lock.acquire()
             try:
                 if self.sessions.close(session.session_id, reason=reason) is not None:
-                    session.finish(_End(Status(grpc.StatusCode.UNAVAILABLE, reason)))
+                    self._ended(session, Status(grpc.StatusCode.UNAVAILABLE, reason))
             finally:
-                if locked:
-                    session.lock.release()
+                if runtime is not None and locked:
+                    runtime.lock.release()
 
     async def retire_all(self, reason: str, *, timeout: float = RETIRE_TIMEOUT) -> None:
         await self.retire(
@@ -568,7 +610,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     def expire_idle(self) -> None:
         for session, reason in self.sessions.expire():
-            session.finish(_End(Status(grpc.StatusCode.NOT_FOUND, f"session expired: {reason}")))
+            self._ended(session, Status(grpc.StatusCode.NOT_FOUND, f"session expired: {reason}"))
 
     async def close(self, *, timeout: float = CLOSE_TIMEOUT) -> None:
         """Wait at most `timeout` seconds for pushes under way, cancel the rest; end the push streams

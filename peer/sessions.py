@@ -1,6 +1,7 @@
 """The peer's session table and KV cache in pages: open, get, close, growth, preemption, idle expiry.
 
-Pure bookkeeping: it holds each session's cache object but never computes with it.
+Pure bookkeeping: it holds each session's state and cache object but never computes with it; the locks,
+queued pushed steps and reply streams of sessions live with the servicer (`peer.session_runtime`).
 
     pool (max_cache_tokens / page_tokens pages) ──────────────────────────────────────────┐
     │ a: 7 pages │ b: 2 rows x 1 page │ c: 13 pages │              free pages            │
@@ -34,16 +35,15 @@ refused for `reuse_timeout` seconds so a stale push can never land in a new sess
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peer.planner import Holder, preempt, preempt_slot
 from protos.errors import CorollaError
@@ -94,13 +94,10 @@ def _id_key(session_id: str) -> bytes:
     return hashlib.blake2b(session_id.encode(), digest_size=16).digest()
 
 
-async def _no_reply(_: Any) -> None:
-    return None
-
-
 @dataclass(kw_only=True)
 class PeerSession:
-    """One open session: its reservation, its cache and where its outputs go next."""
+    """One open session's state: its reservation, its cache and where its outputs go next (its lock, queued
+    pushes and stream are the servicer's `SessionRuntime`)."""
 
     session_id: str
     client: str = ""  # who opened it (`requests.client_key`): quotas count per client
@@ -118,14 +115,8 @@ class PeerSession:
     last_used: float = field(default_factory=time.monotonic)
     opened_at: float = field(default_factory=time.monotonic)
     stepped: bool = False  # a step has arrived (a reservation nobody uses is released early)
-    # delivers a reply on the session's own stream; waits while the stream's bounded queue is full
-    reply: Callable[[Any], Awaitable[None]] = _no_reply
-    finish: Callable[[Any], None] = lambda _: None  # ends the session's stream with a status, never waits
     push_token: bytes = b""  # a push must carry these bytes; empty: the session takes no pushes
-    pending_pushes: int = 0  # pushes accepted and not yet run
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)  # pushed steps queued on this session
     report_outputs: bool = False  # send every step's output to the client too
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one step at a time, in order
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -360,8 +351,6 @@ class SessionTable:
                 del self._networks[network]
             session.cache = None
             self._remember_closed(session_id)
-            for task in session.tasks:  # pushed steps still queued would only find the session gone
-                task.cancel()
             logger.info(
                 "session close id=%s reason=%s position=%d free_tokens=%d",
                 log_id(session_id),

@@ -32,6 +32,7 @@ from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.scheduler import Scheduler
 from peer.service import PeerService, RequestError
+from peer.session_runtime import SessionRuntime
 from peer.sessions import PeerSession, SessionTable
 from protos import peer_pb2
 from protos.channels import channel_options
@@ -147,24 +148,27 @@ class _FaultyService(PeerService):
 
     faults: Faults
 
-    def _push(self, session: PeerSession, pushed: peer_pb2.Step, hop: peer_pb2.Hop) -> None:
+    def _push(
+        self, session: PeerSession, runtime: SessionRuntime, pushed: peer_pb2.Step, hop: peer_pb2.Hop
+    ) -> None:
         if self.faults.corrupt and pushed.carried:  # this hop's output on its way to the client
             # values only: the next hop refuses a carried output of the wrong shape, dtype or size itself
             _corrupt(pushed.carried[-1], "perturb" if self.faults.corrupt == "perturb" else "nan")
-        super()._push(session, pushed, hop)
+        super()._push(session, runtime, pushed, hop)
 
     def _push_or_result(
         self,
         session: PeerSession,
+        runtime: SessionRuntime,
         step: peer_pb2.Step,
         hidden: peer_pb2.Tensor,
         deadline: float | None,
         *,
         seconds: float,
     ) -> peer_pb2.StepResult | None:
-        result = super()._push_or_result(session, step, hidden, deadline, seconds=seconds)
+        result = super()._push_or_result(session, runtime, step, hidden, deadline, seconds=seconds)
         if result is None and self.faults.blame:  # a carried step: no result to replace, the error goes alone
-            self._spawn(self._reply(session, self._blame(step.step_id)))
+            self._spawn(self._reply(runtime, self._blame(step.step_id)))
         return result
 
     def _blame(self, step_id: int) -> peer_pb2.SessionReply:
@@ -335,7 +339,7 @@ class FakePeer:
 
         async def drop() -> None:
             for session_id in self.sessions.session_ids():
-                self.sessions.close(session_id, reason="dropped by the test")
+                self.service.close_session(session_id, reason="dropped by the test")
 
         self.swarm.call(drop())
 

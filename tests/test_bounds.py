@@ -58,9 +58,9 @@ def test_pushes_beyond_the_pending_bound_are_refused(fake_swarm) -> None:
     peer, token = swarm.peers[0], os.urandom(16)
     stream = Stream(peer)
     assert stream.open("busy", push_token=token).WhichOneof("kind") == "opened"
-    session = peer.sessions.get("busy")
-    assert session is not None
-    swarm.call(session.lock.acquire())  # the session is busy: accepted pushes stay queued
+    runtime = peer.service.runtimes.get("busy")
+    assert runtime is not None
+    swarm.call(runtime.lock.acquire())  # the session is busy: accepted pushes stay queued
     inputs = [hidden_states(1, 1, seed=seed) for seed in range(6)]
     codes = []
     for step_id, hidden in enumerate(inputs):
@@ -73,7 +73,7 @@ def test_pushes_beyond_the_pending_bound_are_refused(fake_swarm) -> None:
         except grpc.RpcError as e:
             codes.append(e.code())
     assert codes == [grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
-    swarm.loop.call_soon_threadsafe(session.lock.release)
+    swarm.loop.call_soon_threadsafe(runtime.lock.release)
     span, cache = swarm.local_span(), None
     cache = span.new_cache()
     for step_id in range(3):  # the accepted ones ran, in order, exactly
@@ -81,7 +81,7 @@ def test_pushes_beyond_the_pending_bound_are_refused(fake_swarm) -> None:
         assert reply.result.step_id == step_id and reply.result.position == step_id + 1
         expected = span.forward(inputs[step_id], cache)
         torch.testing.assert_close(from_message(reply.result.hidden, max_bytes=MAX_MESSAGE), expected)
-    assert session.pending_pushes == 0
+    assert runtime.pending_pushes == 0
     stream.close()
 
 
@@ -149,15 +149,15 @@ def test_close_cancels_pushes_still_queued(fake_swarm) -> None:
     peer, token = swarm.peers[0], os.urandom(16)
     stream = Stream(peer)
     stream.open("stuck", push_token=token)
-    session = peer.sessions.get("stuck")
-    assert session is not None
-    swarm.call(session.lock.acquire())  # never released: the pushes would wait forever
+    runtime = peer.service.runtimes.get("stuck")
+    assert runtime is not None
+    swarm.call(runtime.lock.acquire())  # never released: the pushes would wait forever
     for step_id in range(4):
         step = _step(step_id, step_id, hidden_states(1, 1, seed=step_id), session_id="stuck")
         _stub(peer).Push(peer_pb2.PushRequest(step=step, push_token=token), timeout=10)
-    assert session.pending_pushes == 4
+    assert runtime.pending_pushes == 4
     swarm.call(peer.service.close(timeout=0.2), timeout=5)
-    assert session.pending_pushes == 0
+    assert runtime.pending_pushes == 0
     stream.close()
 
 

@@ -94,11 +94,11 @@ def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_session(fake
     try:
         assert reader.open("reads") == "opened"
         assert stalled.open("stalls", push_token=token) == "opened"
-        session = peer.sessions.get("stalls")
-        assert session is not None
+        runtime = peer.service.runtimes.get("stalls")
+        assert runtime is not None
         for step_id in range(64):  # 8 KiB of output each, never read: a few fill the window and the queue
             stalled.send(step=_step(step_id, 32, position=0, rollback_to=0))
-        _until(lambda: session.lock.locked() and peer.faults.num_computes > 8, "the stream never stalled")
+        _until(lambda: runtime.lock.locked() and peer.faults.num_computes > 8, "the stream never stalled")
         stuck = time.monotonic()
         codes = [
             _push(peer, "stalls", token, _step(100 + n, 32, position=0, rollback_to=0)) for n in range(2)
@@ -109,9 +109,9 @@ def test_a_stream_whose_client_stops_reading_is_ended_and_frees_its_session(fake
             0.5 < time.monotonic() - stuck < WAIT
         )  # about `stalled_stream_timeout` after it stopped reading
         _until(
-            lambda: not session.lock.locked() and session.pending_pushes == 0, "its lock and pushes were kept"
+            lambda: not runtime.lock.locked() and runtime.pending_pushes == 0, "its lock and pushes were kept"
         )
-        assert peer.service.pushes.pending_bytes == 0 and not session.tasks
+        assert peer.service.pushes.pending_bytes == 0 and not runtime.tasks
         reader.send(step=_step(0, 3, position=0))  # another client's session never noticed
         assert reader.receive() == "result"
     finally:
@@ -130,9 +130,9 @@ def test_pushes_past_the_byte_budget_are_refused_before_they_are_queued(fake_swa
     stream = Stream(peer.address)
     try:
         assert stream.open("busy", push_token=token) == "opened"
-        session = peer.sessions.get("busy")
-        assert session is not None
-        swarm.call(session.lock.acquire())  # the session is busy: accepted pushes stay queued
+        runtime = peer.service.runtimes.get("busy")
+        assert runtime is not None
+        swarm.call(runtime.lock.acquire())  # the session is busy: accepted pushes stay queued
         wrong = _step(9, 16, position=0)
         wrong.hidden.shape[1] = 80  # more positions than the session's max_length 64
         assert _push(peer, "busy", token, wrong) == "INVALID_ARGUMENT"
@@ -140,8 +140,8 @@ def test_pushes_past_the_byte_budget_are_refused_before_they_are_queued(fake_swa
             _push(peer, "busy", token, _step(step_id, 16, position=16 * step_id)) for step_id in range(4)
         ]
         assert codes == ["OK", "OK", "OK", "RESOURCE_EXHAUSTED"]
-        assert session.pending_pushes == 3 and peer.service.pushes.pending_bytes <= budget
-        swarm.loop.call_soon_threadsafe(session.lock.release)
+        assert runtime.pending_pushes == 3 and peer.service.pushes.pending_bytes <= budget
+        swarm.loop.call_soon_threadsafe(runtime.lock.release)
         assert [stream.receive() for _ in range(3)] == ["result"] * 3  # the accepted ones ran, in order
         _until(lambda: peer.service.pushes.pending_bytes == 0, "the budget was not given back")
     finally:

@@ -231,10 +231,10 @@ def test_a_hop_dropping_carried_outputs_switches_the_session_to_reports(fake_swa
     middle = swarm.peers[1].service
     honest = middle._push
 
-    def dropping(session, pushed: peer_pb2.Step, next_hop) -> None:
+    def dropping(session, runtime, pushed: peer_pb2.Step, next_hop) -> None:
         del pushed.carried[:]
         del pushed.carried_seconds[:]
-        honest(session, pushed, next_hop)
+        honest(session, runtime, pushed, next_hop)
 
     streams: list[list[Any]] = []
     result = run(

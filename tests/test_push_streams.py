@@ -226,14 +226,14 @@ def test_a_push_over_the_session_budget_gets_a_nack(fake_swarm) -> None:
     swarm = fake_swarm([(0, 4)], max_pending_pushes=1)
     peer, token = swarm.peers[0], os.urandom(16)
     victim, pusher = Session(peer, "victim", token), Pusher(peer)
-    session = peer.sessions.get("victim")
-    assert session is not None
+    runtime = peer.service.runtimes.get("victim")
+    assert runtime is not None
     try:
-        swarm.call(session.lock.acquire())  # the session is busy: pushed steps wait behind its lock
+        swarm.call(runtime.lock.acquire())  # the session is busy: pushed steps wait behind its lock
         pusher.send(_frame("victim", token, 1))
         pusher.send(_frame("victim", token, 2))
         assert pusher.nack() == ("victim", 2, "RESOURCE_EXHAUSTED", "too many pushed steps queued")
-        swarm.loop.call_soon_threadsafe(session.lock.release)
+        swarm.loop.call_soon_threadsafe(runtime.lock.release)
         assert victim.reply() == "result"  # the first one ran
     finally:
         victim.close()

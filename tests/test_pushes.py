@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from peer.pushes import MESSAGE_SLACK_BYTES, PushBudget, check_shape, max_step_bytes
+from peer.session_runtime import SessionRuntime
 from peer.sessions import NoRoom, PeerSession, QuotaExceeded
 from protos import peer_pb2
 from protos.errors import InvalidInputError
@@ -108,56 +109,59 @@ def test_pushes_waiting_are_bounded_in_bytes(
 ) -> None:
     budget = PushBudget(max_bytes=5 * KIB, max_client_bytes=3 * KIB, max_pending=3)
     # client x pushes to two sessions: the budget counts the client, the count each session
-    x_sessions, y_session = [_session("x"), _session("x", batch=2)], _session("y")
+    x_sessions = [(_session("x"), SessionRuntime()), (_session("x", batch=2), SessionRuntime())]
+    y_session = (_session("y"), SessionRuntime())
     for index, (client, refusal) in enumerate(pushes):
-        session = y_session if client == "y" else x_sessions[index % 2]
-        before = (budget.pending_bytes, session.pending_pushes)
+        session, runtime = y_session if client == "y" else x_sessions[index % 2]
+        before = (budget.pending_bytes, runtime.pending_pushes)
         if refusal is None:
-            assert budget.admit(session, _push(KIB), hidden_size=HIDDEN) == KIB
+            assert budget.admit(session, runtime, _push(KIB), hidden_size=HIDDEN) == KIB
             continue
         with pytest.raises(QuotaExceeded, match=re.escape(refusal)) as caught:
-            budget.admit(session, _push(KIB), hidden_size=HIDDEN)
+            budget.admit(session, runtime, _push(KIB), hidden_size=HIDDEN)
         assert isinstance(caught.value, NoRoom)  # RESOURCE_EXHAUSTED
-        assert (budget.pending_bytes, session.pending_pushes) == before  # a refusal changes nothing
+        assert (budget.pending_bytes, runtime.pending_pushes) == before  # a refusal changes nothing
     assert (budget.client_bytes("x"), budget.client_bytes("y")) == held
     assert budget.pending_bytes == sum(held)
 
 
 def test_a_wrong_push_takes_nothing_of_the_budget() -> None:
     budget, session = PushBudget(max_bytes=10 * KIB, max_client_bytes=10 * KIB, max_pending=4), _session()
+    runtime = SessionRuntime()
     wrong = _push(KIB)
     wrong.step.hidden.shape[0] = 3
     with pytest.raises(InvalidInputError, match="hidden batch 3"):
-        budget.admit(session, wrong, hidden_size=HIDDEN)
-    assert (budget.pending_bytes, session.pending_pushes) == (0, 0)
+        budget.admit(session, runtime, wrong, hidden_size=HIDDEN)
+    assert (budget.pending_bytes, runtime.pending_pushes) == (0, 0)
 
 
 def test_one_push_larger_than_a_budget_passes_when_nothing_else_waits() -> None:
     # a prefill push may be as large as a message; a budget then bounds what waits at one such push
     budget, session = PushBudget(max_bytes=2 * KIB, max_client_bytes=KIB, max_pending=4), _session()
-    session.max_length = 8192
+    session.max_length, runtime = 8192, SessionRuntime()
     big = _push(4 * KIB)
-    budget.admit(session, big, hidden_size=HIDDEN)
+    budget.admit(session, runtime, big, hidden_size=HIDDEN)
     with pytest.raises(QuotaExceeded, match="client quota"):
-        budget.admit(session, _push(600), hidden_size=HIDDEN)
+        budget.admit(session, runtime, _push(600), hidden_size=HIDDEN)
     assert budget.pending_bytes == 4 * KIB
 
 
 def test_bytes_come_back_when_a_pushed_step_is_done_or_cancelled() -> None:
     async def scenario() -> tuple[int, int, int]:
         budget, session = PushBudget(max_bytes=10 * KIB, max_client_bytes=10 * KIB, max_pending=4), _session()
+        runtime = SessionRuntime()
         release = asyncio.Event()
         tasks = []
         for _ in range(3):
-            nbytes = budget.admit(session, _push(KIB), hidden_size=HIDDEN)
+            nbytes = budget.admit(session, runtime, _push(KIB), hidden_size=HIDDEN)
             task = asyncio.create_task(release.wait())
-            budget.queued(session, task, nbytes)
+            budget.queued(session, runtime, task, nbytes)
             tasks.append(task)
         held = budget.pending_bytes
         tasks[0].cancel()  # a session closed under it
         release.set()  # the others ran
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.sleep(0)
-        return held, budget.pending_bytes, session.pending_pushes + len(session.tasks)
+        return held, budget.pending_bytes, runtime.pending_pushes + len(runtime.tasks)
 
     assert asyncio.run(scenario()) == (3 * KIB, 0, 0)
