@@ -280,7 +280,7 @@ class PeerConfig(BaseModel):
         "forward; steps that arrive while the span computes join the next batch",
     )
     inline_step_ms: float = Field(
-        default=10.0,
+        default=50.0,
         ge=0,
         le=100,
         description="a lone decode step (nothing else queued) whose forwards were measured within this many "
