@@ -40,12 +40,18 @@ class NoRouteError(SwarmError):
         num_blocks: int,
         banned: Collection[str] = (),
         too_small: Collection[str] = (),
+        adapter: str = "",
+        adapters: Collection[str] = (),
     ) -> None:
         self.missing = list(missing)
+        self.adapter = adapter  # the LoRA adapter the request named ("" none)
         self.num_blocks = num_blocks
         self.banned = sorted(banned)
         self.too_small = sorted(too_small)  # peers whose announced limits cannot take the request
         message = f"no peer serves blocks {format_ranges(self.missing)} (of {num_blocks})"
+        if adapter:
+            offered = ", ".join(sorted(adapters)[:16]) or "none"
+            message += f" with adapter {adapter!r} (adapters this swarm serves: {offered})"
         if self.banned:
             message += f"; {len(self.banned)} banned peer(s) excluded: {', '.join(self.banned)}"
         if self.too_small:

@@ -8,13 +8,15 @@ peer serves them any more, the span's forward is re-run through the new hops fir
 With the "int8" wire only hidden states travel as blockwise int8 (a hop's input, sent again identically
 with its backward, and its output); gradients and the per-block prompts stay float32: they are the smaller
 share of a training step's bytes, and quantizing them would add noise to every update.
+A pass may name an adapter the peers serve (frozen: routes then use only peers serving it) or carry the
+client's own LoRA (`client.lora`): each hop gets its blocks' modules, and Backward returns their gradients.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -32,6 +34,7 @@ from protos.tensors import decoded_dtype, from_message, to_message, wire_dtype_f
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from client.lora import SwarmLora
     from client.swarm import SwarmConnection
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,25 @@ class HopInput:
     mask: torch.Tensor | None = None  # the pass's attention mask [batch, seq] (int64 0/1); None: no padding
 
 
+@dataclass(frozen=True)
+class Adaptation:
+    """What a pass runs the blocks with besides their weights: a served `adapter` (by name; "" none) or the
+    client's own `lora` with its A and B `tensors` (as `SwarmLora.tensors()` orders them)."""
+
+    adapter: str = ""
+    lora: SwarmLora | None = None
+    tensors: tuple[torch.Tensor, ...] = field(default=())
+
+    def fill(self, request: Any, start: int, end: int) -> None:
+        """Set a Forward/Backward request's adapter or its blocks' LoRA modules."""
+        request.adapter = self.adapter
+        if self.lora is not None:
+            request.lora.extend(self.lora.messages(list(self.tensors), start, end))
+
+
+NONE = Adaptation()
+
+
 class RemoteSpans:
     """Stateless passes through blocks [0, num_blocks) of the swarm, differentiable through `__call__`."""
 
@@ -61,16 +83,26 @@ class RemoteSpans:
         self.dtype = decoded_dtype(self.wire_dtype)  # of what comes back, and of gradients and prompts sent
 
     def __call__(
-        self, hidden: torch.Tensor, prompts: torch.Tensor | None = None, mask: torch.Tensor | None = None
+        self,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        *,
+        adapter: str = "",
+        lora: SwarmLora | None = None,
     ) -> torch.Tensor:
         """`hidden` [batch, seq, hidden] through every block; `prompts` [num_blocks, batch or 1, pre_seq_len,
         hidden] are added to the first positions entering each block; `mask` [batch, seq] marks padding (0)
-        as transformers' attention_mask does. Gradients flow to hidden and prompts."""
+        as transformers' attention_mask does; `adapter` names a served LoRA adapter, `lora` is the client's
+        own. Gradients flow to hidden, prompts and the client's LoRA."""
         if mask is not None and bool(mask.all()):
             mask = None  # nothing padded: sent as an unpadded pass (peers batch those together)
         elif mask is not None:
             mask = mask.to(device="cpu", dtype=torch.int64)
-        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self, mask)
+        if adapter and lora is not None:
+            raise InvalidInputError("a pass takes a served adapter or the client's own lora, not both")
+        tensors = () if lora is None else tuple(lora.tensors())
+        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self, mask, adapter, lora, *tensors)
         return output
 
     async def aforward(
@@ -81,6 +113,7 @@ class RemoteSpans:
         start: int = 0,
         end: int | None = None,
         mask: torch.Tensor | None = None,
+        adaptation: Adaptation = NONE,
     ) -> tuple[torch.Tensor, list[HopInput]]:
         """Blocks [start, end) hop by hop; returns the output (in `hidden`'s dtype) and each hop's input."""
         view = await self.swarm.discovery.view()
@@ -91,45 +124,68 @@ class RemoteSpans:
         while block < end:
 
             async def forward(route: list[Hop], inputs: torch.Tensor = current) -> tuple[Hop, torch.Tensor]:
-                return route[0], await self._forward_hop(route[0], inputs, prompts, mask)
+                return route[0], await self._forward_hop(route[0], inputs, prompts, mask, adaptation)
 
-            hop, output = await self._retrying("forward", block, end, current, forward)
+            hop, output = await self._retrying(
+                "forward", block, end, current, forward, adapter=adaptation.adapter
+            )
             hops.append(HopInput(hop.start, hop.end, current, hop, mask))
             current, block = output.to(self.dtype), hop.end
         return current.to(hidden.dtype), hops
 
     async def abackward(
-        self, hops: list[HopInput], grad_output: torch.Tensor, prompts: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients of the inputs and prompts of a forward whose hops are `hops`, from the gradient of its
-        output [batch, seq, hidden]; the hops are visited in reverse."""
+        self,
+        hops: list[HopInput],
+        grad_output: torch.Tensor,
+        prompts: torch.Tensor | None,
+        adaptation: Adaptation = NONE,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Gradients of the inputs, prompts and client's LoRA tensors of a forward whose hops are `hops`, from
+        the gradient of its output [batch, seq, hidden]; the hops are visited in reverse."""
         grad = grad_output.to(self.dtype)
-        grad_prompts = None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32)
+        grads = _Grads(
+            None if prompts is None else torch.zeros_like(prompts, dtype=torch.float32),
+            [torch.zeros_like(t, dtype=torch.float32) for t in adaptation.tensors],
+        )
         for hop in reversed(hops):
-            grad = await self._backward_span(hop, grad, prompts, grad_prompts)
-        return grad.to(grad_output.dtype), grad_prompts
+            grad = await self._backward_span(hop, grad, prompts, grads, adaptation)
+        return grad.to(grad_output.dtype), grads.prompts, grads.lora
 
     async def _backward_span(
         self,
         span: HopInput,
         grad: torch.Tensor,
         prompts: torch.Tensor | None,
-        grad_prompts: torch.Tensor | None,
+        grads: _Grads,
+        adaptation: Adaptation,
     ) -> torch.Tensor:
         async def backward(route: list[Hop]) -> torch.Tensor:
             if len(route) > 1:
                 # the span now takes several hops (say its peer died): recompute their inputs first
                 logger.info("backward split blocks=[%d,%d) hops=%d", span.start, span.end, len(route))
                 _, inner = await self.aforward(
-                    span.hidden, prompts, start=span.start, end=span.end, mask=span.mask
+                    span.hidden,
+                    prompts,
+                    start=span.start,
+                    end=span.end,
+                    mask=span.mask,
+                    adaptation=adaptation,
                 )
                 result = grad
                 for hop_input in reversed(inner):
-                    result = await self._backward_span(hop_input, result, prompts, grad_prompts)
+                    result = await self._backward_span(hop_input, result, prompts, grads, adaptation)
                 return result
-            return await self._backward_hop(route[0], span, grad, prompts, grad_prompts)
+            return await self._backward_hop(route[0], span, grad, prompts, grads, adaptation)
 
-        return await self._retrying("backward", span.start, span.end, span.hidden, backward, first=span.hop)
+        return await self._retrying(
+            "backward",
+            span.start,
+            span.end,
+            span.hidden,
+            backward,
+            first=span.hop,
+            adapter=adaptation.adapter,
+        )
 
     async def _retrying(
         self,
@@ -140,12 +196,13 @@ class RemoteSpans:
         attempt: Callable[[list[Hop]], Awaitable[Result]],
         *,
         first: Hop | None = None,
+        adapter: str = "",
     ) -> Result:
         """`attempt` on a route over [start, end) from the current view (`first` alone on the first try,
         unless it failed since), again on another route after each failure, under the failure policy."""
         retries = Retries(self.config, self.swarm.bans, what=f"{kind} blocks=[{start},{end})")
         batch, seq = hidden.shape[:2]
-        needs = Needs(batch_size=batch, forward_tokens=batch * seq)
+        needs = Needs(batch_size=batch, forward_tokens=batch * seq, adapter=adapter)
         while True:
             try:
                 view = await self.swarm.discovery.view(refresh=bool(retries.failures))
@@ -159,11 +216,17 @@ class RemoteSpans:
                 await retries.failed(error)
 
     async def _forward_hop(
-        self, hop: Hop, hidden: torch.Tensor, prompts: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        prompts: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        adaptation: Adaptation,
     ) -> torch.Tensor:
         request = peer_pb2.ForwardRequest(
             start=hop.start, end=hop.end, hidden=to_message(hidden, dtype=self.wire_dtype)
         )
+        adaptation.fill(request, hop.start, hop.end)
         reply = await self._call(hop, "Forward", request, prompts, mask)
         return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
@@ -173,7 +236,8 @@ class RemoteSpans:
         span: HopInput,
         grad: torch.Tensor,
         prompts: torch.Tensor | None,
-        grad_prompts: torch.Tensor | None,
+        grads: _Grads,
+        adaptation: Adaptation,
     ) -> torch.Tensor:
         request = peer_pb2.BackwardRequest(
             start=hop.start,
@@ -181,16 +245,50 @@ class RemoteSpans:
             hidden=to_message(span.hidden, dtype=self.wire_dtype),  # the bytes its forward was sent
             grad_output=to_message(grad),
         )
+        adaptation.fill(request, hop.start, hop.end)
         reply = await self._call(hop, "Backward", request, prompts, span.mask)
         # gradients overflow honestly in fp16, and a non-finite gradient sent gives one back (loss scaling
         # expects to see both); anything else non-finite is the peer's fault
         finite = self.wire_dtype != torch.float16 and bool(torch.isfinite(grad).all())
         grad_input = self._decode(reply.grad_input, "grad_input", span.hidden.shape, hop, finite=finite)
-        if prompts is not None and grad_prompts is not None:
+        if prompts is not None and grads.prompts is not None:
             expected = prompts[hop.start : hop.end].shape
             piece = self._decode(reply.grad_prompts, "grad_prompts", expected, hop, finite=finite)
-            grad_prompts[hop.start : hop.end] += piece.float()
+            grads.prompts[hop.start : hop.end] += piece.float()
+        if adaptation.lora is not None:
+            self._add_lora_grads(reply, hop, adaptation, grads, finite=finite)
         return grad_input.to(self.dtype)
+
+    def _add_lora_grads(
+        self, reply: peer_pb2.BackwardReply, hop: Hop, adaptation: Adaptation, grads: _Grads, *, finite: bool
+    ) -> None:
+        """Add a Backward reply's LoRA gradients into `grads.lora`; any mismatch with what was sent (count,
+        order, modules, shapes) is the hop's failure. Checked whole before anything is added."""
+        lora = adaptation.lora
+        if lora is None:
+            return
+        indices = lora.span_keys(hop.start, hop.end)
+        if len(reply.grad_lora) != len(indices):
+            raise PeerFailure(
+                grpc.StatusCode.INTERNAL,
+                f"bad grad_lora: {len(reply.grad_lora)} of {len(indices)}",
+                hop.peer_id,
+            )
+        pieces = []
+        for index, message in zip(indices, reply.grad_lora, strict=True):
+            if (message.block, message.module) != lora.keys[index]:
+                raise PeerFailure(
+                    grpc.StatusCode.INTERNAL, "bad grad_lora: modules out of order", hop.peer_id
+                )
+            a, b = adaptation.tensors[2 * index], adaptation.tensors[2 * index + 1]
+            pieces.append(
+                (2 * index, self._decode(message.lora_a, "grad_lora_a", a.shape, hop, finite=finite))
+            )
+            pieces.append(
+                (2 * index + 1, self._decode(message.lora_b, "grad_lora_b", b.shape, hop, finite=finite))
+            )
+        for position, piece in pieces:
+            grads.lora[position] += piece.float()
 
     async def _call(
         self, hop: Hop, rpc: str, request: Any, prompts: torch.Tensor | None, mask: torch.Tensor | None
@@ -226,6 +324,14 @@ class RemoteSpans:
         return tensor
 
 
+@dataclass
+class _Grads:
+    """What a backward accumulates besides the input gradient: of the prompts and of the client's LoRA."""
+
+    prompts: torch.Tensor | None
+    lora: list[torch.Tensor]
+
+
 class _ThroughSwarm(torch.autograd.Function):
     """Forward through the swarm; backward through the same blocks in reverse (possibly other peers)."""
 
@@ -236,23 +342,29 @@ class _ThroughSwarm(torch.autograd.Function):
         prompts: torch.Tensor | None,
         remote: RemoteSpans,
         mask: torch.Tensor | None,
+        adapter: str,
+        lora: SwarmLora | None,
+        *tensors: torch.Tensor,
     ) -> torch.Tensor:
         detached = None if prompts is None else prompts.detach()
-        output, hops = remote.swarm.runtime.run(remote.aforward(hidden.detach(), detached, mask=mask))
-        ctx.remote, ctx.hops, ctx.prompts = remote, hops, detached
+        adaptation = Adaptation(adapter, lora, tuple(t.detach() for t in tensors))
+        output, hops = remote.swarm.runtime.run(
+            remote.aforward(hidden.detach(), detached, mask=mask, adaptation=adaptation)
+        )
+        ctx.remote, ctx.hops, ctx.prompts, ctx.adaptation = remote, hops, detached, adaptation
         return output
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_output: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         remote: RemoteSpans = ctx.remote
-        grad_input, grad_prompts = remote.swarm.runtime.run(
-            remote.abackward(ctx.hops, grad_output, ctx.prompts)
+        adaptation: Adaptation = ctx.adaptation
+        grad_input, grad_prompts, grad_lora = remote.swarm.runtime.run(
+            remote.abackward(ctx.hops, grad_output, ctx.prompts, adaptation)
         )
         if grad_prompts is not None and ctx.prompts is not None:
             grad_prompts = grad_prompts.to(ctx.prompts.dtype)
-        return grad_input, grad_prompts, None, None
+        lora_grads = [g.to(t.dtype) for g, t in zip(grad_lora, adaptation.tensors, strict=True)]
+        return grad_input, grad_prompts, None, None, None, None, *lora_grads
 
 
 class PromptTuning(nn.Module):

@@ -118,8 +118,8 @@ def instrument(swarm: SwarmConnection, metrics: ClientMetrics | None = None) -> 
 
     new_session = swarm.new_session
 
-    def session(max_length: int) -> InferenceSession:
-        started = new_session(max_length)
+    def session(max_length: int, *, adapter: str = "") -> InferenceSession:
+        started = new_session(max_length, adapter=adapter)
         metrics.sessions.inc()
         started.astep = _timed(started, started.astep, metrics)  # type: ignore[method-assign,assignment]
         return started

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from client.config import ClientConfig
 from client.finetune import PromptTuning, freeze_except
+from client.lora import SwarmLora
 from client.modules import load_client_model
 from client.remote_cache import RemoteCache, SwarmPass
 from client.session import InferenceSession
@@ -32,6 +33,7 @@ from protos.checkpoint import (
     sequence_classification_class,
 )
 from protos.errors import InvalidInputError
+from protos.lora import lora_layers
 from protos.partition import (
     Anatomy,
     Role,
@@ -44,6 +46,9 @@ from protos.partition import (
     move_loaded,
 )
 from protos.records import model_id_from_path
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,30 @@ class DistributedModelMixin:
     _tuple_output: bool = False  # the family's block loop takes outputs[0] from each block
     _causal: bool = True  # a causal LM; False: a classifier (always runs from input embeddings)
     _active_session: InferenceSession | None = None  # set by `inference_session()`
+    active_adapter: str | None = None  # a LoRA adapter the peers serve, run by every pass and session
+    # `lora`: the client's own trainable LoRA (`from_pretrained(lora=...)`), a submodule when set
+
+    @property
+    def _own_lora(self) -> SwarmLora | None:
+        return getattr(self, "lora", None)  # a class default would hide the submodule from nn.Module
+
+    def set_adapter(self, adapter_name: list[str] | str | None) -> None:
+        """Run the LoRA adapter `adapter_name` that peers serve (`corolla serve --adapters`) from now on;
+        None: the base model. Routes then use only peers that announce it."""
+        if isinstance(adapter_name, list):
+            if len(adapter_name) > 1:
+                raise InvalidInputError("the swarm runs one adapter a pass: name one in set_adapter")
+            adapter_name = adapter_name[0] if adapter_name else None
+        self.active_adapter = adapter_name or None
+
+    def disable_adapters(self) -> None:
+        self.active_adapter = None
+
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if self.active_adapter else []
+
+    def _remote(self, hidden: torch.Tensor, prompts: Any, mask: Any) -> torch.Tensor:
+        return self.swarm.remote(hidden, prompts, mask, adapter=self.active_adapter or "", lora=self._own_lora)
 
     def _swarm_dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = hidden_argument(args, kwargs)
@@ -96,10 +125,10 @@ class DistributedModelMixin:
             new = None if cache.mask is None else cache.mask[:, -seq:]
             return cache.step(hidden, positions.expand(batch, -1), swarm.runtime, new)
         if isinstance(cache, SwarmPass):
-            return swarm.remote(hidden, cache.prompts, cache.mask)
+            return self._remote(hidden, cache.prompts, cache.mask)
         if cache is None:  # the family's code dropped the cache (gradient checkpointing): no padding known
             tuning = getattr(self, "prompt_tuning", None)
-            return swarm.remote(hidden, tuning.remote_prompts() if tuning is not None else None, None)
+            return self._remote(hidden, tuning.remote_prompts() if tuning is not None else None, None)
         raise InvalidInputError(
             f"a local {type(cache).__name__} cannot hold the peers' K/V: call generate(), use "
             "inference_session(), or run the model without a cache"
@@ -164,7 +193,12 @@ class DistributedModelMixin:
     @contextlib.contextmanager
     def inference_session(self, *, max_length: int) -> Iterator[InferenceSession]:
         """Keep the peers' caches across `generate()` calls; each call continues the same sequence."""
-        session = self.swarm.new_session(max_length)
+        if self._own_lora is not None:
+            raise InvalidInputError(
+                "inference sessions do not carry the client's own LoRA: save it and serve it with "
+                "`corolla serve --adapters`, or call generate() outside a session (a stateless pass a token)"
+            )
+        session = self.swarm.new_session(max_length, adapter=self.active_adapter or "")
         previous, self._active_session = self._active_session, session
         try:
             yield session
@@ -174,6 +208,10 @@ class DistributedModelMixin:
 
     def generate(self, inputs: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
         tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)
+        if self._own_lora is not None and tuning is None:
+            # the client's own LoRA rides stateless Forwards: each token is a pass of the whole sequence
+            self._no_lora_sessions()
+            return super().generate(inputs, *args, use_cache=False, **kwargs)  # type: ignore[misc]
         if tuning is None:
             return self._generate(inputs, *args, **kwargs)
         if self._active_session is not None or kwargs.get("past_key_values") is not None:
@@ -191,8 +229,9 @@ class DistributedModelMixin:
             )
         if kwargs.get("max_length") is not None:
             kwargs["max_length"] += tuning.pre_seq_len
-        if tuning.deep_prompts is not None:
-            # sessions carry no per-block prompts: each token is a stateless Forward of the whole sequence
+        if tuning.deep_prompts is not None or self._own_lora is not None:
+            # sessions carry no per-block prompts nor a client's LoRA: each token is a stateless Forward of
+            # the whole sequence
             output = super().generate(  # type: ignore[misc]
                 input_ids, *args, use_cache=False, prompt_placeholders=True, **kwargs
             )
@@ -219,7 +258,7 @@ class DistributedModelMixin:
             if new_tokens
             else kwargs.get("max_length") or generation_config.max_length
         )
-        session = self.swarm.new_session(int(max_length))
+        session = self.swarm.new_session(int(max_length), adapter=self.active_adapter or "")
         try:
             return super().generate(inputs, *args, past_key_values=RemoteCache(session), **kwargs)  # type: ignore[misc]
         finally:
@@ -244,6 +283,14 @@ class DistributedModelMixin:
             logits_processor=logits_processor if logits_processor else None,
             vocab_size=self.config.get_text_config().vocab_size,  # type: ignore[attr-defined]
         )
+
+    def _no_lora_sessions(self) -> None:
+        """Sessions keep no client LoRA on the peers: generation with one runs stateless passes."""
+        if self._own_lora is not None and self._active_session is not None:
+            raise InvalidInputError(
+                "inference sessions do not carry the client's own LoRA: generate() outside a session runs it "
+                "(a stateless pass a token), or save it and serve it with `corolla serve --adapters`"
+            )
 
     def shutdown(self) -> None:
         """Leave the swarm: close streams, channels and the DHT node. Also done at interpreter exit."""
@@ -278,6 +325,8 @@ class AutoDistributedModelForCausalLM:
         pre_seq_len: int = 0,
         swarm: SwarmConnection | None = None,
         device: str | torch.device = "cpu",
+        active_adapter: str | None = None,
+        lora: LoraConfig | str | os.PathLike[str] | None = None,
         **config: Any,
     ) -> DistributedCausalLM:
         torch_dtype = parse_dtype(dtype)
@@ -295,6 +344,7 @@ class AutoDistributedModelForCausalLM:
             initial_peers,
             config,
             device,
+            adapters=(active_adapter, lora),
         )
 
 
@@ -317,6 +367,8 @@ class AutoDistributedModelForSequenceClassification:
         pre_seq_len: int = 0,
         swarm: SwarmConnection | None = None,
         device: str | torch.device = "cpu",
+        active_adapter: str | None = None,
+        lora: LoraConfig | str | os.PathLike[str] | None = None,
         **config: Any,
     ) -> DistributedCausalLM:
         torch_dtype = parse_dtype(dtype)
@@ -360,6 +412,7 @@ class AutoDistributedModelForSequenceClassification:
             initial_peers,
             config,
             device,
+            adapters=(active_adapter, lora),
         )
 
 
@@ -421,6 +474,21 @@ def _add_prompts(
     return [tuning]
 
 
+def _client_lora(
+    model: PreTrainedModel, anatomy: Anatomy, lora: LoraConfig | str | os.PathLike[str]
+) -> SwarmLora:
+    """The client's LoRA for the model's blocks (still on meta: their shapes only)."""
+    blocks = anatomy.blocks(model)
+    layers = {
+        (index, path): shape
+        for index, block in enumerate(blocks)
+        for path, shape in lora_layers(block).items()
+    }
+    if isinstance(lora, (str, os.PathLike)):
+        return SwarmLora.from_pretrained(lora, layers, anatomy.layers_path)
+    return SwarmLora(lora, layers, anatomy.layers_path)
+
+
 def _join(
     model: PreTrainedModel,
     anatomy: Anatomy,
@@ -432,9 +500,19 @@ def _join(
     initial_peers: list[str] | None,
     config: dict[str, Any],
     device: str | torch.device,
+    *,
+    adapters: tuple[str | None, LoraConfig | str | os.PathLike[str] | None] = (None, None),
 ) -> DistributedCausalLM:
-    """Freeze all but `trainable`, move the client's modules to `device`, connect the loaded client model to
-    the swarm and route its blocks there (hidden states cross to the CPU and back once per call)."""
+    """Freeze all but `trainable` (and the client's own LoRA), move the client's modules to `device`,
+    connect the loaded client model to the swarm and route its blocks there (hidden states cross to the CPU
+    and back once per call). `adapters`: the served adapter to run and the client's LoRA (a `LoraConfig`
+    for a new one, a PEFT folder to train further)."""
+    active_adapter, lora = adapters
+    if active_adapter is not None and lora is not None:
+        raise InvalidInputError("pass active_adapter (served by peers) or lora (the client's own), not both")
+    if lora is not None:
+        model.lora = _client_lora(model, anatomy, lora)
+        trainable = [*trainable, model.lora]
     freeze_except(model, trainable)
     if swarm is None:
         client_config = ClientConfig(initial_peers=list(initial_peers or []), **config)
@@ -448,6 +526,7 @@ def _join(
         raise InvalidInputError("pass the client options to the SwarmConnection, not with swarm=")
     distributed = cast("DistributedCausalLM", model)
     distributed.swarm = swarm
+    distributed.active_adapter = active_adapter or None
     install_slots(distributed, anatomy, distributed._swarm_dispatch)
     move_loaded(distributed, torch.device(device))
     distributed._tuple_output = detect_tuple_output(distributed, anatomy)

@@ -74,8 +74,11 @@ class Needs:
     cached: int = 0  # positions the session's cache holds now (replayed into a new hop)
     forward_tokens: int = 0
     free_cache: bool = True
+    adapter: str = ""  # a LoRA adapter the peer must serve; "": the base model
 
     def admits(self, record: PeerRecord) -> bool:
+        if self.adapter and self.adapter not in record.adapters:
+            return False
         if record.max_batch_size is not None and self.batch_size > record.max_batch_size:
             return False
         if self.max_length > record.max_length:
@@ -334,6 +337,19 @@ def _require_route(
             for peer_id, record in overlapping.items()
             if peer_id not in banned and needs is not None and not needs.admits(record)
         ]
+        adapter = needs.adapter if needs is not None else ""
+        if adapter:  # say which adapters the swarm does serve, and leave out peers lacking the adapter only
+            records = view.peers()
+            served = {name for record in records.values() for name in record.adapters}
+            too_small = [p for p in too_small if adapter in records[p].adapters]
+            raise NoRouteError(
+                missing,
+                num_blocks=view.num_blocks,
+                banned=excluded,
+                too_small=too_small,
+                adapter=adapter,
+                adapters=served,
+            )
         raise NoRouteError(missing, num_blocks=view.num_blocks, banned=excluded, too_small=too_small)
     return usable_peers(view, banned=banned, needs=needs)
 

@@ -86,10 +86,11 @@ class InferenceSession:
     `position` counts what the caches hold. Runs on the swarm connection's loop (`astep`, `aclose`).
     """
 
-    def __init__(self, swarm: SwarmConnection, *, max_length: int) -> None:
+    def __init__(self, swarm: SwarmConnection, *, max_length: int, adapter: str = "") -> None:
         self.swarm = swarm
         self.config = swarm.config
         self.max_length = max_length
+        self.adapter = adapter  # the served LoRA adapter every hop runs ("" the base model)
         self.position = 0
         self.batch_size: int | None = None
         self.history: list[StepLog] = []
@@ -223,7 +224,12 @@ class InferenceSession:
 
     def _needs(self) -> Needs:
         """What a peer must announce to take this session now (and the peers it learnt cannot)."""
-        return Needs(batch_size=self.batch_size or 1, max_length=self.max_length, cached=self.position)
+        return Needs(
+            batch_size=self.batch_size or 1,
+            max_length=self.max_length,
+            cached=self.position,
+            adapter=self.adapter,
+        )
 
     async def _plan(self, start: int, end: int | None, banned: frozenset[str], *, refresh: bool) -> list[Hop]:
         """Hops over [start, end) from the view; peers announcing too little free cache are used only when
@@ -332,6 +338,7 @@ class InferenceSession:
             next_hops=[s.message() for s in next_streams],
             report_outputs=False,  # each step says (Step.report_outputs)
             push_token=stream.push_token,
+            adapter=self.adapter,
         )
 
     async def _replay(self, streams: list[HopStream]) -> None:

@@ -107,9 +107,10 @@ class SwarmConnection:
         """A connection over a discovery the caller made (no DHT node); it is closed with the connection."""
         return cls(config, discovery, runtime=Runtime(), wire_dtype=wire_dtype)
 
-    def new_session(self, max_length: int) -> InferenceSession:
-        """An inference session of up to `max_length` positions; it opens its route on the first step."""
-        return InferenceSession(self, max_length=max_length)
+    def new_session(self, max_length: int, *, adapter: str = "") -> InferenceSession:
+        """An inference session of up to `max_length` positions, through peers serving the LoRA `adapter`
+        ("" the base model); it opens its route on the first step."""
+        return InferenceSession(self, max_length=max_length, adapter=adapter)
 
     def close(self) -> None:
         """Close channels, discovery and the DHT node, then stop the loop. Safe to call twice."""

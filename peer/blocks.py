@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from peer.adapters import Lora, LoraHooks, load_adapter, span_layers
 from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
 from peer.cache import SpanCache
 from peer.inputs import check_inputs, check_prompts
@@ -41,12 +42,14 @@ logger = logging.getLogger(__name__)
 class BatchItem:
     """One session's step (or one stateless forward) in a batch: `hidden` [rows, seq, hidden_size], the
     session's `cache` (None: stateless), absolute `positions` [rows, seq] (None: after the cache) and the
-    attention `mask` [rows, cached + seq] of 0/1 (None: no padding; such an item runs alone)."""
+    attention `mask` [rows, cached + seq] of 0/1 (None: no padding; such an item runs alone) and the
+    `lora` applied to the span for it (None: the base model; items of one batch share it)."""
 
     hidden: torch.Tensor
     cache: SpanCache | None = None
     positions: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    lora: Lora | None = None
 
 
 @dataclass
@@ -98,6 +101,9 @@ class HostedSpan:
         # the family's attention goes through transformers' interface, and the model takes position ids and
         # passes extra keywords down to it: then steps of many sessions run as one forward
         self.batches = supports_batching(model) and {"position_ids", "kwargs"} <= anatomy.owner_params
+        self.adapters: dict[str, Lora] = {}  # served LoRA adapters by name (`load_adapters`)
+        self._lora = LoraHooks(self.blocks)
+        self._lora_layers: dict[tuple[int, str], tuple[int, int]] | None = None
 
     @classmethod
     def load(
@@ -164,6 +170,29 @@ class HostedSpan:
     def hidden_size(self) -> int:
         return self.anatomy.hidden_size
 
+    @property
+    def lora_layers(self) -> dict[tuple[int, str], tuple[int, int]]:
+        """(block, path inside it) -> (in, out) of every hosted layer a LoRA may target."""
+        if self._lora_layers is None:
+            self._lora_layers = span_layers(self.blocks, self.start, self.end)
+        return self._lora_layers
+
+    def load_adapters(self, specs: list[str]) -> None:
+        """Serve the PEFT adapters `specs` (`NAME=DIR` or `DIR`): only the hosted blocks' weights load."""
+        for spec in specs:
+            lora = load_adapter(
+                spec,
+                layers_path=self.anatomy.layers_path,
+                layers=self.lora_layers,
+                start=self.start,
+                end=self.end,
+                dtype=self.dtype,
+                device=self.device,
+            )
+            if lora.name in self.adapters:
+                raise InvalidInputError(f"two adapters are named {lora.name!r}")
+            self.adapters[lora.name] = lora
+
     def parameter_bytes(self) -> int:
         """Bytes of weights and buffers this span holds in memory."""
         hosted = self.blocks[self.start : self.end]
@@ -187,6 +216,7 @@ class HostedSpan:
         end: int | None = None,
         prompts: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        lora: Lora | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (default: the hosted span) on `hidden` [batch, seq, hidden_size].
 
@@ -195,12 +225,13 @@ class HostedSpan:
         from the cache length. `prompts` [end - start, batch or 1, pre_seq_len, hidden_size] are added to the
         first positions of the hidden states entering each block (deep prompt tuning). `mask` [batch, cached
         + seq] marks padding (0) as transformers' attention_mask does; the family's own mask code applies it.
+        `lora` (a served adapter or a client's, `peer.adapters`) updates the blocks' linear layers.
         Returns the hidden states after block end-1 [batch, seq, hidden_size].
         """
         start, end = self._check_span(start, end)
         check_inputs(self, hidden, cache, positions, start, end, mask)
         check_prompts(self, prompts, hidden, start, end)
-        return self._run(hidden, cache, positions, start, end, prompts, mask=mask)
+        return self._run(hidden, cache, positions, start, end, prompts, mask=mask, lora=lora)
 
     @torch.inference_mode()
     def forward_batch(
@@ -224,7 +255,8 @@ class HostedSpan:
                 results[index] = e
             else:
                 valid.append(index)
-        if len(valid) > 1 and self.batches and all(items[i].mask is None for i in valid):
+        shared = len({id(items[i].lora) for i in valid}) == 1  # one adapter (or none) for the whole forward
+        if len(valid) > 1 and self.batches and shared and all(items[i].mask is None for i in valid):
             lengths = [cache.get_seq_length() if (cache := items[i].cache) else 0 for i in valid]
             saved = [cache.snapshot() if (cache := items[i].cache) else [] for i in valid]
             try:
@@ -242,7 +274,7 @@ class HostedSpan:
             item = items[i]
             try:
                 results[i] = self._run(
-                    item.hidden, item.cache, item.positions, start, end, None, mask=item.mask
+                    item.hidden, item.cache, item.positions, start, end, None, mask=item.mask, lora=item.lora
                 )
             except Exception as e:
                 results[i] = e
@@ -258,7 +290,9 @@ class HostedSpan:
         )
         config._attn_implementation = RAGGED
         try:
-            output = self._run(packed, None, positions, start, end, None, {BATCH_KWARG: batch})
+            output = self._run(
+                packed, None, positions, start, end, None, {BATCH_KWARG: batch}, lora=items[0].lora
+            )
         finally:
             config._attn_implementation = own
         return unpack(output, batch)
@@ -310,12 +344,32 @@ class HostedSpan:
         end: int | None = None,
         prompts: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
+        adapter: Lora | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients of a stateless forward of blocks [start, end): recomputes the forward of `hidden`
-        [batch, seq, hidden_size] (with `mask`, as `forward`) with autograd on and backpropagates
-        `grad_output` (same shape) into the inputs. Returns (grad of hidden, grad of prompts or None); the
-        weights stay frozen, nothing is kept.
+        [batch, seq, hidden_size] (with `mask` and a frozen served `adapter`, as `forward`) with autograd on
+        and backpropagates `grad_output` (same shape) into the inputs. Returns (grad of hidden, grad of
+        prompts or None); the weights stay frozen, nothing is kept.
         """
+        grad_input, grad_prompts, _ = self.lora_backward(
+            hidden, grad_output, adapter, start=start, end=end, prompts=prompts, mask=mask, trainable=False
+        )
+        return grad_input, grad_prompts
+
+    def lora_backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        lora: Lora | None,
+        *,
+        start: int | None = None,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        trainable: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+        """`backward` with `lora` applied; with `trainable`, also the gradients of its A and B matrices
+        in `Lora.modules` order (A, B, A, B, ...; None for a layer the forward did not reach)."""
         start, end = self._check_span(start, end)
         check_inputs(self, hidden, None, None, start, end, mask)
         check_prompts(self, prompts, hidden, start, end)
@@ -324,7 +378,7 @@ class HostedSpan:
                 f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
                 f"{grad_output.dtype} {tuple(grad_output.shape)}"
             )
-        return self._gradients(hidden, grad_output, start, end, prompts, mask)
+        return self._gradients(hidden, grad_output, start, end, prompts, mask, lora, trainable=trainable)
 
     def _gradients(
         self,
@@ -334,7 +388,10 @@ class HostedSpan:
         end: int,
         prompts: torch.Tensor | None,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        lora: Lora | None = None,
+        *,
+        trainable: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
         # the scheduler runs jobs in inference mode; clones outside it are tensors autograd accepts
         with torch.inference_mode(False), torch.enable_grad():
             inputs = hidden.detach().clone().requires_grad_(True)
@@ -343,9 +400,18 @@ class HostedSpan:
             if prompts is not None:
                 prompt_leaf = prompts.detach().clone().requires_grad_(True)
                 wrt.append(prompt_leaf)
-            output = self._run(inputs, None, None, start, end, prompt_leaf, mask=mask)
-            grads = torch.autograd.grad(output, wrt, grad_outputs=grad.detach().clone())
-        return grads[0], (grads[1] if prompt_leaf is not None else None)
+            leaves: list[torch.Tensor] = []
+            if lora is not None:
+                lora, leaves = lora.leaves() if trainable else (lora, [])
+            output = self._run(inputs, None, None, start, end, prompt_leaf, mask=mask, lora=lora)
+            grads = torch.autograd.grad(
+                output, [*wrt, *leaves], grad_outputs=grad.detach().clone(), allow_unused=True
+            )
+        grad_input = grads[0]
+        if grad_input is None:  # cannot happen: the output depends on the input
+            raise RuntimeError("the span's output does not depend on its input")
+        grad_prompts = grads[1] if prompt_leaf is not None else None
+        return grad_input, grad_prompts, list(grads[len(wrt) :])
 
     def _run(
         self,
@@ -358,6 +424,7 @@ class HostedSpan:
         extra: dict[str, Any] | None = None,
         *,
         mask: torch.Tensor | None = None,
+        lora: Lora | None = None,
     ) -> torch.Tensor:
         kwargs: dict[str, Any] = {"past_key_values": cache, "use_cache": cache is not None, **(extra or {})}
         if mask is not None:  # as transformers takes it: int64 0/1 over the cached and new positions
@@ -370,12 +437,16 @@ class HostedSpan:
         dummy = hidden.new_zeros(*hidden.shape[:-1], self.anatomy.embed_dim)
         with self._lock:
             self._call = _Call(start, end, hidden, prompts)
+            if lora is not None:
+                self._lora.install(lora)
+            self._lora.active = lora
             try:
                 self.anatomy.owner(self.model)(inputs_embeds=dummy, **kwargs)
             except StopForward as stop:
                 return stop.value
             finally:
                 self._call = None
+                self._lora.active = None
         raise RuntimeError("the model's forward returned before reaching the span's last block")
 
     def _dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

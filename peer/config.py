@@ -126,6 +126,19 @@ class PeerConfig(BaseModel):
         "sharing a machine may each take cores / peers",
     )
     quant: str = Field(default="none", description=QUANT_HELP)
+    adapters: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="LoRA adapters to serve, each a PEFT folder (adapter_config.json + "
+        "adapter_model.safetensors) as DIR or NAME=DIR (default name: the folder's); only the hosted blocks' "
+        "weights load. Clients ask for one by name (active_adapter=, or the gateway's model field)",
+    )
+    max_lora_rank: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="largest rank of a client's own LoRA module that a Forward or Backward may carry",
+    )
     model_id: str = Field(
         default="", description="the swarm's name for this model; default: derived from MODEL's last part"
     )
@@ -450,6 +463,19 @@ class PeerConfig(BaseModel):
     def _known_dtype(cls, value: str) -> str:
         if value != "auto" and value not in FLOAT_DTYPE_NAMES:
             raise ValueError(f"must be auto or one of {', '.join(FLOAT_DTYPE_NAMES)}")
+        return value
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_folders(cls, value: list[str]) -> list[str]:
+        from peer.adapters import parse_adapter_spec
+
+        try:
+            names = [parse_adapter_spec(spec)[0] for spec in value]
+        except InvalidInputError as e:
+            raise ValueError(str(e)) from None
+        if len(set(names)) != len(names):
+            raise ValueError(f"two adapters share a name: {names}; name them with NAME=DIR")
         return value
 
     @field_validator("quant")

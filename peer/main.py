@@ -18,6 +18,7 @@ import torch
 from hivemind.dht.node import DHTNode
 
 from peer import reach, throughput, wire
+from peer.adapters import parse_adapter_spec
 from peer.admission import CallGuard
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
@@ -368,6 +369,7 @@ class Peer:
             max_forward_tokens=config.max_forward_tokens,
             dtype=self.dtype,  # type: ignore[arg-type]  # validated by PeerConfig
             quantization=config.quant,
+            adapters=tuple(parse_adapter_spec(spec)[0] for spec in config.adapters),
             version=self.version,
             public_name=config.public_name,
             certificate=self.tls.certificate.decode() if self.tls is not None else None,
@@ -408,7 +410,11 @@ class Peer:
 
     def _load(self, span: tuple[int, int]) -> HostedSpan:
         config = self.config
-        return HostedSpan.load(config.model, *span, dtype=self.dtype, device=self.device, quant=config.quant)
+        hosted = HostedSpan.load(
+            config.model, *span, dtype=self.dtype, device=self.device, quant=config.quant
+        )
+        hosted.load_adapters(config.adapters)
+        return hosted
 
     async def stop(self) -> None:
         """The one shutdown path: stop rebalancing; when serving, refuse new sessions, announce DRAINING, let

@@ -70,6 +70,7 @@ class BatchKey:
     end: int
     kind: Kind = Kind.FORWARD
     batches: bool = True
+    lora: int = 0  # the identity of the served adapter the job runs with; 0: none
 
 
 @dataclass(frozen=True)

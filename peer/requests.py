@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -33,6 +33,7 @@ from protos.tensors import (
 )
 
 if TYPE_CHECKING:
+    from peer.adapters import Lora
     from peer.blocks import HostedSpan
     from peer.config import PeerConfig
     from peer.sessions import PeerSession
@@ -56,6 +57,7 @@ class Limits:
     max_forward_tokens: int
     max_message_bytes: int
     max_backward_bytes: int = 8 * 2**30
+    max_lora_rank: int = 64
 
     @classmethod
     def from_config(cls, config: PeerConfig) -> Limits:
@@ -65,6 +67,7 @@ class Limits:
             max_forward_tokens=config.max_forward_tokens,
             max_message_bytes=config.max_message_bytes,
             max_backward_bytes=config.max_backward_bytes,
+            max_lora_rank=config.max_lora_rank,
         )
 
 
@@ -77,10 +80,21 @@ class Served:
     num_blocks: int
     hidden_size: int
     dtype: torch.dtype  # compute dtype, the default wire dtype of a session
+    adapters: Mapping[str, Lora] = field(default_factory=dict)  # the LoRA adapters it serves, by name
+    # (block, path inside it) -> (in, out) of each hosted layer a client's LoRA may target
+    lora_layers: Mapping[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, span: HostedSpan) -> Served:
-        return cls(span.start, span.end, span.anatomy.num_blocks, span.hidden_size, span.dtype)
+        return cls(
+            span.start,
+            span.end,
+            span.anatomy.num_blocks,
+            span.hidden_size,
+            span.dtype,
+            span.adapters,
+            span.lora_layers,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +108,7 @@ class OpenRequest:
     next_hops: tuple[peer_pb2.Hop, ...]
     report_outputs: bool
     push_token: bytes = b""  # empty: the session takes no pushes
+    adapter: Lora | None = None  # the served LoRA adapter of every step; None: the base model
 
 
 class PushRefused(CorollaError):
@@ -119,6 +134,8 @@ class ForwardRequest:
     prompts: torch.Tensor | None  # [end - start, batch or 1, pre_seq_len, hidden]; checked by HostedSpan
     wire_dtype: torch.dtype | None = None  # what `hidden` travelled as (BLOCKWISE_INT8); None: its dtype
     attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
+    lora: Lora | None = None  # a served adapter, or the client's own LoRA (`trainable`)
+    trainable: bool = False
 
     @property
     def reply_dtype(self) -> torch.dtype:
@@ -134,6 +151,8 @@ class BackwardRequest:
     grad_output: torch.Tensor  # [batch, seq, hidden]
     prompts: torch.Tensor | None
     attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
+    lora: Lora | None = None  # as in ForwardRequest: a client's own (`trainable`) gets gradients
+    trainable: bool = False
 
 
 def client_key(peer: str) -> str:
@@ -235,7 +254,45 @@ def parse_open(request: peer_pb2.OpenSession, *, served: Served, limits: Limits)
         next_hops=parse_hops(request.next_hops, end=end, num_blocks=served.num_blocks),
         report_outputs=request.report_outputs,
         push_token=request.push_token,
+        adapter=served_adapter(request.adapter, served),
     )
+
+
+def served_adapter(name: str, served: Served) -> Lora | None:
+    """The served adapter a request names (None for ""), or INVALID_ARGUMENT saying which ones are served."""
+    if not name:
+        return None
+    adapter = served.adapters.get(name)
+    if adapter is None:
+        offered = ", ".join(sorted(served.adapters)) or "none"
+        raise InvalidInputError(f"adapter {name[:128]!r} is not served by this peer (it serves: {offered})")
+    return adapter
+
+
+def _lora(
+    request: peer_pb2.ForwardRequest | peer_pb2.BackwardRequest,
+    start: int,
+    end: int,
+    *,
+    served: Served,
+    limits: Limits,
+) -> tuple[Lora | None, bool]:
+    """(the LoRA a Forward or Backward runs with, whether it is the client's own and trainable)."""
+    from peer.adapters import parse_lora
+
+    if request.adapter and len(request.lora):
+        raise InvalidInputError("a request takes a served adapter or its own lora, not both")
+    if request.adapter:
+        return served_adapter(request.adapter, served), False
+    lora = parse_lora(
+        request.lora,
+        start=start,
+        end=end,
+        layers=served.lora_layers,
+        max_rank=limits.max_lora_rank,
+        max_bytes=limits.max_message_bytes,
+    )
+    return lora, lora is not None
 
 
 def parse_push(request: peer_pb2.PushRequest) -> tuple[str, bytes]:
@@ -430,8 +487,10 @@ def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: L
     hidden = _stateless_hidden(request.hidden, "hidden", served=served, limits=limits)
     batch, seq, _ = hidden.shape
     mask = attention_mask(request.attention_mask, batch, seq, max_bytes=limits.max_message_bytes)
+    prompts = _prompts(request.prompts, limits)
+    lora, trainable = _lora(request, start, end, served=served, limits=limits)
     return ForwardRequest(
-        start, end, hidden, _prompts(request.prompts, limits), wire_dtype_of(request.hidden), mask
+        start, end, hidden, prompts, wire_dtype_of(request.hidden), mask, lora=lora, trainable=trainable
     )
 
 
@@ -452,7 +511,9 @@ def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits:
         )
     batch, seq, _ = hidden.shape
     mask = attention_mask(request.attention_mask, batch, seq, max_bytes=limits.max_message_bytes)
-    return BackwardRequest(start, end, hidden, grad_output, _prompts(request.prompts, limits), mask)
+    prompts = _prompts(request.prompts, limits)
+    lora, trainable = _lora(request, start, end, served=served, limits=limits)
+    return BackwardRequest(start, end, hidden, grad_output, prompts, mask, lora=lora, trainable=trainable)
 
 
 def backward_bytes(shape: Sequence[int], num_blocks: int, *, itemsize: int) -> int:

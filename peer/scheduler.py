@@ -96,6 +96,7 @@ class StepWork:
             self.item.cache,
             None if ids is None else ids[:, begin:end],
             None if mask is None else mask[:, : cached + end],
+            self.item.lora,
         )
         prepare = self.prepare if begin == 0 else None
         return StepWork(self.span, self.start, self.end, item, prepare, decode=self.decode)
@@ -103,7 +104,10 @@ class StepWork:
 
 def _key(work: StepWork) -> BatchKey:
     kind = Kind.FORWARD if work.grad_output is None else Kind.BACKWARD
-    return BatchKey(id(work.span), work.start, work.end, kind, work.span.batches)
+    lora = work.item.lora
+    return BatchKey(
+        id(work.span), work.start, work.end, kind, work.span.batches, 0 if lora is None else id(lora)
+    )
 
 
 @dataclass

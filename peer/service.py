@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 
 from peer import requests, stateless, wire
+from peer.adapters import gradient_messages
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
 from peer.metrics import PeerMetrics
@@ -193,6 +194,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             next_hops=list(parsed.next_hops),
             report_outputs=parsed.report_outputs,
             push_token=parsed.push_token,
+            adapter=parsed.adapter,
         )
         # raises NoRoom / SessionExists before anything is allocated; when full, may preempt an idle squatter
         victims = self.sessions.open(session, busy=self._busy)
@@ -307,7 +309,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             if parsed.beam_indices is not None:
                 cache.reorder_cache(parsed.beam_indices)
 
-        item = BatchItem(hidden, cache, parsed.position_ids, parsed.attention_mask)
+        item = BatchItem(hidden, cache, parsed.position_ids, parsed.attention_mask, session.adapter)
         return StepWork(span, session.start, session.end, item, prepare)
 
     def _push_or_result(
@@ -546,14 +548,17 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         span = self.span
         with self._admitted():
             parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
-            grad_input, grad_prompts = await stateless.backward(
-                self.scheduler,
-                span,
-                parsed,
-                chunk_tokens=self.config.compute_chunk_tokens,
-                remaining=context.time_remaining(),
-            )
+            limits = {"chunk_tokens": self.config.compute_chunk_tokens, "remaining": context.time_remaining()}
+            grad_lora: list[peer_pb2.LoraModule] = []
+            if parsed.trainable and parsed.lora is not None:
+                grad_input, grad_prompts, grads = await stateless.lora_backward(
+                    self.scheduler, span, parsed, **limits
+                )
+                grad_lora = gradient_messages(parsed.lora, grads)
+            else:
+                grad_input, grad_prompts = await stateless.backward(self.scheduler, span, parsed, **limits)
             reply = peer_pb2.BackwardReply(grad_input=encode_output(grad_input, parsed.hidden.dtype))
+            reply.grad_lora.extend(grad_lora)
             if grad_prompts is not None and parsed.prompts is not None:
                 reply.grad_prompts.CopyFrom(encode_output(grad_prompts, parsed.prompts.dtype))
             return reply

@@ -51,6 +51,7 @@ from protos.errors import CorollaError
 if TYPE_CHECKING:
     import torch
 
+    from peer.adapters import Lora
     from peer.blocks import HostedSpan, SpanCache
     from peer.config import PeerConfig
     from protos import peer_pb2
@@ -117,6 +118,7 @@ class PeerSession:
     stepped: bool = False  # a step has arrived (a reservation nobody uses is released early)
     push_token: bytes = b""  # a push must carry these bytes; empty: the session takes no pushes
     report_outputs: bool = False  # send every step's output to the client too
+    adapter: Lora | None = None  # the served LoRA adapter its steps run with; None: the base model
 
     def touch(self) -> None:
         self.last_used = time.monotonic()

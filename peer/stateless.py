@@ -2,7 +2,8 @@
 and in pieces of whole rows (at most `chunk_tokens` tokens each) so that a decode step waits for at most
 one piece of a large training batch, never for the whole of it. Rows are independent through a span, so
 the pieces put together are the batch's result (up to float rounding of the prompts' summed gradient).
-Pieces without prompts of different calls queued at once run as one batched forward (or backward)."""
+Pieces without prompts of different calls queued at once run as one batched forward (or backward), those
+of one served adapter together; a client's own LoRA runs alone, and its gradients add up over the pieces."""
 
 from __future__ import annotations
 
@@ -60,14 +61,21 @@ async def forward(
     outputs = []
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, prompt, mask = hidden[rows], _rows(prompts, rows), _mask_rows(request.attention_mask, rows)
-        if prompt is None:
-            work = StepWork(span, request.start, request.end, BatchItem(part, mask=mask))
+        if prompt is None and not request.trainable:
+            item = BatchItem(part, mask=mask, lora=request.lora)
+            work = StepWork(span, request.start, request.end, item)
             outputs.append(await scheduler.step(work, **_job("forward", part, blocks, remaining)))
             continue
         outputs.append(
             await scheduler.run(
                 functools.partial(
-                    span.forward, part, start=request.start, end=request.end, prompts=prompt, mask=mask
+                    span.forward,
+                    part,
+                    start=request.start,
+                    end=request.end,
+                    prompts=prompt,
+                    mask=mask,
+                    lora=request.lora,
                 ),
                 **_job("forward", part, blocks, remaining),
             )
@@ -92,7 +100,7 @@ async def backward(
     for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
         part, part_grad, prompt = hidden[rows], grad_output[rows], _rows(prompts, rows)
         mask = _mask_rows(request.attention_mask, rows)
-        if prompt is None:
+        if prompt is None and request.lora is None:
             item = BatchItem(part, mask=mask)
             work = StepWork(span, request.start, request.end, item, grad_output=part_grad)
             grad_inputs.append(await scheduler.step(work, **_job("backward", part, blocks, remaining)))
@@ -106,6 +114,7 @@ async def backward(
                 end=request.end,
                 prompts=prompt,
                 mask=mask,
+                adapter=request.lora,
             ),
             **_job("backward", part, blocks, remaining),
         )
@@ -120,3 +129,54 @@ async def backward(
     if prompts.shape[1] == 1:  # shared by every row: each piece's gradient adds up
         return grad_input, torch.stack(grad_prompts).sum(dim=0)
     return grad_input, torch.cat(grad_prompts, dim=1)
+
+
+async def lora_backward(
+    scheduler: Scheduler,
+    span: HostedSpan,
+    request: BackwardRequest,
+    *,
+    chunk_tokens: int,
+    remaining: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """`backward` of a request carrying the client's own LoRA: also the gradients of its A and B matrices
+    (`HostedSpan.lora_backward`), summed over the pieces."""
+    hidden, grad_output = request.hidden.to(span.dtype), request.grad_output.to(span.dtype)
+    prompts = None if request.prompts is None else request.prompts.to(span.dtype)
+    blocks = request.end - request.start
+    grad_inputs: list[torch.Tensor] = []
+    grad_prompts: list[torch.Tensor] = []
+    grad_lora: list[torch.Tensor | None] = []
+    for rows in row_chunks(hidden.shape[0], hidden.shape[1], chunk_tokens):
+        part, prompt = hidden[rows], _rows(prompts, rows)
+        grad_input, grad_prompt, grads = await scheduler.run(
+            functools.partial(
+                span.lora_backward,
+                part,
+                grad_output[rows],
+                request.lora,
+                start=request.start,
+                end=request.end,
+                prompts=prompt,
+                mask=_mask_rows(request.attention_mask, rows),
+            ),
+            **_job("backward", part, blocks, remaining),
+        )
+        grad_inputs.append(grad_input)
+        if grad_prompt is not None:
+            grad_prompts.append(grad_prompt)
+        grad_lora = (
+            grads if not grad_lora else [_add(old, new) for old, new in zip(grad_lora, grads, strict=True)]
+        )
+    grad_input = grad_inputs[0] if len(grad_inputs) == 1 else torch.cat(grad_inputs)
+    if prompts is None or not grad_prompts:
+        return grad_input, None, grad_lora
+    if prompts.shape[1] == 1:  # shared by every row: each piece's gradient adds up
+        return grad_input, torch.stack(grad_prompts).sum(dim=0), grad_lora
+    return grad_input, torch.cat(grad_prompts, dim=1), grad_lora
+
+
+def _add(total: torch.Tensor | None, piece: torch.Tensor | None) -> torch.Tensor | None:
+    if total is None:
+        return piece
+    return total if piece is None else total + piece

@@ -59,4 +59,6 @@ def info_reply(service: PeerService) -> peer_pb2.InfoReply:
         cpu_seconds=time.process_time(),
         quantization=span.quant,
         device=str(span.device),
+        adapters=sorted(span.adapters),
+        max_lora_rank=config.max_lora_rank,
     )

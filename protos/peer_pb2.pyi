@@ -45,7 +45,7 @@ class Hop(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., session_id: _Optional[str] = ..., push_token: _Optional[bytes] = ..., certificate: _Optional[bytes] = ..., relay_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs", "push_token")
+    __slots__ = ("session_id", "start", "end", "max_length", "batch_size", "dtype", "next_hops", "report_outputs", "push_token", "adapter")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class OpenSession(_message.Message):
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     REPORT_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start: int
     end: int
@@ -64,7 +65,8 @@ class OpenSession(_message.Message):
     next_hops: _containers.RepeatedCompositeFieldContainer[Hop]
     report_outputs: bool
     push_token: bytes
-    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., push_token: _Optional[bytes] = ...) -> None: ...
+    adapter: str
+    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., max_length: _Optional[int] = ..., batch_size: _Optional[int] = ..., dtype: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., report_outputs: _Optional[bool] = ..., push_token: _Optional[bytes] = ..., adapter: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("session_id", "step_id", "position", "hidden", "position_ids", "beam_indices", "rollback_to", "local_only", "timeout_ms", "attention_mask", "carried", "report_outputs", "carried_seconds")
@@ -190,19 +192,37 @@ class PushNack(_message.Message):
     message: str
     def __init__(self, session_id: _Optional[str] = ..., step_id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
+class LoraModule(_message.Message):
+    __slots__ = ("block", "module", "lora_a", "lora_b", "scaling")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    LORA_A_FIELD_NUMBER: _ClassVar[int]
+    LORA_B_FIELD_NUMBER: _ClassVar[int]
+    SCALING_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    module: str
+    lora_a: Tensor
+    lora_b: Tensor
+    scaling: float
+    def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., lora_a: _Optional[_Union[Tensor, _Mapping]] = ..., lora_b: _Optional[_Union[Tensor, _Mapping]] = ..., scaling: _Optional[float] = ...) -> None: ...
+
 class ForwardRequest(_message.Message):
-    __slots__ = ("start", "end", "hidden", "prompts", "attention_mask")
+    __slots__ = ("start", "end", "hidden", "prompts", "attention_mask", "adapter", "lora")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     hidden: Tensor
     prompts: Tensor
     attention_mask: Tensor
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter: str
+    lora: _containers.RepeatedCompositeFieldContainer[LoraModule]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("hidden",)
@@ -211,35 +231,41 @@ class ForwardReply(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("start", "end", "hidden", "grad_output", "prompts", "attention_mask")
+    __slots__ = ("start", "end", "hidden", "grad_output", "prompts", "attention_mask", "adapter", "lora")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     hidden: Tensor
     grad_output: Tensor
     prompts: Tensor
     attention_mask: Tensor
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    adapter: str
+    lora: _containers.RepeatedCompositeFieldContainer[LoraModule]
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
-    __slots__ = ("grad_input", "grad_prompts")
+    __slots__ = ("grad_input", "grad_prompts", "grad_lora")
     GRAD_INPUT_FIELD_NUMBER: _ClassVar[int]
     GRAD_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_LORA_FIELD_NUMBER: _ClassVar[int]
     grad_input: Tensor
     grad_prompts: Tensor
-    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    grad_lora: _containers.RepeatedCompositeFieldContainer[LoraModule]
+    def __init__(self, grad_input: _Optional[_Union[Tensor, _Mapping]] = ..., grad_prompts: _Optional[_Union[Tensor, _Mapping]] = ..., grad_lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes", "page_tokens", "queued", "steps_computed", "step_batches", "preempted", "step_seconds", "cpu_seconds", "quantization", "device")
+    __slots__ = ("model_id", "peer_id", "start", "end", "num_blocks", "dtype", "version", "free_cache_tokens", "max_cache_tokens", "num_sessions", "throughput", "max_batch_size", "max_length", "max_message_bytes", "page_tokens", "queued", "steps_computed", "step_batches", "preempted", "step_seconds", "cpu_seconds", "quantization", "device", "adapters", "max_lora_rank")
     class StepSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +296,8 @@ class InfoReply(_message.Message):
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     peer_id: str
     start: int
@@ -293,4 +321,6 @@ class InfoReply(_message.Message):
     cpu_seconds: float
     quantization: str
     device: str
-    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., page_tokens: _Optional[int] = ..., queued: _Optional[int] = ..., steps_computed: _Optional[int] = ..., step_batches: _Optional[int] = ..., preempted: _Optional[int] = ..., step_seconds: _Optional[_Mapping[str, float]] = ..., cpu_seconds: _Optional[float] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    max_lora_rank: int
+    def __init__(self, model_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., num_blocks: _Optional[int] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., free_cache_tokens: _Optional[int] = ..., max_cache_tokens: _Optional[int] = ..., num_sessions: _Optional[int] = ..., throughput: _Optional[float] = ..., max_batch_size: _Optional[int] = ..., max_length: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., page_tokens: _Optional[int] = ..., queued: _Optional[int] = ..., steps_computed: _Optional[int] = ..., step_batches: _Optional[int] = ..., preempted: _Optional[int] = ..., step_seconds: _Optional[_Mapping[str, float]] = ..., cpu_seconds: _Optional[float] = ..., quantization: _Optional[str] = ..., device: _Optional[str] = ..., adapters: _Optional[_Iterable[str]] = ..., max_lora_rank: _Optional[int] = ...) -> None: ...

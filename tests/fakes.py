@@ -260,6 +260,7 @@ class FakePeer:
             model=str(swarm.folder), blocks=f"{start}:{end}", host="127.0.0.1", **options
         )
         self.span = _FaultySpan.from_model(model, start, end, quant=self.config.quant)
+        self.span.load_adapters(self.config.adapters)
         self.span.faults = self.faults
         self.sessions = SessionTable.from_config(self.config)
         self.scheduler = Scheduler(
@@ -301,6 +302,7 @@ class FakePeer:
             max_forward_tokens=config.max_forward_tokens,
             dtype=dtype_name(self.span.dtype),  # type: ignore[arg-type]
             quantization=self.config.quant,
+            adapters=tuple(sorted(self.span.adapters)),
             version=VERSION,
         ).model_copy(update=self.announced)
 
