@@ -228,6 +228,12 @@ class RemoteSpans:
         )
         adaptation.fill(request, hop.start, hop.end)
         reply = await self._call(hop, "Forward", request, prompts, mask)
+        if reply.lora_modules != len(request.lora):  # a peer predating LoRA ignores the modules
+            raise PeerFailure(  # avoided for this call, not banned: an older peer is not a faulty one
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"applied {reply.lora_modules} of {len(request.lora)} LoRA modules",
+                hop.peer_id,
+            )
         return self._decode(reply.hidden, "hidden", hidden.shape, hop)
 
     async def _backward_hop(

@@ -98,7 +98,8 @@ class DistributedModelMixin:
         return [self.active_adapter] if self.active_adapter else []
 
     def _remote(self, hidden: torch.Tensor, prompts: Any, mask: Any) -> torch.Tensor:
-        return self.swarm.remote(hidden, prompts, mask, adapter=self.active_adapter or "", lora=self._own_lora)
+        lora, adapter = self._own_lora, self.active_adapter or ""
+        return self.swarm.remote(hidden, prompts, mask, adapter=adapter, lora=lora)
 
     def _swarm_dispatch(self, index: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         hidden = hidden_argument(args, kwargs)

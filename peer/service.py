@@ -538,7 +538,10 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 chunk_tokens=self.config.compute_chunk_tokens,
                 remaining=context.time_remaining(),
             )
-            return peer_pb2.ForwardReply(hidden=encode_output(output, parsed.reply_dtype))
+            applied = len(parsed.lora.modules) if parsed.trainable and parsed.lora is not None else 0
+            return peer_pb2.ForwardReply(
+                hidden=encode_output(output, parsed.reply_dtype), lora_modules=applied
+            )
 
     @aborts_on_error
     async def Backward(

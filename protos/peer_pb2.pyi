@@ -225,10 +225,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("hidden",)
+    __slots__ = ("hidden", "lora_modules")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_MODULES_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    lora_modules: int
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lora_modules: _Optional[int] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
     __slots__ = ("start", "end", "hidden", "grad_output", "prompts", "attention_mask", "adapter", "lora")
