@@ -100,13 +100,21 @@ class Recomputer:
         self.distrusted: set[str] = set()  # members of a chain that was outvoted: one of them lied
 
     def verifiers(
-        self, view: SwarmView, hop: Hop, checked: PeerRecord, shape: torch.Size, *, exclude: Collection[str]
+        self,
+        view: SwarmView,
+        hop: Hop,
+        checked: PeerRecord,
+        shape: torch.Size,
+        *,
+        exclude: Collection[str],
+        adapter: str = "",
     ) -> dict[str, PeerRecord]:
         """Peers that may recompute some of `hop`'s blocks on hidden states of `shape`: ONLINE, not banned,
         not failed or distrusted before, admitting the Forward, and computing at most as precisely as
-        `checked` announces (`can_verify`), so that the verifier's own tolerance covers an honest hop."""
+        `checked` announces (`can_verify`), so that the verifier's own tolerance covers an honest hop; with
+        an `adapter`, only peers serving it."""
         batch, seq = shape[:2]
-        needs = Needs(batch_size=batch, forward_tokens=batch * seq)
+        needs = Needs(batch_size=batch, forward_tokens=batch * seq, adapter=adapter)
         banned = self.swarm.bans.banned() | self.unreachable | self.distrusted | {hop.peer_id, *exclude}
         return {
             peer_id: record
@@ -122,10 +130,12 @@ class Recomputer:
         hidden: torch.Tensor,
         *,
         exclude: Collection[str] = (),
+        adapter: str = "",
     ) -> Recomputed | None:
         """`hop`'s output on `hidden` [batch, positions, hidden] (its whole cache) by a chain of verifiers, or
-        None when no chain of those answering covers its blocks."""
-        candidates = self.verifiers(view, hop, checked, hidden.shape, exclude=exclude)
+        None when no chain of those answering covers its blocks; `adapter`: the served LoRA adapter the hop
+        ran, which the verifiers run too."""
+        candidates = self.verifiers(view, hop, checked, hidden.shape, exclude=exclude, adapter=adapter)
         links: list[tuple[str, PeerRecord, int, int]] = []
         current, point, calls = hidden, hop.start, 0
         deadline = time.monotonic() + self.config.verify_timeout  # for the whole chain: a check's latency
@@ -139,7 +149,7 @@ class Recomputer:
                 end = min(record.end, hop.end)
                 whole = point == hop.start and end == hop.end
                 output = await self._forward(
-                    peer_id, record, point, end, current, whole=whole, timeout=remaining
+                    peer_id, record, point, end, current, whole=whole, timeout=remaining, adapter=adapter
                 )
                 if output is not None:
                     links.append((peer_id, record, point, end))
@@ -163,12 +173,15 @@ class Recomputer:
         *,
         whole: bool,
         timeout: float,
+        adapter: str = "",
     ) -> torch.Tensor | None:
         """Blocks [start, end) of `hidden` on one verifier: in the wire dtype for a whole-span link (its reply
         comes rounded as the hop's did), float32 otherwise. None if the call failed (the peer is not asked
         again in this session) or the reply is garbage (the peer is banned)."""
         dtype = self.wire_dtype if whole else torch.float32
-        request = peer_pb2.ForwardRequest(start=start, end=end, hidden=to_message(hidden, dtype=dtype))
+        request = peer_pb2.ForwardRequest(
+            start=start, end=end, hidden=to_message(hidden, dtype=dtype), adapter=adapter
+        )
         try:
             stub = self.swarm.channels.record_stub(peer_id, record)
             reply = await stub.Forward(request, timeout=timeout)

@@ -157,7 +157,8 @@ class SpotChecker:
                 self._skip(hop, str(e))
             return
         logs = [*history, log]
-        verdicts = await asyncio.gather(*(self._check_hop(view, logs, hop) for hop in route))
+        adapter = needs.adapter if needs is not None else ""  # verifiers must run the session's adapter
+        verdicts = await asyncio.gather(*(self._check_hop(view, logs, hop, adapter) for hop in route))
         for verdict in verdicts:  # in route order: a hop's check means something only if its input held
             hop = verdict.hop
             if verdict.outcome is _Outcome.AGREED:
@@ -210,7 +211,7 @@ class SpotChecker:
         self.stats.unchecked += 1
         self._refute(logs, hop, f"could not be checked {skips} times in a row", event="unverifiable")
 
-    async def _check_hop(self, view: SwarmView, logs: list[StepLog], hop: Hop) -> _Verdict:
+    async def _check_hop(self, view: SwarmView, logs: list[StepLog], hop: Hop, adapter: str) -> _Verdict:
         outputs = cache_contents(
             logs, hop.end
         )  # the hop's outputs at every position [batch, positions, hidden]
@@ -225,7 +226,7 @@ class SpotChecker:
         checked = view.peers().get(hop.peer_id)
         if checked is None:
             return self._unverified(hop, "the hop's record is gone")
-        first = await self.recomputer.recompute(view, hop, checked, hidden)
+        first = await self.recomputer.recompute(view, hop, checked, hidden, adapter=adapter)
         if first is None:
             self._tell_no_verifier(view, hop, checked, hidden.shape)
             return self._unverified(hop, "no chain of verifiers answered")
@@ -235,7 +236,9 @@ class SpotChecker:
             return _Verdict(hop, _Outcome.AGREED)
         self.stats.mismatches += 1
         reason = f"recomputed by {first.describe()}, differs at position {logs[-1].position}"
-        arbiter = await self.recomputer.recompute(view, hop, checked, hidden, exclude=first.peer_ids)
+        arbiter = await self.recomputer.recompute(
+            view, hop, checked, hidden, exclude=first.peer_ids, adapter=adapter
+        )
         if arbiter is None:  # undecidable: the hop's outputs are not to be built on
             return _Verdict(hop, _Outcome.WRONG, hop.peer_id, reason)
         with_hop = _agrees(arbiter, held, wire)
