@@ -61,6 +61,14 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", default="float32", help="dtype of the local embeddings and head")
     parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="NAME",
+        help="run the LoRA adapter NAME that peers serve (`corolla serve --adapters NAME=DIR`) on every "
+        "block: the route then uses only peers announcing it, and the command fails, naming the adapters "
+        "the swarm serves, when no peer does (default: the base model)",
+    )
+    parser.add_argument(
         "--speculative",
         default=None,
         metavar="{ngram,DIR,none}",
@@ -147,6 +155,7 @@ def main(argv: Sequence[str], prog: str) -> int:
             dtype=args.dtype,
             model_id=args.model_id,
             swarm_key=args.swarm_key,
+            active_adapter=args.adapter,
         )
     except CorollaError as e:
         print(f"{prog}: {e}", file=sys.stderr)

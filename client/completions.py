@@ -2,7 +2,8 @@
 ids checked against the model (`Plan`), and its generation by transformers' own `generate()` over the swarm on
 a worker thread, its text, stop sequences, finish reasons and log-probabilities handed out token by token as
 `Delta`s. The gateway's engine loop (`client/engine.py`) reuses the choices, processors and stop rules
-for its batched decode; `run_plan` is the per-request path (`--no-engine`).
+for its batched decode; `run_plan` is the per-request path (`--no-engine`). A plan names the served LoRA
+adapter it runs (`Plan.adapter`); its sessions open with it, whatever the model's `active_adapter`.
 
 Sampling draws from a generator of the request's own (`seed`), so a seeded request gives the same text
 whatever runs beside it; greedy requests (`temperature=0`) are transformers' greedy search, unchanged.
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from client.openai_types import ChatCompletionRequest, CompletionRequest, Message
+from client.remote_cache import RemoteCache
 from protos.errors import InvalidInputError
 
 
@@ -47,6 +49,7 @@ class Plan:
     stop: list[str]
     logprobs: int | None  # alternatives per token (0: the chosen token's only); None: no log-probabilities
     echo: bool = False
+    adapter: str = ""  # the LoRA adapter peers serve that every session of the plan runs; "": the base model
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
@@ -79,10 +82,12 @@ def make_plan(
     context_length: int,
     vocab_size: int,
     max_request_tokens: int,
+    adapter: str = "",
 ) -> Plan:
     """Check the prompts and the budget against the model before anything is sent to the swarm. A request
     asks for max_tokens x n x prompts completion tokens, at most `max_request_tokens`; without max_tokens
-    it gets the context's rest or its share of that budget, whichever is less."""
+    it gets the context's rest or its share of that budget, whichever is less. `adapter`: the served LoRA
+    adapter the request's `model` names ("": the base model)."""
     for ids in prompts:
         if not ids:
             raise InvalidInputError("the prompt is empty")
@@ -123,6 +128,7 @@ def make_plan(
         stop=list(request.stop or []),
         logprobs=request.logprob_alternatives() if chat else request.logprobs,  # type: ignore[union-attr]
         echo=not chat and request.echo,  # type: ignore[union-attr]
+        adapter=adapter,
     )
 
 
@@ -392,7 +398,11 @@ def run_plan(
 ) -> int:
     """Generate every choice of `plan` (blocking; on a worker thread), handing out `Delta`s as tokens come,
     until the choices finish or `stop` says why not (checked after each step). Returns the completion tokens
-    generated. Choices of prompt i are numbered i * n .. i * n + n - 1."""
+    generated. Choices of prompt i are numbered i * n .. i * n + n - 1.
+
+    Each prompt's choices run in a session opened here with `plan.adapter` and handed to `generate()`:
+    requests on other threads may run other adapters on the same model at the same time, so its
+    `active_adapter` (one per model) is neither read nor set."""
     generator = request_generator(plan)
     stops, ends, completion_tokens = plan.stop, end_ids(model, tokenizer), 0
     for prompt_index, ids in enumerate(plan.prompts):
@@ -405,14 +415,19 @@ def run_plan(
         tracker = _Choices(choices, ends, emit, stop, logprobs)
         input_ids = torch.tensor([ids] * plan.n, dtype=torch.long)
         if stop.reason is None:
-            model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=plan.max_tokens,
-                do_sample=False,
-                logits_processor=processors,
-                stopping_criteria=StoppingCriteriaList([tracker]),
-            )
+            session = model.swarm.new_session(len(ids) + plan.max_tokens, adapter=plan.adapter)
+            try:
+                model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    past_key_values=RemoteCache(session),
+                    max_new_tokens=plan.max_tokens,
+                    do_sample=False,
+                    logits_processor=processors,
+                    stopping_criteria=StoppingCriteriaList([tracker]),
+                )
+            finally:
+                model.swarm.runtime.run(session.aclose())
         for choice in choices:
             if choice.finish_reason is None:
                 emit(choice.finish(stop.reason or "length"))

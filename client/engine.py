@@ -2,7 +2,9 @@
 requests that arrived (each prompt prefilled in its choices' own inference sessions), then runs ONE decode
 step for every running choice: a single forward of the family's client model over all rows [rows, 1] whose
 block-0 slot sends each row to its own session, all at once on the swarm's loop (the peers batch them).
-Requests join and leave between steps. It knows nothing of HTTP (`client/gateway.py` feeds it).
+Requests join and leave between steps. Each session runs its request's served LoRA adapter (`Plan.adapter`):
+rows of different adapters share the client's forward (the adapters live on the peers, which never batch
+two adapters together). It knows nothing of HTTP (`client/gateway.py` feeds it).
 
     iteration:  admit ──▶ prefill [n, prompt] per new prompt ──▶ decode [rows, 1] ──▶ retire finished
                           (its n sessions)                       row i ─▶ session i (concurrently)
@@ -270,7 +272,7 @@ class Engine:
             rows = [
                 _Row(
                     _Choice(index * plan.n + j, self.tokenizer, plan.stop),
-                    self.model.swarm.new_session(len(ids) + plan.max_tokens),
+                    self.model.swarm.new_session(len(ids) + plan.max_tokens, adapter=plan.adapter),
                     list(ids),
                     DraftLength(self.max_draft_tokens) if speculative else None,
                 )

@@ -1,6 +1,6 @@
 """`corolla api`: the OpenAI HTTP API over the swarm (FastAPI + uvicorn), backed by the client library.
 
-    GET  /v1/models             the served model
+    GET  /v1/models             the served model and the LoRA adapters its peers serve
     POST /v1/chat/completions   the model's own chat template; streamed (server-sent events) or whole
     POST /v1/completions        text or token-id prompts
     GET  /health, /ready        the process is up; the swarm serves every block (503 names the gap)
@@ -12,6 +12,12 @@ runs transformers' `generate()` on a worker thread instead (`client/completions.
 ngram`, greedy requests in the engine verify prompt-lookup drafts in their steps (same tokens). A client that
 disconnects cancels its generation after the step in flight, which closes its sessions on every peer.
 Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+A request's `model` names the base model or, as with vLLM's LoRA modules, a LoRA adapter that peers serve
+(`corolla serve --adapters`): its sessions then run that adapter (`Plan.adapter`). The adapters are the
+names the records in the client's current view of the swarm announce (as discovery refreshes it), so they
+come and go with the peers; `/v1/models` lists them with `parent` = the base model, and any other name is
+404 `model_not_found`.
 
 Before a handler runs (`client/gateway_guard.py`), the Host must be a name the operator chose, the API key
 valid, a body JSON (no DNS rebinding or cross-site form posts, even on loopback) and small enough. A
@@ -51,6 +57,7 @@ from client.completions import (
     run_plan,
 )
 from client.config import GatewayConfig
+from client.discovery import SwarmView
 from client.engine import Engine, Job
 from client.errors import PeerFailure, SwarmError, format_ranges
 from client.gateway_guard import KEY_SCOPE, Guard
@@ -64,12 +71,29 @@ from client.openai_types import (
     error_body,
     sse_event,
 )
-from client.route import missing_blocks
+from client.route import Needs, missing_blocks
 from protos.errors import CorollaError, InvalidInputError
+from protos.records import PeerState
 
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT = 10.0  # seconds to read the swarm's coverage before a request or /ready gives up
+MAX_SERVED_ADAPTERS = 256  # adapter names the gateway takes from one view (each record announces <= 16)
+MAX_NAMED_MODELS = 16  # model names a 404 lists
+
+
+def served_adapters(view: SwarmView, *, limit: int = MAX_SERVED_ADAPTERS) -> list[str]:
+    """The LoRA adapters the peers of `view` announce (OFFLINE ones left out), sorted: the first `limit`
+    names met, peers taken in peer_id order (so a request may name any of them)."""
+    names: set[str] = set()
+    for record in view.peers().values():
+        if record.state is PeerState.OFFLINE:
+            continue
+        for name in record.adapters:
+            if len(names) >= limit:
+                return sorted(names)
+            names.add(name)
+    return sorted(names)
 
 
 def _error_response(error: GatewayError) -> JSONResponse:
@@ -296,13 +320,12 @@ class Gateway:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
-    async def check_ready(self) -> int:
-        """The model's number of blocks when usable peers (not banned) serve them all in the client's current
-        view of the swarm; else 503 naming the blocks nobody serves."""
+    async def view(self) -> SwarmView:
+        """The client's current view of the swarm (discovery keeps it fresh); 503 when it cannot be read."""
         swarm = self.model.swarm
         future = asyncio.run_coroutine_threadsafe(swarm.discovery.view(), swarm.runtime.loop)
         try:
-            view = await asyncio.wait_for(asyncio.wrap_future(future), READY_TIMEOUT)
+            return await asyncio.wait_for(asyncio.wrap_future(future), READY_TIMEOUT)
         except TimeoutError:
             future.cancel()
             raise GatewayError(
@@ -311,16 +334,32 @@ class Gateway:
                 kind="server_error",
                 code="swarm_unavailable",
             ) from None
-        gaps = missing_blocks(view, banned=swarm.bans.banned())
+
+    async def check_ready(self, adapter: str = "") -> int:
+        """The model's number of blocks when usable peers (not banned, serving the LoRA `adapter` if one is
+        named) serve them all in the client's current view of the swarm; else 503 naming the blocks nobody
+        serves."""
+        view = await self.view()
+        needs = Needs(adapter=adapter) if adapter else None
+        gaps = missing_blocks(view, banned=self.model.swarm.bans.banned(), needs=needs)
         if gaps:
+            served = f"{self.name} with adapter {adapter}" if adapter else self.name
             raise GatewayError(
                 503,
-                f"the swarm cannot serve {self.name} now: no peer serves blocks {format_ranges(gaps)} "
+                f"the swarm cannot serve {served} now: no peer serves blocks {format_ranges(gaps)} "
                 f"(of {view.num_blocks})",
                 kind="server_error",
                 code="swarm_unavailable",
             )
         return view.num_blocks
+
+    async def adapters(self) -> list[str]:
+        """The LoRA adapters peers serve now, sorted (none when the swarm's records cannot be read)."""
+        try:
+            return served_adapters(await self.view())
+        except (GatewayError, SwarmError) as e:
+            logger.info("adapters unknown reason=%s", e)
+            return []
 
     def close(self) -> None:
         """Stop the engine (requests still running end "cancelled") and the worker threads."""
@@ -328,18 +367,27 @@ class Gateway:
             self.engine.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def check_model(self, model: str) -> None:
-        if model != self.name:
-            raise GatewayError(
-                404,
-                f"The model `{model}` does not exist; this gateway serves `{self.name}`",
-                kind="invalid_request_error",
-                code="model_not_found",
-                param="model",
-            )
+    async def resolve(self, model: str) -> str:
+        """The served LoRA adapter a request's `model` names ("" for the base model), read from the current
+        view; 404 `model_not_found` naming what is served for any other name."""
+        if model == self.name:
+            return ""
+        adapters = await self.adapters()
+        if model in adapters:
+            return model
+        names = [self.name, *adapters]
+        listed = ", ".join(f"`{name}`" for name in names[:MAX_NAMED_MODELS])
+        more = f" and {len(names) - MAX_NAMED_MODELS} more" if len(names) > MAX_NAMED_MODELS else ""
+        raise GatewayError(
+            404,
+            f"The model `{model}` does not exist; this gateway serves {listed}{more}",
+            kind="invalid_request_error",
+            code="model_not_found",
+            param="model",
+        )
 
     async def respond(self, request: Request, plan: Plan, replies: Replies, stream: bool) -> Any:
-        await self.check_ready()
+        await self.check_ready(plan.adapter)
         run = self.start(plan, request.url.path, str(request.scope.get(KEY_SCOPE, "")))
         await run.begin()
         if stream:  # after the stream, finished or cut by the client: `cancel` is then a no-op or stops it
@@ -413,40 +461,42 @@ class Gateway:
 
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
-            return {"object": "list", "data": [gateway.model_card()]}
+            adapters = await gateway.adapters()
+            return {"object": "list", "data": [gateway.model_card(name) for name in ["", *adapters]]}
 
         @app.get("/v1/models/{name:path}")
         async def model(name: str) -> dict[str, Any]:
-            gateway.check_model(name)
-            return gateway.model_card()
+            return gateway.model_card(await gateway.resolve(name))
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Any:
-            gateway.check_model(body.model)
+            adapter = await gateway.resolve(body.model)
             # templating and tokenizing a long prompt takes a while: off the loop that streams the others
             prompt = await asyncio.to_thread(chat_prompt, gateway.tokenizer, body.messages)
-            plan = gateway.plan(body, [prompt])
-            replies = ChatReplies(gateway.name, body.include_usage(), logprobs=body.logprobs)
+            plan = gateway.plan(body, [prompt], adapter=adapter)
+            replies = ChatReplies(body.model, body.include_usage(), logprobs=body.logprobs)
             return await gateway.respond(request, plan, replies, body.stream)
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Any:
-            gateway.check_model(body.model)
-            plan = gateway.plan(body, await asyncio.to_thread(completion_prompts, gateway.tokenizer, body))
-            replies = CompletionReplies(
-                gateway.name, body.include_usage(), logprobs=body.logprobs is not None
-            )
+            adapter = await gateway.resolve(body.model)
+            prompts = await asyncio.to_thread(completion_prompts, gateway.tokenizer, body)
+            plan = gateway.plan(body, prompts, adapter=adapter)
+            replies = CompletionReplies(body.model, body.include_usage(), logprobs=body.logprobs is not None)
             return await gateway.respond(request, plan, replies, body.stream)
 
         return Guard(app, self.config, self.key_of)
 
-    def plan(self, body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]]) -> Plan:
+    def plan(
+        self, body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], *, adapter: str = ""
+    ) -> Plan:
         return make_plan(
             body,
             prompts,
             context_length=self.context_length,
             vocab_size=self.vocab_size,
             max_request_tokens=self.config.max_request_tokens,
+            adapter=adapter,
         )
 
     def key_of(self, header: bytes | None) -> str | None:
@@ -462,12 +512,16 @@ class Gateway:
                 found = label
         return found if scheme.lower() == "bearer" else None
 
-    def model_card(self) -> dict[str, Any]:
+    def model_card(self, adapter: str = "") -> dict[str, Any]:
+        """The base model's card, or a served LoRA adapter's (as vLLM lists LoRA modules: `root` its name,
+        `parent` the base model)."""
         return {
-            "id": self.name,
+            "id": adapter or self.name,
             "object": "model",
             "created": self.created,
             "owned_by": "corolla",
+            "root": adapter or self.name,
+            "parent": self.name if adapter else None,
             "max_model_len": self.context_length,
         }
 
