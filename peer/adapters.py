@@ -156,7 +156,10 @@ def parse_lora(
         if key in modules:
             raise InvalidInputError(f"lora: block {message.block} {message.module} appears twice")
         if not (math.isfinite(message.scaling) and abs(message.scaling) <= MAX_SCALING):
-            raise InvalidInputError(f"lora: scaling of block {message.block} {message.module} is not finite")
+            raise InvalidInputError(
+                f"lora: scaling of block {message.block} {message.module} is not finite or above "
+                f"{MAX_SCALING:g} in magnitude"
+            )
         if message.lora_a.dtype != message.lora_b.dtype:
             raise InvalidInputError(f"lora: lora_a and lora_b of block {message.block} differ in dtype")
         shapes = tuple(message.lora_a.shape), tuple(message.lora_b.shape)

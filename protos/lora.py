@@ -119,7 +119,10 @@ def read_weights(
         for name in weights.keys():  # noqa: SIM118 (safe_open is not a mapping)
             match = _KEY.match(name.removeprefix(prefix)) if name.startswith(prefix) else None
             if match is None:
-                raise InvalidInputError(f"{path}: {name!r} is not a LoRA weight of a block")
+                raise InvalidInputError(
+                    f"{path}: {name[:200]!r} is not a LoRA weight of a block: only LoRA modules inside the "
+                    "blocks are supported (not the embeddings or the head, nor their saved base weights)"
+                )
             block = int(match["block"])
             if wanted is None or block in wanted:
                 parts.setdefault((block, match["module"]), {})[match["part"]] = weights.get_tensor(name)
