@@ -7,7 +7,7 @@ blocks of `--seq-len` tokens. Prints JSON: the median seconds per step both ways
 largest difference between the two runs' losses. Peers run as separate processes on 127.0.0.1.
 
     python bench/train_step.py [--batch 8] [--seq-len 128] [--steps 3] [--pre-seq-len 16]
-    python bench/train_step.py --lora [--batch 4] [--seq-len 128] [--rank 8]
+    python bench/train_step.py --lora [--batch 4] [--seq-len 128] [--rank 8] [--recompute]
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def _lora(folder, swarm, batches, args) -> tuple[list[float], list[float], list[
     remote = AutoDistributedModelForCausalLM.from_pretrained(
         folder, initial_peers=swarm.initial_peers, lora=config
     )
-    initial = remote.lora.weights()
+    # before training: `weights()` are views of the parameters the optimizer steps
+    initial = {key: (a.clone(), b.clone()) for key, (a, b) in remote.lora.weights().items()}
     layers_path = remote.lora.layers_path
     swarm_s, swarm_losses = _run(
         lambda ids: remote(input_ids=ids, labels=ids).loss, list(remote.lora.parameters()), batches
@@ -105,6 +106,11 @@ def main() -> None:
     parser.add_argument("--pre-seq-len", type=int, default=16, help="trainable prompt tokens")
     parser.add_argument("--lora", action="store_true", help="train a LoRA (against local PEFT)")
     parser.add_argument("--rank", type=int, default=8, help="the LoRA's rank (with --lora)")
+    parser.add_argument(
+        "--recompute",
+        action="store_true",
+        help="peers keep no training forward's graph (--max-kept-bytes 0): each Backward recomputes it",
+    )
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.lora else 8)
     folder = prepare_default_model()
@@ -112,7 +118,8 @@ def main() -> None:
     blocks = token_blocks(tokenizer, "hamlet", seq_len=args.seq_len, max_blocks=args.batch * (args.steps + 1))
     batches = list(blocks.split(args.batch))
 
-    with running(folder, SPANS) as swarm:
+    options = ["--max-kept-bytes", "0"] if args.recompute else []
+    with running(folder, SPANS, *options) as swarm:
         measure = _lora if args.lora else _prompt_tuning
         swarm_s, swarm_losses, local_s, local_losses = measure(folder, swarm, batches, args)
     swarm_median, here = statistics.median(swarm_s), statistics.median(local_s)
@@ -127,6 +134,7 @@ def main() -> None:
                 "model": str(folder),
                 "peers": SPANS,
                 "mode": "lora" if args.lora else "ptune",
+                "backward": "recomputes the forward" if args.recompute else "kept forward graphs",
                 **trained,
                 "batch": args.batch,
                 "seq_len": args.seq_len,

@@ -2,9 +2,11 @@
 another peer for the same blocks; and the trainable prompts (`ptune`, `deep_ptune`) that live on the client.
 
     forward:   hidden ─▶ [0, a) ─▶ [a, b) ─▶ [b, n) ─▶ output      (client relays; keeps each hop's input)
-    backward:  grad_in ◀─ [0, a) ◀─ [a, b) ◀─ [b, n) ◀─ grad_out   (each peer recomputes its forward)
-Peers keep nothing between calls, so a failed hop is re-run on any peer serving its blocks; when no single
-peer serves them any more, the span's forward is re-run through the new hops first to get their inputs.
+    backward:  grad_in ◀─ [0, a) ◀─ [a, b) ◀─ [b, n) ◀─ grad_out   (each peer backpropagates its forward)
+A training forward asks each peer to keep its graph for the Backward (`peer.gradients`); a peer that has
+let it go recomputes the forward from the input the Backward carries again, so any peer serving the blocks
+can answer it: a failed hop is re-run on another; when no single peer serves them any more, the span's
+forward is re-run through the new hops first to get their inputs. Either way the gradients are the same.
 With the "int8" wire only hidden states travel as blockwise int8 (a hop's input, sent again identically
 with its backward, and its output); gradients and the per-block prompts stay float32: they are the smaller
 share of a training step's bytes, and quantizing them would add noise to every update.
@@ -52,6 +54,7 @@ class HopInput:
     hidden: torch.Tensor  # [batch, seq, hidden] entering block `start`, as decoded from the wire dtype
     hop: Hop | None = None  # the peer that ran the forward: the backward tries it first
     mask: torch.Tensor | None = None  # the pass's attention mask [batch, seq] (int64 0/1); None: no padding
+    token: bytes = b""  # the forward's graph kept by `hop` for the Backward; b"": none kept
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Adaptation:
     adapter: str = ""
     lora: SwarmLora | None = None
     tensors: tuple[torch.Tensor, ...] = field(default=())
+    keep: bool = False  # a training pass: peers keep each forward's graph for its Backward
 
     def fill(self, request: Any, start: int, end: int) -> None:
         """Set a Forward/Backward request's adapter or its blocks' LoRA modules."""
@@ -102,7 +106,11 @@ class RemoteSpans:
         if adapter and lora is not None:
             raise InvalidInputError("a pass takes a served adapter or the client's own lora, not both")
         tensors = () if lora is None else tuple(lora.tensors())
-        output: torch.Tensor = _ThroughSwarm.apply(hidden, prompts, self, mask, adapter, lora, *tensors)
+        trained = [hidden, *([] if prompts is None else [prompts]), *tensors]
+        keep = torch.is_grad_enabled() and any(t.requires_grad for t in trained)  # a Backward will follow
+        output: torch.Tensor = _ThroughSwarm.apply(
+            hidden, prompts, self, mask, Adaptation(adapter, lora, keep=keep), *tensors
+        )
         return output
 
     async def aforward(
@@ -123,13 +131,15 @@ class RemoteSpans:
         block = start
         while block < end:
 
-            async def forward(route: list[Hop], inputs: torch.Tensor = current) -> tuple[Hop, torch.Tensor]:
+            async def forward(
+                route: list[Hop], inputs: torch.Tensor = current
+            ) -> tuple[Hop, tuple[torch.Tensor, bytes]]:
                 return route[0], await self._forward_hop(route[0], inputs, prompts, mask, adaptation)
 
-            hop, output = await self._retrying(
+            hop, (output, token) = await self._retrying(
                 "forward", block, end, current, forward, adapter=adaptation.adapter
             )
-            hops.append(HopInput(hop.start, hop.end, current, hop, mask))
+            hops.append(HopInput(hop.start, hop.end, current, hop, mask, token))
             current, block = output.to(self.dtype), hop.end
         return current.to(hidden.dtype), hops
 
@@ -222,9 +232,13 @@ class RemoteSpans:
         prompts: torch.Tensor | None,
         mask: torch.Tensor | None,
         adaptation: Adaptation,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, bytes]:
+        """The hop's output, and the token of its graph if it kept it (`adaptation.keep`)."""
         request = peer_pb2.ForwardRequest(
-            start=hop.start, end=hop.end, hidden=to_message(hidden, dtype=self.wire_dtype)
+            start=hop.start,
+            end=hop.end,
+            hidden=to_message(hidden, dtype=self.wire_dtype),
+            keep_for_backward=adaptation.keep,
         )
         adaptation.fill(request, hop.start, hop.end)
         reply = await self._call(hop, "Forward", request, prompts, mask)
@@ -234,7 +248,7 @@ class RemoteSpans:
                 f"applied {reply.lora_modules} of {len(request.lora)} LoRA modules",
                 hop.peer_id,
             )
-        return self._decode(reply.hidden, "hidden", hidden.shape, hop)
+        return self._decode(reply.hidden, "hidden", hidden.shape, hop), reply.backward_token
 
     async def _backward_hop(
         self,
@@ -251,6 +265,8 @@ class RemoteSpans:
             hidden=to_message(span.hidden, dtype=self.wire_dtype),  # the bytes its forward was sent
             grad_output=to_message(grad),
         )
+        if span.hop is not None and span.hop.peer_id == hop.peer_id:  # the peer that may have kept its graph
+            request.forward_token = span.token
         adaptation.fill(request, hop.start, hop.end)
         reply = await self._call(hop, "Backward", request, prompts, span.mask)
         # gradients overflow honestly in fp16, and a non-finite gradient sent gives one back (loss scaling
@@ -348,12 +364,11 @@ class _ThroughSwarm(torch.autograd.Function):
         prompts: torch.Tensor | None,
         remote: RemoteSpans,
         mask: torch.Tensor | None,
-        adapter: str,
-        lora: SwarmLora | None,
+        pass_: Adaptation,
         *tensors: torch.Tensor,
     ) -> torch.Tensor:
         detached = None if prompts is None else prompts.detach()
-        adaptation = Adaptation(adapter, lora, tuple(t.detach() for t in tensors))
+        adaptation = Adaptation(pass_.adapter, pass_.lora, tuple(t.detach() for t in tensors), pass_.keep)
         output, hops = remote.swarm.runtime.run(
             remote.aforward(hidden.detach(), detached, mask=mask, adaptation=adaptation)
         )
@@ -370,7 +385,7 @@ class _ThroughSwarm(torch.autograd.Function):
         if grad_prompts is not None and ctx.prompts is not None:
             grad_prompts = grad_prompts.to(ctx.prompts.dtype)
         lora_grads = [g.to(t.dtype) for g, t in zip(grad_lora, adaptation.tensors, strict=True)]
-        return grad_input, grad_prompts, None, None, None, None, *lora_grads
+        return grad_input, grad_prompts, None, None, None, *lora_grads
 
 
 class PromptTuning(nn.Module):

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 from peer.adapters import Lora, LoraHooks, load_adapter, span_layers
 from peer.attention import BATCH_KWARG, RAGGED, pack, supports_batching, unpack
 from peer.cache import SpanCache
+from peer.gradients import SpanGradients
 from peer.inputs import check_inputs, check_prompts
 from peer.quant import Int8Linear, check_quant, quantize_blocks
 from protos.checkpoint import build_skeleton, load_config, load_weights, parse_dtype, resolve_model_path
@@ -66,7 +67,7 @@ def count_blocks(name_or_path: str | os.PathLike[str]) -> int:
     return locate(build_skeleton(load_config(folder), torch.float32)).num_blocks
 
 
-class HostedSpan:
+class HostedSpan(SpanGradients):
     """Blocks [start, end) of one model, loaded alone, run through the family's own forward.
 
     The owner's block list is replaced by slots for good: slots before the called sub-span pass their input
@@ -296,122 +297,6 @@ class HostedSpan:
         finally:
             config._attn_implementation = own
         return unpack(output, batch)
-
-    def backward_batch(
-        self,
-        items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-        *,
-        start: int | None = None,
-        end: int | None = None,
-    ) -> list[torch.Tensor | Exception]:
-        """Input gradients of several stateless forwards of blocks [start, end), given as (hidden, grad of
-        the output, mask or None) of any shapes, from one packed forward and one backward (padded ones
-        alone); each as `backward` would give it alone (within float rounding), or the error it raised."""
-        start, end = self._check_span(start, end)
-        results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(items)
-        valid: list[int] = []
-        for index, (hidden, grad_output, mask) in enumerate(items):
-            try:
-                check_inputs(self, hidden, None, None, start, end, mask)
-                if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
-                    raise InvalidInputError("grad_output must match hidden in shape and dtype")
-            except InvalidInputError as e:
-                results[index] = e
-            else:
-                valid.append(index)
-        if len(valid) > 1 and self.batches and all(items[i][2] is None for i in valid):
-            with torch.inference_mode(False), torch.enable_grad():
-                inputs = [items[i][0].detach().clone().requires_grad_(True) for i in valid]
-                outputs = self._run_packed([BatchItem(x) for x in inputs], [0] * len(valid), start, end)
-                grads = [items[i][1].detach().clone() for i in valid]
-                for i, grad in zip(valid, torch.autograd.grad(outputs, inputs, grads), strict=True):
-                    results[i] = grad
-            return results
-        for i in valid:
-            try:
-                hidden, grad_output, mask = items[i]
-                results[i] = self._gradients(hidden, grad_output, start, end, None, mask)[0]
-            except Exception as e:
-                results[i] = e
-        return results
-
-    def backward(
-        self,
-        hidden: torch.Tensor,
-        grad_output: torch.Tensor,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        prompts: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        adapter: Lora | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gradients of a stateless forward of blocks [start, end): recomputes the forward of `hidden`
-        [batch, seq, hidden_size] (with `mask` and a frozen served `adapter`, as `forward`) with autograd on
-        and backpropagates `grad_output` (same shape) into the inputs. Returns (grad of hidden, grad of
-        prompts or None); the weights stay frozen, nothing is kept.
-        """
-        grad_input, grad_prompts, _ = self.lora_backward(
-            hidden, grad_output, adapter, start=start, end=end, prompts=prompts, mask=mask, trainable=False
-        )
-        return grad_input, grad_prompts
-
-    def lora_backward(
-        self,
-        hidden: torch.Tensor,
-        grad_output: torch.Tensor,
-        lora: Lora | None,
-        *,
-        start: int | None = None,
-        end: int | None = None,
-        prompts: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-        trainable: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-        """`backward` with `lora` applied; with `trainable`, also the gradients of its A and B matrices
-        in `Lora.modules` order (A, B, A, B, ...; None for a layer the forward did not reach)."""
-        start, end = self._check_span(start, end)
-        check_inputs(self, hidden, None, None, start, end, mask)
-        check_prompts(self, prompts, hidden, start, end)
-        if grad_output.shape != hidden.shape or grad_output.dtype != hidden.dtype:
-            raise InvalidInputError(
-                f"grad_output must match hidden ({hidden.dtype} {tuple(hidden.shape)}), got "
-                f"{grad_output.dtype} {tuple(grad_output.shape)}"
-            )
-        return self._gradients(hidden, grad_output, start, end, prompts, mask, lora, trainable=trainable)
-
-    def _gradients(
-        self,
-        hidden: torch.Tensor,
-        grad: torch.Tensor,
-        start: int,
-        end: int,
-        prompts: torch.Tensor | None,
-        mask: torch.Tensor | None = None,
-        lora: Lora | None = None,
-        *,
-        trainable: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-        # the scheduler runs jobs in inference mode; clones outside it are tensors autograd accepts
-        with torch.inference_mode(False), torch.enable_grad():
-            inputs = hidden.detach().clone().requires_grad_(True)
-            wrt = [inputs]
-            prompt_leaf = None
-            if prompts is not None:
-                prompt_leaf = prompts.detach().clone().requires_grad_(True)
-                wrt.append(prompt_leaf)
-            leaves: list[torch.Tensor] = []
-            if lora is not None:
-                lora, leaves = lora.leaves() if trainable else (lora, [])
-            output = self._run(inputs, None, None, start, end, prompt_leaf, mask=mask, lora=lora)
-            grads = torch.autograd.grad(
-                output, [*wrt, *leaves], grad_outputs=grad.detach().clone(), allow_unused=True
-            )
-        grad_input = grads[0]
-        if grad_input is None:  # cannot happen: the output depends on the input
-            raise RuntimeError("the span's output does not depend on its input")
-        grad_prompts = grads[1] if prompt_leaf is not None else None
-        return grad_input, grad_prompts, list(grads[len(wrt) :])
 
     def _run(
         self,

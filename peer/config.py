@@ -313,6 +313,15 @@ class PeerConfig(BaseModel):
         description="a Forward/Backward computes in pieces of whole rows of at most this many tokens, so an "
         "inference step waits for at most one piece of a large training batch",
     )
+    max_kept_bytes: int = Field(
+        default=2**30,
+        ge=0,
+        description="estimated activation memory of training forwards kept for their Backward (which then "
+        "skips recomputing them); the least recently kept are dropped first; 0: keep none",
+    )
+    kept_timeout: float = Field(
+        default=60.0, gt=0, description="seconds a kept training forward waits for its Backward"
+    )
     max_backward_bytes: int = Field(
         default=8 * 2**30,
         ge=1,

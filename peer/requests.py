@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 MAX_SESSION_ID_CHARS = 128
 PUSH_TOKEN_BYTES = 16
+TOKEN_BYTES = 16  # a kept forward's token (`peer.gradients.TOKEN_BYTES`)
 MAX_CARRIED = 64  # hop outputs one pushed step may carry (Step.carried), whatever the model's depth
 BACKWARD_ACTIVATIONS_PER_BLOCK = 16  # hidden-sized tensors autograd keeps per block (attention, MLP, norms)
 
@@ -136,6 +137,7 @@ class ForwardRequest:
     attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
     lora: Lora | None = None  # a served adapter, or the client's own LoRA (`trainable`)
     trainable: bool = False
+    keep: bool = False  # keep the forward's graph for its Backward (`peer.gradients`)
 
     @property
     def reply_dtype(self) -> torch.dtype:
@@ -153,6 +155,7 @@ class BackwardRequest:
     attention_mask: torch.Tensor | None = None  # [batch, seq] bool; None: no padding
     lora: Lora | None = None  # as in ForwardRequest: a client's own (`trainable`) gets gradients
     trainable: bool = False
+    token: bytes = b""  # the kept forward's token (`peer.gradients.KeptGraphs`); b"": recompute
 
 
 def client_key(peer: str) -> str:
@@ -490,7 +493,15 @@ def parse_forward(request: peer_pb2.ForwardRequest, *, served: Served, limits: L
     prompts = _prompts(request.prompts, limits)
     lora, trainable = _lora(request, start, end, served=served, limits=limits)
     return ForwardRequest(
-        start, end, hidden, prompts, wire_dtype_of(request.hidden), mask, lora=lora, trainable=trainable
+        start,
+        end,
+        hidden,
+        prompts,
+        wire_dtype_of(request.hidden),
+        mask,
+        lora=lora,
+        trainable=trainable,
+        keep=request.keep_for_backward,
     )
 
 
@@ -513,7 +524,12 @@ def parse_backward(request: peer_pb2.BackwardRequest, *, served: Served, limits:
     mask = attention_mask(request.attention_mask, batch, seq, max_bytes=limits.max_message_bytes)
     prompts = _prompts(request.prompts, limits)
     lora, trainable = _lora(request, start, end, served=served, limits=limits)
-    return BackwardRequest(start, end, hidden, grad_output, prompts, mask, lora=lora, trainable=trainable)
+    if len(request.forward_token) not in (0, TOKEN_BYTES):
+        raise InvalidInputError(f"forward_token must be {TOKEN_BYTES} bytes, or empty")
+    token = request.forward_token
+    return BackwardRequest(
+        start, end, hidden, grad_output, prompts, mask, lora=lora, trainable=trainable, token=token
+    )
 
 
 def backward_bytes(shape: Sequence[int], num_blocks: int, *, itemsize: int) -> int:

@@ -19,6 +19,7 @@ from peer import requests, stateless, wire
 from peer.adapters import gradient_messages
 from peer.blocks import BatchItem, HostedSpan
 from peer.config import PeerConfig
+from peer.gradients import KeptGraphs
 from peer.metrics import PeerMetrics
 from peer.push_streams import IncomingPushStreams, PushStreams
 from peer.pushes import PushBudget
@@ -91,6 +92,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.push_streams = PushStreams.from_config(self.channels, config)  # one per next peer
         self.incoming_pushes = IncomingPushStreams.from_config(config)  # other peers' push streams
         self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
+        # training forwards' graphs awaiting their Backward
+        self.kept = KeptGraphs(max_bytes=config.max_kept_bytes, timeout=config.kept_timeout)
         self.metrics = metrics if metrics is not None else PeerMetrics()
 
     # ---- Session ---------------------------------------------------------------------------------
@@ -531,29 +534,41 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         span = self.span  # the hosted span may be swapped at run time: one span per request
         with self._admitted():
             parsed = requests.parse_forward(request, served=Served.of(span), limits=self.limits)
-            output = await stateless.forward(
-                self.scheduler,
-                span,
-                parsed,
-                chunk_tokens=self.config.compute_chunk_tokens,
-                remaining=context.time_remaining(),
-            )
+            chunk_tokens, remaining = self.config.compute_chunk_tokens, context.time_remaining()
+            token = b""
+            batch, seq = parsed.hidden.shape[:2]
+            if parsed.keep and self.kept.max_bytes and batch * seq <= chunk_tokens:  # one piece: keep it
+                output, token = await stateless.forward_kept(
+                    self.scheduler, span, parsed, self.kept, remaining=remaining
+                )
+            else:
+                output = await stateless.forward(
+                    self.scheduler, span, parsed, chunk_tokens=chunk_tokens, remaining=remaining
+                )
             applied = len(parsed.lora.modules) if parsed.trainable and parsed.lora is not None else 0
             return peer_pb2.ForwardReply(
-                hidden=encode_output(output, parsed.reply_dtype), lora_modules=applied
+                hidden=encode_output(output, parsed.reply_dtype), lora_modules=applied, backward_token=token
             )
 
     @aborts_on_error
     async def Backward(
         self, request: peer_pb2.BackwardRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.BackwardReply:
-        """Gradients of a stateless Forward: the peer recomputes the span's forward and keeps nothing."""
+        """Gradients of a stateless Forward: the peer backpropagates through the forward's graph when it kept
+        it for this very input (`peer.gradients`), else recomputes the forward first; it keeps nothing."""
         span = self.span
         with self._admitted():
             parsed = requests.parse_backward(request, served=Served.of(span), limits=self.limits)
             limits = {"chunk_tokens": self.config.compute_chunk_tokens, "remaining": context.time_remaining()}
             grad_lora: list[peer_pb2.LoraModule] = []
-            if parsed.trainable and parsed.lora is not None:
+            graph = stateless.kept_graph(span, parsed, self.kept)
+            if graph is not None:
+                grad_input, grad_prompts, grads = await stateless.backprop_kept(
+                    self.scheduler, span, parsed, graph, remaining=limits["remaining"]
+                )
+                if parsed.trainable and parsed.lora is not None:
+                    grad_lora = gradient_messages(parsed.lora, grads)
+            elif parsed.trainable and parsed.lora is not None:
                 grad_input, grad_prompts, grads = await stateless.lora_backward(
                     self.scheduler, span, parsed, **limits
                 )
@@ -589,6 +604,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
     def swap_span(self, span: HostedSpan) -> tuple[HostedSpan, list[PeerSession]]:
         """Serve `span` from now on; returns the old span and the sessions still open on it."""
         old, self.span = self.span, span
+        self.kept.clear()  # graphs of the old span's blocks: their Backward recomputes on the new span
         sessions = [s for sid in self.sessions.session_ids() if (s := self.sessions.get(sid)) is not None]
         return old, [session for session in sessions if session.span is old]
 

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from peer.blocks import BatchItem, HostedSpan
-from peer.requests import BackwardRequest, ForwardRequest
+from peer.gradients import Graph, KeptGraphs
+from peer.requests import BackwardRequest, ForwardRequest, backward_bytes
 from peer.scheduler import Priority, Scheduler, StepWork
 
 
@@ -180,3 +181,55 @@ def _add(total: torch.Tensor | None, piece: torch.Tensor | None) -> torch.Tensor
     if total is None:
         return piece
     return total if piece is None else total + piece
+
+
+async def forward_kept(
+    scheduler: Scheduler,
+    span: HostedSpan,
+    request: ForwardRequest,
+    kept: KeptGraphs,
+    *,
+    remaining: float | None,
+) -> tuple[torch.Tensor, bytes]:
+    """A training Forward whose graph is kept for its Backward: (the output, the graph's token, b"" when
+    the budget cannot hold it). Runs as one piece, alone."""
+    hidden = request.hidden.to(span.dtype)
+    prompts = None if request.prompts is None else request.prompts.to(span.dtype)
+    graph = await scheduler.run(
+        functools.partial(
+            span.record,
+            hidden,
+            start=request.start,
+            end=request.end,
+            prompts=prompts,
+            mask=request.attention_mask,
+            lora=request.lora,
+            trainable=request.trainable,
+        ),
+        **_job("forward", hidden, request.end - request.start, remaining),
+    )
+    nbytes = backward_bytes(hidden.shape, request.end - request.start, itemsize=span.dtype.itemsize)
+    return graph.output.detach(), kept.keep(graph, nbytes)
+
+
+def kept_graph(span: HostedSpan, request: BackwardRequest, kept: KeptGraphs) -> Graph | None:
+    """The graph a Backward's token names, if it is kept and its inputs are exactly the request's."""
+    graph = kept.take(request.token) if request.token else None
+    if graph is None:
+        return None
+    prompts = None if request.prompts is None else request.prompts.to(span.dtype)
+    inputs = (request.hidden.to(span.dtype), prompts, request.attention_mask)
+    if not graph.matches(request.start, request.end, *inputs, request.lora, request.trainable):
+        return None
+    return graph
+
+
+async def backprop_kept(
+    scheduler: Scheduler, span: HostedSpan, request: BackwardRequest, graph: Graph, *, remaining: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """`lora_backward`'s result for a request whose forward's graph was kept: backpropagation only."""
+    grad_output = request.grad_output.to(span.dtype)
+    return await scheduler.run(
+        functools.partial(span.backprop, graph, grad_output),
+        **_job("backward", grad_output, request.end - request.start, remaining),
+    )

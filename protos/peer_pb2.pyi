@@ -207,7 +207,7 @@ class LoraModule(_message.Message):
     def __init__(self, block: _Optional[int] = ..., module: _Optional[str] = ..., lora_a: _Optional[_Union[Tensor, _Mapping]] = ..., lora_b: _Optional[_Union[Tensor, _Mapping]] = ..., scaling: _Optional[float] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("start", "end", "hidden", "prompts", "attention_mask", "adapter", "lora")
+    __slots__ = ("start", "end", "hidden", "prompts", "attention_mask", "adapter", "lora", "keep_for_backward")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class ForwardRequest(_message.Message):
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FOR_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     hidden: Tensor
@@ -222,18 +223,21 @@ class ForwardRequest(_message.Message):
     attention_mask: Tensor
     adapter: str
     lora: _containers.RepeatedCompositeFieldContainer[LoraModule]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
+    keep_for_backward: bool
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., keep_for_backward: _Optional[bool] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("hidden", "lora_modules")
+    __slots__ = ("hidden", "lora_modules", "backward_token")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     LORA_MODULES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     lora_modules: int
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lora_modules: _Optional[int] = ...) -> None: ...
+    backward_token: bytes
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lora_modules: _Optional[int] = ..., backward_token: _Optional[bytes] = ...) -> None: ...
 
 class BackwardRequest(_message.Message):
-    __slots__ = ("start", "end", "hidden", "grad_output", "prompts", "attention_mask", "adapter", "lora")
+    __slots__ = ("start", "end", "hidden", "grad_output", "prompts", "attention_mask", "adapter", "lora", "forward_token")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +246,7 @@ class BackwardRequest(_message.Message):
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     LORA_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     hidden: Tensor
@@ -250,7 +255,8 @@ class BackwardRequest(_message.Message):
     attention_mask: Tensor
     adapter: str
     lora: _containers.RepeatedCompositeFieldContainer[LoraModule]
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ...) -> None: ...
+    forward_token: bytes
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., prompts: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., adapter: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraModule, _Mapping]]] = ..., forward_token: _Optional[bytes] = ...) -> None: ...
 
 class BackwardReply(_message.Message):
     __slots__ = ("grad_input", "grad_prompts", "grad_lora")

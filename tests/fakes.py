@@ -127,6 +127,15 @@ class _FaultySpan(HostedSpan):
     def backward_batch(self, items: Any, **kwargs: Any) -> list[torch.Tensor | Exception]:
         return self._faulty(_FORWARD, super().backward_batch, items, **kwargs)
 
+    def lora_backward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._faulty(_FORWARD, super().lora_backward, *args, **kwargs)
+
+    def record(self, *args: Any, **kwargs: Any) -> Any:
+        return self._faulty(_FORWARD, super().record, *args, **kwargs)
+
+    def backprop(self, *args: Any, **kwargs: Any) -> Any:
+        return self._faulty(_FORWARD, super().backprop, *args, **kwargs)
+
     def _faulty(self, kind: str, compute: Callable[..., Result], *args: Any, **kwargs: Any) -> Result:
         faults = self.faults
         faults.num_computes += 1
