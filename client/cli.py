@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,10 +17,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from client.config import ClientConfig, GatewayConfig
+from client.config import LOCAL_DEVICE_OPTION, LOCAL_DEVICE_PATTERN, ClientConfig, GatewayConfig
 from protos.cli import setup_logging, write_ready_file
-from protos.records import is_loopback
-from protos.settings import add_config_arguments, config_from_arguments, validation_problems
+from protos.records import is_loopback, model_id_from_path
+from protos.settings import add_config_arguments, command_parser, config_from_arguments, validation_problems
+from protos.tensors import FLOAT_DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +29,8 @@ DRAFT_TOKENS = 16  # the longest draft by default: a rejected one shrinks the ne
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
+    parser = command_parser(
+        prog,
         description="Generate text with a model served by a swarm. The embeddings and LM head run here, the "
         "blocks on the swarm's peers; tokens are printed as they are generated.",
     )
@@ -36,16 +38,6 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "model", help="checkpoint folder (needs config, tokenizer and client weights) or hub name"
     )
     parser.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
-    parser.add_argument(
-        "--initial-peers", nargs="+", required=True, metavar="MADDR", help="DHT multiaddresses of the swarm"
-    )
-    parser.add_argument(
-        "--swarm-key",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="a private swarm's key file (`corolla keygen`); none: the public swarm",
-    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily (default: 0)"
@@ -57,9 +49,25 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument(
-        "--model-id", default=None, help="the swarm's name for the model (default: from MODEL)"
+        "--dtype",
+        default="float32",
+        choices=FLOAT_DTYPE_NAMES,
+        help="dtype of the local embeddings and head (default: float32)",
     )
-    parser.add_argument("--dtype", default="float32", help="dtype of the local embeddings and head")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        metavar=LOCAL_DEVICE_OPTION.metavar,
+        help="where the local embeddings and head compute: cpu, cuda, cuda:N or mps (default: cpu)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve the client's Prometheus metrics (steps, hop latency, failovers, bans) at "
+        "http://127.0.0.1:PORT/metrics while generating (0 picks a free port, logged)",
+    )
     parser.add_argument(
         "--adapter",
         default=None,
@@ -90,8 +98,27 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         help=f"the longest draft one step verifies (ngram: the maximum of the adaptive length; DIR: the "
         f"draft model's starting length, which transformers then adapts) (default: {DRAFT_TOKENS})",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log the route and failovers to stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log the route and failovers to stderr (--log-level INFO)",
+    )
+    add_config_arguments(parser, ClientConfig)  # how the client finds and treats the swarm, as `corolla api`
     return parser
+
+
+def device_problem(name: str) -> str | None:
+    """Why `--device name` cannot hold the client's modules here, or None."""
+    if not re.match(LOCAL_DEVICE_PATTERN, name):
+        return f"--device {name}: expected cpu, cuda, cuda:N or mps"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return f"--device {name}: this torch build or machine has no CUDA GPU"
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        return f"--device {name}: only {torch.cuda.device_count()} CUDA GPU(s) here"
+    if name == "mps" and not torch.backends.mps.is_available():
+        return "--device mps: Apple's Metal backend is not available here"
+    return None
 
 
 def speculation(speculative: str | None, *, draft_tokens: int, sampling: bool) -> tuple[str, dict[str, Any]]:
@@ -115,19 +142,27 @@ def speculation(speculative: str | None, *, draft_tokens: int, sampling: bool) -
 def main(argv: Sequence[str], prog: str) -> int:
     parser = _parser(prog)
     args = parser.parse_args(list(argv))
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        client = config_from_arguments(ClientConfig, args)
+    except ValidationError as e:
+        parser.error(validation_problems(e))
+    if not client.initial_peers:
+        parser.error("--initial-peers is required: the DHT multiaddresses of the swarm")
+    setup_logging(logging.INFO if args.verbose else None, default=logging.WARNING)  # stdout is the text
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
     from client.model import AutoDistributedModelForCausalLM
     from protos.errors import CorollaError
     from protos.swarm_key import SwarmKey, SwarmKeyError
 
-    if args.swarm_key is not None:
+    if client.swarm_key is not None:
         try:
-            SwarmKey.load(args.swarm_key)
+            SwarmKey.load(client.swarm_key)
         except SwarmKeyError as e:
             parser.error(str(e))
 
+    if (problem := device_problem(args.device)) is not None:
+        parser.error(problem)
     sampling = args.temperature > 0
     try:
         mode, speculative = speculation(args.speculative, draft_tokens=args.draft_tokens, sampling=sampling)
@@ -135,9 +170,9 @@ def main(argv: Sequence[str], prog: str) -> int:
         parser.error(str(e))
     if mode not in ("none", "ngram"):
         try:  # a draft model that cannot load fails before joining the swarm
-            speculative["assistant_model"] = AutoModelForCausalLM.from_pretrained(
-                mode, dtype=args.dtype
-            ).eval()
+            speculative["assistant_model"] = (
+                AutoModelForCausalLM.from_pretrained(mode, dtype=args.dtype).to(args.device).eval()
+            )
         except (OSError, ValueError) as e:
             parser.error(f"--speculative: cannot load the draft model in {mode}: {e}")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -147,19 +182,27 @@ def main(argv: Sequence[str], prog: str) -> int:
         )
     else:
         text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).to(args.device)
     try:
+        model_id = client.model_id or model_id_from_path(args.model)
+        print(f"{prog}: model id {model_id}", file=sys.stderr)
         model = AutoDistributedModelForCausalLM.from_pretrained(
             args.model,
-            initial_peers=args.initial_peers,
             dtype=args.dtype,
-            model_id=args.model_id,
-            swarm_key=args.swarm_key,
+            device=args.device,
+            model_id=model_id,
             active_adapter=args.adapter,
+            **client.model_dump(exclude={"model_id"}),
         )
     except CorollaError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    metrics = None
+    if args.metrics_port is not None:
+        from client.metrics import instrument
+
+        metrics = instrument(model.swarm)
+        metrics.serve(args.metrics_port)
     options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, **speculative)
     if sampling:
         options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
@@ -173,17 +216,18 @@ def main(argv: Sequence[str], prog: str) -> int:
         print(f"\n{prog}: {e}", file=sys.stderr)
         return 1
     finally:
+        if metrics is not None:
+            metrics.close()
         model.shutdown()
     return 0
 
 
 def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]:
-    parser = argparse.ArgumentParser(
-        prog=prog,
+    parser = command_parser(
+        prog,
         description="Serve the OpenAI HTTP API (/v1/chat/completions, /v1/completions, /v1/models) for a "
         "model whose blocks a swarm serves; the embeddings and LM head run here. Running requests decode "
-        "together, one batched step per token, each choice in its own inference session. Every option can "
-        "also be set as a COROLLA_<OPTION> environment variable.",
+        "together, one batched step per token, each choice in its own inference session.",
     )
     add_config_arguments(parser, GatewayConfig, positional=["model"])
     add_config_arguments(parser, ClientConfig)
@@ -196,10 +240,10 @@ def _parse(argv: Sequence[str], prog: str) -> tuple[GatewayConfig, ClientConfig]
     if not client.initial_peers:
         parser.error("--initial-peers is required: the DHT multiaddresses of the swarm")
     keyless = config.api_key is None and not config.api_keys
-    if keyless and not config.allow_no_api_key and not is_loopback(config.host):
+    if keyless and not config.allow_anonymous and not is_loopback(config.host):
         parser.error(
             f"listening on {config.host} without --api-key would open the swarm to anyone who reaches the "
-            "port; set --api-key (or COROLLA_API_KEY), or pass --allow-no-api-key"
+            "port; set --api-key (or COROLLA_API_API_KEY), or pass --allow-anonymous"
         )
     return config, client
 
@@ -214,19 +258,24 @@ def api_main(argv: Sequence[str], prog: str) -> int:
     from client.gateway import Gateway
     from client.model import AutoDistributedModelForCausalLM
     from protos.errors import CorollaError
-    from protos.records import model_id_from_path
 
     model_id = client.model_id or model_id_from_path(config.model)
+    if (problem := device_problem(config.device)) is not None:
+        logger.error("cannot start: %s", problem)
+        return 1
+    model = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         options = client.model_dump(exclude={"model_id"})
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            config.model, dtype=config.dtype, model_id=model_id, **options
+            config.model, dtype=config.dtype, device=config.device, model_id=model_id, **options
         )
+        gateway = Gateway(model, tokenizer, config, name=config.served_model_name or model_id)
     except (CorollaError, OSError) as e:
         logger.error("cannot start: %s", e)
+        if model is not None:  # a chat template that does not render: leave the swarm before exiting
+            model.shutdown()
         return 1
-    gateway = Gateway(model, tokenizer, config, name=config.served_model_name or model_id)
     server = uvicorn.Server(
         uvicorn.Config(
             gateway.app(),

@@ -6,21 +6,38 @@ Each knob is documented once (`Field(description=...)`); command lines are gener
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from protos import swarm_key
 from protos.records import validate_model_id
-from protos.tensors import WIRE_FORMAT_NAMES
+from protos.settings import MULTIADDRESSES, Choices, Option
+from protos.tensors import FLOAT_DTYPE_NAMES, WIRE_FORMAT_NAMES
 
 _Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+LOCAL_DEVICE_PATTERN = r"^(cpu|mps|cuda(:[0-9]{1,2})?)$"  # the client's own modules (`--device`)
+LOCAL_DEVICE_OPTION = Option(metavar="{cpu,cuda,cuda:N,mps}")
 
 
 class ClientConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # the groups of the client's options in `corolla api|generate|health|monitor --help`, by topic
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "swarm": ("initial_peers", "model_id", "quant", "wire_dtype", "max_carried_tokens"),
+        "security": ("swarm_key", "insecure"),
+        "verification": (
+            "verify_every", "verify_max_gap", "verify_max_skips", "verify_timeout", "max_prefix_share",
+        ),
+        "timeouts and retries": (
+            "connect_timeout", "join_timeout", "min_hop_timeout", "hop_timeout_factor", "max_hop_timeout",
+            "ping_timeout", "forward_timeout", "max_retries", "retry_delay", "max_retry_delay", "ban_timeout",
+            "ban_backoff", "max_ban_timeout", "refresh_period", "fetch_timeout", "close_timeout",
+        ),
+        "limits": ("max_message_bytes",),
+    }  # fmt: skip
 
-    initial_peers: list[str] = Field(
+    initial_peers: Annotated[list[str], MULTIADDRESSES] = Field(
         default_factory=list,
         description="DHT multiaddresses of the swarm to join (`corolla dht` and every peer print theirs)",
     )
@@ -78,8 +95,8 @@ class ClientConfig(BaseModel):
     close_timeout: _Seconds = Field(
         default=30.0, description="seconds `shutdown()` waits for streams, channels and the DHT node to close"
     )
-    max_message_bytes: int = Field(
-        default=256 * 2**20, ge=2**16, description="largest gRPC message sent or accepted"
+    max_message_bytes: ByteSize = Field(
+        default=ByteSize(256 * 2**20), ge=2**16, description="largest gRPC message sent or accepted"
     )
     max_carried_tokens: int = Field(
         default=64,
@@ -134,7 +151,7 @@ class ClientConfig(BaseModel):
         "equal the model's own, the default), int8 (only `--quant int8` peers), any (every peer: faster or "
         "more capacity, outputs within the quantization's error; replays and spot checks then allow it)",
     )
-    wire_dtype: str | None = Field(
+    wire_dtype: Annotated[str, Choices(*WIRE_FORMAT_NAMES)] | None = Field(
         default=None,
         description="how hidden states travel between client and peers, in bytes per value: float32 (4, "
         "exact), float16 (2; overflows beyond +-65504), bfloat16 (2), int8 (about 1.36: each row's 1/32 "
@@ -160,13 +177,6 @@ class ClientConfig(BaseModel):
     def _usable_swarm_key(cls, path: Path | None) -> Path | None:
         return swarm_key.SwarmKey.check_file(path)
 
-    @field_validator("wire_dtype")
-    @classmethod
-    def _wire_dtype(cls, dtype: str | None) -> str | None:
-        if dtype is not None and dtype not in WIRE_FORMAT_NAMES:
-            raise ValueError(f"must be one of {', '.join(WIRE_FORMAT_NAMES)}")
-        return dtype
-
     @model_validator(mode="after")
     def _consistent(self) -> ClientConfig:
         if self.swarm_key is not None and self.insecure:
@@ -191,6 +201,16 @@ class GatewayConfig(BaseModel):
     """`corolla api` options (the client's own options, `ClientConfig`, come with them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("served_model_name", "chat_template", "dtype", "device"),
+        "server": ("host", "port", "allowed_hosts", "engine", "speculative", "draft_tokens"),
+        "security": ("api_key", "api_keys", "allow_anonymous"),
+        "limits": (
+            "max_concurrent_requests", "max_waiting_requests", "max_model_len", "max_requests_per_key",
+            "max_request_bytes", "max_request_tokens", "generation_timeout", "max_response_bytes",
+        ),
+        "operations": ("drain_timeout", "ready_file", "log_format"),
+    }  # fmt: skip
 
     model: str = Field(
         description="checkpoint folder (config, tokenizer and the client's weights) or hub name"
@@ -200,16 +220,18 @@ class GatewayConfig(BaseModel):
     api_key: str | None = Field(
         default=None,
         min_length=8,
-        description="clients must send `Authorization: Bearer KEY` (better set as COROLLA_API_KEY than on "
-        "the command line); /health and /ready stay open for probes",
+        description="clients must send `Authorization: Bearer KEY` (better set as COROLLA_API_API_KEY "
+        "than on the command line); /health, /ready and /metrics stay open for probes and scrapers",
     )
     api_keys: list[Annotated[str, Field(min_length=8)]] = Field(
         default_factory=list,
-        description="more API keys, one per user or application (better set as COROLLA_API_KEYS, separated "
-        "by spaces): each is accepted like --api-key, and the slots are shared fairly between the keys",
+        description="more API keys, one per user or application (better set as COROLLA_API_API_KEYS, "
+        "separated by spaces): each is accepted like --api-key, and the slots are shared fairly between the "
+        "keys",
     )
-    allow_no_api_key: bool = Field(
+    allow_anonymous: Annotated[bool, Option(hidden=("allow_no_api_key",))] = Field(
         default=False,
+        validation_alias=AliasChoices("allow_anonymous", "allow_no_api_key"),  # the old name still works
         description="serve on an address other than loopback without --api-key (anyone who reaches the port "
         "can use the swarm through it)",
     )
@@ -223,6 +245,11 @@ class GatewayConfig(BaseModel):
         default=None,
         max_length=256,
         description="the name clients pass as `model`; default: the swarm's model id",
+    )
+    chat_template: Path | None = Field(
+        default=None,
+        description="a Jinja chat template file used in place of the tokenizer's (as vLLM's "
+        "--chat-template); one that cannot render a one-message conversation stops the start",
     )
     max_concurrent_requests: int = Field(
         default=16,
@@ -253,7 +280,10 @@ class GatewayConfig(BaseModel):
         "accepted + 1, a fully accepted one doubles it",
     )
     max_model_len: int | None = Field(
-        default=None, ge=1, description="longest prompt + completion in tokens; default: the model's context"
+        default=None,
+        ge=1,
+        validation_alias=AliasChoices("max_length", "max_model_len"),  # as `serve`; vLLM's name too
+        description="longest prompt + completion in tokens; default: the model's context",
     )
     max_requests_per_key: int | None = Field(
         default=None,
@@ -262,8 +292,8 @@ class GatewayConfig(BaseModel):
         "(a freed slot goes to the waiting key holding the fewest); default: an equal share of "
         "max_concurrent_requests + max_waiting_requests between the keys",
     )
-    max_request_bytes: int = Field(
-        default=4 * 2**20, ge=2**10, description="largest request body; a larger one gets 413"
+    max_request_bytes: ByteSize = Field(
+        default=ByteSize(4 * 2**20), ge=2**10, description="largest request body; a larger one gets 413"
     )
     max_request_tokens: int = Field(
         default=32768,
@@ -278,13 +308,21 @@ class GatewayConfig(BaseModel):
         description="seconds one request may generate once it has a slot; then its choices end after the "
         'step in flight with finish_reason "length" (clients keep the text so far, as at max_tokens)',
     )
-    max_response_bytes: int = Field(
-        default=16 * 2**20,
+    max_response_bytes: ByteSize = Field(
+        default=ByteSize(16 * 2**20),
         ge=2**10,
         description="bytes of choices (text and log-probabilities) one response may carry; the token that "
         'crosses it is the last, and the choices end with finish_reason "length"',
     )
-    dtype: str = Field(default="float32", description="dtype of the local embeddings and LM head")
+    dtype: Annotated[str, Choices(*FLOAT_DTYPE_NAMES)] = Field(
+        default="float32", description="dtype of the local embeddings and LM head"
+    )
+    device: Annotated[str, LOCAL_DEVICE_OPTION] = Field(
+        default="cpu",
+        pattern=LOCAL_DEVICE_PATTERN,
+        description="where the local embeddings and LM head compute: cpu, cuda, cuda:N or mps (the blocks "
+        "run on the peers)",
+    )
     drain_timeout: float = Field(
         default=30.0, gt=0, description="seconds a stopping server gives requests in flight to finish"
     )
@@ -295,3 +333,10 @@ class GatewayConfig(BaseModel):
         default="text",
         description="logs on stderr as text lines, or as one JSON object per line (for log collectors)",
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a file")
+        return path

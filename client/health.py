@@ -5,7 +5,6 @@ Reads the DHT once as a client; exit code 0 when ONLINE peers cover every block,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -23,7 +22,12 @@ from protos.cli import emit
 from protos.dht import JoinError, start_dht_node
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path
-from protos.settings import add_config_arguments, config_from_arguments, validation_problems
+from protos.settings import (
+    add_config_arguments,
+    command_parser,
+    config_from_arguments,
+    validation_problems,
+)
 from protos.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
@@ -135,11 +139,10 @@ def format_report(health: dict[str, Any]) -> str:
 
 
 def health_main(argv: Sequence[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Show the peers that announce a model and the blocks nobody serves. Exits 0 when ONLINE "
-        "peers serve every block, 1 otherwise. Options may also be set through COROLLA_<OPTION> environment "
-        "variables (e.g. COROLLA_INITIAL_PEERS).",
+    parser = command_parser(
+        prog,
+        "Show the peers that announce a model and the blocks nobody serves. Exits 0 when ONLINE peers serve "
+        "every block, 1 otherwise.",
     )
     parser.add_argument(
         "model", metavar="MODEL", help="model folder or hub name; its last part is the model id by default"

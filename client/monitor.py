@@ -15,7 +15,6 @@ publishes only whether a peer answered, never why not.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -44,9 +43,15 @@ from protos.channels import ChannelPool
 from protos.cli import corolla_version, setup_logging, write_ready_file
 from protos.dht import JoinError, start_dht_node
 from protos.errors import InvalidInputError
+from protos.extras import MissingExtraError, require_extra
 from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState, validate_model_id
 from protos.relay import RelayDialer
-from protos.settings import add_config_arguments, config_from_arguments, validation_problems
+from protos.settings import (
+    add_config_arguments,
+    command_parser,
+    config_from_arguments,
+    validation_problems,
+)
 from protos.swarm import MAX_ENTRIES_PER_KEY, MAX_NUM_BLOCKS, Latest, read_records
 from protos.swarm_key import SwarmKey
 
@@ -381,11 +386,11 @@ def make_app(watch: SwarmWatch) -> Any:
 
 
 def _parse(argv: Sequence[str], prog: str) -> tuple[MonitorConfig, ClientConfig]:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Serve a live web page of a swarm (every model it serves: which peers serve which "
-        "blocks, coverage, throughput and the bottleneck, each peer's state, version, load and latency) and "
-        "its JSON at /api/swarm. Every option can also be set as a COROLLA_<OPTION> environment variable.",
+    parser = command_parser(
+        prog,
+        "Serve a live web page of a swarm (every model it serves: which peers serve which blocks, coverage, "
+        "throughput and the bottleneck, each peer's state, version, load and latency) and its JSON at "
+        "/api/swarm.",
     )
     add_config_arguments(parser, MonitorConfig)
     skip = [name for name in ClientConfig.model_fields if name not in _CLIENT_OPTIONS]
@@ -403,6 +408,7 @@ def _parse(argv: Sequence[str], prog: str) -> tuple[MonitorConfig, ClientConfig]
 
 async def serve(config: MonitorConfig, client: ClientConfig) -> None:
     """Join the DHT, watch the swarm and serve the page until SIGTERM or Ctrl-C."""
+    require_extra("api", needed_by="corolla monitor")  # before joining the swarm, not after
     import uvicorn
 
     loop = asyncio.get_running_loop()
@@ -448,7 +454,7 @@ def monitor_main(argv: Sequence[str], prog: str) -> int:
     except TimeoutError:
         logger.error("cannot join the DHT through --initial-peers within %.0f s", client.join_timeout)
         return 1
-    except JoinError as e:
+    except (JoinError, MissingExtraError) as e:
         logger.error("%s", e)
         return 1
     return 0

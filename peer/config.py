@@ -4,17 +4,19 @@ documented once; the CLI is generated from them. Import-light: no model code, no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from protos import swarm_key
 from protos.errors import InvalidInputError
 from protos.records import model_id_from_path, validate_model_id
+from protos.settings import MULTIADDRESSES, Choices, Option
 from protos.tensors import FLOAT_DTYPE_NAMES
 from protos.validation import MAX_RECORD_TTL
 
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$"
+DEVICE_OPTION = Option(metavar="{auto,cpu,cuda,cuda:N,mps}")
 DEVICE_HELP = (
     "where weights, KV caches and compute live: auto (a CUDA GPU, else Apple's mps, else the CPU), cpu, "
     "cuda, cuda:N or mps; hidden states cross to and from it once per step"
@@ -67,25 +69,68 @@ class PeerConfig(BaseModel):
     """The peer's settings (`corolla serve`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # the groups of `corolla serve --help`, by topic
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model": ("model_id", "dtype", "device", "num_threads", "quant", "adapters", "max_lora_rank"),
+        "swarm": (
+            "initial_peers", "new_swarm", "blocks", "span_length", "public_name", "throughput", "bandwidth",
+            "balance_period", "balance_margin", "announce_period", "ping_period",
+        ),
+        "network": (
+            "host", "port", "announce_host", "dht_port", "nat_port_map", "relay", "push_stream",
+            "push_stream_period",
+        ),
+        "security": ("identity", "swarm_key", "insecure"),
+        "cache and sessions": (
+            "max_cache_tokens", "page_tokens", "max_sessions", "max_length", "session_timeout",
+            "first_step_timeout", "preempt_idle_timeout",
+        ),
+        "limits per client and network": (
+            "max_client_sessions", "max_client_cache_tokens", "max_network_sessions",
+            "max_network_cache_tokens", "max_client_calls", "max_client_receives",
+            "max_client_pending_push_bytes", "max_client_push_streams",
+        ),
+        "limits": (
+            "max_batch_size", "max_forward_tokens", "max_message_bytes", "max_pending_pushes",
+            "max_pending_push_bytes", "max_queued_replies", "stalled_stream_timeout", "max_concurrent_rpcs",
+            "request_timeout", "max_receives", "max_connections", "handshake_timeout",
+            "max_stateless_in_flight", "max_push_streams", "max_push_stream_queue", "connection_idle_timeout",
+            "connection_age_timeout", "step_timeout",
+        ),
+        "compute": (
+            "max_batch_tokens", "inline_step_ms", "prefill_chunk_tokens", "compute_chunk_tokens",
+            "max_kept_bytes", "kept_timeout", "max_backward_bytes",
+        ),
+        "operations": (
+            "drain_timeout", "cache_dir", "metrics_port", "metrics_host", "health_port", "health_host",
+            "log_format", "ready_file",
+        ),
+    }  # fmt: skip
 
     model: str = Field(
         description="checkpoint folder (config + safetensors), or a hub name where a hub is reachable"
     )
-    initial_peers: list[str] = Field(
+    initial_peers: Annotated[list[str], MULTIADDRESSES] = Field(
         default_factory=list,
-        description="DHT multiaddresses to join (`corolla dht` prints them); none starts a new swarm",
+        description="DHT multiaddresses of the swarm to join (`corolla dht` prints them); give these or "
+        "--new-swarm",
+    )
+    new_swarm: bool = Field(
+        default=False,
+        description="start a new swarm instead of joining one (no --initial-peers): the peer logs the "
+        "multiaddresses others pass as --initial-peers to join it",
     )
     blocks: str | None = Field(
         default=None,
         description="the span of blocks to serve, START:END (half-open, global block numbers); fixed: the "
-        "peer never moves. Give this or --span-length",
+        "peer never moves. Give this or --num-blocks",
     )
-    span_length: int | None = Field(
+    span_length: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         default=None,
-        ge=1,
-        validation_alias=AliasChoices("span_length", "num_blocks"),
+        validation_alias=AliasChoices("num_blocks", "span_length"),
         description="serve this many blocks where the swarm needs them most (read from the DHT), and move "
-        "when the swarm changes (also --num-blocks). Give this or --blocks",
+        "when the swarm changes; auto: as many as fit the device's free memory with "
+        "their share of --max-cache-tokens (logged at start). Give this or --blocks",
     )
     host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free one")
@@ -112,12 +157,14 @@ class PeerConfig(BaseModel):
         description="serve plaintext gRPC instead of TLS (only for tests and trusted networks); clients then "
         "need insecure=True, and a secure client never routes through this peer",
     )
-    dtype: str = Field(
+    dtype: Annotated[str, Choices("auto", *FLOAT_DTYPE_NAMES)] = Field(
         default="auto",
         description=f"dtype of weights and activations: auto (float32 on the CPU, bfloat16 or float16 on a "
         f"GPU), {', '.join(FLOAT_DTYPE_NAMES)}",
     )
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP)
+    device: Annotated[str, DEVICE_OPTION] = Field(
+        default="auto", pattern=DEVICE_PATTERN, description=DEVICE_HELP
+    )
     num_threads: int | None = Field(
         default=None,
         ge=1,
@@ -125,7 +172,7 @@ class PeerConfig(BaseModel):
         description="CPU threads torch computes with; default: torch's choice (one per core). Several peers "
         "sharing a machine may each take cores / peers",
     )
-    quant: str = Field(default="none", description=QUANT_HELP)
+    quant: Annotated[str, Choices(*QUANT_MODES)] = Field(default="none", description=QUANT_HELP)
     adapters: list[str] = Field(
         default_factory=list,
         max_length=16,
@@ -140,7 +187,10 @@ class PeerConfig(BaseModel):
         description="largest rank of a client's own LoRA module that a Forward or Backward may carry",
     )
     model_id: str = Field(
-        default="", description="the swarm's name for this model; default: derived from MODEL's last part"
+        default="",
+        description="the swarm's name for this model; default: derived from the checkpoint (a hub name, or "
+        "its hub cache folder, gives org--name; a folder from prepare-model its source; any other folder a "
+        "hash of its config and weights, equal for copies), printed at start",
     )
     public_name: str | None = Field(
         default=None, max_length=64, description="a name shown to others in `corolla health` (e.g. a website)"
@@ -196,26 +246,33 @@ class PeerConfig(BaseModel):
         "session ends with RESOURCE_EXHAUSTED and its client moves it to another peer",
     )
     max_batch_size: int = Field(default=16, ge=1, description="largest batch one session or forward may send")
-    max_length: int = Field(default=8192, ge=1, description="longest session (prompt + generated positions)")
+    max_length: int = Field(
+        default=8192,
+        ge=1,
+        validation_alias=AliasChoices("max_length", "max_model_len"),
+        description="longest session (prompt + generated positions)",
+    )
     max_forward_tokens: int = Field(
         default=16384, ge=1, description="largest batch x sequence one stateless Forward/Backward may send"
     )
-    max_message_bytes: int = Field(
-        default=64 * 2**20, ge=2**16, description="largest gRPC message accepted; larger ones are refused"
+    max_message_bytes: ByteSize = Field(
+        default=ByteSize(64 * 2**20),
+        ge=2**16,
+        description="largest gRPC message accepted; larger ones are refused",
     )
     max_pending_pushes: int = Field(
         default=4,
         ge=1,
         description="pushed steps one session may have queued; more are refused with RESOURCE_EXHAUSTED",
     )
-    max_pending_push_bytes: int = Field(
-        default=256 * 2**20,
+    max_pending_push_bytes: ByteSize = Field(
+        default=ByteSize(256 * 2**20),
         ge=1,
         description="bytes of pushed steps queued (received, not yet run) over all sessions; more are "
         "refused with RESOURCE_EXHAUSTED (one push is taken whatever its size when nothing else is queued)",
     )
-    max_client_pending_push_bytes: int = Field(
-        default=32 * 2**20,
+    max_client_pending_push_bytes: ByteSize = Field(
+        default=ByteSize(32 * 2**20),
         ge=1,
         description="bytes of pushed steps queued for the sessions of one client (the address that opened "
         "them); more are refused with RESOURCE_EXHAUSTED (one push is taken whatever its size when nothing "
@@ -313,8 +370,8 @@ class PeerConfig(BaseModel):
         description="a Forward/Backward computes in pieces of whole rows of at most this many tokens, so an "
         "inference step waits for at most one piece of a large training batch",
     )
-    max_kept_bytes: int = Field(
-        default=2**30,
+    max_kept_bytes: ByteSize = Field(
+        default=ByteSize(2**30),
         ge=0,
         description="estimated activation memory of training forwards kept for their Backward (which then "
         "skips recomputing them); the least recently kept are dropped first; 0: keep none",
@@ -322,8 +379,8 @@ class PeerConfig(BaseModel):
     kept_timeout: float = Field(
         default=60.0, gt=0, description="seconds a kept training forward waits for its Backward"
     )
-    max_backward_bytes: int = Field(
-        default=8 * 2**30,
+    max_backward_bytes: ByteSize = Field(
+        default=ByteSize(8 * 2**30),
         ge=1,
         description="estimated activation memory one Backward may hold (batch x positions x hidden x bytes x "
         "blocks x a per-block factor); larger ones are refused",
@@ -395,14 +452,14 @@ class PeerConfig(BaseModel):
     balance_period: float = Field(
         default=120.0,
         gt=0,
-        description="with --span-length: mean seconds between checks whether moving would help the swarm "
+        description="with --num-blocks: mean seconds between checks whether moving would help the swarm "
         "(each wait is drawn between half and 1.5 times this)",
     )
     balance_margin: float = Field(
         default=0.2,
         ge=0,
         allow_inf_nan=False,
-        description="with --span-length: move only when it raises the swarm's bottleneck throughput by more "
+        description="with --num-blocks: move only when it raises the swarm's bottleneck throughput by more "
         "than this fraction (or serves blocks nobody serves); guards against flapping",
     )
     ping_period: float = Field(
@@ -467,13 +524,6 @@ class PeerConfig(BaseModel):
     def _usable_swarm_key(cls, path: Path | None) -> Path | None:
         return swarm_key.SwarmKey.check_file(path)
 
-    @field_validator("dtype")
-    @classmethod
-    def _known_dtype(cls, value: str) -> str:
-        if value != "auto" and value not in FLOAT_DTYPE_NAMES:
-            raise ValueError(f"must be auto or one of {', '.join(FLOAT_DTYPE_NAMES)}")
-        return value
-
     @field_validator("adapters")
     @classmethod
     def _adapter_folders(cls, value: list[str]) -> list[str]:
@@ -485,13 +535,6 @@ class PeerConfig(BaseModel):
             raise ValueError(str(e)) from None
         if len(set(names)) != len(names):
             raise ValueError(f"two adapters share a name: {names}; name them with NAME=DIR")
-        return value
-
-    @field_validator("quant")
-    @classmethod
-    def _known_quant(cls, value: str) -> str:
-        if value not in QUANT_MODES:
-            raise ValueError(f"must be one of {', '.join(QUANT_MODES)}")
         return value
 
     @field_validator("model_id")
@@ -511,9 +554,11 @@ class PeerConfig(BaseModel):
     @model_validator(mode="after")
     def _derived(self) -> PeerConfig:
         if (self.blocks is None) == (self.span_length is None):
-            raise ValueError("give exactly one of --blocks START:END and --span-length K")
+            raise ValueError("give exactly one of --blocks START:END and --num-blocks K")
         if self.swarm_key is not None and self.insecure:
             raise ValueError("--swarm-key needs TLS: a private swarm's tokens never travel in plaintext")
+        if self.new_swarm and self.initial_peers:
+            raise ValueError("--new-swarm starts a swarm of its own: drop it to join --initial-peers")
         if self.announce_host is None and self.host not in WILDCARD_HOSTS:  # a wildcard: learnt at start
             object.__setattr__(self, "announce_host", f"[{self.host}]" if ":" in self.host else self.host)
         return self
@@ -554,7 +599,7 @@ class PeerConfig(BaseModel):
 
     @property
     def span(self) -> tuple[int, int] | None:
-        """The fixed span of --blocks; None with --span-length (the peer chooses)."""
+        """The fixed span of --blocks; None with --num-blocks (the peer chooses)."""
         if self.blocks is None:
             return None
         start, _, end = self.blocks.partition(":")
@@ -565,6 +610,11 @@ class DhtConfig(BaseModel):
     """A bootstrap DHT node's settings (`corolla dht`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "network": ("host", "port", "nat_port_map", "relay"),
+        "security": ("identity", "swarm_key"),
+        "operations": ("health_port", "health_host", "log_format", "ready_file"),
+    }
 
     host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")

@@ -5,6 +5,7 @@ for, and the installed version."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import json
@@ -32,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("client.cli:main", "generate text through the swarm, streamed to stdout"),
     "health": ("client.health:health_main", "show which peers serve a model and which blocks nobody serves"),
     "keygen": ("protos.swarm_key:keygen_main", "write a new random swarm key for a private swarm"),
+    "peer-id": (
+        "protos.identity:peer_id_main",
+        "print the peer id (or multiaddress) of a node's identity file, offline",
+    ),
     "api": (
         "client.cli:api_main",
         "serve the OpenAI API (chat, completions) over the swarm",
@@ -75,8 +80,43 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: int = logging.INFO, *, log_format: str = "text") -> None:
-    """Logs on stderr: `text` lines, or `json` (one object per line, for log collectors)."""
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_requested_level: int | None = None  # --log-level (or a command's LOG_LEVEL variable), once given
+
+
+def request_log_level(name: str) -> None:
+    """Log at `name` (one of LOG_LEVELS) from now on, whatever level a command would choose itself: set at
+    once, so a command that only calls `logging.basicConfig` keeps it, and by every `setup_logging`."""
+    global _requested_level
+    _requested_level = logging.getLevelName(name.upper())
+    setup_logging()
+
+
+def log_level_requested() -> bool:
+    return _requested_level is not None
+
+
+def take_log_level(argv: list[str]) -> tuple[list[str], str | None]:
+    """`argv` without its `--log-level LEVEL` (or `--log-level=LEVEL`), and LEVEL; before any `--`."""
+    rest: list[str] = []
+    level = None
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            rest += [word, *words]
+        elif word == "--log-level":
+            level = next(words, "")
+        elif word.startswith("--log-level="):
+            level = word.partition("=")[2]
+        else:
+            rest.append(word)
+    return rest, level
+
+
+def setup_logging(level: int | None = None, *, log_format: str = "text", default: int = logging.INFO) -> None:
+    """Logs on stderr: `text` lines, or `json` (one object per line, for log collectors), at `level`, else
+    the one --log-level asked for, else `default`."""
+    level = level if level is not None else _requested_level if _requested_level is not None else default
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -93,8 +133,8 @@ def setup_logging(level: int = logging.INFO, *, log_format: str = "text") -> Non
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("hivemind", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in ("hivemind", "transformers"):  # their DEBUG is a flood: WARNING unless asked for less
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 @contextlib.contextmanager
@@ -139,17 +179,29 @@ def corolla_version() -> str:
         return "0+unknown"
 
 
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """List --log-level in the help of a command whose parser is written by hand (the dispatcher applies it
+    before the command runs)."""
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="log at this level and above (default: the command's own)"
+    )
+
+
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
     lines = [
-        "usage: corolla COMMAND [options]",
+        "usage: corolla COMMAND [options]    (or: corolla --version)",
         "",
         "Run large language models as a peer-to-peer swarm.",
         "",
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Run `corolla COMMAND --help` for the options of one command."]
+    lines += [
+        "",
+        "Run `corolla COMMAND --help` for the options of one command. Every command takes --log-level "
+        f"{{{','.join(LOG_LEVELS)}}}.",
+    ]
     return "\n".join(lines)
 
 
@@ -158,16 +210,33 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
+    if argv[0] == "--version":
+        print(f"corolla {corolla_version()}")
+        return 0
+    name, (rest, level) = argv[0], take_log_level(argv[1:])
     if name not in COMMANDS:
         print(f"corolla: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    if level is not None:  # every command takes it, also those whose parser does not list it
+        if level.upper() not in LOG_LEVELS:
+            print(f"corolla {name}: --log-level: choose from {', '.join(LOG_LEVELS)}", file=sys.stderr)
+            return 2
+        request_log_level(level)
     # every command computes on a machine it may share with peers of the same pipeline: OpenMP threads that
     # spin after each forward would take the core the next stage needs (set before torch starts its threads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module_name, _, function = COMMANDS[name][0].partition(":")
-    entry = getattr(importlib.import_module(module_name), function)
-    return int(entry(rest, prog=f"corolla {name}") or 0)
+    try:
+        entry = getattr(importlib.import_module(module_name), function)
+        return int(entry(rest, prog=f"corolla {name}") or 0)
+    except ImportError as e:  # a module of an extra this install lacks: name the extra, no traceback
+        from protos.extras import missing_extra
+
+        problem = missing_extra(e, needed_by=f"corolla {name}")
+        if problem is None:
+            raise
+        print(problem, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

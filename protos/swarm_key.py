@@ -39,7 +39,7 @@ LOG_PERIOD = 60.0  # seconds between two log lines for the same kind of refusal
 _REQUEST, _RESPONSE = b"corolla-dht-request\x00", b"corolla-dht-response\x00"
 HELP = (
     "file holding a private swarm's key (`corolla keygen FILE`): only nodes holding it can join the DHT and "
-    "call the peers; none: the public swarm"
+    "call the peers; none: an open swarm"
 )
 
 
@@ -238,7 +238,7 @@ class SwarmGuard(grpc.aio.ServerInterceptor):
 
 def keygen_main(argv: Sequence[str], prog: str) -> int:
     """`corolla keygen FILE`: a new random swarm key in FILE (mode 0600); refuses to overwrite one."""
-    from protos.cli import emit  # the command table imports this module lazily: no cycle at import time
+    from protos.cli import add_log_level, emit  # the command table imports this module lazily: no cycle
 
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -247,6 +247,7 @@ def keygen_main(argv: Sequence[str], prog: str) -> int:
         "generate). An existing file is never overwritten.",
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="where to write the key")
+    add_log_level(parser)
     args = parser.parse_args(list(argv))
     try:
         key = SwarmKey.create(args.file)

@@ -318,7 +318,7 @@ def test_generate_adapter_reaches_the_model(folder, monkeypatch, capsys) -> None
         raise CorollaError("no swarm in this test")
 
     monkeypatch.setattr(AutoDistributedModelForCausalLM, "from_pretrained", from_pretrained)
-    argv = [str(folder), "hi", "--initial-peers", "/ip4/127.0.0.1/tcp/1", "--adapter", ADAPTER]
+    argv = [str(folder), "hi", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWA", "--adapter", ADAPTER]
     assert cli.main(argv, "corolla generate") == 1
     assert asked["active_adapter"] == ADAPTER
     assert "no swarm in this test" in capsys.readouterr().err

@@ -474,7 +474,7 @@ def test_wire_dtype_names() -> None:
         with pytest.raises(InvalidInputError, match="unknown wire dtype"):
             wire_dtype_from_name(name)
     assert ClientConfig(wire_dtype="int8").wire_dtype == "int8"
-    with pytest.raises(ValidationError, match="float32, float16, bfloat16, int8"):
+    with pytest.raises(ValidationError, match="'float32', 'float16', 'bfloat16' or 'int8'"):
         ClientConfig(wire_dtype="int4")
 
 
