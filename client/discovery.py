@@ -15,7 +15,8 @@ from hivemind.dht.node import DHTNode
 from client.errors import SwarmError
 from protos import tls
 from protos.errors import InvalidInputError
-from protos.records import PeerRecord, PeerState
+from protos.model_id import served_ids_hint, served_model_ids
+from protos.records import MODEL_INDEX_KEY, PeerRecord, PeerState
 from protos.swarm import (
     MAX_NUM_BLOCKS,
     Latest,
@@ -128,8 +129,17 @@ class DhtDiscovery:
             await self._refresh(since=time.monotonic() if refresh else None)
         view = self._view
         if view is None or not any(view.blocks):
-            raise SwarmError(not_announced(self.model_id))
+            raise SwarmError(await self._not_served())
         return view
+
+    async def _not_served(self) -> str:
+        """The "nobody announces this model" message, naming the model ids the swarm's index lists."""
+        try:
+            entry = await asyncio.wait_for(self.node.get(MODEL_INDEX_KEY, latest=True), self.fetch_timeout)
+        except Exception as e:  # the message without the list beats a second failure
+            logger.debug("reading the model index failed model=%s reason=%r", self.model_id, e)
+            return not_announced(self.model_id)
+        return f"{not_announced(self.model_id)}; {served_ids_hint(served_model_ids(entry))}"
 
     def start(self) -> None:
         if self._task is None:
@@ -171,6 +181,8 @@ class DhtDiscovery:
         try:
             num_blocks = self.num_blocks or await read_num_blocks(self.node, self.model_id)
         except SwarmReadError as e:
+            if str(e) == not_announced(self.model_id):
+                raise SwarmError(await self._not_served()) from None
             raise SwarmError(str(e)) from None
         self._latest = await read_records(self.node, self.model_id, num_blocks, previous=self._latest)
         view = SwarmView.from_records(

@@ -113,9 +113,11 @@ def _peer_log(log_dir: Path, blocks: str, name: str | None) -> Path:
 def _peer_args(
     model: Path | str, blocks: str, initial_peers: list[str], extra: tuple[str, ...], *, host: str = LOCALHOST
 ) -> list[str]:
-    """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--span-length`)."""
+    """`START:END` serves a fixed span; a bare number K lets the peer choose K blocks (`--span-length`).
+    Without initial peers the peer starts a swarm of its own (`--new-swarm`)."""
     placement = ["--blocks", blocks] if ":" in blocks else ["--span-length", blocks]
-    return ["serve", str(model), *placement, "--host", host, "--initial-peers", *initial_peers, *extra]
+    swarm = ["--initial-peers", *initial_peers] if initial_peers else ["--new-swarm"]
+    return ["serve", str(model), *placement, "--host", host, *swarm, *extra]
 
 
 def _serving(process: LocalProcess) -> None:

@@ -517,9 +517,11 @@ def _join(
     freeze_except(model, trainable)
     if swarm is None:
         client_config = ClientConfig(initial_peers=list(initial_peers or []), **config)
+        model_id = model_id or client_config.model_id or model_id_from_path(str(name_or_path))
+        logger.info("joining the swarm model_id=%s", model_id)
         swarm = SwarmConnection.connect(
             client_config,
-            model_id=model_id or client_config.model_id or model_id_from_path(str(name_or_path)),
+            model_id=model_id,
             num_blocks=anatomy.num_blocks,
             wire_dtype=client_config.wire_dtype or str(dtype).removeprefix("torch."),
         )

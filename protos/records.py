@@ -223,19 +223,30 @@ def validate_model_id(model_id: str) -> str:
     return model_id
 
 
-def model_id_from_path(path_or_name: str) -> str:
-    """The model id of a local model folder (its last path component) or hub name ("org/name" -> "org--name").
-
-    A string is a hub name when it has exactly one "/", does not start with "/", "." or "~", and
-    names nothing on disk; anything else is a path.
-    """
+def is_hub_name(path_or_name: str) -> bool:
+    """Whether a string reads as a hub name: exactly one "/", not starting with "/", "." or "~", and naming
+    nothing on disk."""
     text = path_or_name.rstrip("/")
-    is_hub_name = (
+    return (
         text.count("/") == 1
         and not text.startswith((".", "~", "/"))
         and not Path(path_or_name).expanduser().exists()
     )
-    return validate_model_id(text.replace("/", "--") if is_hub_name else Path(text).name)
+
+
+def model_id_from_name(path_or_name: str) -> str:
+    """A model id from the spelling alone: a hub name "org/name" -> "org--name", a path its last component."""
+    text = path_or_name.rstrip("/")
+    return validate_model_id(text.replace("/", "--") if is_hub_name(path_or_name) else Path(text).name)
+
+
+def model_id_from_path(path_or_name: str) -> str:
+    """The swarm's id of a model folder or hub name, from the checkpoint's own identity
+    (`protos.model_id.derive_model_id`: the same for a hub name, its hub cache folder and a prepared
+    folder's copies; a plain folder by its content)."""
+    from protos.model_id import derive_model_id  # it reads checkpoints and imports this module
+
+    return derive_model_id(path_or_name).model_id
 
 
 def block_key(model_id: str, block: int) -> str:

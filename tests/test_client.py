@@ -18,6 +18,7 @@ from client.model import AutoDistributedModelForCausalLM
 from client.route import NoRouteError
 
 SPANS = ["0:1", "1:3", "3:4"]
+PEER_OPTIONS = ("--model-id", "llama", "--throughput", "100")  # the name the clients and `health` use
 
 pytestmark = pytest.mark.swarm  # real DHT and peer processes
 
@@ -25,9 +26,7 @@ pytestmark = pytest.mark.swarm  # real DHT and peer processes
 @pytest.fixture(scope="module")
 def swarm(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
     """The DHT ("dht") and one peer per span of SPANS (keyed by it)."""
-    with running(
-        tmp_path_factory.mktemp("client-swarm"), checkpoint("llama"), SPANS, "--throughput", "100"
-    ) as swarm:
+    with running(tmp_path_factory.mktemp("client-swarm"), checkpoint("llama"), SPANS, *PEER_OPTIONS) as swarm:
         yield {"dht": swarm.dht, **dict(zip(SPANS, swarm.peers, strict=True))}
 
 

@@ -237,7 +237,7 @@ def test_prompt_lookup_through_peer_processes(checkpoint, local, tmp_path, monke
 
     prompt = _looping_prompt(0)
     expected = _greedy(local, prompt)
-    with running(tmp_path, checkpoint("llama"), ["0:1", "1:3", "3:4"]) as swarm:
+    with running(tmp_path, checkpoint("llama"), ["0:1", "1:3", "3:4"], "--model-id", "llama") as swarm:
         model = without_eos(
             AutoDistributedModelForCausalLM.from_pretrained(
                 checkpoint("llama"), initial_peers=swarm.initial_peers, model_id="llama"
