@@ -21,10 +21,13 @@ import torch
 from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
+    MinPLogitsWarper,
     PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -50,19 +53,39 @@ class Plan:
     logprobs: int | None  # alternatives per token (0: the chosen token's only); None: no log-probabilities
     echo: bool = False
     adapter: str = ""  # the LoRA adapter peers serve that every session of the plan runs; "": the base model
+    top_k: int = 0  # sampling from the k likeliest tokens only; 0: all
+    min_p: float = 0.0  # sampling from tokens at least min_p x the likeliest's probability; 0: all
+    repetition_penalty: float = 1.0  # over prompt and completion, as transformers' (greedy too); 1: none
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
-    """The messages through the model's own chat template, ending with the assistant's turn."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidInputError("this model has no chat template: use /v1/completions")
+def chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *, chat_template: str | None = None
+) -> list[int]:
+    """The messages through the chat template (`chat_template`, else the model's own), ending with the
+    assistant's turn."""
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError("this model has no chat template: use /v1/completions or --chat-template")
     try:
         text = tokenizer.apply_chat_template(
-            [m.template_input() for m in messages], add_generation_prompt=True, tokenize=False
+            [m.template_input() for m in messages],
+            chat_template=chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
         )
     except Exception as e:  # jinja's raise_exception() in the template, e.g. roles that must alternate
         raise InvalidInputError(f"the chat template refused the messages: {e}") from e
     return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str) -> None:
+    """InvalidInputError unless `chat_template` renders a one-message conversation into a non-empty prompt
+    (checked at startup, so a broken `--chat-template` file is not met by the first request)."""
+    try:
+        ids = chat_prompt(tokenizer, [Message(role="user", content="Hello")], chat_template=chat_template)
+    except InvalidInputError as e:
+        raise InvalidInputError(f"the chat template does not render a simple conversation: {e}") from e
+    if not ids:
+        raise InvalidInputError("the chat template renders a simple conversation as an empty prompt")
 
 
 def completion_prompts(tokenizer: PreTrainedTokenizerBase, prompt: CompletionRequest) -> list[list[int]]:
@@ -129,6 +152,9 @@ def make_plan(
         logprobs=request.logprob_alternatives() if chat else request.logprobs,  # type: ignore[union-attr]
         echo=not chat and request.echo,  # type: ignore[union-attr]
         adapter=adapter,
+        top_k=max(request.top_k, 0),
+        min_p=request.min_p,
+        repetition_penalty=request.repetition_penalty,
     )
 
 
@@ -369,22 +395,38 @@ def request_generator(plan: Plan) -> torch.Generator:
 
 
 def processors_for(
-    plan: Plan, tokenizer: PreTrainedTokenizerBase, prompt_length: int, generator: torch.Generator
+    plan: Plan,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_length: int,
+    generator: torch.Generator,
+    *,
+    pads: list[int] | None = None,
 ) -> tuple[LogitsProcessorList, _Logprobs | None]:
     """The logits processors of one prompt's choices, in the order they run (log-probabilities first,
-    sampling last), and the one that keeps the log-probabilities (None when the plan asks none)."""
+    sampling last, transformers' order between), and the one that keeps the log-probabilities (None when
+    the plan asks none). `pads`: each row's left padding in a padded batch, which the repetition penalty
+    leaves out (`prompt_length` is then the padded width)."""
     processors = LogitsProcessorList()
     logprobs = _Logprobs(tokenizer, plan.logprobs) if plan.logprobs is not None else None
     if logprobs is not None:
         processors.append(logprobs)
+    if plan.repetition_penalty != 1.0:
+        ignored = torch.tensor(pads) if pads is not None and any(pads) else None
+        processors.append(
+            RepetitionPenaltyLogitsProcessor(plan.repetition_penalty, prompt_ignore_length=ignored)
+        )
     if plan.presence_penalty or plan.frequency_penalty:
         processors.append(_Penalties(prompt_length, plan.presence_penalty, plan.frequency_penalty))
     if plan.logit_bias:
         processors.append(_LogitBias(plan.logit_bias))
     if plan.temperature > 0:
         processors.append(TemperatureLogitsWarper(plan.temperature))
+        if plan.top_k > 0:
+            processors.append(TopKLogitsWarper(plan.top_k))
         if plan.top_p < 1.0:
             processors.append(TopPLogitsWarper(plan.top_p))
+        if plan.min_p > 0.0:
+            processors.append(MinPLogitsWarper(plan.min_p))
         processors.append(_Sample(generator))
     return processors, logprobs
 
@@ -400,36 +442,50 @@ def run_plan(
     until the choices finish or `stop` says why not (checked after each step). Returns the completion tokens
     generated. Choices of prompt i are numbered i * n .. i * n + n - 1.
 
-    Each prompt's choices run in a session opened here with `plan.adapter` and handed to `generate()`:
-    requests on other threads may run other adapters on the same model at the same time, so its
-    `active_adapter` (one per model) is neither read nor set."""
-    generator = request_generator(plan)
-    stops, ends, completion_tokens = plan.stop, end_ids(model, tokenizer), 0
-    for prompt_index, ids in enumerate(plan.prompts):
-        choices = [_Choice(prompt_index * plan.n + j, tokenizer, stops) for j in range(plan.n)]
-        if plan.echo:
-            text = str(tokenizer.decode(ids, skip_special_tokens=True))
-            for choice in choices:
-                emit(Delta(choice.index, text))
-        processors, logprobs = processors_for(plan, tokenizer, len(ids), generator)
-        tracker = _Choices(choices, ends, emit, stop, logprobs)
-        input_ids = torch.tensor([ids] * plan.n, dtype=torch.long)
-        if stop.reason is None:
-            session = model.swarm.new_session(len(ids) + plan.max_tokens, adapter=plan.adapter)
-            try:
-                model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    past_key_values=RemoteCache(session),
-                    max_new_tokens=plan.max_tokens,
-                    do_sample=False,
-                    logits_processor=processors,
-                    stopping_criteria=StoppingCriteriaList([tracker]),
-                )
-            finally:
-                model.swarm.runtime.run(session.aclose())
-        for choice in choices:
-            if choice.finish_reason is None:
-                emit(choice.finish(stop.reason or "length"))
-            completion_tokens += choice.tokens
-    return completion_tokens
+    All the choices of all the prompts run as one batch in one session opened here with `plan.adapter` and
+    handed to `generate()`: the prompts left-padded to the longest, the padding masked (`attention_mask`) and
+    left out of the repetition penalty, so each row gets the tokens its prompt gets alone. Requests on other
+    threads may run other adapters on the same model at the same time, so its `active_adapter` (one per
+    model) is neither read nor set."""
+    ends = end_ids(model, tokenizer)
+    rows = [ids for ids in plan.prompts for _ in range(plan.n)]
+    width = max(len(ids) for ids in rows)
+    pads = [width - len(ids) for ids in rows]
+    choices = [_Choice(index, tokenizer, plan.stop) for index in range(len(rows))]
+    if plan.echo:
+        for choice, ids in zip(choices, rows, strict=True):
+            emit(Delta(choice.index, str(tokenizer.decode(ids, skip_special_tokens=True))))
+    processors, logprobs = processors_for(plan, tokenizer, width, request_generator(plan), pads=pads)
+    tracker = _Choices(choices, ends, emit, stop, logprobs)
+    pad_id = _pad_id(model, tokenizer, ends)
+    input_ids = torch.tensor(
+        [[pad_id] * pad + ids for pad, ids in zip(pads, rows, strict=True)]
+    )  # [rows, width]
+    attention_mask = torch.tensor([[0] * pad + [1] * len(ids) for pad, ids in zip(pads, rows, strict=True)])
+    if stop.reason is None:
+        session = model.swarm.new_session(width + plan.max_tokens, adapter=plan.adapter)
+        try:
+            model.generate(
+                input_ids,
+                attention_mask=attention_mask,
+                past_key_values=RemoteCache(session),
+                max_new_tokens=plan.max_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                logits_processor=processors,
+                stopping_criteria=StoppingCriteriaList([tracker]),
+            )
+        finally:
+            model.swarm.runtime.run(session.aclose())
+    for choice in choices:
+        if choice.finish_reason is None:
+            emit(choice.finish(stop.reason or "length"))
+    return sum(choice.tokens for choice in choices)
+
+
+def _pad_id(model: Any, tokenizer: PreTrainedTokenizerBase, ends: frozenset[int]) -> int:
+    """The token that pads a batch (masked: its value never reaches the model's outputs)."""
+    for candidate in (model.generation_config.pad_token_id, tokenizer.pad_token_id, min(ends, default=None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0

@@ -4,6 +4,14 @@
     POST /v1/chat/completions   the model's own chat template; streamed (server-sent events) or whole
     POST /v1/completions        text or token-id prompts
     GET  /health, /ready        the process is up; the swarm serves every block (503 names the gap)
+    GET  /metrics               Prometheus metrics (`client/gateway_metrics.py`), open as /health is
+
+Bodies are read as clients send them: explicit nulls are defaults, vLLM's `top_k`, `min_p` and
+`repetition_penalty` apply (transformers' processors), other unknown fields are logged once per name and
+ignored, `tool` messages and assistant `tool_calls` reach the chat template (`--chat-template FILE` replaces
+the tokenizer's); `tools` is refused, since the model's tool calls are not parsed. The prompts of one
+/v1/completions request run together (one prefill forward and one decode step per token in the engine, one
+left-padded batch in `--no-engine`).
 
 Running requests decode together in the engine loop (`client/engine.py`): one batched forward of the
 client's modules per token for all of them, each choice in its own inference session, whose steps go out
@@ -37,12 +45,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp
+from protos.extras import missing_extra
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.background import BackgroundTask
+    from starlette.exceptions import HTTPException
+    from starlette.types import ASGIApp
+except ModuleNotFoundError as e:  # without the [api] extra: say how to install it
+    raise (missing_extra(e, needed_by="the OpenAI gateway (client.gateway)") or e) from None
 
 from client.admission import Admission, Ticket
 from client.completions import (
@@ -52,6 +65,7 @@ from client.completions import (
     Stop,
     TokenBudgetError,
     chat_prompt,
+    check_chat_template,
     completion_prompts,
     make_plan,
     run_plan,
@@ -61,6 +75,7 @@ from client.discovery import SwarmView
 from client.engine import Engine, Job
 from client.errors import PeerFailure, SwarmError, format_ranges
 from client.gateway_guard import KEY_SCOPE, Guard
+from client.gateway_metrics import CONTENT_TYPE, GatewayMetrics
 from client.openai_types import (
     ChatCompletionRequest,
     ChatReplies,
@@ -68,8 +83,10 @@ from client.openai_types import (
     CompletionRequest,
     GatewayError,
     Replies,
+    SamplingRequest,
     error_body,
     sse_event,
+    unknown_fields,
 )
 from client.route import Needs, missing_blocks
 from protos.errors import CorollaError, InvalidInputError
@@ -80,6 +97,8 @@ logger = logging.getLogger(__name__)
 READY_TIMEOUT = 10.0  # seconds to read the swarm's coverage before a request or /ready gives up
 MAX_SERVED_ADAPTERS = 256  # adapter names the gateway takes from one view (each record announces <= 16)
 MAX_NAMED_MODELS = 16  # model names a 404 lists
+MAX_LOGGED_FIELDS = 256  # unknown request field names logged (each once); beyond them none is
+MAX_FIELD_NAME_CHARS = 64  # of an unknown field's name in the log
 
 
 def served_adapters(view: SwarmView, *, limit: int = MAX_SERVED_ADAPTERS) -> list[str]:
@@ -138,7 +157,9 @@ class Run:
     early or `cancel()` (the client went away) stops the generation; so do its time and byte budgets
     (`spend`): finish "length"."""
 
-    def __init__(self, gateway: Gateway, plan: Plan, endpoint: str, ticket: Ticket) -> None:
+    def __init__(
+        self, gateway: Gateway, plan: Plan, endpoint: str, ticket: Ticket, *, arrived: float | None = None
+    ) -> None:
         self.gateway, self.plan, self.endpoint, self.ticket = gateway, plan, endpoint, ticket
         self.stop = Stop()
         self.sent_bytes = 0
@@ -146,7 +167,7 @@ class Run:
         self.queue: asyncio.Queue[Delta | _End] = asyncio.Queue()
         self.prompt_tokens = sum(len(ids) for ids in plan.prompts)
         self.completion_tokens = 0
-        self.started = time.perf_counter()
+        self.started = time.perf_counter() if arrived is None else arrived  # the request's arrival
         self.first_token: float | None = None
         self.finish_reasons: dict[int, str] = {}
         self.future: asyncio.Future[None] | None = None
@@ -210,13 +231,19 @@ class Run:
                         raise item.error
                     self.completion_tokens = item.completion_tokens
                     self._log("done")
+                    self.gateway.metrics.finished(
+                        seconds=time.perf_counter() - self.started,
+                        prompt_tokens=self.prompt_tokens,
+                        generation_tokens=self.completion_tokens,
+                    )
                     return
                 if self.over_budget:  # what the worker made meanwhile is dropped: the choices end here
                     if item.finish_reason is None:
                         continue
                     item = Delta(item.index, finish_reason="length")
-                if self.first_token is None and item.text:
+                if self.first_token is None and (item.text or item.logprobs or item.finish_reason):
                     self.first_token = time.perf_counter()
+                    self.gateway.metrics.first_token_seen(self.first_token - self.started)
                 if item.finish_reason is not None:
                     self.finish_reasons[item.index] = item.finish_reason
                 yield item
@@ -247,6 +274,14 @@ class Gateway:
 
     def __init__(self, model: Any, tokenizer: Any, config: GatewayConfig, *, name: str) -> None:
         self.model, self.tokenizer, self.config, self.name = model, tokenizer, config, name
+        self.chat_template: str | None = None
+        if config.chat_template is not None:
+            try:
+                self.chat_template = config.chat_template.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise InvalidInputError(f"cannot read the chat template {config.chat_template}: {e}") from e
+            check_chat_template(tokenizer, self.chat_template)
+            logger.info("chat template path=%s", config.chat_template)
         context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         limits = [x for x in (context, config.max_model_len) if x]
         if not limits:
@@ -277,12 +312,14 @@ class Gateway:
         )
         self.waiters: dict[Ticket, asyncio.Future[None]] = {}
         self.created = int(time.time())
+        self.unknown_fields: set[str] = set()  # the names logged so far
+        self.metrics = GatewayMetrics(name, lambda: (self.admission.num_running, self.admission.num_queued))
 
-    def start(self, plan: Plan, endpoint: str, key: str) -> Run:
+    def start(self, plan: Plan, endpoint: str, key: str, *, arrived: float | None = None) -> Run:
         """A new run for API key `key`, or 429 when every place, or every place of that key, is taken."""
         ticket = self.admission.admit(key)
         if isinstance(ticket, Ticket):
-            return Run(self, plan, endpoint, ticket)
+            return Run(self, plan, endpoint, ticket, arrived=arrived)
         if ticket == "full":
             raise GatewayError(
                 429,
@@ -386,9 +423,25 @@ class Gateway:
             param="model",
         )
 
-    async def respond(self, request: Request, plan: Plan, replies: Replies, stream: bool) -> Any:
+    def note_unknown_fields(self, body: SamplingRequest, endpoint: str) -> None:
+        """Log each field name no request before carried (the first MAX_LOGGED_FIELDS names): accepted and
+        ignored, as vLLM does, so an operator sees what clients send that does nothing."""
+        for name in unknown_fields(body):
+            if name in self.unknown_fields or len(self.unknown_fields) >= MAX_LOGGED_FIELDS:
+                continue
+            self.unknown_fields.add(name)
+            logger.warning(
+                "request field ignored endpoint=%s field=%r (unknown to this gateway; logged once)",
+                endpoint,
+                name[:MAX_FIELD_NAME_CHARS],
+            )
+
+    async def respond(
+        self, request: Request, plan: Plan, replies: Replies, stream: bool, *, arrived: float
+    ) -> Any:
         await self.check_ready(plan.adapter)
-        run = self.start(plan, request.url.path, str(request.scope.get(KEY_SCOPE, "")))
+        key = str(request.scope.get(KEY_SCOPE, ""))
+        run = self.start(plan, request.url.path, key, arrived=arrived)
         await run.begin()
         if stream:  # after the stream, finished or cut by the client: `cancel` is then a no-op or stops it
             events = self._events(run, replies)
@@ -459,6 +512,10 @@ class Gateway:
         async def ready() -> dict[str, Any]:
             return {"status": "ready", "model": gateway.name, "num_blocks": await gateway.check_ready()}
 
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(gateway.metrics.exposition(), media_type=CONTENT_TYPE)
+
         @app.get("/v1/models")
         async def models() -> dict[str, Any]:
             adapters = await gateway.adapters()
@@ -470,22 +527,28 @@ class Gateway:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+            arrived = time.perf_counter()
+            gateway.note_unknown_fields(body, request.url.path)
             adapter = await gateway.resolve(body.model)
             # templating and tokenizing a long prompt takes a while: off the loop that streams the others
-            prompt = await asyncio.to_thread(chat_prompt, gateway.tokenizer, body.messages)
+            prompt = await asyncio.to_thread(
+                chat_prompt, gateway.tokenizer, body.messages, chat_template=gateway.chat_template
+            )
             plan = gateway.plan(body, [prompt], adapter=adapter)
             replies = ChatReplies(body.model, body.include_usage(), logprobs=body.logprobs)
-            return await gateway.respond(request, plan, replies, body.stream)
+            return await gateway.respond(request, plan, replies, body.stream, arrived=arrived)
 
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request) -> Any:
+            arrived = time.perf_counter()
+            gateway.note_unknown_fields(body, request.url.path)
             adapter = await gateway.resolve(body.model)
             prompts = await asyncio.to_thread(completion_prompts, gateway.tokenizer, body)
             plan = gateway.plan(body, prompts, adapter=adapter)
             replies = CompletionReplies(body.model, body.include_usage(), logprobs=body.logprobs is not None)
-            return await gateway.respond(request, plan, replies, body.stream)
+            return await gateway.respond(request, plan, replies, body.stream, arrived=arrived)
 
-        return Guard(app, self.config, self.key_of)
+        return self.metrics.counting(Guard(app, self.config, self.key_of))
 
     def plan(
         self, body: ChatCompletionRequest | CompletionRequest, prompts: list[list[int]], *, adapter: str = ""

@@ -1,6 +1,11 @@
 """OpenAI's shapes for the gateway: the request bodies of `/v1/chat/completions` and `/v1/completions` as
-strict pydantic models (OpenAI's defaults and ranges), and the replies: whole responses, stream chunks
-(`chat.completion.chunk`, `text_completion`), usage, log-probabilities and errors, built from `Delta`s."""
+pydantic models (OpenAI's defaults and ranges, vLLM's sampling extras), and the replies: whole responses,
+stream chunks (`chat.completion.chunk`, `text_completion`), usage, log-probabilities and errors, built from
+`Delta`s.
+
+Bodies are read as clients send them (vLLM reads them so too): an explicit `null` is the field's default, and
+a field this gateway does not know is kept aside (`unknown_fields`, for the gateway to log) rather than
+refused; a known field it cannot honour (`tools`, `response_format` json) is refused."""
 
 from __future__ import annotations
 
@@ -19,42 +24,89 @@ MAX_STOP = 4  # stop sequences, as OpenAI allows
 MAX_STOP_CHARS = 256
 MAX_TOP_LOGPROBS = 20  # alternatives per token (chat); /v1/completions allows 5, as OpenAI does
 MAX_LOGIT_BIAS = 300  # entries of logit_bias
+MAX_TOOL_CALLS = 128  # tool calls of one assistant message
 
 
-class _Strict(BaseModel):
-    """Unknown fields are refused (400) rather than silently ignored, as OpenAI does."""
+class _Lenient(BaseModel):
+    """An explicit `null` means the field's default (chat UIs and SDKs send them); unknown fields are kept in
+    `model_extra` for `unknown_fields` instead of being refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
 
 
-class TextPart(_Strict):
+class TextPart(_Lenient):
     type: Literal["text"]
     text: str
 
 
-class Message(_Strict):
+class FunctionCall(_Lenient):
+    name: str = Field(max_length=256)
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; chat templates take a dict
+
+
+class ToolCall(_Lenient):
+    """A tool call an assistant message made earlier in the conversation (the model's own, replayed)."""
+
+    id: str | None = Field(default=None, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_input(self) -> dict[str, Any]:
+        """As transformers' chat templates take a tool call: the arguments as a dict where they parse."""
+        arguments: Any = self.function.arguments
+        if isinstance(arguments, str):
+            try:
+                parsed = json.loads(arguments)
+            except ValueError:
+                parsed = None
+            arguments = parsed if isinstance(parsed, dict) else arguments
+        call = {"type": "function", "function": {"name": self.function.name, "arguments": arguments}}
+        return call | ({"id": self.id} if self.id is not None else {})
+
+
+class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=256)  # the call a `tool` message answers
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOL_CALLS)
 
-    def template_input(self) -> dict[str, str]:
-        """The message as chat templates take it: the text parts joined; `developer` is a system message."""
+    def template_input(self) -> dict[str, Any]:
+        """The message as transformers' chat templates take it: the text parts joined; `developer` is a
+        system message; a tool message keeps its `tool_call_id`, an assistant message its `tool_calls`."""
         content = self.content
         text = "".join(part.text for part in content) if isinstance(content, list) else content or ""
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": text} | ({"name": self.name} if self.name else {})
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": text,
+        }
+        if self.name:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [call.template_input() for call in self.tool_calls]
+        return message
 
 
-class StreamOptions(_Strict):
+class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(_Lenient):
     type: Literal["text"]  # json_object / json_schema need constrained decoding: refused by validation
 
 
-class SamplingRequest(_Strict):
-    """The fields both endpoints share, with OpenAI's defaults and ranges."""
+class SamplingRequest(_Lenient):
+    """The fields both endpoints share, with OpenAI's defaults and ranges, and vLLM's sampling extras
+    (`top_k`, `min_p`, `repetition_penalty`: transformers' processors of the same names)."""
 
     model: str = Field(max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -69,6 +121,9 @@ class SamplingRequest(_Strict):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[int, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     user: str | None = Field(default=None, max_length=256)
+    top_k: int = Field(default=-1, ge=-1)  # -1 or 0: every token
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=100.0)  # 1: none; > 1 discourages repeats
 
     @field_validator("stop")
     @classmethod
@@ -97,6 +152,17 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None  # refused: the model's tool calls are not parsed out of its text
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[Any] | None) -> None:
+        if tools is not None:
+            raise ValueError(
+                "tool calling is not supported by this gateway (tool and assistant tool_calls messages "
+                "are; the model's own calls would come back as plain text): leave tools out or null"
+            )
+        return None
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -128,6 +194,22 @@ class CompletionRequest(SamplingRequest):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+def unknown_fields(body: SamplingRequest) -> list[str]:
+    """The names of the fields of `body` this gateway does not know (nested ones as `messages[].name`)."""
+    names = list(body.model_extra or {})
+    for message in getattr(body, "messages", []):
+        names += [f"messages[].{name}" for name in message.model_extra or {}]
+        for call in message.tool_calls or []:
+            names += [f"messages[].tool_calls[].{name}" for name in call.model_extra or {}]
+        if isinstance(message.content, list):
+            names += [
+                f"messages[].content[].{name}" for part in message.content for name in part.model_extra or {}
+            ]
+    if body.stream_options is not None:
+        names += [f"stream_options.{name}" for name in body.stream_options.model_extra or {}]
+    return list(dict.fromkeys(names))
 
 
 class GatewayError(Exception):
