@@ -223,7 +223,7 @@ def _update_us(repeats: int = 100_000) -> float:
     metrics, step = PeerMetrics(), peer_pb2.Step(hidden=peer_pb2.Tensor(data=bytes(2304)))
     started = time.perf_counter()
     for _ in range(repeats):
-        metrics.step(tokens=1, wait=0.0001, seconds=0.002)
+        metrics.step(tokens=1, prompt=False, wait=0.0001, seconds=0.002)
         metrics.batch("step", 1)
         metrics.pushed(step)
     return (time.perf_counter() - started) / repeats * 1e6

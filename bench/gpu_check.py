@@ -28,6 +28,7 @@ from peer.devices import resolve_device, synchronize
 from protos.prepare import prepare_default_model
 
 SPANS = ["0:10", "10:20", "20:30"]
+MODEL_ID = "gpu-check"  # named on both sides: the check does not depend on how ids are derived
 
 
 @torch.inference_mode()
@@ -80,10 +81,15 @@ def swarm_decode(folder, device: torch.device, dtype_name: str, new_tokens: int)
     local = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     local_ms, local_out = _ms_per_token(local, inputs, new_tokens, device)
     del local
-    options = ["--insecure", "--device", str(device), "--dtype", dtype_name]
+    options = ["--insecure", "--device", str(device), "--dtype", dtype_name, "--model-id", MODEL_ID]
     with running(folder, SPANS, *options) as swarm:
         remote = AutoDistributedModelForCausalLM.from_pretrained(
-            folder, initial_peers=swarm.initial_peers, insecure=True, dtype=dtype, device=device
+            folder,
+            initial_peers=swarm.initial_peers,
+            insecure=True,
+            dtype=dtype,
+            device=device,
+            model_id=MODEL_ID,
         )
         try:
             swarm_ms, swarm_out = _ms_per_token(remote, inputs, new_tokens, device)

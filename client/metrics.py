@@ -6,7 +6,9 @@ connection's session factory, its peer statistics and its ban list, one counter 
 step, hop sample or ban. Labels are status codes and ban reasons, never peer or session ids.
 
     metrics = instrument(model.swarm)
-    metrics.serve(9100)  # http://127.0.0.1:9100/metrics
+    metrics.serve(9100)  # http://127.0.0.1:9100/metrics (`corolla generate --metrics-port 9100`)
+
+    register(model.swarm, registry)  # or on another endpoint's registry (the gateway's /metrics)
 """
 
 from __future__ import annotations
@@ -129,6 +131,12 @@ def instrument(swarm: SwarmConnection, metrics: ClientMetrics | None = None) -> 
     swarm.bans.ban = banned  # type: ignore[method-assign]
     swarm.new_session = session  # type: ignore[method-assign]
     return metrics
+
+
+def register(swarm: SwarmConnection, registry: CollectorRegistry) -> ClientMetrics:
+    """Count what `swarm`'s sessions do from now on in `registry`, one another endpoint serves (the
+    gateway's /metrics): the client's series sit beside its own under their `corolla_client_` names."""
+    return instrument(swarm, ClientMetrics(registry))
 
 
 def _timed(

@@ -1,7 +1,8 @@
-"""Prometheus metrics of one peer (`corolla serve --metrics-port`): steps and tokens served, waits and
-latencies, sessions and cache pages, errors by status code, bytes on the wire, announced throughput.
-Updated once per step, batch or call (never per token), labelled by a few fixed values (never a session or
-client id); the peer's state is read at scrape time. Knows no model code."""
+"""Prometheus metrics of one peer (`corolla serve --metrics-port`): steps and tokens served (prompt and
+generated apart), waits and latencies, sessions and cache usage, errors by status code, bytes on the wire,
+announced throughput, the peer's state. Updated once per step, batch or call (never per token), labelled by
+a few fixed values (never a session or client id) and, every series, by the served `model`; the peer's state
+is read at scrape time. Knows no model code."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from protos.records import PeerRecord, PeerState
+
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from peer.scheduler import Scheduler
     from peer.sessions import SessionTable
     from protos import peer_pb2
-    from protos.records import PeerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +51,25 @@ def code_name(code: grpc.StatusCode | int | None) -> str:
 
 
 class PeerMetrics:
-    """The metrics of one peer in a registry of its own (several in-process peers never collide)."""
+    """The metrics of one peer in a registry of its own (several in-process peers never collide); every
+    series it exposes carries `model=` the served model's id (set it before scraping: `model`)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, model: str = "") -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        reg = self.registry
+        self.model = model
+        reg = CollectorRegistry()  # the peer's own collectors; `registry` sees them through the model label
+        self.registry.register(_Labelled(reg, lambda: {"model": self.model}))
+        self._collectors = reg
         self.steps = Counter("corolla_peer_steps", "Inference steps served", registry=reg)
         self.tokens = Counter(
             "corolla_peer_tokens",
-            "Tokens (rows x positions) of inference steps served, prompts included",
+            "Tokens (rows x positions) of inference steps served, by phase: prompt (a session's steps from "
+            "position 0) or generated (its later steps: decode steps and speculative drafts verified)",
+            ["phase"],
             registry=reg,
         )
+        self._prompt_tokens = self.tokens.labels("prompt")
+        self._generated_tokens = self.tokens.labels("generated")
         self.batch_size = Histogram(
             "corolla_peer_batch_size",
             "Jobs computed in one forward of the span, by kind of work (step, forward, backward)",
@@ -110,10 +120,11 @@ class PeerMetrics:
 
     # ---- hooks on the serving path (one call per step or batch) ---------------------------------------
 
-    def step(self, *, tokens: int, wait: float, seconds: float) -> None:
-        """One inference step served: `tokens` computed, after `wait` seconds queued, `seconds` in all."""
+    def step(self, *, tokens: int, prompt: bool, wait: float, seconds: float) -> None:
+        """One inference step served: `tokens` computed (of a `prompt`, or generated), after `wait` seconds
+        queued, `seconds` in all."""
         self.steps.inc()
-        self.tokens.inc(tokens)
+        (self._prompt_tokens if prompt else self._generated_tokens).inc(tokens)
         self.queue_wait.observe(wait)
         self.step_latency.observe(seconds)
 
@@ -137,9 +148,10 @@ class PeerMetrics:
         record: Callable[[], PeerRecord | None],
         labels: dict[str, str],
     ) -> None:
-        """Report the peer's state when scraped: sessions, pages, queue, announced throughput, span."""
-        self.registry.register(_PeerState(sessions, scheduler, record, labels))
-        ProcessCollector(registry=self.registry)
+        """Report the peer's state when scraped: sessions, pages, queue, announced throughput, span, state;
+        `labels` go on the info series (peer_id and the like: what never changes while the peer runs)."""
+        self._collectors.register(_PeerState(sessions, scheduler, record, labels))
+        ProcessCollector(registry=self._collectors)
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics on host:port (0: a free port) from a thread of its own; returns the port."""
@@ -180,6 +192,10 @@ class _PeerState(Collector):
         pages.add_metric(["used"], sessions.num_pages - sessions.free_pages)
         pages.add_metric(["free"], sessions.free_pages)
         yield pages
+        used = (sessions.num_pages - sessions.free_pages) / sessions.num_pages if sessions.num_pages else 0.0
+        yield GaugeMetricFamily(
+            "corolla_peer_cache_usage_ratio", "Share of the KV-cache pages in use, 0 to 1", value=used
+        )
         yield GaugeMetricFamily(
             "corolla_peer_cache_page_tokens",
             "Positions of one batch row per page",
@@ -225,15 +241,38 @@ class _PeerState(Collector):
         yield GaugeMetricFamily(
             "corolla_peer_span_end_block", "One past the last block served", value=record.end
         )
+        state = GaugeMetricFamily(
+            "corolla_peer_state",
+            "The peer's announced state: 1 for the current one, 0 for the others",
+            labels=["state"],
+        )
+        for each in PeerState:
+            state.add_metric([each.value], float(each is record.state))
+        yield state
         info = GaugeMetricFamily(
             "corolla_peer_info",
             "The peer's identity and software (always 1)",
-            labels=[*self.labels, "state", "version", "dtype", "quantization"],
+            labels=[*self.labels, "version", "dtype", "quantization"],
         )
-        info.add_metric(
-            [*self.labels.values(), record.state.value, record.version, record.dtype, record.quantization], 1
-        )
+        info.add_metric([*self.labels.values(), record.version, record.dtype, record.quantization], 1)
         yield info
+
+
+class _Labelled(Collector):
+    """Every series of `registry` with `labels()` added (the served model, known once the peer starts)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: Callable[[], dict[str, str]]) -> None:
+        self._registry = registry
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        labels = self._labels()
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**labels, **sample.labels}) for sample in family.samples
+            ]
+            yield labelled
 
 
 _Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]

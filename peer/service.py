@@ -94,7 +94,7 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         self.step_times = StepTimes()  # where inference steps spend their time (`Info`)
         # training forwards' graphs awaiting their Backward
         self.kept = KeptGraphs(max_bytes=config.max_kept_bytes, timeout=config.kept_timeout)
-        self.metrics = metrics if metrics is not None else PeerMetrics()
+        self.metrics = metrics if metrics is not None else PeerMetrics(model=config.model_id)
 
     # ---- Session ---------------------------------------------------------------------------------
 
@@ -391,7 +391,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
             report=replied - encoded,
         )
         batch, length = parsed.hidden.shape[:2]
-        self.metrics.step(tokens=batch * length, wait=wait, seconds=replied - arrived)
+        # from position 0: a prompt (or its replay); later steps generate (decode, speculative drafts)
+        prompt = parsed.base == 0
+        self.metrics.step(tokens=batch * length, prompt=prompt, wait=wait, seconds=replied - arrived)
 
     def _make_room(self, session: PeerSession, positions: int) -> None:
         """Pages for `positions` cached positions of `session`; the sessions preempted for them end with

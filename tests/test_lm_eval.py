@@ -24,6 +24,8 @@ from client.config import ClientConfig
 from client.model import AutoDistributedModelForCausalLM
 from client.swarm import SwarmConnection
 
+pytestmark = pytest.mark.slow  # lm-eval's harness takes a while: `make test`, not `make test-fast`
+
 SPANS = [(0, 2), (2, 4)]
 BATCH_SIZES = [1, 4, 8]
 ATOL = 1e-5

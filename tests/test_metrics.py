@@ -1,8 +1,10 @@
 """Prometheus metrics of peers and clients: names follow Prometheus conventions and parse with its text
 parser; the gRPC interceptor counts calls, bytes and errors by status code (a refused private-swarm call
-too); in-process sessions move the peers' and the client's counters by exactly what they did, failovers and
-bans included; and a real peer process scraped over HTTP shows +N tokens after a generation, while its JSON
-logs stay one object per line."""
+too); in-process sessions move the peers' and the client's counters by exactly what they did (prompt and
+generated tokens apart, speculative drafts as generated), failovers and bans included; every peer series
+carries the model label, the cache usage is a 0-1 gauge and the state an enum gauge; and a real peer
+process scraped over HTTP shows +N tokens after a generation, while its JSON logs stay one object per
+line."""
 
 from __future__ import annotations
 
@@ -38,13 +40,17 @@ STEP_LIMIT = 30.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def samples(text: str) -> Samples:
-    """Every sample of a Prometheus text exposition, by (name, sorted labels)."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+def samples(text: str, *, model: str | None = None) -> Samples:
+    """Every sample of a Prometheus text exposition, by (name, sorted labels); with `model` (a peer's), every
+    sample must carry `model=` it, which is then left out of the labels."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if model is not None:
+                assert labels.pop("model", None) == model, (sample.name, sample.labels)
+            found[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    return found
 
 
 def value(found: Samples, name: str, **labels: str) -> float:
@@ -68,19 +74,18 @@ def _record() -> PeerRecord:
 # ---- names and exposition ------------------------------------------------------------------------------
 
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_per_second", "_block", "_tokens", "_pages", "_size", "_info")
-ALLOWED_LABELS = {"method", "code", "kind", "state", "reason", "le", "model_id", "peer_id", "version"}
-ALLOWED_LABELS |= {"dtype", "quantization"}
+UNIT_SUFFIXES += ("_ratio",)
+ALLOWED_LABELS = {"method", "code", "kind", "state", "reason", "le", "model", "peer_id", "version"}
+ALLOWED_LABELS |= {"dtype", "quantization", "phase"}
 
 
 def test_metric_names_follow_prometheus_conventions() -> None:
     """snake_case under one prefix per side, counters end in _total and nothing else does, units in the
     name, help on every family, and no label that grows with sessions or clients."""
-    peer = PeerMetrics()
+    peer = PeerMetrics(model="m")
     sessions = SessionTable(1024, idle_timeout=60, page_tokens=16)
-    peer.watch(
-        sessions=sessions, scheduler=Scheduler(), record=_record, labels={"peer_id": "p", "model_id": "m"}
-    )
-    peer.step(tokens=3, wait=0.001, seconds=0.01)
+    peer.watch(sessions=sessions, scheduler=Scheduler(), record=_record, labels={"peer_id": "p"})
+    peer.step(tokens=3, prompt=True, wait=0.001, seconds=0.01)
     peer.batch("step", 2)
     client = ClientMetrics()
     client.failovers.labels("UNAVAILABLE").inc()
@@ -104,6 +109,7 @@ def test_metric_names_follow_prometheus_conventions() -> None:
             if family.type == "gauge" and family.name not in (
                 "corolla_peer_sessions",
                 "corolla_peer_queued_jobs",
+                "corolla_peer_state",  # an enum: one series per state
             ):
                 assert family.name.endswith(UNIT_SUFFIXES), family.name
     for wanted in (
@@ -114,6 +120,8 @@ def test_metric_names_follow_prometheus_conventions() -> None:
         "corolla_peer_step_seconds",
         "corolla_peer_sessions",
         "corolla_peer_cache_pages",
+        "corolla_peer_cache_usage_ratio",
+        "corolla_peer_state",
         "corolla_peer_errors",
         "corolla_peer_received_bytes",
         "corolla_peer_sent_bytes",
@@ -126,24 +134,55 @@ def test_metric_names_follow_prometheus_conventions() -> None:
         assert wanted in names
 
 
-def test_scraped_state_is_read_from_the_peer() -> None:
+def test_every_peer_series_carries_the_model_label() -> None:
+    """The process collector's series and the scraped state's too; the model may be set after creation."""
     metrics = PeerMetrics()
+    metrics.model = "org/model"
+    sessions = SessionTable(1024, idle_timeout=60, page_tokens=16)
+    metrics.watch(sessions=sessions, scheduler=Scheduler(), record=_record, labels={"peer_id": "p"})
+    metrics.step(tokens=1, prompt=False, wait=0.0, seconds=0.001)
+    found = samples(generate_latest(metrics.registry).decode(), model="org/model")  # asserts on each
+    assert any(name.startswith("process_") for name, _ in found)
+    assert len(found) > 40
+
+
+def test_scraped_state_is_read_from_the_peer() -> None:
+    metrics = PeerMetrics(model="m")
     sessions = SessionTable(1024, idle_timeout=60, page_tokens=16)
     record: list[PeerRecord | None] = [None]
     metrics.watch(sessions=sessions, scheduler=Scheduler(), record=lambda: record[0], labels={"peer_id": "p"})
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples(generate_latest(metrics.registry).decode(), model="m")
     assert value(found, "corolla_peer_cache_pages", state="free") == 64
     assert value(found, "corolla_peer_cache_pages", state="used") == 0
+    assert found[("corolla_peer_cache_usage_ratio", ())] == 0
     assert ("corolla_peer_announced_throughput_steps_per_second", ()) not in found  # nothing announced yet
     record[0] = _record()
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples(generate_latest(metrics.registry).decode(), model="m")
     assert value(found, "corolla_peer_announced_throughput_steps_per_second") == 12.5
     assert (value(found, "corolla_peer_span_start_block"), value(found, "corolla_peer_span_end_block")) == (
         0,
         2,
     )
-    info = {"peer_id": "p", "state": "online", "version": "1.0", "dtype": "float32", "quantization": "none"}
+    info = {"peer_id": "p", "version": "1.0", "dtype": "float32", "quantization": "none"}
     assert value(found, "corolla_peer_info", **info) == 1
+
+
+def _states(found: Samples) -> dict[str, float]:
+    return {dict(labels)["state"]: v for (name, labels), v in found.items() if name == "corolla_peer_state"}
+
+
+def test_the_peer_state_is_an_enum_gauge() -> None:
+    """One series per state, 1 for the current one: a state change moves values, never a label set."""
+    metrics = PeerMetrics(model="m")
+    record = [_record()]
+    sessions = SessionTable(1024, idle_timeout=60, page_tokens=16)
+    metrics.watch(sessions=sessions, scheduler=Scheduler(), record=lambda: record[0], labels={"peer_id": "p"})
+    online = _states(samples(generate_latest(metrics.registry).decode(), model="m"))
+    assert online == {"joining": 0, "online": 1, "draining": 0, "offline": 0}
+    record[0] = record[0].model_copy(update={"state": PeerState.DRAINING})
+    found = samples(generate_latest(metrics.registry).decode(), model="m")
+    assert _states(found) == {"joining": 0, "online": 0, "draining": 1, "offline": 0}
+    assert not [labels for name, labels in found if name == "corolla_peer_info" and "state" in dict(labels)]
 
 
 @pytest.mark.parametrize(
@@ -216,7 +255,7 @@ def test_the_interceptor_counts_calls_bytes_and_errors_by_status_code() -> None:
         grpc.StatusCode.UNKNOWN,
         grpc.StatusCode.FAILED_PRECONDITION,
     ]
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples(generate_latest(metrics.registry).decode(), model="")
     for method in ("Info", "Forward", "Push", "Session"):
         assert value(found, "corolla_peer_requests_total", method=method) == 1
     errors = {labels: v for (name, labels), v in found.items() if name == "corolla_peer_errors_total"}
@@ -236,7 +275,7 @@ def test_calls_another_interceptor_refuses_are_counted() -> None:
     metrics = PeerMetrics()
     refused = grpc.StatusCode.UNAUTHENTICATED
     assert asyncio.run(_calls(metrics, guarded=True)) == [refused, refused]
-    found = samples(generate_latest(metrics.registry).decode())
+    found = samples(generate_latest(metrics.registry).decode(), model="")
     for method in ("Info", "Session"):
         assert value(found, "corolla_peer_errors_total", method=method, code="UNAUTHENTICATED") == 1
 
@@ -262,11 +301,11 @@ def _run(connection: SwarmConnection, kill_at: int | None = None, swarm: FakeSwa
 
 
 def _peer_samples(service: Any) -> Samples:
-    return samples(generate_latest(service.metrics.registry).decode())
+    return samples(generate_latest(service.metrics.registry).decode(), model=service.config.model_id)
 
 
 def test_a_session_moves_every_hops_counters_and_the_clients(fake_swarm, connect) -> None:
-    swarm = fake_swarm([(0, 1), (1, 3), (3, 4)])
+    swarm = fake_swarm([(0, 1), (1, 3), (3, 4)], model_id="tiny")
     connection = connect(swarm)
     client = instrument(connection)
     _run(connection)
@@ -274,7 +313,8 @@ def test_a_session_moves_every_hops_counters_and_the_clients(fake_swarm, connect
     for index, peer in enumerate(swarm.peers):
         found = _peer_samples(peer.service)
         assert value(found, "corolla_peer_steps_total") == len(STEPS)
-        assert value(found, "corolla_peer_tokens_total") == tokens
+        assert value(found, "corolla_peer_tokens_total", phase="prompt") == STEPS[0]
+        assert value(found, "corolla_peer_tokens_total", phase="generated") == tokens - STEPS[0]
         assert value(found, "corolla_peer_step_seconds_count") == len(STEPS)
         assert value(found, "corolla_peer_queue_wait_seconds_count") == len(STEPS)
         pushed = value(found, "corolla_peer_sent_bytes_total", method="Push")
@@ -286,6 +326,41 @@ def test_a_session_moves_every_hops_counters_and_the_clients(fake_swarm, connect
     # each decode step is measured at its first hop at least, at each of the 3 at most
     assert len(STEPS) - 1 <= value(found, "corolla_client_hop_seconds_count") <= 3 * (len(STEPS) - 1)
     assert not any(name.startswith(("corolla_client_failovers", "corolla_client_bans")) for name, _ in found)
+
+
+def _usage(service: Any) -> float:
+    usage = _peer_samples(service)[("corolla_peer_cache_usage_ratio", ())]
+    assert 0 <= usage <= 1
+    return usage
+
+
+def test_drafts_count_as_generated_and_the_cache_usage_moves(fake_swarm, connect) -> None:
+    """A prompt, a speculative step verifying a draft (3 positions), a rollback of 2 rejected positions
+    with the next step (2 positions): everything after the prompt is generated. The cache usage rises with
+    the session's pages and falls back to 0 when it closes."""
+    swarm = fake_swarm([(0, 4)], model_id="tiny", max_cache_tokens=64, page_tokens=4)  # 16 pages
+    (peer,) = swarm.peers
+    service = peer.service
+    service.metrics.watch(
+        sessions=peer.sessions, scheduler=peer.scheduler, record=peer.make_record, labels={}
+    )
+    connection = connect(swarm)
+    session = connection.new_session(max_length=32)
+    assert _usage(service) == 0
+    try:
+        for index, (base, seq, rollback) in enumerate([(0, 9, None), (9, 3, None), (10, 2, 10)]):
+            hidden, positions = hidden_states(1, seq, seed=index), torch.arange(base, base + seq)[None]
+            connection.runtime.run(session.astep(hidden, positions, rollback_to=rollback), timeout=STEP_LIMIT)
+        assert _usage(service) == 3 / 16  # 12 positions in pages of 4
+    finally:
+        connection.runtime.run(session.aclose(), timeout=STEP_LIMIT)
+    found = _peer_samples(service)
+    assert value(found, "corolla_peer_tokens_total", phase="prompt") == 9
+    assert value(found, "corolla_peer_tokens_total", phase="generated") == 5
+    deadline = time.monotonic() + 10  # the peer frees the pages as the close arrives
+    while time.monotonic() < deadline and _usage(service) != 0:
+        time.sleep(0.05)
+    assert _usage(service) == 0
 
 
 def test_a_failover_and_its_ban_are_counted_by_status_code(fake_swarm, connect) -> None:
@@ -319,7 +394,7 @@ def scrape(process: Process) -> Samples:
     assert ready is not None and ready["metrics_port"], ready
     url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
     with urllib.request.urlopen(url, timeout=10) as reply:
-        return samples(reply.read().decode())
+        return samples(reply.read().decode(), model="metered")
 
 
 def _moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
@@ -343,9 +418,10 @@ def test_a_generation_moves_a_running_peers_metrics(metered: LocalSwarm, checkpo
     finally:
         model.shutdown()
     after = [scrape(first), scrape(second)]
-    tokens = PROMPT + NEW_TOKENS - 1  # the prompt, then each generated token but the last goes through
     for old, new in zip(before, after, strict=True):
-        assert _moved(old, new, "corolla_peer_tokens_total") == tokens
+        assert _moved(old, new, "corolla_peer_tokens_total", phase="prompt") == PROMPT
+        # each generated token but the last goes through
+        assert _moved(old, new, "corolla_peer_tokens_total", phase="generated") == NEW_TOKENS - 1
         assert _moved(old, new, "corolla_peer_steps_total") == NEW_TOKENS
         assert _moved(old, new, "corolla_peer_step_seconds_count") == NEW_TOKENS
         assert _moved(old, new, "corolla_peer_batch_size_count", kind="step") == NEW_TOKENS
@@ -364,6 +440,8 @@ def test_a_generation_moves_a_running_peers_metrics(metered: LocalSwarm, checkpo
     final = scrape(first)
     assert value(final, "corolla_peer_sessions") == 0
     assert value(final, "corolla_peer_cache_pages", state="used") == 0
+    assert value(final, "corolla_peer_cache_usage_ratio") == 0
+    assert value(final, "corolla_peer_state", state="online") == 1
 
 
 @pytest.mark.swarm
