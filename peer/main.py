@@ -9,6 +9,7 @@ import ctypes
 import gc
 import logging
 import os
+import resource
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from peer.admission import CallGuard
 from peer.announce import Announcer, Rebalancer, claim_span
 from peer.blocks import HostedSpan, count_blocks
 from peer.config import WILDCARD_HOSTS, DhtConfig, PeerConfig
-from peer.devices import resolve_device, resolve_dtype
+from peer.devices import auto_num_blocks, block_memory, free_memory_bytes, resolve_device, resolve_dtype
 from peer.metrics import PeerMetrics
 from peer.pings import Pinger
 from peer.portmap import PortMapper
@@ -32,11 +33,13 @@ from peer.service import PeerService
 from peer.sessions import SessionTable
 from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
+from protos.checkpoint import parse_dtype
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
 from protos.dht import start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.health import HealthServer
 from protos.identity import Identity
+from protos.model_id import derive_model_id
 from protos.prepare import default_cache_dir
 from protos.records import PeerRecord, PeerState, is_loopback
 from protos.relay import RelayDialer, RelayedServer, circuit_maddrs
@@ -64,6 +67,7 @@ IDENTITY_ONLY = 1  # gRPC's bitset of the compression algorithms a server accept
 M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_ARENA_MAX = -3, -1, -8  # glibc mallopt parameters
 MALLOC_ARENAS = 2
 MMAP_THRESHOLD_BYTES = 1 << 20
+MAX_OPEN_FILES = 1 << 20  # the soft limit asked for when the hard one is unlimited
 
 
 def return_freed_memory() -> None:
@@ -75,6 +79,22 @@ def return_freed_memory() -> None:
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD_BYTES)  # free heap tops go back to the system
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)  # gRPC's threads share arenas instead of fragmenting more
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard one (as Petals does) and return it: every connection,
+    call and p2pd stream is a descriptor, and the usual soft default (1024) is below --max-concurrent-rpcs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError) as e:  # a sandbox that refuses: the peer runs with what it has
+            logger.warning("open file limit kept soft=%s hard=%s reason=%s", soft, hard, e)
+            return soft
+        logger.info("open file limit raised soft=%s->%s hard=%s", soft, wanted, hard)
+        return wanted
+    return soft
 
 
 def server_options(config: PeerConfig) -> list[tuple[str, int]]:
@@ -145,7 +165,7 @@ class Peer:
             torch.set_num_threads(config.num_threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.sessions = SessionTable.from_config(config)
-        self.metrics = PeerMetrics()
+        self.metrics = PeerMetrics(model=config.model_id)
         self.metrics_port: int | None = None  # where /metrics is served, once it is
         self.scheduler = Scheduler(
             max_batch_tokens=config.max_batch_tokens,
@@ -215,6 +235,7 @@ class Peer:
         if self.health is not None:  # alive (liveness) from here on; ready once ONLINE
             await self.health.start()
         self.num_blocks = await asyncio.to_thread(count_blocks, config.model)
+        logger.info("model model_id=%s from=%s", config.model_id, await asyncio.to_thread(id_source, config))
         if config.span is not None and config.span[1] > self.num_blocks:
             raise InvalidInputError(
                 f"--blocks {config.blocks} is outside the model's blocks [0, {self.num_blocks})"
@@ -226,6 +247,11 @@ class Peer:
             self.address = f"{config.announce_host}:{port}"
         else:
             port = self._add_port(self.server, await self._reach_swarm(config.port))
+        if config.new_swarm:
+            logger.info(
+                "new swarm started; others join it with: --initial-peers %s",
+                " ".join(await visible_maddrs(self.node)),
+            )
         announcer = self.announcer = Announcer(
             self.node,
             model_id=config.model_id,
@@ -239,7 +265,7 @@ class Peer:
                 announcer,
                 self._read_records,
                 num_blocks=self.num_blocks,
-                length=config.span_length or 1,
+                length=await self._span_length(),
                 settle=CLAIM_SETTLE,
                 jitter=START_JITTER,
             )
@@ -397,6 +423,34 @@ class Peer:
         del old_span
         gc.collect()
 
+    async def _span_length(self) -> int:
+        """--num-blocks K, or with `auto` as many blocks as fit the device's free memory now."""
+        config = self.config
+        if config.span_length != "auto":
+            return config.span_length or 1
+        memory = await asyncio.to_thread(
+            block_memory,
+            config.model,
+            dtype=parse_dtype(self.dtype),
+            quant=config.quant,
+            cache_tokens=config.max_cache_tokens,
+        )
+        free = free_memory_bytes(self.device)
+        length = auto_num_blocks(free, memory, num_blocks=self.num_blocks)
+        logger.info(
+            "num_blocks auto=%d device=%s free_bytes=%d reserve_bytes=%d block_bytes=%d cache_bytes=%d "
+            "model_blocks=%d (blocks that fit after the reserve, each with its cache; give --num-blocks to "
+            "leave memory free)",
+            length,
+            self.device,
+            free,
+            memory.reserve_bytes,
+            memory.weight_bytes,
+            memory.cache_bytes,
+            self.num_blocks,
+        )
+        return length
+
     def _serve_metrics(self, announcer: Announcer) -> None:
         if self.config.metrics_port is None:
             return
@@ -404,7 +458,7 @@ class Peer:
             sessions=self.sessions,
             scheduler=self.scheduler,
             record=lambda: self.make_record(announcer.state, announcer.span),
-            labels={"model_id": self.config.model_id, "peer_id": self.peer_id},
+            labels={"peer_id": self.peer_id},
         )
         self.metrics_port = self.metrics.serve(self.config.metrics_host, self.config.metrics_port)
 
@@ -494,14 +548,29 @@ def serve_main(argv: Sequence[str], prog: str) -> int:
         PeerConfig,
         argv,
         prog=prog,
-        description="Serve a span of a model's blocks to a corolla swarm. Options may also be set through "
-        "COROLLA_<OPTION> environment variables (e.g. COROLLA_MAX_CACHE_TOKENS=4096).",
+        description="Serve a span of a model's blocks to a corolla swarm.",
         positional=("model",),
     )
     setup_logging(log_format=config.log_format)
+    if not config.initial_peers and not config.new_swarm:
+        logger.error("%s", NO_SWARM_CHOSEN)
+        return 2
     return_freed_memory()
+    raise_open_file_limit()
     asyncio.run(serve(config))
     return 0
+
+
+NO_SWARM_CHOSEN = (
+    "no --initial-peers: pass the multiaddresses of the swarm to join (`corolla dht` prints them), or "
+    "--new-swarm to start a new swarm of your own"
+)
+
+
+def id_source(config: PeerConfig) -> str:
+    """How the peer's model id came about, for the start log: `--model-id`, or what it was derived from."""
+    identity = derive_model_id(config.model)
+    return identity.source if identity.model_id == config.model_id else "--model-id"
 
 
 async def run_dht(config: DhtConfig) -> None:
@@ -546,5 +615,6 @@ def dht_main(argv: Sequence[str], prog: str) -> int:
         "pass as --initial-peers, one per line, and runs until SIGTERM or Ctrl-C.",
     )
     setup_logging(log_format=config.log_format)
+    raise_open_file_limit()
     asyncio.run(run_dht(config))
     return 0

@@ -7,11 +7,14 @@ can recover the public key from it and check what that peer signed, with no key 
 
 from __future__ import annotations
 
+import argparse
 import atexit
+import ipaddress
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,3 +160,56 @@ def private_file_problem(path: Path, *, euid: int | None = None) -> str | None:
     if status.st_mode & 0o077:
         return f"{path} is readable by others: chmod 600 {path}"
     return None
+
+
+def multiaddress(host: str, port: int, peer_id: str) -> str:
+    """The multiaddress others pass as `--initial-peers` to reach `peer_id` at host:port: /ip4/ or /ip6/ for
+    an address, /dns4/ for a name (a compose service, a Kubernetes Service)."""
+    try:
+        version = ipaddress.ip_address(host.strip("[]")).version
+    except ValueError:
+        return f"/dns4/{host}/tcp/{port}/p2p/{peer_id}"
+    return f"/ip{version}/{host.strip('[]')}/tcp/{port}/p2p/{peer_id}"
+
+
+def peer_id_main(argv: Sequence[str], prog: str) -> int:
+    """`corolla peer-id --identity FILE [--host H --port P]`: the peer id a node started with that identity
+    has (its multiaddress at H:P), computed offline from the file."""
+    from protos.cli import add_log_level, emit  # the command table imports this module lazily: no cycle
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Print the peer id of the node whose identity is in FILE (what `corolla dht --identity "
+        "FILE` or `corolla serve --identity FILE` announces), or with --host and --port the multiaddress "
+        "that peers pass as --initial-peers; offline, from the file alone.",
+    )
+    parser.add_argument("--identity", metavar="FILE", type=Path, required=True, help="the identity file")
+    parser.add_argument(
+        "--create",
+        action="store_true",
+        help="create FILE (mode 0600) when it is missing, as the node would at its first start",
+    )
+    parser.add_argument("--host", help="the name or address the node is reached at")
+    parser.add_argument("--port", type=int, help="the node's DHT port (`corolla dht --port`)")
+    parser.add_argument(
+        "--output", metavar="FILE", type=Path, help="also write the result to FILE (replaced atomically)"
+    )
+    add_log_level(parser)
+    args = parser.parse_args(list(argv))
+    if (args.host is None) != (args.port is None):
+        parser.error("--host and --port go together")
+    if not args.create and not args.identity.exists():
+        parser.exit(1, f"{prog}: no identity file {args.identity} (--create makes one)\n")
+    try:
+        identity = Identity.load_or_create(args.identity)
+    except (IdentityError, OSError) as e:
+        parser.exit(1, f"{prog}: {e}\n")
+    result = identity.peer_id if args.host is None else multiaddress(args.host, args.port, identity.peer_id)
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=args.output.parent, delete=False, suffix=".tmp") as file:
+            file.write(result + "\n")
+        os.chmod(file.name, 0o644)  # public: a peer id is no secret
+        os.replace(file.name, args.output)
+    emit(result)
+    return 0
