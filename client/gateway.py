@@ -75,6 +75,7 @@ from client.discovery import SwarmView
 from client.engine import Engine, Job
 from client.errors import PeerFailure, SwarmError, format_ranges
 from client.gateway_guard import KEY_SCOPE, Guard
+from client import metrics as client_metrics
 from client.gateway_metrics import CONTENT_TYPE, GatewayMetrics
 from client.openai_types import (
     ChatCompletionRequest,
@@ -314,6 +315,8 @@ class Gateway:
         self.created = int(time.time())
         self.unknown_fields: set[str] = set()  # the names logged so far
         self.metrics = GatewayMetrics(name, lambda: (self.admission.num_running, self.admission.num_queued))
+        # the client library's own series (sessions, steps, hops, failovers) on the same /metrics
+        client_metrics.register(model.swarm, self.metrics.registry)
 
     def start(self, plan: Plan, endpoint: str, key: str, *, arrived: float | None = None) -> Run:
         """A new run for API key `key`, or 429 when every place, or every place of that key, is taken."""

@@ -1,8 +1,12 @@
 """deploy/ is real: every `corolla` invocation in the Dockerfile, docker-compose.yml, the systemd unit, the
 Kubernetes manifests and deploy/README.md parses with that command's own parser and builds its configs
-(environment included); every COROLLA_* variable is a setting of the command it is given to; every port is
-the documented one (a command's default where it has one) and what the container, Service, probe or scraper
-uses; identities persist; stops leave room for the drain; and the image installs exactly as the README says.
+(environment included); every COROLLA_* variable is the per-command name (`COROLLA_SERVE_PORT`) of a setting
+of the command it is given to, and deploy/ names no other (no shared `COROLLA_PORT`); every port is the
+documented one (a command's default where it has one) and what the container, Service, probe or scraper uses;
+the metrics deploy/README.md lists are the ones peers and the gateway serve; identities persist; stops leave
+room for the drain; the image installs exactly as the README says, dependencies first; the bootstrap's address
+is computed (`corolla peer-id`), never pasted; key files load as Kubernetes and systemd hand them over; and
+every container has resource limits.
 """
 
 from __future__ import annotations
@@ -14,12 +18,16 @@ import functools
 import importlib
 import io
 import json
+import logging
 import os
 import re
+import resource
 import shlex
 import shutil
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,17 +35,32 @@ from unittest import mock
 
 import pytest
 import yaml
-from pydantic import AliasChoices, BaseModel
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, TypeAdapter
+from swarm import start_dht
 
 from client.config import ClientConfig, GatewayConfig
+from client.gateway_metrics import GatewayMetrics
+from client.metrics import ClientMetrics
 from client.monitor import MonitorConfig
 from peer.config import DhtConfig, PeerConfig
-from peer.main import HEALTH_SERVICE
+from peer.main import HEALTH_SERVICE, MAX_OPEN_FILES, raise_open_file_limit
+from peer.metrics import PeerMetrics
+from peer.scheduler import Scheduler
+from peer.sessions import SessionTable
 from protos import cli
 from protos.health import LIVENESS
-from protos.identity import Identity, private_file_problem
+from protos.identity import Identity, multiaddress, private_file_problem
 from protos.prepare import DEFAULT_MODEL_NAME, default_cache_dir
-from protos.settings import ENV_PREFIX, config_from_arguments
+from protos.records import PeerRecord, PeerState
+from protos.settings import (
+    ENV_PREFIX,
+    GENERAL_VARIABLES,
+    command_prefix,
+    config_from_arguments,
+    env_names,
+)
 from protos.swarm_key import SwarmKey
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,17 +70,19 @@ CONFIGS: dict[str, tuple[type[BaseModel], ...]] = {
     "serve": (PeerConfig,),
     "dht": (DhtConfig,),
     "api": (GatewayConfig, ClientConfig),
+    "peer-id": (),
     "monitor": (MonitorConfig, ClientConfig),
     "health": (ClientConfig,),
     "generate": (ClientConfig,),
 }
-PROCESS_ENV = {"COROLLA_CACHE_DIR"}  # read by every command (protos.prepare.default_cache_dir)
 OTHER_ENV = {
     "PYTHONUNBUFFERED",
     "PIP_NO_CACHE_DIR",
     "PATH",
     "HF_HOME",
 }  # the interpreter's, pip's, transformers'
+# deploy/entrypoint.sh passes the multiaddresses in this file as --initial-peers
+ENTRYPOINT_ENV = "INITIAL_PEERS_FILE"
 STOP_MARGIN = 10.0  # seconds a stop needs beyond the drain: the goodbye announcements, the DHT's shutdown
 # what Kubernetes fills in from the downward API or a Secret, for parsing
 FIELD_REFS = {"status.podIP": "10.1.2.3", "metadata.name": "corolla-peer-0"}
@@ -65,7 +90,11 @@ SECRET_VALUE = "k8s-secret-value"
 REQUIRED_VALUE = "set-in-deploy-env"
 # where the examples mount the swarm key (compose's secret, Kubernetes' Secret volume): a real key file stands
 # in for them when parsing, since the commands check the file at the command line
-SWARM_KEY_PATHS = {"/run/secrets/swarm_key", "/etc/corolla/swarm-key/key"}
+SWARM_KEY_PATHS = {
+    "/run/secrets/swarm_key",
+    "/etc/corolla/swarm-key/key",
+    "/run/credentials/corolla-peer.service/swarm.key",  # systemd's LoadCredential=
+}
 
 
 @dataclass
@@ -97,6 +126,8 @@ def parse(invocation: Invocation) -> list[BaseModel]:
     the command has parsed its arguments, before it runs anything). A parse error fails the test."""
     args = [_stand_in(arg) for arg in invocation.args]
     environ = {name: _stand_in(value) for name, value in invocation.env.items()}
+    if ENTRYPOINT_ENV in environ:  # what deploy/entrypoint.sh does
+        args += ["--initial-peers", _bootstrap_maddr(invocation)]
     if args in (["--help"], ["-h"]):
         with contextlib.redirect_stdout(io.StringIO()):
             assert cli.main(args) == 0
@@ -127,12 +158,29 @@ def parse(invocation: Invocation) -> list[BaseModel]:
         else:
             pytest.fail(f"{invocation.where}: `corolla {invocation.command}` parsed no arguments")
     configs = []
-    for config_class in CONFIGS.get(invocation.command, ()):
-        try:
-            configs.append(config_from_arguments(config_class, namespace, environ=environ))
-        except Exception as e:
-            pytest.fail(f"{invocation.where}: {' '.join(args)}: {e}")
+    warned = _Warnings()
+    settings_log = logging.getLogger("protos.settings")
+    settings_log.addHandler(warned)
+    try:
+        for config_class in CONFIGS.get(invocation.command, ()):
+            try:
+                configs.append(config_from_arguments(config_class, namespace, environ=environ))
+            except Exception as e:
+                pytest.fail(f"{invocation.where}: {' '.join(args)}: {e}")
+    finally:
+        settings_log.removeHandler(warned)
+    # an old shared name (deprecated) or a value dropped as meant for another command
+    assert not warned.messages, f"{invocation.where}: {warned.messages}"
     return configs
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @functools.cache
@@ -143,18 +191,58 @@ def _stand_in_key() -> str:
     return str(folder / "swarm.key")
 
 
+@functools.cache
+def _cached_invocations() -> tuple[Invocation, ...]:
+    return tuple(all_invocations())
+
+
+def _writes_initial_peers(writer: Invocation, reader: Invocation) -> bool:
+    pod = writer.where.rpartition("/")[0] == reader.where.rpartition("/")[0]  # compose: both ""
+    return (
+        writer.kind == reader.kind
+        and (pod or reader.kind != "k8s")
+        and writer.command == "peer-id"
+        and _option(writer.args, "--output") == reader.env[ENTRYPOINT_ENV]
+    )
+
+
 def _stand_in(value: str) -> str:
     return _stand_in_key() if value in SWARM_KEY_PATHS else value
 
 
+@functools.cache
+def _stand_in_peer_id() -> str:
+    return Identity.load_or_create(None).peer_id
+
+
+def _option(args: list[str], option: str) -> str | None:
+    return args[args.index(option) + 1] if option in args else None
+
+
+def _bootstrap_maddr(invocation: Invocation) -> str:
+    """What the `corolla peer-id ... --output FILE` of the same deployment (in Kubernetes, of the same pod)
+    writes to the file the invocation reads its initial peers from (with a stand-in peer id)."""
+    [writer] = [other for other in _cached_invocations() if _writes_initial_peers(other, invocation)]
+    host, port = _option(writer.args, "--host"), _option(writer.args, "--port")
+    assert host is not None and port is not None, f"{writer.where}: no --host/--port"
+    return multiaddress(host, int(port), _stand_in_peer_id())
+
+
 def setting_names(command: str) -> set[str]:
-    """COROLLA_* variables a command reads: one per field of its configs (and each field's other names)."""
-    names = set(PROCESS_ENV)
+    """COROLLA_* variables a command reads: `COROLLA_<COMMAND>_<OPTION>` for each field of its configs (and
+    each field's other names) and its log level, and the general ones (the cache folder). The old shared
+    names (`COROLLA_<OPTION>`), still read with a deprecation warning, are not among them."""
+    names = set(GENERAL_VARIABLES)
+    if CONFIGS.get(command):
+        names.add(command_prefix(command) + "LOG_LEVEL")  # every generated parser's --log-level
     for config_class in CONFIGS.get(command, ()):
-        for name, info in config_class.model_fields.items():
-            aliases = info.validation_alias.choices if isinstance(info.validation_alias, AliasChoices) else []
-            names |= {ENV_PREFIX + str(each).upper() for each in [name, *aliases]}
+        names |= set(env_names(config_class, command))
     return names
+
+
+def all_setting_names() -> set[str]:
+    """Every COROLLA_* variable some command reads."""
+    return set().union(*(setting_names(command) for command in cli.COMMANDS))
 
 
 def check_env(invocation: Invocation) -> None:
@@ -166,7 +254,9 @@ def check_env(invocation: Invocation) -> None:
                 f"{invocation.where}: {name} is no setting of `corolla {' or '.join(commands)}`"
             )
         else:
-            assert name in OTHER_ENV, f"{invocation.where}: unexpected environment variable {name}"
+            assert name in OTHER_ENV | {ENTRYPOINT_ENV}, (
+                f"{invocation.where}: unexpected environment variable {name}"
+            )
 
 
 def one(configs: list[BaseModel], kind: type[BaseModel]) -> Any:
@@ -254,7 +344,12 @@ def systemd_unit() -> dict[str, list[str]]:
     return entries
 
 
-SPECIFIERS = {"%S": "/var/lib", "%t": "/run"}  # systemd's state and runtime roots for system units
+# systemd's state and runtime roots for system units, and the credentials of this one
+SPECIFIERS = {
+    "%S": "/var/lib",
+    "%t": "/run",
+    "${CREDENTIALS_DIRECTORY}": "/run/credentials/corolla-peer.service",
+}
 
 
 def _specified(value: str) -> str:
@@ -384,13 +479,104 @@ def test_the_invocations_cover_every_kind_of_deployment() -> None:
 
 
 def test_a_variable_that_is_no_setting_is_refused() -> None:
-    """The checker itself: a misspelt variable and an unknown option fail."""
-    with pytest.raises(AssertionError, match="no setting"):
-        check_env(Invocation("x", ["serve"], {"COROLLA_METRIC_PORT": "1"}))
+    """The checker itself: a misspelt variable, an old shared name, another command's variable and an
+    unknown option fail; the command's own names pass."""
+    for wrong in ("COROLLA_SERVE_METRIC_PORT", "COROLLA_METRICS_PORT", "COROLLA_API_PORT", "COROLLA_API_KEY"):
+        with pytest.raises(AssertionError, match="no setting"):
+            check_env(Invocation("x", ["serve"], {wrong: "1"}))
+    check_env(
+        Invocation("x", ["serve"], {"COROLLA_SERVE_METRICS_PORT": "1", "COROLLA_SERVE_SPAN_LENGTH": "2"})
+    )
+    check_env(Invocation("x", ["api"], {"COROLLA_API_API_KEY": "k", "COROLLA_API_MAX_LENGTH": "64"}))
+    check_env(Invocation("x", ["monitor"], {"COROLLA_MONITOR_LOG_LEVEL": "DEBUG", "COROLLA_CACHE_DIR": "/c"}))
+    with pytest.raises(AssertionError, match="no setting"):  # a unit's shared environment: only its commands
+        check_env(Invocation("x", ["serve"], {"COROLLA_API_PORT": "1"}, env_shared_with=("prepare-model",)))
     with pytest.raises(AssertionError, match="usage: corolla serve"):
         parse(Invocation("x", ["serve", "m", "--num-blocks", "2", "--metrics-prot", "9700"]))
     with pytest.raises(pytest.fail.Exception):  # valid options, invalid together
         parse(Invocation("x", ["serve", "m", "--num-blocks", "2", "--blocks", "0:2"]))
+
+
+def test_per_command_variables_configure_their_command() -> None:
+    """What check_env accepts is what the command reads: a serve variable sets the peer's option, and a
+    variable of another command leaves it at its default."""
+    args = ["serve", "m", "--num-blocks", "2", "--new-swarm"]
+    [peer] = parse(Invocation("x", args, {"COROLLA_SERVE_METRICS_PORT": "9701", "COROLLA_API_PORT": "1"}))
+    assert isinstance(peer, PeerConfig) and peer.metrics_port == 9701 and peer.port == 0
+    gateway, _ = parse(
+        Invocation(
+            "x", ["api", "m", "--initial-peers", "/dns4/dht/tcp/1/p2p/X"], {"COROLLA_API_API_KEY": "k" * 8}
+        )
+    )
+    assert isinstance(gateway, GatewayConfig) and gateway.api_key == "k" * 8
+
+
+def deploy_texts() -> dict[str, str]:
+    """Every text file of deploy/ (the README, compose, the unit and its peer.env, the manifests, the
+    entrypoint, the Dockerfile)."""
+    return {
+        str(path.relative_to(DEPLOY)): path.read_text()
+        for path in sorted(DEPLOY.rglob("*"))
+        if path.is_file() and path.suffix not in (".key",) and path.name not in (".env", "swarm.key")
+    }
+
+
+def test_deploy_names_only_per_command_variables() -> None:
+    """Every COROLLA_* name anywhere in deploy/ (comments and prose included) is one a command reads:
+    `COROLLA_<COMMAND>_<OPTION>` or a general one; `COROLLA_SERVE_<OPTION>` and `COROLLA_SERVE_*` (patterns)
+    name a command's prefix."""
+    known = all_setting_names()
+    prefixes = {command_prefix(command) for command in CONFIGS if CONFIGS[command]} | {ENV_PREFIX}
+    for where, text in deploy_texts().items():
+        for match in re.finditer(r"\bCOROLLA_[A-Z0-9_]*", text):
+            name = match.group()
+            if text[match.end() : match.end() + 1] in ("<", "*"):
+                assert name in prefixes, f"{where}: {name}... is no command's prefix"
+            else:
+                assert name in known, f"{where}: {name} is no command's variable (COROLLA_<COMMAND>_<OPTION>)"
+    assert "COROLLA_SERVE_DRAIN_TIMEOUT" in known and "COROLLA_DRAIN_TIMEOUT" not in known  # the old name
+
+
+def test_the_api_key_goes_from_deploy_env_to_the_gateway() -> None:
+    """The variable the README writes into deploy/.env is the one compose interpolates into the api
+    service, under the api's own name for --api-key."""
+    [written] = re.findall(r'echo "(\w+)=\$\(openssl rand -hex 24\)" >> deploy/\.env', README)
+    [name] = [variable for variable, field in env_names(GatewayConfig, "api").items() if field == "api_key"]
+    assert written == name == "COROLLA_API_API_KEY"
+    api = compose()["services"]["api"]
+    assert str(api["environment"][name]).startswith(f"${{{name}:?")
+
+
+def config_examples() -> list[tuple[str, str, str]]:
+    """(where, command line, TOML) of every `toml` block of README.md and deploy/README.md: its first line is
+    the command that reads it, as a comment (`# corolla serve MODEL --config peer.toml`)."""
+    found = []
+    for path in (REPO / "README.md", DEPLOY / "README.md"):
+        for text in re.findall(r"^```toml\n(.*?)^```", path.read_text(), flags=re.DOTALL | re.MULTILINE):
+            first, _, body = text.partition("\n")
+            assert first.startswith("# corolla "), f"{path.name}: a config example names its command first"
+            found.append((path.name, first.removeprefix("# "), body))
+    return found
+
+
+def test_config_file_examples_set_what_they_say(tmp_path: Path) -> None:
+    """The READMEs' `--config` examples parse with the command's own parser, and each key sets its option to
+    the value written (a size in its units, a list as a list)."""
+    examples = config_examples()
+    assert examples, "README.md shows a --config file"
+    for where, command, body in examples:
+        args = shlex.split(command)[1:]
+        file = tmp_path / str(_option(args, "--config"))
+        file.write_text(body)
+        args[args.index("--config") + 1] = str(file)
+        configs = parse(Invocation(where, args))
+        fields = {}
+        for config_class in CONFIGS[args[0]]:
+            fields |= {v: (config_class, f) for v, f in env_names(config_class, args[0]).items()}
+        for key, value in tomllib.loads(body).items():
+            config_class, name = fields[command_prefix(args[0]) + key.replace("-", "_").upper()]
+            expected = TypeAdapter(config_class.model_fields[name].annotation).validate_python(value)
+            assert getattr(one(configs, config_class), name) == expected, f"{where}: {key} = {value!r}"
 
 
 def test_cache_dir_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -423,10 +609,88 @@ def test_every_port_is_documented_and_defaults_are_kept() -> None:
     assert exposed <= plan
 
 
+# ---- metrics -------------------------------------------------------------------------------------------
+
+
+def served_metrics() -> dict[str, set[str]]:
+    """Every metric a peer, the gateway and a client serve, by the names a query uses (a counter's `_total`; a
+    histogram's family and its `_bucket`, `_sum`, `_count`), with its labels but `model` (on every peer and
+    gateway series) and `le`. Each labelled metric has a sample, so its labels show."""
+    peer = PeerMetrics(model="m")
+    record = PeerRecord(
+        state=PeerState.ONLINE, address="127.0.0.1:1", start=0, end=2, throughput=1.0, free_cache_tokens=64,
+        max_length=128, dtype="float32", version="1.0",
+    )  # fmt: skip
+    sessions = SessionTable(1024, idle_timeout=60, page_tokens=16)
+    peer.watch(sessions=sessions, scheduler=Scheduler(), record=lambda: record, labels={"peer_id": "p"})
+    peer.step(tokens=3, prompt=True, wait=0.001, seconds=0.01)
+    peer.batch("step", 2)
+    for counter in (peer.requests, peer.received, peer.sent):
+        counter.labels("Info").inc()
+    peer.errors.labels("Info", "OK").inc()
+    gateway = GatewayMetrics("m", lambda: (1, 0))
+    gateway.first_token_seen(0.1)
+    gateway.finished(seconds=1.0, prompt_tokens=3, generation_tokens=4)
+    gateway.requests.labels("m", "completions", "200").inc()
+    client = ClientMetrics(CollectorRegistry())
+    client.failovers.labels("UNAVAILABLE").inc()
+    client.bans.labels("spot_check").inc()
+    served: dict[str, set[str]] = {}
+    for registry in (peer.registry, gateway.registry, client.registry):
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            if family.name.endswith("_created"):
+                continue  # prometheus_client's own; a peer serves none
+            labels = {name for sample in family.samples for name in sample.labels} - {"model", "le"}
+            names = {
+                "counter": [family.name + "_total"],
+                "histogram": [family.name + suffix for suffix in ("", "_bucket", "_sum", "_count")],
+            }.get(family.type, [family.name])
+            served |= dict.fromkeys(names, labels)
+    return served
+
+
+def test_the_documented_metrics_are_the_served_ones() -> None:
+    """deploy/README.md's tables list every peer and gateway metric with exactly its labels, and every other
+    mention of a metric (prose, the PromQL examples) names a served one with labels it has."""
+    served = served_metrics()
+    documented: dict[str, set[str]] = {}
+    for line in README.splitlines():
+        if line.startswith("| `corolla_"):
+            for name, labels in re.findall(r"`(corolla_\w+)(?:\{([\w,]*)\})?`", line.split("|")[1]):
+                documented[name] = set(filter(None, labels.split(",")))
+    for name, labels in documented.items():
+        assert served.get(name) == labels, f"{name}{{{','.join(sorted(labels))}}} is not served as documented"
+    families = {
+        name
+        for name in served
+        if name.startswith(("corolla_peer_", "corolla_gateway_"))
+        and not name.endswith(("_bucket", "_sum", "_count"))
+    }
+    assert families <= documented.keys(), f"undocumented: {sorted(families - documented.keys())}"
+    mentions = re.findall(r"\b(corolla_\w+)(?:\{([^}]*)\})?", README)
+    assert len(mentions) > len(documented)
+    for name, labels in mentions:
+        assert name in served, f"deploy/README.md names {name}, which nothing serves"
+        used = {part.split("=")[0].strip() for part in labels.split(",") if part.strip()}
+        assert used <= served[name] | {"model"}, f"{name} has no label {used - served[name]}"
+
+
 # ---- the image ---------------------------------------------------------------------------------------
 
 
+DEPENDENCIES = "pip install -r /tmp/requirements.txt"  # what the image's dependency layer installs
+SOURCES = ("protos", "peer", "client", "corolla")
+
+
+def image_extras() -> list[str]:
+    """The extras whose dependencies the image's dependency layer reads from pyproject.toml."""
+    [run] = [rest for instruction, rest in dockerfile() if instruction == "RUN" and DEPENDENCIES in rest]
+    return re.findall(r"\['optional-dependencies'\]\['(\w+)'\]", run)
+
+
 def test_the_image_installs_as_the_readme_says() -> None:
+    """The image's pip steps are the README's, `pip install .[EXTRAS]` split into the dependencies of
+    pyproject.toml (with those extras) and the project itself without them."""
     arguments = image_args()
     runs = [rest for instruction, rest in dockerfile() if instruction == "RUN"]
     steps = []
@@ -435,6 +699,9 @@ def test_the_image_installs_as_the_readme_says() -> None:
             command = re.sub(r"\$\{(\w+)\}", lambda m: arguments[m.group(1)], command.strip())
             if command.startswith(("pip install", "python3 -m venv")):
                 steps.append(" ".join(command.split()))
+    assert DEPENDENCIES in steps and "pip install --no-deps ." in steps
+    steps[steps.index(DEPENDENCIES)] = f'pip install ".[{",".join(image_extras())}]"'
+    steps.remove("pip install --no-deps .")
     [install] = [
         block for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL) if "pip install" in block
     ]
@@ -446,25 +713,99 @@ def test_the_image_installs_as_the_readme_says() -> None:
     for pin in re.findall(r"pip install [^\n]*?(\S+==\S+)", "\n".join(steps)):
         assert pin in makefile, f"{pin} is not the Makefile's pin"
     assert [json.loads(rest) for instruction, rest in dockerfile() if instruction == "ENTRYPOINT"] == [
-        ["corolla"]
+        ["corolla-entrypoint"]
     ]
-    assert (
-        "`corolla` is its entrypoint" in README and "The arguments of `docker run` are `corolla`'s" in README
-    )
+    assert "COPY deploy/entrypoint.sh /usr/local/bin/corolla-entrypoint" in {
+        f"{instruction} {rest}" for instruction, rest in dockerfile()
+    }
+    assert "The arguments of `docker run` are `corolla`'s" in README
     assert dockerfile()[0][0] == "ARG" and dockerfile()[1] == ("FROM", "${BASE_IMAGE}"), (
         "a base image argument"
     )
-    assert arguments["BASE_IMAGE"].startswith("python:3.11")
     assert "--build-arg BASE_IMAGE=nvidia/cuda:" in README
     ignore = [
         line
         for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
         if not line.startswith("#")
     ]
-    copied = {rest.split()[0] for instruction, rest in dockerfile() if instruction == "COPY"}
-    assert ignore[0] == "*" and {f"!{path}" for path in copied if path != "pyproject.toml"} <= set(ignore) | {
-        "!README.md"
+    copied = {
+        path for instruction, rest in dockerfile() if instruction == "COPY" for path in rest.split()[:-1]
     }
+    assert ignore[0] == "*" and {f"!{path}" for path in copied} <= set(ignore)
+
+
+def test_the_image_caches_its_dependencies_and_pins_its_base() -> None:
+    """Dependencies are installed from pyproject.toml alone before any source is copied (editing a source
+    rebuilds only the layers after it); the base image is an exact release; the user is not root, by number
+    (Kubernetes' runAsNonRoot can check a uid, not a name)."""
+    steps = [f"{instruction} {rest}" for instruction, rest in dockerfile()]
+    first_source = min(i for i, step in enumerate(steps) if step.startswith(("COPY protos", "COPY peer")))
+    [manifest] = [i for i, step in enumerate(steps) if step.startswith("COPY pyproject.toml")]
+    [dependencies] = [i for i, step in enumerate(steps) if DEPENDENCIES in step]
+    assert manifest < dependencies < first_source
+    assert steps[manifest] == "COPY pyproject.toml ./", "nothing but the dependency list in that layer"
+    assert {f"COPY {source} ./{source}" for source in SOURCES} <= set(steps[first_source:])
+    assert image_extras() == ["api", "gguf"]  # what `api`, `monitor` and `prepare-model` need
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", image_args()["BASE_IMAGE"])
+    [user] = [rest for instruction, rest in dockerfile() if instruction == "USER"]
+    assert user == "1000:1000"
+    assert "--uid 1000 corolla" in " ".join(steps)
+
+
+def _fake_corolla(folder: Path) -> dict[str, str]:
+    """An environment whose `corolla` prints its arguments, one per line."""
+    program = folder / "corolla"
+    program.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    program.chmod(0o755)
+    return {"PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, ["serve", "/m", "--num-blocks", "2"]),
+        (
+            "/dns4/dht/tcp/31337/p2p/12D3KooWA\n",
+            ["serve", "/m", "--num-blocks", "2", "--initial-peers", "/dns4/dht/tcp/31337/p2p/12D3KooWA"],
+        ),
+        (
+            "/ip4/10.0.0.1/tcp/1/p2p/A\n/ip4/10.0.0.2/tcp/1/p2p/B\n",
+            [
+                "serve",
+                "/m",
+                "--num-blocks",
+                "2",
+                "--initial-peers",
+                "/ip4/10.0.0.1/tcp/1/p2p/A",
+                "/ip4/10.0.0.2/tcp/1/p2p/B",
+            ],
+        ),
+    ],
+)
+def test_the_entrypoint_passes_the_initial_peers_file(
+    tmp_path: Path, content: str | None, expected: list[str]
+) -> None:
+    env = _fake_corolla(tmp_path)
+    if content is not None:
+        (tmp_path / "initial-peers").write_text(content)
+        env[ENTRYPOINT_ENV] = str(tmp_path / "initial-peers")
+    done = subprocess.run(
+        [str(DEPLOY / "entrypoint.sh"), "serve", "/m", "--num-blocks", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.splitlines() == expected
+
+
+def test_the_entrypoint_refuses_a_missing_initial_peers_file(tmp_path: Path) -> None:
+    env = _fake_corolla(tmp_path) | {ENTRYPOINT_ENV: str(tmp_path / "nothing")}
+    done = subprocess.run(
+        [str(DEPLOY / "entrypoint.sh"), "serve", "/m"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1 and done.stdout == "" and "missing or empty" in done.stderr
 
 
 # ---- compose -------------------------------------------------------------------------------------------
@@ -472,7 +813,12 @@ def test_the_image_installs_as_the_readme_says() -> None:
 
 def test_compose_persists_identities_drains_and_wires_ports() -> None:
     scraped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]
-    targets = {target for job in scraped for group in job["static_configs"] for target in group["targets"]}
+    targets = {
+        (job.get("metrics_path", "/metrics"), target)
+        for job in scraped
+        for group in job["static_configs"]
+        for target in group["targets"]
+    }
     metrics_targets = set()
     for name, service, invocation in compose_invocations():
         configs = parse(invocation)
@@ -488,9 +834,11 @@ def test_compose_persists_identities_drains_and_wires_ports() -> None:
             peer = one(configs, PeerConfig)
             assert _seconds(service["stop_grace_period"]) >= peer.drain_timeout + STOP_MARGIN
             assert peer.announce_host == name, f"{name}: other containers reach it by its service name"
-            assert service["healthcheck"]["test"] == ["CMD", "test", "-f", str(peer.ready_file)]
             assert peer.model.startswith("/cache/models/") and mounts.get("/cache") == "cache"
-            metrics_targets.add(f"{name}:{ports['metrics']}")
+            metrics_targets.add(("/metrics", f"{name}:{ports['metrics']}"))
+        if invocation.command == "api":  # the gateway's /metrics, scraped by the service's name (its Host)
+            assert name in one(configs, GatewayConfig).allowed_hosts, f"{name}: the scraper's Host is refused"
+            metrics_targets.add(("/metrics", f"{name}:{ports['http']}"))
             dht_host, dht_port = _dns4(peer.initial_peers[0])
             dht = parse(next(inv for n, _, inv in compose_invocations() if n == dht_host))
             assert dht_port == one(dht, DhtConfig).port
@@ -501,7 +849,53 @@ def test_compose_persists_identities_drains_and_wires_ports() -> None:
         if "healthcheck" in service and invocation.command in ("api", "monitor"):
             url = re.search(r"http://127\.0\.0\.1:(\d+)/health", " ".join(service["healthcheck"]["test"]))
             assert url is not None and int(url.group(1)) == ports["http"]
+        if invocation.command in ("serve", "dht"):  # grpc.health.v1 "corolla": serving, not merely started
+            check = " ".join(service["healthcheck"]["test"])
+            assert f"insecure_channel('127.0.0.1:{ports['health']}')" in check, name
+            assert (
+                f"HealthCheckRequest(service='{HEALTH_SERVICE}')" in check
+                and "!= h.HealthCheckResponse.SERVING" in check
+            )
     assert targets == metrics_targets
+
+
+def test_compose_services_have_resource_limits() -> None:
+    for name, service in compose()["services"].items():
+        limits = service["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) > 0 and re.fullmatch(r"\d+[mg]", limits["memory"]), name
+
+
+def test_compose_computes_the_bootstrap_address() -> None:
+    """The `bootstrap` step reads the DHT's identity where the DHT keeps it and writes the address of the
+    DHT's service and port into a volume every joining node reads; they start after it; nothing to paste."""
+    services = compose()["services"]
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    assert "DHT_PEER_ID" not in text and "12D3KooW" not in text and "REPLACE" not in text
+    invocations = {name: invocation for name, _, invocation in compose_invocations()}
+    [writer] = [name for name, invocation in invocations.items() if invocation.command == "peer-id"]
+    args = invocations[writer].args
+    dht = one(parse(invocations["dht"]), DhtConfig)
+    assert "--create" in args and _option(args, "--identity") == str(dht.identity)
+    assert _mounts(services[writer])["/data"] == _mounts(services["dht"])["/data"]
+    assert (_option(args, "--host"), int(str(_option(args, "--port")))) == ("dht", dht.port)
+    assert services["dht"]["depends_on"][writer]["condition"] == "service_completed_successfully"
+    output = PurePosixPath(str(_option(args, "--output")))
+    joining = [
+        name for name, invocation in invocations.items() if invocation.command in ("serve", "api", "monitor")
+    ]
+    assert len(joining) == 5
+    for name in joining:
+        invocation = invocations[name]
+        assert invocation.env[ENTRYPOINT_ENV] == str(output), name
+        assert _mounts(services[name])[str(output.parent)] == _mounts(services[writer])[str(output.parent)]
+        assert services[name]["depends_on"]["dht"]["condition"] == "service_healthy", name
+        [peers] = [config.initial_peers for config in parse(invocation) if hasattr(config, "initial_peers")]
+        assert peers == [multiaddress("dht", dht.port, _stand_in_peer_id())], name
+
+
+def _mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> volume of a compose service."""
+    return {volume.split(":")[1]: volume.split(":")[0] for volume in service.get("volumes", [])}
 
 
 def _seconds(text: str) -> float:
@@ -568,7 +962,14 @@ def test_kubernetes_peers_persist_identity_and_cache_and_are_probed() -> None:
                 assert port in ports.values(), where
                 if "httpGet" in probe:
                     assert check["path"] in ("/health", "/ready"), where
-        if invocation.command in ("serve", "dht"):
+        if invocation.command == "api":  # the gateway's /metrics, scraped at the pod's IP
+            annotations = doc["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/port"] == str(ports["http"]), where
+            assert annotations["prometheus.io/path"] == "/metrics", where
+        if invocation.command == "dht":  # its identity is a Secret: others compute its address from it
+            volume = _volume_of(str(configs[0].identity), container)
+            assert _pod_volumes(doc)[volume]["secret"]["secretName"] == "corolla-dht-identity", where
+        if invocation.command == "serve":
             assert doc["kind"] == "StatefulSet", f"{where}: identity needs a stable volume"
             claims = {claim["metadata"]["name"] for claim in doc["spec"]["volumeClaimTemplates"]}
             config = configs[0]
@@ -607,6 +1008,48 @@ def test_kubernetes_peers_persist_identity_and_cache_and_are_probed() -> None:
             assert named.get(target, target) in named.values(), f"{name}: {port}"
 
 
+def _pod_volumes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {volume["name"]: volume for volume in doc["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def test_kubernetes_pods_compute_the_bootstrap_address() -> None:
+    """Each pod that joins the swarm has an init container that computes the bootstrap's multiaddress from the
+    identity the bootstrap node runs with (the same Secret) and the Service in front of it, into an emptyDir
+    the serving container reads; only that init container mounts the bootstrap's key."""
+    text = "".join(path.read_text() for path in (DEPLOY / "k8s").glob("*.yaml"))
+    assert "REPLACE" not in text and "12D3KooW" not in text
+    services = {doc["metadata"]["name"]: doc for _, doc in manifests() if doc["kind"] == "Service"}
+    [(_, dht_doc, dht_container, _, dht_invocation)] = [
+        each for each in k8s_invocations() if each[4].command == "dht"
+    ]
+    dht = one(parse(dht_invocation), DhtConfig)
+    dht_secret = _pod_volumes(dht_doc)[str(_volume_of(str(dht.identity), dht_container))]["secret"]
+    joining = 0
+    for where, doc, container, init, invocation in k8s_invocations():
+        if init or invocation.command not in ("serve", "api", "monitor"):
+            continue
+        joining += 1
+        pod = doc["spec"]["template"]["spec"]
+        [writer] = [c for c in pod["initContainers"] if c["args"][0] == "peer-id"]
+        args = [str(arg) for arg in writer["args"]]
+        identity = str(_option(args, "--identity"))
+        assert PurePosixPath(identity).name == PurePosixPath(str(dht.identity)).name, where
+        assert _pod_volumes(doc)[str(_volume_of(identity, writer))]["secret"] == dht_secret, where
+        host, port = str(_option(args, "--host")), int(str(_option(args, "--port")))
+        assert services[host]["spec"]["ports"][0]["port"] == port == dht.port, where
+        output = str(_option(args, "--output"))
+        assert invocation.env[ENTRYPOINT_ENV] == output, where
+        shared = _volume_of(output, container)
+        assert shared == _volume_of(output, writer) and "emptyDir" in _pod_volumes(doc)[str(shared)], where
+        mounted = {mount["name"] for mount in container["volumeMounts"]}
+        assert _volume_of(identity, writer) not in mounted, (
+            f"{where}: the serving container holds the DHT's key"
+        )
+        [peers] = [config.initial_peers for config in parse(invocation) if hasattr(config, "initial_peers")]
+        assert peers == [multiaddress(host, port, _stand_in_peer_id())], where
+    assert joining == 3
+
+
 def _volume_of(path: str, container: dict[str, Any]) -> str | None:
     """The volume that holds `path` in `container` (the deepest mount above it)."""
     mounts = sorted(container["volumeMounts"], key=lambda mount: len(mount["mountPath"]), reverse=True)
@@ -619,13 +1062,14 @@ def _volume_of(path: str, container: dict[str, Any]) -> str | None:
 # ---- private swarms, hardening, network policy (security review 3, L4) --------------------------------
 
 SWARM_COMMANDS = ("dht", "serve", "api", "monitor")
+KEY_SECRETS = ("corolla-swarm-key", "corolla-dht-identity")
 
 
 def _raw_swarm_key(invocation: Invocation) -> str | None:
     """The swarm key path as the deploy file gives it (before `parse` stands a real file in for it)."""
     if "--swarm-key" in invocation.args:
         return invocation.args[invocation.args.index("--swarm-key") + 1]
-    return invocation.env.get("COROLLA_SWARM_KEY")
+    return invocation.env.get(command_prefix(invocation.command) + "SWARM_KEY")
 
 
 def test_compose_and_kubernetes_run_a_private_swarm() -> None:
@@ -720,14 +1164,14 @@ def test_mounted_key_files_pass_the_permission_check_the_peer_runs(tmp_path: Pat
         pod = doc["spec"]["template"]["spec"]
         context = pod["securityContext"]
         for volume in pod.get("volumes", []):
-            if "secret" not in volume or volume["secret"]["secretName"] != "corolla-swarm-key":
+            if "secret" not in volume or volume["secret"]["secretName"] not in KEY_SECRETS:
                 continue
             mode = volume["secret"]["defaultMode"] | (0o040 if "fsGroup" in context else 0)
             _give(key, uid=0, gid=context.get("fsGroup", 0), mode=mode)
             assert private_file_problem(key, euid=context["runAsUser"]) is None, where
             assert os.stat(key).st_mode & 0o040 or os.stat(key).st_gid == 0  # readable by the pod's group
             checked += 1
-    assert checked == 4
+    assert checked == 8  # the swarm key in 4 pods, the bootstrap's identity in 4
     _give(key, uid=0, gid=1000, mode=0o444)  # a Secret readable by every user of the node
     assert "readable by others" in str(private_file_problem(key, euid=1000))
     _give(key, uid=1000, gid=1000, mode=0o600)  # compose: the host file, chowned as deploy/README.md says
@@ -738,3 +1182,154 @@ def test_mounted_key_files_pass_the_permission_check_the_peer_runs(tmp_path: Pat
     assert "readable by others" in str(private_file_problem(identity, euid=1000))
     _give(identity, uid=1000, gid=1000, mode=0o600)  # OnRootMismatch: as corolla wrote it
     assert private_file_problem(identity, euid=1000) is None
+
+
+def _as_user(uid: int, load: Callable[[], object]) -> str:
+    """`load()` in a child process of user and group `uid` (no other groups), as a pod's container runs it:
+    what it returns, or the error it raises. (A fork: the interpreter lives where that user may not read.)"""
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            text = f"ok {load()}"
+        except Exception as e:
+            text = f"error {e}"
+        os.write(writer, text.encode())
+        os._exit(0)
+    os.close(writer)
+    with os.fdopen(reader) as pipe:
+        text = pipe.read()
+    os.waitpid(child, 0)
+    return text
+
+
+def test_a_secret_mounted_as_kubernetes_and_systemd_mount_it_loads_in_their_user(tmp_path: Path) -> None:
+    """A swarm key and an identity as the kubelet leaves a Secret with `defaultMode: 0400` under `fsGroup`
+    (root's, group 1000, 0440) and as systemd's `LoadCredential=` leaves it (root's, 0400 with an ACL for the
+    service's user, which stat shows as 0440): `SwarmKey.load` and `Identity.load_or_create` take them in a
+    process of uid/gid 1000. The same files readable by every user, or a user's own key its group may read,
+    are refused."""
+    if os.geteuid() != 0:
+        pytest.skip("laying a file out as the kubelet does (root's, another group) needs root")
+    folder = Path(tempfile.mkdtemp(prefix="corolla-secret-"))  # tmp_path's parents are closed to other users
+    try:
+        folder.chmod(0o755)
+        key, identity = folder / "key", folder / "dht.key"
+        fingerprint = SwarmKey.create(key).fingerprint
+        expected_id = Identity.load_or_create(identity).peer_id
+        for path in (key, identity):
+            _give(path, uid=0, gid=1000, mode=0o440)
+        assert _as_user(1000, lambda: SwarmKey.load(key).fingerprint) == f"ok {fingerprint}"
+        assert _as_user(1000, lambda: Identity.load_or_create(identity).peer_id) == f"ok {expected_id}"
+        _give(key, uid=1000, gid=1000, mode=0o400)  # LoadCredential= without ACLs: the service's user's own
+        assert _as_user(1000, lambda: SwarmKey.load(key).fingerprint) == f"ok {fingerprint}"
+        _give(key, uid=0, gid=1000, mode=0o444)
+        assert "readable by others" in _as_user(1000, lambda: SwarmKey.load(key))
+        _give(key, uid=1000, gid=1000, mode=0o440)
+        assert "readable by others" in _as_user(1000, lambda: SwarmKey.load(key))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_systemd_unit_reads_keys_as_credentials_and_has_a_writable_hf_home() -> None:
+    unit = systemd_unit()
+    [serve] = [inv for inv in systemd_invocations() if inv.command == "serve"]
+    [credential] = unit["LoadCredential"]
+    name, _, source = credential.partition(":")
+    assert PurePosixPath(source).parent == PurePosixPath("/etc/corolla")
+    assert _option(serve.args, "--swarm-key") == f"{SPECIFIERS['${CREDENTIALS_DIRECTORY}']}/{name}"
+    assert any(config.swarm_key for config in parse(serve))
+    assert unit["ProtectSystem"] == ["strict"] and unit["DynamicUser"] == ["yes"]
+    env = dict(_specified(each).split("=", 1) for each in unit["Environment"])
+    state = Path(SPECIFIERS["%S"]) / unit["StateDirectory"][0]
+    assert Path(env["HF_HOME"]).is_relative_to(state), "the only writable place under ProtectSystem=strict"
+    max_rpcs = PeerConfig.model_fields["max_concurrent_rpcs"].default
+    assert int(unit["LimitNOFILE"][0]) >= 16 * max_rpcs
+
+
+@pytest.fixture
+def open_file_limit() -> Iterator[tuple[int, int]]:
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    yield limits
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_the_peer_raises_its_open_file_limit_to_the_hard_one(open_file_limit: tuple[int, int]) -> None:
+    _, hard = open_file_limit
+    wanted = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if wanted <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    assert raise_open_file_limit() == wanted
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (wanted, hard)
+    assert raise_open_file_limit() == wanted  # already there: unchanged
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ((1024, 4096), (4096, 4096)),
+        ((1024, resource.RLIM_INFINITY), (MAX_OPEN_FILES, resource.RLIM_INFINITY)),
+        ((4096, 4096), None),
+        ((resource.RLIM_INFINITY, resource.RLIM_INFINITY), None),
+    ],
+)
+def test_the_open_file_limit_asked_for(
+    monkeypatch: pytest.MonkeyPatch, limits: tuple[int, int], expected: tuple[int, int] | None
+) -> None:
+    asked: list[tuple[int, int]] = []
+    monkeypatch.setattr(resource, "getrlimit", lambda _: limits)
+    monkeypatch.setattr(resource, "setrlimit", lambda _, value: asked.append(value))
+    raise_open_file_limit()
+    assert asked == ([expected] if expected else [])
+
+
+@pytest.mark.swarm
+def test_peer_id_prints_what_a_running_dht_announces(tmp_path: Path) -> None:
+    """`corolla peer-id` from the identity file alone equals the id (and, given its host and port, the
+    multiaddress) that a `corolla dht` started with that file prints."""
+    identity = tmp_path / "dht.key"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["peer-id", "--identity", str(identity), "--create"]) == 0
+    peer_id = printed.getvalue().strip()
+    dht = start_dht(tmp_path, "--identity", str(identity))
+    try:
+        [maddr] = [m for m in dht.maddrs if m.startswith("/ip4/127.0.0.1/")]
+        port = int(maddr.split("/")[4])
+        assert maddr.endswith(f"/p2p/{peer_id}")
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            cli.main(["peer-id", "--identity", str(identity), "--host", "127.0.0.1", "--port", str(port)])
+        assert printed.getvalue().strip() == maddr
+    finally:
+        dht.stop()
+
+
+def test_peer_id_refuses_what_the_node_would_refuse(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.key"
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()):
+        cli.main(["peer-id", "--identity", str(missing)])
+    assert exit_info.value.code == 1 and not missing.exists()
+    identity = tmp_path / "open.key"
+    Identity.load_or_create(identity)
+    identity.chmod(0o644)
+    errors = io.StringIO()
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(errors):
+        cli.main(["peer-id", "--identity", str(identity)])
+    assert "readable by others" in errors.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("dht", "/dns4/dht/tcp/1/p2p/X"),
+        ("10.0.0.1", "/ip4/10.0.0.1/tcp/1/p2p/X"),
+        ("[::1]", "/ip6/::1/tcp/1/p2p/X"),
+    ],
+)
+def test_multiaddress(host: str, expected: str) -> None:
+    assert multiaddress(host, 1, "X") == expected

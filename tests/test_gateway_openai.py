@@ -477,8 +477,11 @@ def test_metrics_count_the_requests_made(gateways) -> None:
     assert grew(generated, generated + "_sum") == sum(u.completion_tokens for u in usages) > 0
     assert value(after, "corolla_gateway_requests_running", "corolla_gateway_requests_running") == 0
     assert value(after, "corolla_gateway_requests_waiting", "corolla_gateway_requests_waiting") == 0
-    samples = [s for family in after.values() for s in family]
+    samples = [s for name, family in after.items() if name.startswith("corolla_gateway_") for s in family]
     assert samples and all(s.labels.get("model") == NAME for s in samples)
+    # the client library's series share the endpoint: the requests' sessions and steps through the swarm
+    sessions = "corolla_client_sessions"
+    assert grew(sessions, sessions + "_total") >= 3
 
 
 def test_a_chat_template_that_cannot_render_stops_the_start(model, folder, tmp_path) -> None:
