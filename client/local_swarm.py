@@ -54,16 +54,34 @@ class LocalProcess:
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         """Signal by PID and wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        self.signal(sig)
+        return self.wait(timeout)
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` by PID unless it has exited (a frozen process is continued first: it could not exit)."""
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGCONT)  # a frozen process cannot exit
+                os.kill(self.popen.pid, signal.SIGCONT)
             self.popen.send_signal(sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(10)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Its exit code, after at most `timeout` seconds (then SIGKILL)."""
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
         return int(self.popen.returncode)
+
+
+def stop_all(processes: Sequence[LocalProcess], timeout: float = 30.0) -> None:
+    """Stop `processes` together: SIGTERM to each by PID, then wait for all within `timeout` seconds (each
+    drains at the same time as the others), SIGKILL for any still running."""
+    for process in processes:
+        process.signal()
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.wait(max(deadline - time.monotonic(), 0.1))
 
 
 def _spawn(
@@ -222,9 +240,9 @@ class LocalSwarm:
         return started
 
     def stop(self) -> None:
-        """Stop every process by PID, the peers first (in reverse order), then the DHT."""
-        for process in reversed([self.dht, *self.peers]):
-            process.stop()
+        """Stop every process by PID: the peers together, then the DHT."""
+        stop_all(self.peers)
+        self.dht.stop()
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import grpc
 
 from client import local_swarm
 from client.local_swarm import LocalProcess as Process
-from client.local_swarm import LocalSwarm
+from client.local_swarm import LocalSwarm, stop_all
 from protos import peer_pb2_grpc, tls
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "start_dht",
     "start_peer",
     "start_peers",
+    "stop_all",
 ]
 
 # one thread per peer: tests run several processes on a 2-core machine

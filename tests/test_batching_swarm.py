@@ -16,7 +16,7 @@ import grpc
 import pytest
 import torch
 from families import HIDDEN, VOCAB, without_eos
-from swarm import Process, channel, running, start_dht, start_peer
+from swarm import Process, channel, running, start_dht, start_peer, stop_all
 
 from client import AutoDistributedModelForCausalLM
 from client.errors import SwarmError
@@ -254,8 +254,8 @@ def tiny(checkpoint, tmp_path_factory) -> Iterator[dict[str, Process]]:
                 future.result()  # raises the first failure, after every started peer is kept for the stop
         yield {"dht": dht, **peers}
     finally:
-        for process in [*peers.values(), dht]:
-            process.stop()
+        stop_all(list(peers.values()))
+        dht.stop()
 
 
 # ---- 2. 64 short sessions of max_length 2048 share a pool of 8192 tokens ---------------------------------

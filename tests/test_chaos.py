@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from families import VOCAB, without_eos
-from swarm import LocalSwarm, Process, channel, running
+from swarm import LocalSwarm, Process, channel, running, stop_all
 
 from client.discovery import BanList
 from client.errors import NoRouteError
@@ -58,8 +58,7 @@ class Swarm:
         return without_eos(model)
 
     def stop(self) -> None:
-        for peer in self.peers:
-            peer.stop()
+        stop_all(self.peers)
 
 
 @pytest.fixture

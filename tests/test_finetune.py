@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 from families import HIDDEN, VOCAB, without_eos
-from swarm import Process, channel, running, start_peers
+from swarm import Process, channel, running, start_peers, stop_all
 from transformers import AutoModelForSequenceClassification
 
 from client.model import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
@@ -366,5 +366,4 @@ def test_peer_killed_mid_step_gives_the_same_gradients(checkpoint, swarm, tmp_pa
     finally:
         if model is not None:
             model.shutdown()
-        for peer in peers:
-            peer.stop()
+        stop_all(peers)

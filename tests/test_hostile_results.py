@@ -12,7 +12,7 @@ import pytest
 import torch
 from families import VOCAB, without_eos
 from hostile_peer import start_peers
-from swarm import LocalSwarm, running
+from swarm import LocalSwarm, running, stop_all
 
 from client.model import AutoDistributedModelForCausalLM
 
@@ -88,8 +88,7 @@ def test_hostile_peer_is_banned_and_the_generation_equals_transformers(dht, loca
         if verify_every:
             assert session.spot_checks.stats.mismatches >= 1
     finally:
-        for process in processes:
-            process.stop()
+        stop_all(processes)
     assert time.monotonic() - started_at < 60
 
 
@@ -132,6 +131,5 @@ def test_default_spot_checks_catch_a_liar_whose_span_nobody_else_serves(dht, loc
         assert failover.replay_positions < prompt.shape[1] + CHAIN_NEW_TOKENS  # caught at one of the 50 steps
         assert session.spot_checks.stats.mismatches >= 1
     finally:
-        for process in processes:
-            process.stop()
+        stop_all(processes)
     assert time.monotonic() - started_at < 90

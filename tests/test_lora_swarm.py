@@ -22,7 +22,7 @@ import peft
 import pytest
 import torch
 from families import HIDDEN, VOCAB, without_eos
-from swarm import LocalSwarm, Process, channel, running, start_peers
+from swarm import LocalSwarm, Process, channel, running, start_peers, stop_all
 from transformers import AutoModelForCausalLM
 
 from client.errors import NoRouteError
@@ -74,8 +74,7 @@ def gpt2_peers(checkpoint, swarm) -> Iterator[list[Process]]:
     try:
         yield peers
     finally:
-        for peer in peers:
-            peer.stop()
+        stop_all(peers)
 
 
 def _lora(family: str) -> peft.LoraConfig:
@@ -227,8 +226,7 @@ def served(checkpoint, swarm, trained) -> Iterator[list[Process]]:
     try:
         yield peers
     finally:
-        for peer in peers:
-            peer.stop()
+        stop_all(peers)
 
 
 def test_saved_adapter_loads_in_peft_and_serves_with_the_same_outputs(checkpoint, swarm, trained, served):
