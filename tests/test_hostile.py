@@ -26,6 +26,8 @@ HIDDEN = 64
 MAX_MESSAGE = 8 << 20
 PENDING = 4
 OPTIONS = [
+    "--model-id",
+    "llama",  # the id the records are read under
     "--max-message-bytes",
     str(MAX_MESSAGE),
     "--max-pending-pushes",

@@ -27,6 +27,7 @@ MAX_MESSAGE = 1 << 20
 LIMITS = ["--max-batch-size", "4", "--max-length", "128", "--max-message-bytes", str(MAX_MESSAGE)]
 LIMITS += ["--max-forward-tokens", "256", "--max-cache-tokens", "1024", "--throughput", "100"]
 LIMITS += ["--announce-period", "2", "--max-client-cache-tokens", "1024"]
+LIMITS += ["--model-id", "llama"]  # the id the records are read under
 
 pytestmark = pytest.mark.swarm  # real DHT and peer processes
 
