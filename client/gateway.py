@@ -57,6 +57,7 @@ try:
 except ModuleNotFoundError as e:  # without the [api] extra: say how to install it
     raise (missing_extra(e, needed_by="the OpenAI gateway (client.gateway)") or e) from None
 
+from client import metrics as client_metrics
 from client.admission import Admission, Ticket
 from client.completions import (
     ContextLengthError,
@@ -75,7 +76,6 @@ from client.discovery import SwarmView
 from client.engine import Engine, Job
 from client.errors import PeerFailure, SwarmError, format_ranges
 from client.gateway_guard import KEY_SCOPE, Guard
-from client import metrics as client_metrics
 from client.gateway_metrics import CONTENT_TYPE, GatewayMetrics
 from client.openai_types import (
     ChatCompletionRequest,
