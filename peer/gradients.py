@@ -45,6 +45,12 @@ class Graph:
     lora: Lora | None
     leaves: list[torch.Tensor] = field(default_factory=list)  # the trainable LoRA's A, B, A, B, ...
 
+    def held_bytes(self) -> int:
+        """Bytes of the tensors it holds besides autograd's activations: its own copies of the input, the
+        prompts and a client's LoRA (which may be far larger than a short forward's activations)."""
+        prompts = [] if self.prompts is None else [self.prompts]
+        return sum(t.nbytes for t in [self.inputs, *prompts, *self.leaves])
+
     def matches(
         self,
         start: int,

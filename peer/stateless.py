@@ -208,8 +208,8 @@ async def forward_kept(
         ),
         **_job("forward", hidden, request.end - request.start, remaining),
     )
-    nbytes = backward_bytes(hidden.shape, request.end - request.start, itemsize=span.dtype.itemsize)
-    return graph.output.detach(), kept.keep(graph, nbytes)
+    activations = backward_bytes(hidden.shape, request.end - request.start, itemsize=span.dtype.itemsize)
+    return graph.output.detach(), kept.keep(graph, activations + graph.held_bytes())
 
 
 def kept_graph(span: HostedSpan, request: BackwardRequest, kept: KeptGraphs) -> Graph | None:

@@ -13,6 +13,7 @@ from fakes import hidden_states
 from client.finetune import RemoteSpans
 from peer.adapters import Lora, LoraWeights
 from peer.gradients import TOKEN_BYTES, KeptGraphs, record
+from peer.requests import backward_bytes
 from protos import peer_pb2, peer_pb2_grpc
 from protos.tensors import from_message, to_message
 
@@ -182,3 +183,18 @@ def test_training_passes_keep_their_graphs_and_inference_keeps_none(fake_swarm, 
     assert [len(peer.service.kept) for peer in swarm.peers] == [0, 0]  # each Backward took its graph
     expected, _ = swarm.local_span().backward(hidden.detach(), hidden_states(2, 3, seed=1))
     assert torch.equal(hidden.grad, expected)
+
+
+def test_a_kept_graph_counts_its_copies_of_the_clients_lora(fake_swarm) -> None:
+    """A short forward carrying large LoRA weights holds those weights while kept: the budget counts them, so
+    a client cannot keep gigabytes of weights under an estimate of a few activations."""
+    hidden, lora = hidden_states(2, 3, seed=0), _lora(0)
+    activations = backward_bytes(hidden.shape, 4, itemsize=4)
+    graph = _graph(fake_swarm([]).local_span(), hidden, lora)
+    weights = sum(w.a.nbytes + w.b.nbytes for w in lora.modules.values())
+    assert graph.held_bytes() == hidden.nbytes + weights
+    # room for the activations but not for the weights and input too: the peer keeps nothing
+    peer = fake_swarm([(0, 4)], max_kept_bytes=activations + weights).peers[0]
+    forward = peer_pb2.ForwardRequest(start=0, end=4, hidden=to_message(hidden), keep_for_backward=True)
+    forward.lora.extend(_lora_messages(lora))
+    assert _stub(peer).Forward(forward).backward_token == b"" and len(peer.service.kept) == 0
