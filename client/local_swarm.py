@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 STARTUP_TIMEOUT = 180.0
 READY_POLL_PERIOD = 0.1  # seconds between looks at a starting process's ready file
@@ -26,9 +26,40 @@ LOG_TAIL_CHARS = 3000  # of a failed process's log, shown in the error
 LOCALHOST = "127.0.0.1"  # where processes listen unless a caller gives another `host`
 
 
+class ProcessHandle(Protocol):
+    """What this module needs of a started process: `subprocess.Popen`, or a launcher's own handle."""
+
+    pid: int
+    returncode: int | Any
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts `corolla ARGV` with environment `env`, its output in `log`; None leaves it to a new process."""
+
+    def __call__(self, argv: list[str], log: Path, env: dict[str, str]) -> ProcessHandle | None: ...
+
+
+_launcher: Launcher | None = None
+
+
+def use_launcher(launcher: Launcher | None) -> None:
+    """Start the processes of this module through `launcher` where it accepts them (tests fork them from a
+    process that has imported everything once); None: a new process each."""
+    global _launcher
+    _launcher = launcher
+
+
 @dataclass
 class LocalProcess:
-    popen: subprocess.Popen[bytes]
+    popen: ProcessHandle
     log: Path
     ready_file: Path
     address: str = ""
@@ -92,6 +123,11 @@ def _spawn(
     ready_file = log.with_suffix(".ready.json")
     ready_file.unlink(missing_ok=True)  # left by an earlier run in the same folder
     environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if _launcher is not None and not prefix:
+        log.write_bytes(b"")  # now, not when the child opens it: `_peer_log` counts the logs present
+        launched = _launcher([*args, "--ready-file", str(ready_file)], log, environment)
+        if launched is not None:
+            return LocalProcess(launched, log, ready_file)
     with log.open("w") as handle:
         popen = subprocess.Popen(
             [*prefix, sys.executable, "-m", "protos.cli", *args, "--ready-file", str(ready_file)],

@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, Any
 import psutil
 import pytest
 from families import save
-from swarm import start_dht
+from forkserver import LazyLauncher
+from swarm import ENV, start_dht
+
+from client import local_swarm
 
 if TYPE_CHECKING:
     from fakes import FakeSwarm
@@ -53,6 +56,22 @@ def _reap_children(request: pytest.FixtureRequest) -> Iterator[None]:
         except psutil.Error:
             continue
     request.config.stash[_REAPED] = reaped
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fork_processes(_reap_children: None) -> Iterator[None]:
+    """The `corolla` processes tests start are forked from one process that imported everything once (see
+    `forkserver.py`); COROLLA_TEST_NO_FORK=1 starts each as a new process instead."""
+    if os.environ.get("COROLLA_TEST_NO_FORK") == "1":
+        yield
+        return
+    launcher = LazyLauncher(dict(os.environ, PYTHONUNBUFFERED="1", **ENV))
+    local_swarm.use_launcher(launcher)
+    try:
+        yield
+    finally:
+        local_swarm.use_launcher(None)
+        launcher.close()
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -17,6 +17,7 @@ from client.local_swarm import LocalSwarm, stop_all
 from protos import peer_pb2_grpc, tls
 
 __all__ = [
+    "ENV",
     "LocalSwarm",
     "Process",
     "certificate",
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 # one thread per peer: tests run several processes on a 2-core machine
-_ENV = {
+ENV = {
     "HF_HUB_OFFLINE": "1",
     "OMP_NUM_THREADS": "1",
     "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")]),
@@ -44,26 +45,26 @@ def running(
     """A DHT (with `dht_options`) and peers serving `spans` (started at once, all with `options`); more join
     through `swarm.start_peers`; every process is stopped by PID at exit (a module fixture yields inside)."""
     with local_swarm.running(
-        model, spans, *options, log_dir=log_dir, env=_ENV, dht_options=dht_options
+        model, spans, *options, log_dir=log_dir, env=ENV, dht_options=dht_options
     ) as swarm:
         yield swarm
 
 
 def start_dht(log_dir: Path, *options: str) -> Process:
-    return local_swarm.start_dht(log_dir, *options, env=_ENV)
+    return local_swarm.start_dht(log_dir, *options, env=ENV)
 
 
 def start_peer(
     log_dir: Path, model: Path, blocks: str, initial_peers: list[str], *extra: str, name=None
 ) -> Process:
-    return local_swarm.start_peer(log_dir, model, blocks, initial_peers, *extra, name=name, env=_ENV)
+    return local_swarm.start_peer(log_dir, model, blocks, initial_peers, *extra, name=name, env=ENV)
 
 
 def start_peers(
     log_dir: Path, model: Path, spans: list[str], initial_peers: list[str], *extra: str
 ) -> list[Process]:
     """Several peers started at once (they load in parallel)."""
-    return local_swarm.start_peers(log_dir, model, spans, initial_peers, *extra, env=_ENV)
+    return local_swarm.start_peers(log_dir, model, spans, initial_peers, *extra, env=ENV)
 
 
 def certificate(process: Process) -> bytes:

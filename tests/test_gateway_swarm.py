@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 import torch
-from swarm import _ENV, LocalSwarm, Process, channel, running
+from swarm import ENV, LocalSwarm, Process, channel, running
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from client.local_swarm import start_api
@@ -37,7 +37,7 @@ def smollm2():
 def up(smollm2, tmp_path_factory) -> Iterator[tuple[LocalSwarm, Process]]:
     log_dir = tmp_path_factory.mktemp("gateway")
     with running(log_dir, smollm2, SPANS, "--throughput", "100") as swarm:
-        api = start_api(log_dir, smollm2, swarm.initial_peers, "--refresh-period", "1", env=_ENV)
+        api = start_api(log_dir, smollm2, swarm.initial_peers, "--refresh-period", "1", env=ENV)
         try:
             yield swarm, api
         finally:
