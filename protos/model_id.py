@@ -1,10 +1,12 @@
 """The swarm's name of a model, derived from the checkpoint's own identity so that every copy of one model
 meets the same peers, and what to tell a user whose model nobody serves. Reads files; knows no DHT client.
 
-A hub name, its hub cache snapshot (`.../models--org--name/snapshots/<rev>`, or a folder linking into one)
-and a folder prepared by `corolla prepare-model` name themselves; any other checkpoint folder is named by
-its content: `{model_type}-{parameters}-{hash}`, the hash over config.json and the first bytes of every
-stored tensor, so a plain copy gets its original's id and a fine-tune with the same config does not.
+A hub name, its hub cache snapshot (`.../models--org--name/snapshots/<rev>`, or a folder linking into one),
+a `git clone` of its hub repository and a folder prepared by `corolla prepare-model` name themselves; any
+other checkpoint folder is named by its content: `{model_type}-{parameters}-{hash}`, the hash over
+config.json and the first bytes of every stored tensor, so a plain copy gets its original's id and a fine-tune
+with the same config does not. (A copy that kept none of these marks, such as `hf download --local-dir`,
+is named by content: it cannot meet peers given the hub name, and the error says which ids are served.)
 """
 
 from __future__ import annotations
@@ -37,12 +39,20 @@ _VOLATILE_CONFIG_KEYS = frozenset(
 )
 _HUB_FOLDER = re.compile(r"models--([A-Za-z0-9._-]+?)--([A-Za-z0-9._-]+)")
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# a git remote on the hub: https://[user[:token]@](huggingface.co|hf.co)/org/name[.git][/], git@hf.co:org/name
+_HUB_REMOTE = re.compile(
+    r"^\s*url\s*=\s*(?:https?://(?:[^@/\s]+@)?|ssh://git@|git@)(?:huggingface\.co|hf\.co)[/:]"
+    r"([A-Za-z0-9._-]+)/([A-Za-z0-9._-]+?)(?:\.git)?/?\s*$",
+    re.MULTILINE,
+)
+MAX_GIT_CONFIG_BYTES = 64 * 2**10
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
     model_id: str
-    source: str  # how it was found, for the log: "hub name", "hub cache", "prepared", "content", "name"
+    # how it was found, for the log: "hub name", "hub cache", "hub clone", "prepared", "content", "name"
+    source: str
 
 
 def derive_model_id(path_or_name: str) -> ModelIdentity:
@@ -57,9 +67,9 @@ def derive_model_id(path_or_name: str) -> ModelIdentity:
     prepared = _prepared_id(path)
     if prepared is not None:
         return ModelIdentity(prepared, "prepared")
-    hub_name = hub_name_of(path)
-    if hub_name is not None:
-        return ModelIdentity(validate_model_id(hub_name.replace("/", "--")), "hub cache")
+    for hub_name, source in ((hub_name_of(path), "hub cache"), (hub_remote_of(path), "hub clone")):
+        if hub_name is not None:
+            return ModelIdentity(validate_model_id(hub_name.replace("/", "--")), source)
     if not (path / CONFIG_FILE).is_file():
         return ModelIdentity(model_id_from_name(text), "name")
     return ModelIdentity(content_model_id(path), "content")
@@ -74,6 +84,17 @@ def hub_name_of(folder: Path) -> str | None:
             if match is not None:
                 return f"{match[1]}/{match[2]}"
     return None
+
+
+def hub_remote_of(folder: Path) -> str | None:
+    """`org/name` when `folder` is a git clone of that hub repository (its first hub remote), else None."""
+    try:
+        with (folder / ".git" / "config").open("rb") as handle:
+            text = handle.read(MAX_GIT_CONFIG_BYTES).decode(errors="replace")
+    except OSError:  # not a clone (or a worktree's .git file): named by content
+        return None
+    match = _HUB_REMOTE.search(text)
+    return None if match is None else f"{match[1]}/{match[2]}"
 
 
 def content_model_id(folder: Path) -> str:

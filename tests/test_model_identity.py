@@ -22,6 +22,7 @@ from peer.config import PeerConfig
 from protos import prepare
 from protos.model_id import (
     PREPARED_MARKER,
+    ModelIdentity,
     derive_model_id,
     prepared_model_id,
     served_ids_hint,
@@ -66,6 +67,33 @@ def test_hub_name_its_cache_folder_and_links_into_it_share_the_hub_id(
     assert [i.source for i in identities[:3]] == ["hub name", "hub cache", "hub cache"]
     (tmp_path / "ln").symlink_to(snapshot)  # a link to the snapshot folder itself
     assert derive_model_id(str(tmp_path / "ln")).model_id == "some-org--tiny-llama"
+
+
+@pytest.mark.parametrize(
+    "remote",
+    [
+        "https://huggingface.co/some-org/tiny-llama",
+        "https://user:hf_token@huggingface.co/some-org/tiny-llama.git",
+        "https://hf.co/some-org/tiny-llama/",
+        "git@hf.co:some-org/tiny-llama",
+    ],
+)
+def test_a_git_clone_of_a_hub_repository_gets_the_hub_id(llama: Path, tmp_path: Path, remote: str) -> None:
+    clone = _copy(llama, tmp_path / "tiny-llama")
+    (clone / ".git").mkdir()
+    (clone / ".git" / "config").write_text(
+        f'[core]\n\tbare = false\n[remote "origin"]\n\turl = {remote}\n\tfetch = +refs/heads/*\n'
+    )
+    assert derive_model_id(str(clone)) == ModelIdentity("some-org--tiny-llama", "hub clone")
+
+
+def test_a_clone_of_another_host_is_named_by_content(llama: Path, tmp_path: Path) -> None:
+    clone = _copy(llama, tmp_path / "tiny-llama")
+    (clone / ".git").mkdir()
+    (clone / ".git" / "config").write_text(
+        '[remote "origin"]\n\turl = https://example.com/some-org/tiny-llama\n'
+    )
+    assert derive_model_id(str(clone)) == derive_model_id(str(llama))
 
 
 def test_plain_copies_share_an_id_from_the_content(llama: Path, tmp_path: Path) -> None:
