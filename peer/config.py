@@ -138,7 +138,8 @@ class PeerConfig(BaseModel):
         default=None,
         description="address other peers and clients use to reach this peer; default: --host, or when --host "
         "is 0.0.0.0 or :: (every interface; :: takes IPv4 and IPv6) the address the swarm sees this peer at. "
-        "Before going online the peer asks up to 5 swarm members to dial it back there",
+        "Before going online the peer asks up to 5 swarm members to dial it back there. With a fixed "
+        "--dht-port, the peer's DHT node announces this address too (a container's published ports)",
     )
     dht_port: int = Field(
         default=0, ge=0, le=65535, description="TCP port of this peer's DHT node; 0 picks one"
@@ -611,13 +612,19 @@ class DhtConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
-        "network": ("host", "port", "nat_port_map", "relay"),
+        "network": ("host", "port", "announce_host", "nat_port_map", "relay"),
         "security": ("identity", "swarm_key"),
         "operations": ("health_port", "health_host", "log_format", "ready_file"),
     }
 
     host: str = Field(default="127.0.0.1", description=HOST_HELP)
     port: int = Field(default=0, ge=0, le=65535, description="TCP port to listen on; 0 picks a free one")
+    announce_host: str | None = Field(
+        default=None,
+        description="IP address or DNS name others reach this node at (a container's published address): "
+        "announced with --port instead of the addresses it listens on, and printed in its multiaddresses; "
+        "needs a fixed --port",
+    )
     identity: Path | None = Field(default=None, description=IDENTITY_HELP)
     swarm_key: Path | None = Field(default=None, description=swarm_key.HELP)
     nat_port_map: bool = Field(default=False, description=NAT_PORT_MAP_HELP)
@@ -640,3 +647,9 @@ class DhtConfig(BaseModel):
     @classmethod
     def _usable_swarm_key(cls, path: Path | None) -> Path | None:
         return swarm_key.SwarmKey.check_file(path)
+
+    @model_validator(mode="after")
+    def _announced_port(self) -> DhtConfig:
+        if self.announce_host is not None and self.port == 0:
+            raise ValueError("--announce-host needs a fixed --port: the announced address names the port")
+        return self

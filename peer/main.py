@@ -35,7 +35,7 @@ from peer.throughput import Throughput, network_rps
 from protos.channels import channel_options
 from protos.checkpoint import parse_dtype
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
-from protos.dht import start_dht_node, visible_maddrs
+from protos.dht import host_maddr, start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
 from protos.health import HealthServer
 from protos.identity import Identity
@@ -348,6 +348,7 @@ class Peer:
             swarm_key=self.swarm_key,
             relay_service=config.relay,
             relays=relays,
+            announce_maddrs=announced_dht_maddrs(config),
         )
 
     def _add_port(self, server: grpc.aio.Server, port: int) -> int:
@@ -567,6 +568,21 @@ NO_SWARM_CHOSEN = (
 )
 
 
+def announced_dht_maddrs(config: PeerConfig) -> list[str]:
+    """Where the peer's DHT node says it is: at --announce-host (given, not derived from --host) on a fixed
+    --dht-port; else (empty) the addresses it listens on, as p2pd finds them."""
+    if "announce_host" not in config.model_fields_set or config.announce_host is None:
+        return []
+    if config.dht_port == 0:
+        logger.warning(
+            "--announce-host without --dht-port: the DHT node announces the addresses it listens on (in a "
+            "container, its own); give --dht-port and publish it to announce %s there too",
+            config.announce_host,
+        )
+        return []
+    return [host_maddr(config.announce_host, config.dht_port)]
+
+
 def id_source(config: PeerConfig) -> str:
     """How the peer's model id came about, for the start log: `--model-id`, or what it was derived from."""
     identity = derive_model_id(config.model)
@@ -583,6 +599,7 @@ async def run_dht(config: DhtConfig) -> None:
         nat_port_map=config.nat_port_map,
         swarm_key=SwarmKey.load(config.swarm_key) if config.swarm_key is not None else None,
         relay_service=config.relay,
+        announce_maddrs=[host_maddr(config.announce_host, config.port)] if config.announce_host else [],
     )
     health = None
     if config.health_port is not None:

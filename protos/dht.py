@@ -8,6 +8,7 @@ entry), and caches nothing it reads: corolla's reads always ask the replicas for
 from __future__ import annotations
 
 import heapq
+import ipaddress
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,8 +73,13 @@ def _p2p_class(extra_args: Sequence[str]) -> type[P2P]:
 
 
 def host_maddr(host: str, port: int) -> str:
-    version = "ip6" if ":" in host else "ip4"
-    return f"/{version}/{host}/tcp/{port}"
+    """`/ip4/HOST/tcp/PORT`, `/ip6/...` for an IPv6 address (brackets allowed), `/dns/...` for a name."""
+    bare = host.strip("[]")
+    try:
+        version = "ip6" if ipaddress.ip_address(bare).version == 6 else "ip4"
+    except ValueError:
+        version = "dns"
+    return f"/{version}/{bare}/tcp/{port}"
 
 
 async def start_dht_node(
@@ -89,6 +95,7 @@ async def start_dht_node(
     ensure_bootstrap_success: bool = True,
     relay_service: bool = True,
     relays: Sequence[str] = (),
+    announce_maddrs: Sequence[str] = (),
 ) -> DHTNode:
     """A DHT node listening on host:port (servers) or dialing out only (`client_mode`), enforcing the
     swarm's record rules (`protos.validation`) on what it stores and reads.
@@ -107,6 +114,9 @@ async def start_dht_node(
     node that nobody can dial passes `relays` (multiaddresses of public nodes): it reserves a slot on each at
     once and can then be reached through them; it runs in client mode. A server node answers dial-back
     probes (`protos.relay.DialBack`).
+
+    `announce_maddrs` (a server in a container, behind a published port): the addresses the node tells others
+    to reach it at, instead of those it listens on.
     """
     loopback = is_loopback(host)
     if nat_port_map is None:
@@ -123,6 +133,8 @@ async def start_dht_node(
         "identity_path": str(identity.path) if identity is not None else None,
         "check_if_identity_free": False,
     }
+    if announce_maddrs and not client_mode:
+        options["announce_maddrs"] = list(announce_maddrs)
     extra_args = []
     if loopback and _all_loopback(initial_peers):
         options.update(auto_nat=False, use_relay=False)
