@@ -697,7 +697,7 @@ def test_the_image_installs_as_the_readme_says() -> None:
     for run in runs:
         for command in re.split(r"\s*&&\s*|;\s*", run):
             command = re.sub(r"\$\{(\w+)\}", lambda m: arguments[m.group(1)], command.strip())
-            if command.startswith(("pip install", "python3 -m venv")):
+            if command.startswith(("pip install", "python3.11 -m venv")):
                 steps.append(" ".join(command.split()))
     assert DEPENDENCIES in steps and "pip install --no-deps ." in steps
     steps[steps.index(DEPENDENCIES)] = f'pip install ".[{",".join(image_extras())}]"'
@@ -706,7 +706,7 @@ def test_the_image_installs_as_the_readme_says() -> None:
         block for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL) if "pip install" in block
     ]
     documented = [
-        " ".join(line.split()) for line in install.splitlines() if line.startswith(("pip ", "python3 "))
+        " ".join(line.split()) for line in install.splitlines() if line.startswith(("pip ", "python3.11 "))
     ]
     assert steps == documented
     makefile = (REPO / "Makefile").read_text()
@@ -723,6 +723,17 @@ def test_the_image_installs_as_the_readme_says() -> None:
         "a base image argument"
     )
     assert "--build-arg BASE_IMAGE=nvidia/cuda:" in README
+
+
+def test_every_image_runs_the_python_it_is_tested_with() -> None:
+    """The CUDA variant's base has no Python: the image installs 3.11 (Ubuntu 22.04's package), never the
+    distribution's default python3 (3.12 on Ubuntu 24.04)."""
+    runs = " ".join(rest for instruction, rest in dockerfile() if instruction == "RUN")
+    assert "python3.11 -m venv /opt/corolla" in runs
+    assert "python3 " not in runs.replace("python3.11", "") and " python3-venv" not in runs
+    assert "apt-get install -y --no-install-recommends python3.11 python3.11-venv" in runs
+    bases = re.findall(r"BASE_IMAGE=(\S+)", README + (REPO / "deploy" / "Dockerfile").read_text())
+    assert bases and all("python:3.11." in base or "ubuntu22.04" in base for base in bases), bases
     ignore = [
         line
         for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
