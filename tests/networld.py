@@ -7,6 +7,9 @@ what the processes say to each other.
     public host b (10.77.0.3) ─tun─┼─ wan_router, in the test's own namespace: per link delay, rate, loss, cut
     NAT router of h (10.77.0.4) ─tun─┘
         └ veth 192.168.1.1 ── 192.168.1.2 home host h (dials out; nobody dials in)
+
+A NAT router may forward TCP ports from its WAN address to its home host (`nat_host(forwards=...)`), as
+Docker's published ports (`docker run -p 31337:31337`) do: public hosts dial 10.77.0.4:31337 and reach h.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ FIRST_HOST, LAST_HOST = 2, 254  # host numbers in the WAN (10.77.0.N)
 FIRST_HOME, LAST_HOME = 1, 254  # home networks: 192.168.K.0/24
 MTU = 65000  # bytes: large packets keep the router's per-packet work low
 NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
+MAX_PORT = 65535  # of a TCP port a NAT router forwards
 
 IP_TIMEOUT = 10.0  # seconds for one `ip` / `nft` command
 COMMAND_TIMEOUT = 15.0  # seconds for the router to answer (adding a host runs three `ip` commands)
@@ -60,9 +64,14 @@ SWARM_ENV = {
     "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
 }
 
-# a home router: masquerade what leaves through the WAN device; forward only what the home started
+# a home router: masquerade what leaves through the WAN device; forward what the home started and what
+# arrives on a forwarded port (`{dnat}`, `{published}`: DNAT_RULE and PUBLISHED_RULE, or nothing)
 NAT_RULESET = """
 table ip corolla_nat {{
+    chain prerouting {{
+        type nat hook prerouting priority dstnat; policy accept;
+        {dnat}
+    }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
         oifname "{wan}" masquerade
@@ -71,9 +80,14 @@ table ip corolla_nat {{
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
         iifname "{home}" oifname "{wan}" accept
+        {published}
     }}
 }}
 """
+# a published port (`docker run -p PORT:PORT`): what reaches the router's WAN address on one of `ports` goes
+# on to the same port of the home host
+DNAT_RULE = 'iifname "{wan}" tcp dport {{ {ports} }} dnat to {home_address}'
+PUBLISHED_RULE = "ip daddr {home_address} tcp dport {{ {ports} }} ct status dnat accept"
 
 
 class NetWorldError(RuntimeError):
@@ -197,10 +211,14 @@ class NetWorld:
         self.hosts[name] = host
         return host
 
-    def nat_host(self, name: str) -> Host:
+    def nat_host(self, name: str, *, forwards: Sequence[int] = ()) -> Host:
         """A home host (192.168.K.2) behind its own NAT router (192.168.K.1 inside, a WAN address outside):
-        it dials any public host; no public host can dial it. Its links are its router's."""
+        it dials any public host; no public host can dial it, except on the TCP ports in `forwards`, which
+        its router forwards (DNAT) from its WAN address to the same port of the home host: a container's
+        published ports. Its links are its router's."""
         self._check_new(name)
+        if not all(isinstance(port, int) and 0 < port <= MAX_PORT for port in forwards):
+            raise ValueError(f"forwarded ports are TCP ports 1-{MAX_PORT}: {list(forwards)}")
         if self._next_home > LAST_HOME:
             raise NetWorldError(f"at most {LAST_HOME - FIRST_HOME + 1} home networks")
         number, self._next_home = self._next_home, self._next_home + 1
@@ -218,7 +236,12 @@ class NetWorld:
         _ip("netns", "exec", gateway, "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward")
         public = self._wan_address()
         wan_device = self._next_tun()
-        ruleset = NAT_RULESET.format(wan=wan_device, home=gateway_device)
+        dnat = published = ""
+        if forwards:
+            ports = ", ".join(str(port) for port in sorted(set(forwards)))
+            dnat = DNAT_RULE.format(wan=wan_device, ports=ports, home_address=private)
+            published = PUBLISHED_RULE.format(ports=ports, home_address=private)
+        ruleset = NAT_RULESET.format(wan=wan_device, home=gateway_device, dnat=dnat, published=published)
         _ip("netns", "exec", gateway, NFT or "nft", "-f", "-", stdin=ruleset)
         self._add_to_wan(name, gateway, public, device=wan_device)
         host = Host(name, namespace, private, public, gateway, _register=self._processes.append)

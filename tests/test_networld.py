@@ -91,10 +91,10 @@ def world(tmp_path: Path) -> Iterator[NetWorld]:
     assert built.prefix not in _links()
 
 
-def _serve(host: Host) -> subprocess.Popen[str]:
-    """The counting server on host.address:PORT, listening (the world stops it)."""
+def _serve(host: Host, *, port: int = PORT) -> subprocess.Popen[str]:
+    """The counting server on host.address:port, listening (the world stops it)."""
     server = host.popen(
-        [sys.executable, "-c", SERVER, host.address, str(PORT)],
+        [sys.executable, "-c", SERVER, host.address, str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -108,10 +108,10 @@ def _serve(host: Host) -> subprocess.Popen[str]:
 
 
 def _dial(
-    source: Host, address: str, *, rounds: int = 1, size: int = 1, timeout: float = 5.0
+    source: Host, address: str, *, port: int = PORT, rounds: int = 1, size: int = 1, timeout: float = 5.0
 ) -> dict[str, Any]:
-    """Run the client in `source` against address:PORT; its JSON report (`error` when a round failed)."""
-    argv = [sys.executable, "-c", CLIENT, address, str(PORT), str(rounds), str(size), str(timeout)]
+    """Run the client in `source` against address:port; its JSON report (`error` when a round failed)."""
+    argv = [sys.executable, "-c", CLIENT, address, str(port), str(rounds), str(size), str(timeout)]
     result = source.run(argv, capture_output=True, text=True, timeout=rounds * timeout + 30)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
@@ -179,6 +179,23 @@ def test_a_home_behind_nat_dials_out_and_nobody_dials_in(world: NetWorld) -> Non
         refused = _dial(public, address, timeout=2.0)
         assert error in refused.get("error", ""), (address, refused)
         assert time.monotonic() - started < 5.0  # a Python start, then an immediate refusal
+
+
+def test_a_home_reaches_the_ports_its_router_forwards_and_no_other(world: NetWorld) -> None:
+    # home h behind its NAT router, which forwards PORT (as `docker run -p PORT:PORT` publishes it), public
+    # p; h listens on PORT and PORT + 1: p dials h at its router's address on PORT, not on PORT + 1; h still
+    # dials out, masqueraded
+    home, public = world.nat_host("h", forwards=(PORT,)), world.host("p")
+    _serve(home)
+    _serve(home, port=PORT + 1)
+    _serve(public)
+
+    forwarded = _dial(public, home.public_address)
+    assert forwarded["reply"] == {"bytes": 1, "peer": public.address}  # to the home, not masqueraded
+
+    refused = _dial(public, home.public_address, port=PORT + 1, timeout=2.0)
+    assert "refused" in refused.get("error", ""), refused  # the router's own port: nothing listens there
+    assert _dial(home, public.address)["reply"]["peer"] == home.public_address
 
 
 def test_a_cut_link_drops_until_healed_while_processes_live(world: NetWorld) -> None:

@@ -1,12 +1,14 @@
 """A swarm on an emulated internet (`tests/networld.py`): a peer behind NAT serving through a relay, that peer
-killed mid-generation, a partition mid-generation, a route that takes the near replica over the far one, and
-a peer that learns the address the swarm sees it at. Every generation is compared token for token with
-transformers' own; clients run inside namespaces too (`CLIENT_SCRIPT`), writing what they saw as JSON."""
+killed mid-generation, a partition mid-generation, a route that takes the near replica over the far one, a
+peer that learns the address the swarm sees it at, and a DHT node and a peer in containers that announce their
+published addresses. Every generation is compared token for token with transformers' own; clients run inside
+namespaces too (`CLIENT_SCRIPT`), writing what they saw as JSON."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import signal
 import subprocess
@@ -36,6 +38,30 @@ STOP_TIMEOUT = 15.0  # seconds a peer has to exit after SIGTERM at the end of it
 MAX_TOKEN_GAP = 3.0  # seconds between two tokens, a partition's failover included, with default settings
 LOG_TAIL_CHARS = 3000
 CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5).close()"
+# ports a container publishes (`docker run -p PORT:PORT`), forwarded by its host's NAT router
+DHT_PORT, PEER_PORT, PEER_DHT_PORT = 31337, 31330, 31331
+
+# argv: initial peers (JSON), a peer id. A DHT client joins through the initial peers and pings that peer's
+# DHT node, which libp2p finds at the address that node announced; prints the addresses it is connected at.
+PROBE_SCRIPT = """
+import asyncio, json, sys
+
+from hivemind.p2p import PeerID
+from protos.dht import start_dht_node
+
+
+async def main(initial_peers, peer_id):
+    node = await start_dht_node(initial_peers=initial_peers, client_mode=True)
+    try:
+        await node.protocol.call_ping(peer_id)
+        connected = [info for info in await node.p2p.list_peers() if info.peer_id == peer_id]
+        print(json.dumps(sorted(str(maddr) for info in connected for maddr in info.addrs)))
+    finally:
+        await node.shutdown()
+
+
+asyncio.run(main(json.loads(sys.argv[1]), PeerID.from_base58(sys.argv[2])))
+"""
 
 # The client: argv[1] is JSON {model, initial_peers, model_id, prompt, new_tokens, pause_at, folder}. At the
 # `pause_at`-th new token it writes paused.json (its route) and waits for a file named `resume`, so the test
@@ -179,8 +205,8 @@ class Wan:
     def host(self, name: str) -> Host:
         return self.world.host(f"{self.tag}_{name}")
 
-    def nat_host(self, name: str) -> Host:
-        return self.world.nat_host(f"{self.tag}_{name}")
+    def nat_host(self, name: str, *, forwards: Sequence[int] = ()) -> Host:
+        return self.world.nat_host(f"{self.tag}_{name}", forwards=forwards)
 
     def start_peers(
         self, *peers: tuple[Host, str, Sequence[str]], initial_peers: Sequence[str] = ()
@@ -449,3 +475,43 @@ def _relayed_bytes(world: NetWorld, home: Host) -> int:
     directions = world.stats()["directions"]
     keys = (f"dht>{home.name}", f"{home.name}>dht")
     return sum(int(directions.get(key, {}).get("bytes", 0)) for key in keys)
+
+
+def test_a_dht_and_a_peer_in_containers_announce_their_published_addresses(wan: Wan, local) -> None:
+    # containers d and e: home hosts whose NAT routers forward their published ports (d: DHT_PORT; e:
+    # PEER_PORT for gRPC, PEER_DHT_PORT for its DHT node), public client c; every link 5 ms one way. d runs
+    # `corolla dht` on 0.0.0.0 announcing its router's address; e serves [0, 4) on 0.0.0.0 announcing its
+    # router's address, joining through d only; c joins through d and dials e directly at its published ports.
+    d = wan.nat_host("d", forwards=(DHT_PORT,))
+    e = wan.nat_host("e", forwards=(PEER_PORT, PEER_DHT_PORT))
+    c = wan.host("c")
+    dht = wan.world.start_dht(
+        d, "--host", "0.0.0.0", "--port", str(DHT_PORT), "--announce-host", d.public_address
+    )
+    wan.peers.append(dht)  # stopped with the peers
+    assert dht.maddrs and all(
+        maddr.startswith(f"/ip4/{d.public_address}/tcp/{DHT_PORT}/p2p/") for maddr in dht.maddrs
+    ), dht.maddrs
+    published = (
+        *("--host", "0.0.0.0", "--port", str(PEER_PORT), "--dht-port", str(PEER_DHT_PORT)),
+        *("--announce-host", e.public_address),
+    )
+    [peer] = wan.start_peers((e, "0:4", published), initial_peers=dht.maddrs)
+    assert peer.address == f"{e.public_address}:{PEER_PORT}"
+    assert not (peer.ready() or {}).get("relay_maddrs")
+    assert "reachable=True" in peer.text(), peer.text()[-LOG_TAIL_CHARS:]
+    probe = c.run(
+        [sys.executable, "-c", PROBE_SCRIPT, json.dumps(dht.maddrs), peer.peer_id],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **SWARM_ENV},
+    )
+    assert probe.returncode == 0, probe.stderr[-LOG_TAIL_CHARS:]
+    assert set(json.loads(probe.stdout)) == {f"/ip4/{e.public_address}/tcp/{PEER_DHT_PORT}"}, probe.stdout
+    prompt = _prompt(seed=6)
+
+    run = wan.generate(c, prompt, initial_peers=dht.maddrs)
+
+    assert torch.equal(run.tokens, _local(local, prompt))
+    assert run.first_route == run.last_route == _route((peer, 0, 4))
+    assert not run.failovers
