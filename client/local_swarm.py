@@ -42,9 +42,12 @@ class ProcessHandle(Protocol):
 
 
 class Launcher(Protocol):
-    """Starts `corolla ARGV` with environment `env`, its output in `log`; None leaves it to a new process."""
+    """Starts `python -m MODULE ARGV` (`MODULE.main(ARGV)`) behind `prefix`, with environment `env` and its
+    output in `log`; None leaves it to a new process."""
 
-    def __call__(self, argv: list[str], log: Path, env: dict[str, str]) -> ProcessHandle | None: ...
+    def __call__(
+        self, argv: list[str], log: Path, env: dict[str, str], *, prefix: Sequence[str], module: str
+    ) -> ProcessHandle | None: ...
 
 
 _launcher: Launcher | None = None
@@ -116,21 +119,27 @@ def stop_all(processes: Sequence[LocalProcess], timeout: float = 30.0) -> None:
 
 
 def _spawn(
-    args: list[str], log: Path, env: dict[str, str] | None, *, prefix: Sequence[str] = ()
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None,
+    *,
+    prefix: Sequence[str] = (),
+    module: str = "protos.cli",
 ) -> LocalProcess:
-    """Start `corolla ARGS` behind the argv `prefix` (e.g. `ip netns exec NS`, which execs: the PID stays the
-    process's own)."""
+    """Start `corolla ARGS` (`python -m MODULE ARGS`: another entry point taking the same arguments) behind
+    the argv `prefix` (e.g. `ip netns exec NS`, which execs: the PID stays the process's own)."""
     ready_file = log.with_suffix(".ready.json")
     ready_file.unlink(missing_ok=True)  # left by an earlier run in the same folder
     environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    if _launcher is not None and not prefix:
+    argv = [*args, "--ready-file", str(ready_file)]
+    if _launcher is not None:
         log.write_bytes(b"")  # now, not when the child opens it: `_peer_log` counts the logs present
-        launched = _launcher([*args, "--ready-file", str(ready_file)], log, environment)
+        launched = _launcher(argv, log, environment, prefix=prefix, module=module)
         if launched is not None:
             return LocalProcess(launched, log, ready_file)
     with log.open("w") as handle:
         popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "protos.cli", *args, "--ready-file", str(ready_file)],
+            [*prefix, sys.executable, "-m", module, *argv],
             stdout=handle,
             stderr=subprocess.STDOUT,
             env=environment,

@@ -18,6 +18,7 @@ the child's PID on stdout; it exits when stdin closes.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import json
 import logging
@@ -28,13 +29,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger(__name__)
 # what the commands import on their way to serving, loaded once by the server
 WARM_MODULES = (
     "protos.cli",
     "protos.dht",
+    "tests.hostile_peer",
     "peer.main",
     "client.cli",
     "client.gateway",
@@ -47,7 +51,7 @@ WARM_MODULES = (
 IMPORT_TIME_PREFIXES = (
     "HF_",
     "TRANSFORMERS_",
-    "TORCH",
+    "TORCH_",
     "PYTORCH_",
     "OMP_",
     "MKL_",
@@ -55,6 +59,8 @@ IMPORT_TIME_PREFIXES = (
     "CUDA_",
     "PYTHON",
 )
+NETNS_DIR = "/run/netns"  # where `ip netns add` keeps a namespace's handle
+CLONE_NEWNET = 0x40000000  # setns(2): the handle is a network namespace
 START_TIMEOUT = 120.0  # seconds for the server to import everything and say it is ready
 REAP_PERIOD = 0.05  # seconds between the server's looks for exited children
 EXIT_POLL_PERIOD = 0.02  # seconds between a handle's looks at its exit file
@@ -115,16 +121,34 @@ class ForkServer:
             self.close()
             raise RuntimeError(f"fork server did not start: {ready}")
 
-    def launch(self, argv: list[str], log: Path, env: dict[str, str]) -> Forked | None:
-        """`corolla ARGV` forked with `env` and its output in `log`; None when `env` differs from the server's
-        in a variable read at import time (start that one as a new process)."""
-        if _import_time(env) != _import_time(self.env) or self.popen.poll() is not None:
+    def launch(
+        self, argv: list[str], log: Path, env: dict[str, str], *, prefix: Sequence[str], module: str
+    ) -> Forked | None:
+        """`MODULE.main(ARGV)` forked with `env` and its output in `log`, inside the network namespace NS for
+        the prefix `ip netns exec NS`; None when `env` differs from the server's in a variable read at import
+        time, or for any other prefix (start that one as a new process)."""
+        namespace = _namespace(prefix)
+        if prefix and namespace is None:
+            return None
+        if self.popen.poll() is not None:
+            return None
+        ours, theirs = _import_time(self.env), _import_time(env)
+        if ours != theirs:
+            differ = sorted(key for key in ours.keys() | theirs.keys() if ours.get(key) != theirs.get(key))
+            logger.info("a new process, not forked: %s differ from the fork server's", ", ".join(differ))
             return None
         with self._lock:
             self._count += 1
             exit_file = log.with_name(f"{log.name}.exit-{os.getpid()}-{self._count}")
             exit_file.unlink(missing_ok=True)
-            request = {"argv": argv, "log": str(log), "env": env, "exit_file": str(exit_file)}
+            request = {
+                "argv": argv,
+                "module": module,
+                "netns": namespace,
+                "log": str(log),
+                "env": env,
+                "exit_file": str(exit_file),
+            }
             stdin = self.popen.stdin
             if stdin is None:
                 return None
@@ -133,7 +157,7 @@ class ForkServer:
             reply = self._reply(30.0)
         if "pid" not in reply:
             raise RuntimeError(f"fork server refused {argv}: {reply}")
-        return Forked(int(reply["pid"]), ["corolla", *argv], exit_file)
+        return Forked(int(reply["pid"]), [module, *argv], exit_file)
 
     def close(self) -> None:
         if self.popen.stdin is not None:
@@ -162,21 +186,30 @@ class LazyLauncher:
         self.server: ForkServer | None = None
         self.failed = False
 
-    def __call__(self, argv: list[str], log: Path, env: dict[str, str]) -> Forked | None:
+    def __call__(
+        self, argv: list[str], log: Path, env: dict[str, str], *, prefix: Sequence[str], module: str
+    ) -> Forked | None:
         if self.failed:
             return None
         if self.server is None:
             try:
                 self.server = ForkServer(self.env)
             except (OSError, RuntimeError) as e:
-                logging.getLogger(__name__).warning("no fork server (%s): processes start on their own", e)
+                logger.warning("no fork server (%s): processes start on their own", e)
                 self.failed = True
                 return None
-        return self.server.launch(argv, log, env)
+        return self.server.launch(argv, log, env, prefix=prefix, module=module)
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+def _namespace(prefix: Sequence[str]) -> str | None:
+    """NS of the prefix `ip netns exec NS` (as `tests/networld.py` runs processes in its hosts), else None."""
+    if len(prefix) == 4 and Path(prefix[0]).name == "ip" and list(prefix[1:3]) == ["netns", "exec"]:
+        return str(prefix[3])
+    return None
 
 
 def _import_time(env: dict[str, str]) -> dict[str, str]:
@@ -191,6 +224,8 @@ def _child(request: dict[str, Any]) -> None:
     code = 1
     try:
         os.setsid()
+        if request.get("netns"):
+            _enter_namespace(request["netns"])
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the server ignores it; a command does not
         log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -206,10 +241,9 @@ def _child(request: dict[str, Any]) -> None:
         os.environ.update(request["env"])
         if "numpy" in sys.modules:  # seeded once in the server; each child draws its own
             sys.modules["numpy"].random.seed()
-        from protos import cli
-
-        sys.argv = ["corolla", *request["argv"]]
-        code = int(cli.main(request["argv"]) or 0)
+        entry = importlib.import_module(request["module"])
+        sys.argv = [request["module"], *request["argv"]]
+        code = int(entry.main(request["argv"]) or 0)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # any failure is the child's exit code, with the traceback in its log
@@ -226,6 +260,18 @@ def _child(request: dict[str, Any]) -> None:
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def _enter_namespace(name: str) -> None:
+    """Join the network namespace `ip netns` made as NAME (what `ip netns exec` does for networking; a forked
+    child has one thread, as setns(2) needs)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    handle = os.open(f"{NETNS_DIR}/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(handle, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(handle)
 
 
 def _reap(exit_files: dict[int, str]) -> None:

@@ -6,8 +6,6 @@ and Forward replies) comes out garbled: all NaN, twice as many positions, or pla
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,22 +73,12 @@ def start_peers(
         for blocks, mode, options in peers:
             # the helpers `corolla serve` processes start with; a hostile one takes the args after "serve"
             args = local_swarm._peer_args(model, blocks, initial_peers, tuple(options))
-            module = ["protos.cli"] if mode is None else ["tests.hostile_peer", "--corrupt", mode]
             if mode is not None:
-                args = args[1:]
+                args = ["--corrupt", mode, *args[1:]]
             name = f"{len(started)}-{mode or 'honest'}-{blocks.replace(':', '-')}"
             log = local_swarm._peer_log(log_dir, blocks, name)
-            ready_file = log.with_suffix(".ready.json")
-            ready_file.unlink(missing_ok=True)
-            with log.open("w") as handle:
-                popen = subprocess.Popen(
-                    [sys.executable, "-m", *module, *args, "--ready-file", str(ready_file)],
-                    stdout=handle,
-                    stderr=subprocess.STDOUT,
-                    env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-                    start_new_session=True,
-                )
-            started.append(LocalProcess(popen, log, ready_file))
+            module = "protos.cli" if mode is None else "tests.hostile_peer"
+            started.append(local_swarm._spawn(args, log, env, module=module))
         for process in started:
             local_swarm._serving(process)
     except BaseException:
