@@ -17,15 +17,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from client.config import LOCAL_DEVICE_OPTION, LOCAL_DEVICE_PATTERN, ClientConfig, GatewayConfig
+from client.config import LOCAL_DEVICE_PATTERN, ClientConfig, GatewayConfig, GenerateConfig
 from protos.cli import setup_logging, write_ready_file
 from protos.records import is_loopback, model_id_from_path
 from protos.settings import add_config_arguments, command_parser, config_from_arguments, validation_problems
-from protos.tensors import FLOAT_DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
-
-DRAFT_TOKENS = 16  # the longest draft by default: a rejected one shrinks the next (client/speculative.py)
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -34,70 +31,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         description="Generate text with a model served by a swarm. The embeddings and LM head run here, the "
         "blocks on the swarm's peers; tokens are printed as they are generated.",
     )
-    parser.add_argument(
-        "model", help="checkpoint folder (needs config, tokenizer and client weights) or hub name"
-    )
-    parser.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature; 0 decodes greedily (default: 0)"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass"
-    )
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--seed", type=int, default=None, help="random seed, for repeatable sampling")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=FLOAT_DTYPE_NAMES,
-        help="dtype of the local embeddings and head (default: float32)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        metavar=LOCAL_DEVICE_OPTION.metavar,
-        help="where the local embeddings and head compute: cpu, cuda, cuda:N or mps (default: cpu)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help="serve the client's Prometheus metrics (steps, hop latency, failovers, bans) at "
-        "http://127.0.0.1:PORT/metrics while generating (0 picks a free port, logged)",
-    )
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        metavar="NAME",
-        help="run the LoRA adapter NAME that peers serve (`corolla serve --adapters NAME=DIR`) on every "
-        "block: the route then uses only peers announcing it, and the command fails, naming the adapters "
-        "the swarm serves, when no peer does (default: the base model)",
-    )
-    parser.add_argument(
-        "--speculative",
-        default=None,
-        metavar="{ngram,DIR,none}",
-        help="speculative decoding, greedy only, with the same tokens as plain greedy decoding: each step "
-        "sends a draft of the next tokens through the swarm, which verifies it in one chain traversal. "
-        "ngram: draft from the text so far (prompt lookup: what followed the last time the latest tokens "
-        "occurred), with a draft length that follows how much of the drafts the model accepts; pays when "
-        "the answer repeats the prompt (editing, quoting, code); on text that does not repeat, drafts that "
-        "fail pause drafting, so it costs little (a few percent on CPU peers, where a step of several "
-        "positions costs about twice one of a single position). "
-        "DIR: a local folder of a small draft model with the same tokenizer, run here with transformers. "
-        "none: one token per step. Default: ngram when decoding greedily, none when sampling",
-    )
-    parser.add_argument(
-        "--draft-tokens",
-        type=int,
-        default=DRAFT_TOKENS,
-        metavar="N",
-        help=f"the longest draft one step verifies (ngram: the maximum of the adaptive length; DIR: the "
-        f"draft model's starting length, which transformers then adapts) (default: {DRAFT_TOKENS})",
-    )
+    add_config_arguments(parser, GenerateConfig, positional=["model", "prompt"])
     parser.add_argument(
         "-v",
         "--verbose",
@@ -143,6 +77,7 @@ def main(argv: Sequence[str], prog: str) -> int:
     parser = _parser(prog)
     args = parser.parse_args(list(argv))
     try:
+        config = config_from_arguments(GenerateConfig, args)
         client = config_from_arguments(ClientConfig, args)
     except ValidationError as e:
         parser.error(validation_problems(e))
@@ -161,53 +96,55 @@ def main(argv: Sequence[str], prog: str) -> int:
         except SwarmKeyError as e:
             parser.error(str(e))
 
-    if (problem := device_problem(args.device)) is not None:
+    if (problem := device_problem(config.device)) is not None:
         parser.error(problem)
-    sampling = args.temperature > 0
+    sampling = config.temperature > 0
     try:
-        mode, speculative = speculation(args.speculative, draft_tokens=args.draft_tokens, sampling=sampling)
+        mode, speculative = speculation(
+            config.speculative, draft_tokens=config.draft_tokens, sampling=sampling
+        )
     except ValueError as e:
         parser.error(str(e))
     if mode not in ("none", "ngram"):
         try:  # a draft model that cannot load fails before joining the swarm
-            speculative["assistant_model"] = (
-                AutoModelForCausalLM.from_pretrained(mode, dtype=args.dtype).to(args.device).eval()
-            )
+            # typed as a Module: transformers' `@wraps(Module.to)` override hides `to`'s signature from mypy
+            draft: torch.nn.Module = AutoModelForCausalLM.from_pretrained(mode, dtype=config.dtype)
+            speculative["assistant_model"] = draft.to(config.device).eval()
         except (OSError, ValueError) as e:
             parser.error(f"--speculative: cannot load the draft model in {mode}: {e}")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if args.chat:
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    if config.chat:
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": config.prompt}], add_generation_prompt=True, tokenize=False
         )
     else:
-        text = args.prompt
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat).to(args.device)
+        text = config.prompt
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not config.chat).to(config.device)
     try:
-        model_id = client.model_id or model_id_from_path(args.model)
+        model_id = client.model_id or model_id_from_path(config.model)
         print(f"{prog}: model id {model_id}", file=sys.stderr)
         model = AutoDistributedModelForCausalLM.from_pretrained(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
+            config.model,
+            dtype=config.dtype,
+            device=config.device,
             model_id=model_id,
-            active_adapter=args.adapter,
+            active_adapter=config.adapter,
             **client.model_dump(exclude={"model_id"}),
         )
     except CorollaError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
     metrics = None
-    if args.metrics_port is not None:
+    if config.metrics_port is not None:
         from client.metrics import instrument
 
         metrics = instrument(model.swarm)
-        metrics.serve(args.metrics_port)
-    options: dict[str, Any] = dict(max_new_tokens=args.max_new_tokens, do_sample=sampling, **speculative)
+        metrics.serve(config.metrics_port)
+    options: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, do_sample=sampling, **speculative)
     if sampling:
-        options.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
+        options.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
     try:
         model.generate(
             **inputs, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **options

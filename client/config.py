@@ -1,4 +1,5 @@
-"""`ClientConfig`: how a client finds the swarm and how patient it is with peers (finite retries and bans).
+"""`ClientConfig`: how a client finds the swarm and how patient it is with peers (finite retries and bans);
+`GenerateConfig`, `GatewayConfig`: what `corolla generate` and `corolla api` add to it.
 
 Each knob is documented once (`Field(description=...)`); command lines are generated from it.
 """
@@ -18,6 +19,9 @@ from protos.tensors import FLOAT_DTYPE_NAMES, WIRE_FORMAT_NAMES
 _Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 LOCAL_DEVICE_PATTERN = r"^(cpu|mps|cuda(:[0-9]{1,2})?)$"  # the client's own modules (`--device`)
 LOCAL_DEVICE_OPTION = Option(metavar="{cpu,cuda,cuda:N,mps}")
+DRAFT_TOKENS = (
+    16  # `corolla generate`'s longest draft: a rejected one shrinks the next (client/speculative.py)
+)
 
 
 class ClientConfig(BaseModel):
@@ -195,6 +199,76 @@ class ClientConfig(BaseModel):
                 f"max_retry_delay ({self.max_retry_delay}) must be >= retry_delay ({self.retry_delay})"
             )
         return self
+
+
+class GenerateConfig(BaseModel):
+    """`corolla generate` options (the client's own options, `ClientConfig`, come with them)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    option_groups: ClassVar[dict[str, tuple[str, ...]]] = {
+        "generation": ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "chat", "adapter"),
+        "speculative decoding": ("speculative", "draft_tokens"),
+        "local modules": ("dtype", "device"),
+        "operations": ("metrics_port",),
+    }
+
+    model: str = Field(
+        description="checkpoint folder (needs config, tokenizer and client weights) or hub name"
+    )
+    prompt: str = Field(description="the prompt text (with --chat: the user's message)")
+    max_new_tokens: int = Field(default=64, ge=1, description="tokens to generate")
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="sampling temperature; 0 decodes greedily (the default)",
+    )
+    top_p: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="nucleus sampling: keep this probability mass"
+    )
+    top_k: int | None = Field(default=None, ge=1, description="sample among the k most likely tokens")
+    seed: int | None = Field(default=None, description="random seed, for repeatable sampling")
+    chat: bool = Field(default=False, description="wrap the prompt in the model's chat template")
+    adapter: Annotated[str | None, Option(metavar="NAME")] = Field(
+        default=None,
+        description="run the LoRA adapter NAME that peers serve (`corolla serve --adapters NAME=DIR`) on "
+        "every block: the route then uses only peers announcing it, and the command fails, naming the "
+        "adapters the swarm serves, when no peer does (default: the base model)",
+    )
+    speculative: Annotated[str | None, Option(metavar="{ngram,DIR,none}")] = Field(
+        default=None,
+        description="speculative decoding, greedy only, with the same tokens as plain greedy decoding: each "
+        "step sends a draft of the next tokens through the swarm, which verifies it in one chain traversal. "
+        "ngram: draft from the text so far (prompt lookup: what followed the last time the latest tokens "
+        "occurred), with a draft length that follows how much of the drafts the model accepts; pays when "
+        "the answer repeats the prompt (editing, quoting, code); on text that does not repeat, drafts that "
+        "fail pause drafting, so it costs little (a few percent on CPU peers, where a step of several "
+        "positions costs about twice one of a single position). "
+        "DIR: a local folder of a small draft model with the same tokenizer, run here with transformers. "
+        "none: one token per step. Default: ngram when decoding greedily, none when sampling",
+    )
+    draft_tokens: Annotated[int, Option(metavar="N")] = Field(
+        default=DRAFT_TOKENS,
+        ge=1,
+        description="the longest draft one step verifies (ngram: the maximum of the adaptive length; DIR: "
+        "the draft model's starting length, which transformers then adapts)",
+    )
+    dtype: Annotated[str, Choices(*FLOAT_DTYPE_NAMES)] = Field(
+        default="float32", description="dtype of the local embeddings and LM head"
+    )
+    device: Annotated[str, LOCAL_DEVICE_OPTION] = Field(
+        default="cpu",
+        pattern=LOCAL_DEVICE_PATTERN,
+        description="where the local embeddings and LM head compute: cpu, cuda, cuda:N or mps (the blocks "
+        "run on the peers)",
+    )
+    metrics_port: Annotated[int | None, Option(metavar="PORT")] = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve the client's Prometheus metrics (steps, hop latency, failovers, bans) at "
+        "http://127.0.0.1:PORT/metrics while generating (0 picks a free port, logged)",
+    )
 
 
 class GatewayConfig(BaseModel):

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from client import cli as client_cli
-from client.config import ClientConfig, GatewayConfig
+from client.config import ClientConfig, GatewayConfig, GenerateConfig
 from peer.config import DhtConfig, PeerConfig
 from protos import cli
 from protos.settings import (
@@ -37,6 +37,7 @@ def parse(command: str, argv: list[str], environ: dict[str, str] | None = None) 
         "serve": ((PeerConfig, ("model",)),),
         "dht": ((DhtConfig, ()),),
         "api": ((GatewayConfig, ("model",)), (ClientConfig, ())),
+        "generate": ((GenerateConfig, ("model", "prompt")), (ClientConfig, ())),
     }
     parser = command_parser(f"corolla {command}", "test")
     for config_class, positional in classes[command]:
@@ -79,7 +80,8 @@ def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]
 )
 def test_generate_takes_its_prompt_after_initial_peers(argv: list[str], peers: list[str]) -> None:
     args = client_cli._parser("corolla generate").parse_args(argv)
-    assert (args.model, args.prompt) == ("M", "Hi")
+    generate = config_from_arguments(GenerateConfig, args, environ={})
+    assert (generate.model, generate.prompt) == ("M", "Hi")
     assert config_from_arguments(ClientConfig, args, environ={}).initial_peers == peers
 
 
@@ -113,6 +115,10 @@ def test_choices_and_sizes_are_listed_in_help() -> None:
     assert "--device {auto,cpu,cuda,cuda:N,mps}" in serve
     assert "--num-blocks {NUM_BLOCKS,auto}" in serve
     assert "--wire-dtype {float32,float16,bfloat16,int8}" in api and "--quant {none,any,int8}" in api
+    generate = help_of("generate")
+    assert "--dtype {float32,float16,bfloat16}" in generate and "--device {cpu,cuda,cuda:N,mps}" in generate
+    assert "--speculative {ngram,DIR,none}" in generate and "--draft-tokens N" in generate
+    assert "--metrics-port PORT" in generate and "--adapter NAME" in generate
     assert "--max-backward-bytes SIZE" in serve
     assert "(default: 8GiB)" in " ".join(serve.split())  # --max-backward-bytes
     assert "(default: 256MiB)" in " ".join(api.split())  # the client's --max-message-bytes
@@ -148,12 +154,12 @@ def test_no_double_negatives() -> None:
     assert gateway.allow_anonymous
 
 
-@pytest.mark.parametrize("config_class", [PeerConfig, DhtConfig, ClientConfig, GatewayConfig])
+@pytest.mark.parametrize("config_class", [PeerConfig, DhtConfig, ClientConfig, GatewayConfig, GenerateConfig])
 def test_every_option_is_in_a_group(config_class: type[BaseModel]) -> None:
     grouped = {name for names in config_class.option_groups.values() for name in names}  # type: ignore[attr-defined]
-    ungrouped = set(config_class.model_fields) - grouped - {"model"}
+    ungrouped = set(config_class.model_fields) - grouped - {"model", "prompt"}  # positional arguments
     assert not ungrouped, f"{config_class.__name__}: add {sorted(ungrouped)} to option_groups"
-    assert OTHER_GROUP not in help_of("serve") and OTHER_GROUP not in help_of("api")
+    assert all(OTHER_GROUP not in help_of(command) for command in ("serve", "api", "generate"))
 
 
 def test_environment_variables_belong_to_one_command(caplog: pytest.LogCaptureFixture) -> None:
@@ -194,6 +200,63 @@ def test_config_file_is_below_environment_and_command_line(tmp_path: Path) -> No
     assert (peer.max_cache_tokens, peer.port) == (200, 5)
     (peer,) = parse("serve", ["m", "--config", str(path), "--max-cache-tokens", "300"], environ)
     assert peer.max_cache_tokens == 300
+
+
+def test_generate_options_keep_their_defaults() -> None:
+    generate, _ = parse("generate", ["M", "Hi"])
+    assert generate == GenerateConfig(
+        model="M",
+        prompt="Hi",
+        max_new_tokens=64,
+        temperature=0.0,
+        dtype="float32",
+        device="cpu",
+        draft_tokens=16,
+    )
+    assert (generate.top_p, generate.top_k, generate.seed, generate.speculative, generate.adapter) == (
+        None,
+    ) * 5
+    assert not generate.chat and generate.metrics_port is None
+
+
+def test_generate_options_from_environment_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "generate.toml"
+    path.write_text(f'max_new_tokens = 5\ntemperature = 0.3\nchat = true\ninitial-peers = ["{MADDR}"]\n')
+    environ = {"COROLLA_GENERATE_TEMPERATURE": "0.7", "COROLLA_GENERATE_DEVICE": "cuda:1"}
+    generate, client = parse("generate", ["M", "Hi", "--config", str(path)], environ)
+    assert (generate.max_new_tokens, generate.temperature, generate.chat) == (5, 0.7, True)
+    assert generate.device == "cuda:1" and client.initial_peers == [MADDR]
+    argv = ["M", "Hi", "--config", str(path), "--temperature", "0.9", "--max-new-tokens", "7", "--no-chat"]
+    generate, _ = parse("generate", argv, environ)
+    assert (generate.max_new_tokens, generate.temperature, generate.chat) == (7, 0.9, False)
+    assert "COROLLA_GENERATE_TOP_P" in env_names(GenerateConfig, "generate")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--top-p", "2"], {}, "--top-p: Input should be less than or equal to 1"),
+        (["--top-p", "0"], {}, "--top-p: Input should be greater than 0"),
+        ([], {"COROLLA_GENERATE_TOP_P": "2"}, "--top-p: Input should be less than or equal to 1"),
+        (["--temperature", "-1"], {}, "--temperature: Input should be greater than or equal to 0"),
+        (["--max-new-tokens", "0"], {}, "--max-new-tokens: Input should be greater than or equal to 1"),
+        (["--top-k", "0"], {}, "--top-k: Input should be greater than or equal to 1"),
+        (["--draft-tokens", "0"], {}, "--draft-tokens: Input should be greater than or equal to 1"),
+        (["--metrics-port", "65536"], {}, "--metrics-port: Input should be less than or equal to 65535"),
+        (["--device", "tpu"], {}, "--device: String should match pattern"),
+        (["--dtype", "float64"], {}, "argument --dtype: invalid choice: 'float64'"),
+        (["--seed", "one"], {}, "--seed: Input should be a valid integer"),
+    ],
+)
+def test_a_bad_generate_option_is_a_usage_error(
+    argv: list[str], environ: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), pytest.raises(SystemExit) as exit_info:
+        client_cli.main(["M", "Hi", "--initial-peers", MADDR, *argv], prog="corolla generate")
+    assert exit_info.value.code == 2 and message in errors.getvalue()
 
 
 def test_config_file_in_yaml(tmp_path: Path) -> None:

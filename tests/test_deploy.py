@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, TypeAdapter
 from swarm import start_dht
 
-from client.config import ClientConfig, GatewayConfig
+from client.config import ClientConfig, GatewayConfig, GenerateConfig
 from client.gateway_metrics import GatewayMetrics
 from client.metrics import ClientMetrics
 from client.monitor import MonitorConfig
@@ -73,7 +73,7 @@ CONFIGS: dict[str, tuple[type[BaseModel], ...]] = {
     "peer-id": (),
     "monitor": (MonitorConfig, ClientConfig),
     "health": (ClientConfig,),
-    "generate": (ClientConfig,),
+    "generate": (GenerateConfig, ClientConfig),
 }
 OTHER_ENV = {
     "PYTHONUNBUFFERED",

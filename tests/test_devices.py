@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from client.cli import _parser, device_problem
-from client.config import GatewayConfig
+from client.config import GatewayConfig, GenerateConfig
 from peer.blocks import HostedSpan
 from peer.config import PeerConfig
 from peer.devices import GIB, BlockMemory, auto_num_blocks, block_memory, free_memory_bytes
 from protos.errors import InvalidInputError
 from protos.partition import materialized_bytes
+from protos.settings import config_from_arguments
 
 MIB = 2**20
 SMALL = BlockMemory(weight_bytes=512 * MIB, cache_bytes=256 * MIB, reserve_bytes=GIB)
@@ -94,4 +95,5 @@ def test_generate_takes_a_device_and_a_metrics_port() -> None:
     args = _parser("corolla generate").parse_args(
         ["M", "Hi", "--initial-peers", "/ip4/1.2.3.4/tcp/1/p2p/X", "--device", "cuda:1", "--metrics-port=0"]
     )
-    assert (args.device, args.metrics_port, args.prompt) == ("cuda:1", 0, "Hi")
+    config = config_from_arguments(GenerateConfig, args, environ={})
+    assert (config.device, config.metrics_port, config.prompt) == ("cuda:1", 0, "Hi")
