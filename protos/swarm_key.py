@@ -243,8 +243,8 @@ def keygen_main(argv: Sequence[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Write a new random swarm key to FILE (mode 0600) for a private swarm: give the file, "
-        "over a private channel, to every node (--swarm-key FILE on corolla dht, serve, health and "
-        "generate). An existing file is never overwritten.",
+        "over a private channel, to every node and client (--swarm-key FILE on corolla dht, serve, "
+        "generate, api, monitor and health). An existing file is never overwritten.",
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="where to write the key")
     add_log_level(parser)

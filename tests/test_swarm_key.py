@@ -270,3 +270,17 @@ def test_a_refusal_waits_for_no_request() -> None:
     assert set(codes) == {"UNAUTHENTICATED"}
     assert elapsed < 2.0
     assert model_id == "private"
+
+
+def test_keygen_names_every_command_that_takes_a_swarm_key(capsys: pytest.CaptureFixture[str]) -> None:
+    from protos.cli import COMMANDS, main
+
+    def help_of(command: str) -> str:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return " ".join(capsys.readouterr().out.split())
+
+    takers = [command for command in COMMANDS if command != "keygen" and "--swarm-key" in help_of(command)]
+    assert {"dht", "serve", "generate", "api", "monitor", "health"} <= set(takers)
+    keygen = help_of("keygen")
+    assert all(command in keygen for command in takers), (takers, keygen)
