@@ -118,6 +118,34 @@ def stop_all(processes: Sequence[LocalProcess], timeout: float = 30.0) -> None:
         process.wait(max(deadline - time.monotonic(), 0.1))
 
 
+def launch(
+    argv: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    *,
+    prefix: Sequence[str] = (),
+    module: str = "protos.cli",
+) -> ProcessHandle:
+    """Start `python -m MODULE ARGV` (`corolla ARGV` by default) behind the argv `prefix` (e.g. `ip netns exec
+    NS`, which execs: the PID stays the process's own), in a session of its own, its output in `log`; through
+    the launcher (`use_launcher`) where it takes it."""
+    environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    if _launcher is not None:
+        log.write_bytes(b"")  # now, not when the child opens it: `_peer_log` counts the logs present
+        launched = _launcher(argv, log, environment, prefix=prefix, module=module)
+        if launched is not None:
+            return launched
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [*prefix, sys.executable, "-m", module, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=environment,
+            start_new_session=True,
+        )
+
+
 def _spawn(
     args: list[str],
     log: Path,
@@ -126,26 +154,11 @@ def _spawn(
     prefix: Sequence[str] = (),
     module: str = "protos.cli",
 ) -> LocalProcess:
-    """Start `corolla ARGS` (`python -m MODULE ARGS`: another entry point taking the same arguments) behind
-    the argv `prefix` (e.g. `ip netns exec NS`, which execs: the PID stays the process's own)."""
+    """`launch` a command that writes a ready file (next to `log`) once it serves."""
     ready_file = log.with_suffix(".ready.json")
     ready_file.unlink(missing_ok=True)  # left by an earlier run in the same folder
-    environment = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    argv = [*args, "--ready-file", str(ready_file)]
-    if _launcher is not None:
-        log.write_bytes(b"")  # now, not when the child opens it: `_peer_log` counts the logs present
-        launched = _launcher(argv, log, environment, prefix=prefix, module=module)
-        if launched is not None:
-            return LocalProcess(launched, log, ready_file)
-    with log.open("w") as handle:
-        popen = subprocess.Popen(
-            [*prefix, sys.executable, "-m", module, *argv],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=environment,
-            start_new_session=True,
-        )
-    return LocalProcess(popen, log, ready_file)
+    handle = launch([*args, "--ready-file", str(ready_file)], log, env, prefix=prefix, module=module)
+    return LocalProcess(handle, log, ready_file)
 
 
 def _wait_ready(process: LocalProcess, timeout: float) -> dict[str, Any]:

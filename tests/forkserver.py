@@ -39,6 +39,7 @@ WARM_MODULES = (
     "protos.cli",
     "protos.dht",
     "tests.hostile_peer",
+    "tests.wan_client",
     "peer.main",
     "client.cli",
     "client.gateway",

@@ -33,7 +33,7 @@ from shutil import which
 from typing import IO, Any
 
 from client import local_swarm
-from client.local_swarm import LocalProcess
+from client.local_swarm import LocalProcess, ProcessHandle
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,17 @@ class NetWorld:
                 env=dict(os.environ, **(env or {})),
                 start_new_session=True,
             )
+
+    def run_module(
+        self, host: Host, module: str, argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None
+    ) -> ProcessHandle:
+        """`python -m MODULE ARGV` inside `host` (output to `log`; forked where the test run forks processes,
+        see `client.local_swarm.launch`), stopped by PID when the world closes."""
+        process = local_swarm.launch(
+            list(argv), log, self._swarm_env(env), prefix=host.exec_prefix, module=module
+        )
+        self._processes.append(process)  # type: ignore[arg-type]  # used as a Popen: pid, poll, wait, kill
+        return process
 
     def start_dht(self, host: Host, *options: str, env: Mapping[str, str] | None = None) -> LocalProcess:
         """A `corolla dht` listening on the host's address, ready (its `maddrs` set); logs in LOG_DIR/NAME."""

@@ -2,7 +2,7 @@
 killed mid-generation, a partition mid-generation, a route that takes the near replica over the far one, a
 peer that learns the address the swarm sees it at, and a DHT node and a peer in containers that announce their
 published addresses. Every generation is compared token for token with transformers' own; clients run inside
-namespaces too (`CLIENT_SCRIPT`), writing what they saw as JSON."""
+namespaces too (`tests/wan_client.py`), writing what they saw as JSON."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from families import VOCAB
 from networld import SWARM_ENV, Host, NetWorld, require_networld
 
-from client.local_swarm import LocalProcess
+from client.local_swarm import LocalProcess, ProcessHandle
 
 pytestmark = [pytest.mark.network, pytest.mark.swarm, pytest.mark.timeout(240)]
 
@@ -63,89 +63,6 @@ async def main(initial_peers, peer_id):
 asyncio.run(main(json.loads(sys.argv[1]), PeerID.from_base58(sys.argv[2])))
 """
 
-# The client: argv[1] is JSON {model, initial_peers, model_id, prompt, new_tokens, pause_at, folder}. At the
-# `pause_at`-th new token it writes paused.json (its route) and waits for a file named `resume`, so the test
-# acts (kills, cuts) between two tokens. It writes result.json: the tokens, per-token times
-# (time.perf_counter(), the failovers' clock), the route at the first and at the last token, the failovers.
-CLIENT_SCRIPT = '''
-import json, logging, sys, time
-from pathlib import Path
-
-import torch
-from client import AutoDistributedModelForCausalLM
-
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-logging.getLogger("client.latency").setLevel(logging.DEBUG)  # how long the round trips took to measure
-args = json.loads(sys.argv[1])
-folder = Path(args["folder"])
-
-
-def hops(route):
-    return [[hop.peer_id, hop.start, hop.end] for hop in route]
-
-
-class Clock:
-    """A streamer: the time of each token (the first put is the prompt), the route, the pause."""
-
-    def __init__(self, session):
-        self.session, self.seen, self.events, self.first_route = session, -1, [], None
-
-    def put(self, value):
-        self.seen += 1
-        self.events.append(["token", self.seen, time.perf_counter()])
-        if self.seen == 1:
-            self.first_route = hops(self.session.route)
-        if self.seen == args["pause_at"]:
-            paused = {"token": self.seen, "route": hops(self.session.route)}
-            (folder / "paused.json").write_text(json.dumps(paused))
-            deadline = time.perf_counter() + 90
-            while not (folder / "resume").exists():
-                if time.perf_counter() > deadline:
-                    raise TimeoutError("the test did not resume the client")
-                time.sleep(0.01)
-            self.events.append(["resumed", self.seen, time.perf_counter()])
-
-    def end(self):
-        pass
-
-
-model = AutoDistributedModelForCausalLM.from_pretrained(
-    args["model"], initial_peers=args["initial_peers"], model_id=args["model_id"]
-)
-model.generation_config.eos_token_id = None
-model.generation_config.pad_token_id = 0
-prompt = torch.tensor([args["prompt"]])
-new_tokens = args["new_tokens"]
-try:
-    with model.inference_session(max_length=prompt.shape[1] + new_tokens) as session:
-        clock = Clock(session)
-        tokens = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            streamer=clock,
-        )
-        failovers = [
-            {"peer_id": f.peer_id, "reason": f.reason, "failed_at": f.failed_at, "replaced_at": f.replaced_at}
-            for f in session.failovers
-        ]
-        result = {
-            "tokens": tokens[0].tolist(),
-            "events": clock.events,
-            "first_route": clock.first_route,
-            "last_route": hops(session.route),
-            "failovers": failovers,
-            "num_failovers": session.num_failovers,
-        }
-    result["banned"] = sorted(model.swarm.bans.banned())
-    result["rtts"] = model.swarm.stats.rtts()
-finally:
-    model.shutdown()
-(folder / "result.json").write_text(json.dumps(result))
-'''
-
 
 @dataclass
 class Internet:
@@ -166,7 +83,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
 
 @dataclass
 class Generation:
-    """What a client script saw (see CLIENT_SCRIPT)."""
+    """What a client saw (see `tests/wan_client.py`)."""
 
     tokens: torch.Tensor  # [1, prompt + NEW_TOKENS]
     events: list[tuple[str, int, float]]  # ("token", n, time) per put; ("resumed", n, time) after a pause
@@ -196,7 +113,7 @@ class Wan:
     tag: str
     log_dir: Path
     peers: list[LocalProcess] = field(default_factory=list)
-    clients: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    clients: list[ProcessHandle] = field(default_factory=list)
 
     @property
     def world(self) -> NetWorld:
@@ -241,12 +158,10 @@ class Wan:
         act: Callable[[dict[str, Any]], None] | None = None,
         initial_peers: Sequence[str] = (),
     ) -> Generation:
-        """Run CLIENT_SCRIPT in `host`; with `pause_at`, call `act(paused)` (paused: {token, route}) while the
-        client waits after that new token."""
+        """Run `tests/wan_client.py` in `host`; with `pause_at`, call `act(paused)` (paused: {token, route})
+        while the client waits after that new token."""
         folder = self.log_dir / f"client-{len(self.clients)}"
         folder.mkdir(parents=True)
-        script = folder / "wan_client.py"  # not client.py: that would shadow the `client` package
-        script.write_text(CLIENT_SCRIPT)
         args = {
             "model": str(self.model),
             "initial_peers": list(initial_peers or self.internet.dht.maddrs),
@@ -257,8 +172,7 @@ class Wan:
             "folder": str(folder),
         }
         log = folder / "client.log"
-        env = {**SWARM_ENV, "PYTHONUNBUFFERED": "1"}
-        popen = self.world.spawn(host, [sys.executable, str(script), json.dumps(args)], log=log, env=env)
+        popen = self.world.run_module(host, "tests.wan_client", [json.dumps(args)], log=log)
         self.clients.append(popen)
         if pause_at is not None:
             assert act is not None
@@ -304,7 +218,7 @@ def wan(internet: Internet, checkpoint, request: pytest.FixtureRequest, tmp_path
         built.close()
 
 
-def _wait_for(path: Path, popen: subprocess.Popen[bytes], log: Path) -> str:
+def _wait_for(path: Path, popen: ProcessHandle, log: Path) -> str:
     deadline = time.monotonic() + PAUSE_TIMEOUT
     while not path.exists():
         if popen.poll() is not None:
