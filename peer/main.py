@@ -37,7 +37,7 @@ from protos.checkpoint import parse_dtype
 from protos.cli import corolla_version, progress, setup_logging, write_ready_file
 from protos.dht import host_maddr, start_dht_node, visible_maddrs
 from protos.errors import InvalidInputError
-from protos.health import HealthServer
+from protos.health import HealthServer, notify_systemd
 from protos.identity import Identity
 from protos.model_id import derive_model_id
 from protos.prepare import default_cache_dir
@@ -483,6 +483,7 @@ class Peer:
         grace = None
         if self.service is not None and self.announcer is not None:
             logger.info("draining sessions=%d", len(self.sessions))
+            notify_systemd(STOPPING="1", STATUS=f"draining {len(self.sessions)} sessions")
             self.service.accepting = False
             if self.health is not None:
                 await self.health.set_ready(False)
@@ -524,6 +525,9 @@ class Peer:
         return {other: record for other, (_, record) in latest.items()}
 
     def _write_ready(self, span: tuple[int, int]) -> None:
+        """The ready file and systemd (`Type=notify`) learn that the peer serves `span`, at start and after a
+        move."""
+        notify_systemd(READY="1", STATUS=f"serving {self.config.model_id} blocks [{span[0]},{span[1]})")
         if self.config.ready_file is None:
             return
         content = {
@@ -614,7 +618,9 @@ async def run_dht(config: DhtConfig) -> None:
             print(maddr, flush=True)
         if config.ready_file is not None:
             write_ready_file(config.ready_file, {"maddrs": maddrs, "pid": os.getpid()})
+        notify_systemd(READY="1", STATUS=f"DHT node at {' '.join(maddrs)}")
         await stop.wait()
+        notify_systemd(STOPPING="1")
     finally:
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)

@@ -4,11 +4,15 @@ speaks no TLS, and a private swarm's peer refuses every keyless call on its data
 The service says two things and nothing else: "" is SERVING while the process answers (liveness), and the
 node's own service name is SERVING only while it serves (readiness: a peer ONLINE, a DHT node joined).
 Check only: Watch streams would let a caller hold the port's few call slots.
+
+For systemd, `notify_systemd` says the same (READY, STOPPING) through sd_notify(3).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Sequence
 
 import grpc
@@ -74,3 +78,21 @@ class HealthServer:
     async def stop(self) -> None:
         await self._servicer.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace=None)
+
+
+def notify_systemd(**fields: str) -> bool:
+    """Tell systemd how a `Type=notify` service stands (sd_notify(3)): `READY="1"` once it serves,
+    `STOPPING="1"` when it drains, `STATUS=` a line for `systemctl status`. One datagram to $NOTIFY_SOCKET;
+    outside such a unit (no $NOTIFY_SOCKET) it does nothing. True when the datagram went out."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address.startswith(("/", "@")):  # unset, or a vsock address this does not speak
+        return False
+    target = "\0" + address[1:] if address.startswith("@") else address  # "@": the abstract namespace
+    message = "\n".join(f"{name}={value}" for name, value in fields.items()).encode()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message, target)
+    except OSError as e:  # systemd gone or the socket not ours: serving goes on regardless
+        logger.warning("cannot notify systemd socket=%s reason=%r", address, e)
+        return False
+    return True
