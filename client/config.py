@@ -19,6 +19,19 @@ from protos.tensors import FLOAT_DTYPE_NAMES, WIRE_FORMAT_NAMES
 _Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 LOCAL_DEVICE_PATTERN = r"^(cpu|mps|cuda(:[0-9]{1,2})?)$"  # the client's own modules (`--device`)
 LOCAL_DEVICE_OPTION = Option(metavar="{cpu,cuda,cuda:N,mps}")
+# the client's own modules (embeddings and LM head), in `generate` and `api` alike
+LocalDtype = Annotated[
+    str, Choices(*FLOAT_DTYPE_NAMES), Field(description="dtype of the local embeddings and LM head")
+]
+LocalDevice = Annotated[
+    str,
+    LOCAL_DEVICE_OPTION,
+    Field(
+        pattern=LOCAL_DEVICE_PATTERN,
+        description="where the local embeddings and LM head compute: cpu, cuda, cuda:N or mps (the blocks "
+        "run on the peers)",
+    ),
+]
 DRAFT_TOKENS = (
     16  # `corolla generate`'s longest draft: a rejected one shrinks the next (client/speculative.py)
 )
@@ -253,15 +266,8 @@ class GenerateConfig(BaseModel):
         description="the longest draft one step verifies (ngram: the maximum of the adaptive length; DIR: "
         "the draft model's starting length, which transformers then adapts)",
     )
-    dtype: Annotated[str, Choices(*FLOAT_DTYPE_NAMES)] = Field(
-        default="float32", description="dtype of the local embeddings and LM head"
-    )
-    device: Annotated[str, LOCAL_DEVICE_OPTION] = Field(
-        default="cpu",
-        pattern=LOCAL_DEVICE_PATTERN,
-        description="where the local embeddings and LM head compute: cpu, cuda, cuda:N or mps (the blocks "
-        "run on the peers)",
-    )
+    dtype: LocalDtype = "float32"
+    device: LocalDevice = "cpu"
     metrics_port: Annotated[int | None, Option(metavar="PORT")] = Field(
         default=None,
         ge=0,
@@ -388,15 +394,8 @@ class GatewayConfig(BaseModel):
         description="bytes of choices (text and log-probabilities) one response may carry; the token that "
         'crosses it is the last, and the choices end with finish_reason "length"',
     )
-    dtype: Annotated[str, Choices(*FLOAT_DTYPE_NAMES)] = Field(
-        default="float32", description="dtype of the local embeddings and LM head"
-    )
-    device: Annotated[str, LOCAL_DEVICE_OPTION] = Field(
-        default="cpu",
-        pattern=LOCAL_DEVICE_PATTERN,
-        description="where the local embeddings and LM head compute: cpu, cuda, cuda:N or mps (the blocks "
-        "run on the peers)",
-    )
+    dtype: LocalDtype = "float32"
+    device: LocalDevice = "cpu"
     drain_timeout: float = Field(
         default=30.0, gt=0, description="seconds a stopping server gives requests in flight to finish"
     )
