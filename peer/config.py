@@ -10,7 +10,7 @@ from pydantic import AliasChoices, BaseModel, ByteSize, ConfigDict, Field, field
 
 from protos import swarm_key
 from protos.errors import InvalidInputError
-from protos.records import model_id_from_path, validate_model_id
+from protos.records import model_id_from_path, validate_address, validate_model_id
 from protos.settings import MULTIADDRESSES, Choices, Option
 from protos.tensors import FLOAT_DTYPE_NAMES
 from protos.validation import MAX_RECORD_TTL
@@ -647,6 +647,17 @@ class DhtConfig(BaseModel):
     @classmethod
     def _usable_swarm_key(cls, path: Path | None) -> Path | None:
         return swarm_key.SwarmKey.check_file(path)
+
+    @field_validator("announce_host")
+    @classmethod
+    def _announceable(cls, host: str | None) -> str | None:
+        if host is not None:
+            bare = host.strip("[]")
+            try:
+                validate_address(f"[{bare}]:1" if ":" in bare else f"{bare}:1")
+            except InvalidInputError:
+                raise ValueError(f"{host!r} is no IP address or DNS name") from None
+        return host
 
     @model_validator(mode="after")
     def _announced_port(self) -> DhtConfig:

@@ -33,6 +33,17 @@ def test_a_dht_announces_only_with_a_fixed_port() -> None:
     assert config.announce_host == "203.0.113.7"
 
 
+@pytest.mark.parametrize("host", ["unix:/tmp/x", "a b", "", "10.0.0.1:31337", "[zz::1]", "unix"])
+def test_a_dht_refuses_what_is_no_host(host: str) -> None:
+    with pytest.raises(ValidationError, match="announce"):
+        DhtConfig(host="0.0.0.0", port=31337, announce_host=host)
+
+
+@pytest.mark.parametrize("host", ["203.0.113.7", "2001:db8::7", "[2001:db8::7]", "dht.example.org", "peer-1"])
+def test_a_dht_announces_addresses_and_names(host: str) -> None:
+    assert DhtConfig(host="0.0.0.0", port=31337, announce_host=host).announce_host == host
+
+
 def test_a_peer_announces_its_dht_node_at_announce_host_on_a_fixed_dht_port() -> None:
     config = PeerConfig(
         model="m", blocks="0:1", new_swarm=True, host="0.0.0.0", announce_host="203.0.113.8", dht_port=31338
