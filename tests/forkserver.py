@@ -2,14 +2,16 @@
 transformers, hivemind, the peer, the gateway) once, then forks every such process a test starts.
 
 A peer process spends most of its start importing (8 of 13 s when three start together on two cores);
-forked from a warm server it starts serving in about a second. The children are the same `corolla` commands,
-run by `protos.cli.main` with the command line and environment the test gave; each is its own session (its
-own process group) with its log on stdout and stderr, and tests signal it by PID as any process they start.
+forked from a warm server it starts serving in about a second. The children are the same commands, run by
+their module's `main` (`protos.cli` for `corolla`, or a test's own entry point such as `tests.hostile_peer`)
+with the command line and environment the test gave; each is its own session (its own process group) with its
+log on stdout and stderr, and tests signal it by PID as any process they start.
 The server reaps its children and writes each one's exit code (as `Popen.returncode` has it) to a file the
 test's handle reads.
 
 Only processes whose environment agrees with the server's in every variable that libraries read at import
-time are forked; others (and every process behind a prefix such as `ip netns exec`) start as before.
+time are forked; others start as before. Behind the prefix `ip netns exec NS` (`tests/networld.py`'s hosts)
+the child joins namespace NS itself; any other prefix starts a new process.
 
 Run as a script, this file is the server: it reads one JSON request per line on stdin and answers each with
 the child's PID on stdout; it exits when stdin closes.
